@@ -1,0 +1,54 @@
+"""The registry of families: adding one is a new module here and a line in `_MODULES`;
+no method changes."""
+
+from __future__ import annotations
+
+import importlib
+
+from torch import nn
+
+from moekit.arch.adapters.base import Cfg, Family, Routing, Shared
+from moekit.errors import UnsupportedModelError
+
+_MODULES = (
+    "mixtral",
+    "qwen2_moe",
+    "qwen3_moe",
+    "qwen3_next",
+    "olmoe",
+    "deepseek_v2",
+    "deepseek_v3",
+    "glm4_moe",
+    "gpt_oss",
+    "phimoe",
+    "granitemoe",
+    "granitemoeshared",
+    "ernie4_5_moe",
+    "llama4",
+)
+
+FAMILIES: dict[str, Family] = {
+    family.name: family
+    for family in (importlib.import_module(f"{__name__}.{name}").FAMILY for name in _MODULES)
+}
+
+
+def find_family(model: nn.Module) -> Family:
+    """The family that can view ``model``, or an error naming its class, why each
+    candidate refused, and the supported families."""
+    reasons = []
+    for family in FAMILIES.values():
+        ok, why = family.supports(model, explain=True)
+        if ok:
+            return family
+        if getattr(getattr(model, "config", None), "model_type", None) in family.model_types:
+            reasons.append(why)
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    detail = f" ({'; '.join(reasons)})" if reasons else ""
+    raise UnsupportedModelError(
+        f"{type(model).__name__} (model_type {model_type!r}) is not a supported MoE model{detail}. "
+        f"Supported families: {', '.join(sorted(FAMILIES))}."
+    )
+
+
+__all__ = ["FAMILIES", "Cfg", "Family", "Routing", "Shared", "find_family"]

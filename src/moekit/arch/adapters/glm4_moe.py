@@ -1,0 +1,19 @@
+"""GLM-4.5 MoE: DeepSeek-V3 routing (sigmoid, correction bias, groups) and shared experts."""
+
+from moekit.arch.adapters.base import Cfg, Family, Routing, Shared
+
+FAMILY = Family(
+    name="glm4_moe",
+    model_types=("glm4_moe",),
+    num_experts_key="n_routed_experts",
+    routing=Routing(
+        scoring="sigmoid",
+        norm_topk_prob=Cfg("norm_topk_prob", False),
+        routed_scaling_factor=Cfg("routed_scaling_factor", 1.0),
+        n_group=Cfg("n_group", 1),
+        topk_group=Cfg("topk_group", 1),
+        group_score="top2_sum",
+    ),
+    correction_bias="e_score_correction_bias",
+    shared=Shared(mlp="mlp.shared_experts"),
+)

@@ -1,0 +1,20 @@
+"""The `moekit` command: one module per sub-command, each a thin layer over the API."""
+
+from __future__ import annotations
+
+import typer
+
+app = typer.Typer(
+    name="moekit",
+    help="Make Mixture-of-Experts models smaller and faster; build new ones.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+# Sub-commands register themselves on `app` when imported.
+from moekit.cli import inspect as _inspect  # noqa: E402,F401
+
+
+def main() -> None:
+    app()
