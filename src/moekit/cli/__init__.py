@@ -12,6 +12,16 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 
+
+
+@app.callback()
+def _root() -> None:
+    """Make Mixture-of-Experts models smaller and faster; build new ones.
+
+    With no MODEL, every command uses moekit's shipped reference model.
+    """
+
+
 # Sub-commands register themselves on `app` when imported.
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
 

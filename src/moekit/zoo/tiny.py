@@ -21,6 +21,10 @@ _COMMON: dict[str, Any] = dict(
     num_key_value_heads=2,
     max_position_embeddings=128,
     tie_word_embeddings=False,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
 )
 
 # Per family: model_type, then overrides of _COMMON. E=8 experts, k=2 unless noted.
@@ -49,14 +53,14 @@ TINY_CONFIGS: dict[str, tuple[str, dict[str, Any]]] = {
         "deepseek_v2",
         dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
              n_shared_experts=1, first_k_dense_replace=1, topk_method="group_limited_greedy",
-             n_group=2, topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=None,
+             n_group=2, topk_group=1, routed_scaling_factor=1.5, kv_lora_rank=16, q_lora_rank=None, num_key_value_heads=4,
              qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=8, head_dim=8),
     ),
     "deepseek_v3": (
         "deepseek_v3",
         dict(intermediate_size=48, moe_intermediate_size=16, n_routed_experts=8, num_experts_per_tok=2,
              n_shared_experts=1, first_k_dense_replace=1, n_group=2, topk_group=1, norm_topk_prob=True,
-             routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, qk_rope_head_dim=8,
+             routed_scaling_factor=2.5, kv_lora_rank=16, q_lora_rank=24, num_key_value_heads=4, qk_rope_head_dim=8,
              qk_nope_head_dim=8, v_head_dim=8, head_dim=8),
     ),
     "glm4_moe": (

@@ -1,0 +1,91 @@
+"""What `moekit inspect` reports: layer by layer structure, parameter and byte counts."""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+
+from torch import nn
+
+from moekit.arch.discover import decoder_layers, family_of
+
+
+@dataclass
+class LayerSummary:
+    index: int
+    kind: str  # "moe" | "dense"
+    num_experts: int = 0
+    top_k: int = 0
+    expert_intermediate_size: int = 0
+    shared_intermediate_size: int = 0
+    scoring: str = ""
+    routed_params: int = 0
+
+
+@dataclass
+class ModelSummary:
+    """Counts over unique parameters (tied embeddings once).
+
+    ``active_params``: parameters one token uses: everything but the routed experts,
+    plus top_k / E of each layer's routed experts.
+    """
+
+    model_class: str
+    family: str
+    layers: list[LayerSummary]
+    total_params: int
+    routed_params: int
+    active_params: int
+    bytes_by_dtype: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def routed_share(self) -> float:
+        return self.routed_params / self.total_params if self.total_params else 0.0
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(self.bytes_by_dtype.values())
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "routed_share": self.routed_share, "total_bytes": self.total_bytes}
+
+
+def summarize(model: nn.Module) -> ModelSummary:
+    """Structure and size of an MoE model; see `ModelSummary`."""
+    family = family_of(model)
+    params = list(model.parameters())  # unique tensors: tied weights count once
+    total = sum(p.numel() for p in params)
+    bytes_by_dtype: Counter[str] = Counter()
+    for p in params:
+        bytes_by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+
+    layers, routed, active_routed = [], 0, 0.0
+    for info in decoder_layers(model):
+        moe = info.moe
+        if moe is None:
+            layers.append(LayerSummary(index=info.index, kind="dense"))
+            continue
+        layer_routed = sum(p.numel() for p in moe.experts.module.parameters())
+        routed += layer_routed
+        active_routed += layer_routed * moe.top_k / moe.num_experts
+        layers.append(
+            LayerSummary(
+                index=info.index,
+                kind="moe",
+                num_experts=moe.num_experts,
+                top_k=moe.top_k,
+                expert_intermediate_size=moe.experts.intermediate_size,
+                shared_intermediate_size=moe.shared.intermediate_size if moe.shared else 0,
+                scoring=moe.router.spec.scoring,
+                routed_params=layer_routed,
+            )
+        )
+    return ModelSummary(
+        model_class=type(model).__name__,
+        family=family.name,
+        layers=layers,
+        total_params=total,
+        routed_params=routed,
+        active_params=total - routed + round(active_routed),
+        bytes_by_dtype=dict(bytes_by_dtype),
+    )

@@ -1,0 +1,58 @@
+"""`moekit inspect [MODEL]`: family, layer table, parameters total and active, bytes."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moekit.arch.summary import ModelSummary, summarize
+from moekit.cli import app
+from moekit.cli._common import console, print_json, user_errors
+from moekit.io.load import default_model, load
+
+
+def _fmt(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return str(int(n))
+
+
+def render(summary: ModelSummary, name: str) -> None:
+    table = Table(title=f"{name} — {summary.model_class} ({summary.family})", title_justify="left")
+    for column in ("layer", "kind", "experts", "top-k", "expert I", "shared I", "scoring", "routed params"):
+        table.add_column(column, justify="right" if column not in ("kind", "scoring") else "left")
+    for layer in summary.layers:
+        if layer.kind == "dense":
+            table.add_row(str(layer.index), "dense", "", "", "", "", "", "", style="dim")
+            continue
+        table.add_row(
+            str(layer.index), "moe", str(layer.num_experts), str(layer.top_k),
+            str(layer.expert_intermediate_size), str(layer.shared_intermediate_size or "-"),
+            layer.scoring, _fmt(layer.routed_params),
+        )
+    console.print(table)
+    console.print(
+        f"parameters: [bold]{_fmt(summary.total_params)}[/] total, [bold]{_fmt(summary.active_params)}[/] "
+        f"active per token; routed experts are [bold]{summary.routed_share:.1%}[/] of the model"
+    )
+    by_dtype = ", ".join(f"{dtype} {_fmt(n)}B" for dtype, n in summary.bytes_by_dtype.items())
+    console.print(f"bytes: {_fmt(summary.total_bytes)}B ({by_dtype})")
+
+
+@app.command("inspect")
+def inspect_command(
+    model: Annotated[Optional[str], typer.Argument(help="Checkpoint folder, hub id, or shipped reference.")] = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Run the checkpoint's own code.")] = False,
+) -> None:
+    """Show an MoE model's structure: which layers are routed, experts, top-k, sizes."""
+    with user_errors():
+        name = model or default_model()
+        summary = summarize(load(name, trust_remote_code=trust_remote_code))
+        if json_out:
+            print_json({"model": name, **summary.to_dict()})
+        else:
+            render(summary, name)

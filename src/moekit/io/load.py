@@ -1,0 +1,154 @@
+"""Loading models: shipped references, local folders and hub ids — safetensors only.
+
+Checkpoints in pickle formats (``pytorch_model.bin``, ``.pt``) are refused: unpickling
+runs arbitrary code from the file. ``trust_remote_code`` stays off unless asked for.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import socket
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, PreTrainedModel
+
+from moekit.errors import MoekitError
+
+REFERENCE_PREFIX = "moekit/"
+ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
+TINY_PREFIX = "moekit/tiny-"
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+_HUB_HOST = ("huggingface.co", 443)
+
+
+def default_model() -> str:
+    """The model every command uses when none is given: the shipped fine-grained
+    reference when present, else a tiny Qwen3-MoE built on the spot."""
+    return "moekit/ref-fine" if (ZOO_DIR / "ref-fine" / "config.json").is_file() else "moekit/tiny-qwen3_moe"
+
+
+def reference_names() -> list[str]:
+    """Names ``moekit.load`` resolves without a download."""
+    from moekit.zoo.tiny import TINY_CONFIGS
+
+    shipped = sorted(p.name for p in ZOO_DIR.iterdir() if (p / "config.json").is_file())
+    return [f"{REFERENCE_PREFIX}{name}" for name in shipped] + [f"{TINY_PREFIX}{f}" for f in TINY_CONFIGS]
+
+
+def load(
+    name_or_path: str | os.PathLike | None = None,
+    *,
+    dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+    trust_remote_code: bool = False,
+) -> PreTrainedModel:
+    """Load a causal LM for moekit, in eval mode.
+
+    Args:
+        name_or_path: a shipped reference (``moekit/ref-fine``, ``moekit/tiny-mixtral``…),
+            a local checkpoint folder, or a hub id. None: `default_model()`.
+        dtype: compute dtype; fp32 by default (bf16 matmuls are slow on CPUs).
+        trust_remote_code: run the checkpoint's own Python code (off unless asked).
+
+    Raises:
+        MoekitError: the folder does not exist or is not an HF checkpoint, holds only
+            pickle weights, or the hub cannot be reached for a hub id.
+    """
+    name = str(name_or_path) if name_or_path is not None else default_model()
+    if name.startswith(TINY_PREFIX):
+        return _tiny(name).to(device=device, dtype=dtype)
+    path = _resolve(name)
+    _check_checkpoint_dir(path)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+        )
+    except ValueError as exc:
+        if "trust_remote_code" in str(exc) and not trust_remote_code:
+            raise MoekitError(
+                f"{path} needs its own Python code to load. Pass --trust-remote-code (Python: "
+                f"trust_remote_code=True) only if you trust its source."
+            ) from exc
+        raise
+    return model.to(device).eval()
+
+
+def _tiny(name: str) -> PreTrainedModel:
+    from moekit.zoo.tiny import TINY_CONFIGS, tiny_model
+
+    family = name[len(TINY_PREFIX) :]
+    if family not in TINY_CONFIGS:
+        raise MoekitError(f"no tiny model {name!r}; choose one of: {', '.join(reference_names())}.")
+    return tiny_model(family)
+
+
+def _resolve(name: str) -> Path:
+    """A local folder for ``name``: shipped reference, existing path, or hub snapshot."""
+    if name.startswith(REFERENCE_PREFIX) and not Path(name).exists():
+        path = ZOO_DIR / name[len(REFERENCE_PREFIX) :]
+        if not (path / "config.json").is_file():
+            raise MoekitError(
+                f"{name!r} is not shipped with this moekit; available: {', '.join(reference_names())}."
+            )
+        return path
+    path = Path(name).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise MoekitError(f"{path} is a file; pass the checkpoint folder that holds config.json.")
+        return path
+    if _HUB_ID.match(name):
+        return _hub_snapshot(name)
+    raise MoekitError(f"no such folder: {path}. Pass a local checkpoint folder or a shipped reference.")
+
+
+def _check_checkpoint_dir(path: Path) -> None:
+    if not (path / "config.json").is_file():
+        raise MoekitError(
+            f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. "
+            f"Pass the folder that save_pretrained wrote."
+        )
+    files = [p.name for p in path.iterdir()]
+    if any(f.endswith(".safetensors") for f in files):
+        return
+    pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
+    if pickles:
+        raise MoekitError(
+            f"{path} holds weights only in pickle format ({', '.join(sorted(pickles))}). moekit loads "
+            f"safetensors only, because unpickling a file can run arbitrary code. In an environment you "
+            f"trust, load it once with transformers and save_pretrained(...) it, which writes safetensors."
+        )
+    raise MoekitError(f"{path} has config.json but no *.safetensors weights.")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """Download (or find in the local cache) the safetensors snapshot of a hub repo."""
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.py"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns, local_files_only=True))
+    except Exception:  # not cached: try the network below
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in {"1", "true", "yes"}
+    if offline or not _hub_reachable():
+        raise MoekitError(
+            f"{repo_id!r} is not a local folder, not in the Hugging Face cache, and the hub cannot be "
+            f"reached{' (HF_HUB_OFFLINE is set)' if offline else ''}. Download it where there is network "
+            f"and pass the local folder instead."
+        )
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise MoekitError(f"could not download {repo_id!r} from the hub: {exc}") from exc
+
+
+def _hub_reachable(timeout: float = 3.0) -> bool:
+    """A quick TCP probe, so that no network fails in seconds rather than after retries."""
+    try:
+        with socket.create_connection(_HUB_HOST, timeout=timeout):
+            return True
+    except OSError:
+        return False

@@ -1,0 +1,66 @@
+"""Saving standard checkpoints, never half-written and never over the user's files.
+
+Everything is written into a hidden temporary folder next to the destination and
+renamed into place only when complete, so an interrupted run leaves no output folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from moekit.arch.edit import PER_LAYER_KEY
+from moekit.errors import MoekitError
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+    """Yield a fresh temporary folder that becomes ``out_dir`` when the block succeeds.
+
+    Raises:
+        MoekitError: ``out_dir`` already exists (moekit never writes into it).
+    """
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_standard(model: nn.Module) -> None:
+    """Refuse what plain transformers cannot load: different expert counts per layer."""
+    per_layer = getattr(model.config, PER_LAYER_KEY, None)
+    if per_layer:
+        raise MoekitError(
+            f"the model keeps different numbers of experts per layer ({per_layer}); a standard "
+            f"transformers checkpoint holds one count for all layers. Keep the same number in every "
+            f"layer to save a standard checkpoint."
+        )
+
+
+def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+    """Write ``model`` (and ``tokenizer``) as a standard safetensors checkpoint that plain
+    ``transformers.AutoModelForCausalLM.from_pretrained`` loads without moekit.
+
+    Returns:
+        The output folder.
+    """
+    check_standard(model)
+    with atomic_dir(out_dir) as tmp:
+        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(out_dir).expanduser().resolve()

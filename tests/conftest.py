@@ -1,0 +1,31 @@
+"""Shared fixtures: every supported family as a tiny random model."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+
+from moekit.zoo.tiny import TINY_CONFIGS, tiny_model  # noqa: E402
+
+FAMILIES = sorted(TINY_CONFIGS)
+
+
+@pytest.fixture(params=FAMILIES)
+def family(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def model(family):
+    """A fresh tiny model of ``family`` (tests may edit it)."""
+    return tiny_model(family, seed=0)
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
