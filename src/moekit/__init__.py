@@ -7,27 +7,51 @@ Public API::
     out, logits, idx, w = layers[0].forward(hidden)
     moekit.keep_experts(model, {layer_index: [expert ids]})
     moekit.save(model, "out/")
+
+Names resolve lazily, so that ``import moekit`` (and ``moekit --help``) does not pay for
+importing torch and transformers until they are used.
 """
 
-from moekit.arch.discover import decoder_layers, moe_layers
-from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
-from moekit.arch.layer import MoELayer
-from moekit.arch.summary import summarize
-from moekit.errors import MoekitError, UnsupportedModelError
-from moekit.io.load import load
-from moekit.io.save import save
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = [
-    "MoELayer",
-    "MoekitError",
-    "UnsupportedModelError",
-    "decoder_layers",
-    "keep_experts",
-    "load",
-    "moe_layers",
-    "save",
-    "set_expert_weights",
-    "set_router_weights",
-    "summarize",
-]
+
+_API = {
+    "MoELayer": "moekit.arch.layer",
+    "MoekitError": "moekit.errors",
+    "UnsupportedModelError": "moekit.errors",
+    "decoder_layers": "moekit.arch.discover",
+    "moe_layers": "moekit.arch.discover",
+    "keep_experts": "moekit.arch.edit",
+    "set_expert_weights": "moekit.arch.edit",
+    "set_router_weights": "moekit.arch.edit",
+    "summarize": "moekit.arch.summary",
+    "load": "moekit.io.load",
+    "save": "moekit.io.save",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        value = getattr(importlib.import_module(_API[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'moekit' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_API])
+
+
+if TYPE_CHECKING:
+    from moekit.arch.discover import decoder_layers, moe_layers
+    from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
+    from moekit.arch.layer import MoELayer
+    from moekit.arch.summary import summarize
+    from moekit.errors import MoekitError, UnsupportedModelError
+    from moekit.io.load import load
+    from moekit.io.save import save

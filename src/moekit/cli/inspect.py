@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
 
-from moekit.arch.summary import ModelSummary, summarize
 from moekit.cli import app
 from moekit.cli._common import console, print_json, user_errors
-from moekit.io.load import default_model, load
+
+if TYPE_CHECKING:
+    from moekit.arch.summary import ModelSummary
 
 
 def _fmt(n: float) -> str:
@@ -20,7 +21,7 @@ def _fmt(n: float) -> str:
     return str(int(n))
 
 
-def render(summary: ModelSummary, name: str) -> None:
+def render(summary: "ModelSummary", name: str) -> None:
     table = Table(title=f"{name} — {summary.model_class} ({summary.family})", title_justify="left")
     for column in ("layer", "kind", "experts", "top-k", "expert I", "shared I", "scoring", "routed params"):
         table.add_column(column, justify="right" if column not in ("kind", "scoring") else "left")
@@ -49,6 +50,9 @@ def inspect_command(
     trust_remote_code: Annotated[bool, typer.Option(help="Run the checkpoint's own code.")] = False,
 ) -> None:
     """Show an MoE model's structure: which layers are routed, experts, top-k, sizes."""
+    from moekit.arch.summary import summarize
+    from moekit.io.load import default_model, load
+
     with user_errors():
         name = model or default_model()
         summary = summarize(load(name, trust_remote_code=trust_remote_code))

@@ -1,0 +1,37 @@
+"""inspect's counts equal an independent count over model.named_parameters()."""
+
+from __future__ import annotations
+
+import re
+
+import moekit
+
+
+def test_counts_match_named_parameters(family, model):
+    summary = moekit.summarize(model)
+    named = dict(model.named_parameters())
+    total = sum(p.numel() for p in named.values())
+    routed_by_layer: dict[int, int] = {}
+    for name, p in named.items():
+        m = re.search(r"layers\.(\d+)\.[^.]+\.experts\.", name)
+        if m:
+            routed_by_layer[int(m.group(1))] = routed_by_layer.get(int(m.group(1)), 0) + p.numel()
+    k_over_e = {l.index: l.top_k / l.num_experts for l in moekit.moe_layers(model)}
+    active = total - sum(routed_by_layer.values()) + round(sum(n * k_over_e[i] for i, n in routed_by_layer.items()))
+
+    assert summary.total_params == total
+    assert summary.routed_params == sum(routed_by_layer.values())
+    assert summary.active_params == active
+    assert {l.index: l.routed_params for l in summary.layers if l.kind == "moe"} == routed_by_layer
+    assert summary.total_bytes == sum(p.numel() * p.element_size() for p in named.values())
+    assert 0 < summary.routed_share < 1
+    assert summary.family == family
+
+
+def test_counts_follow_pruning(model):
+    before = moekit.summarize(model)
+    moekit.keep_experts(model, {l.index: [0, 3, 5, 6] for l in moekit.moe_layers(model)})
+    after = moekit.summarize(model)
+    assert after.routed_params * 2 == before.routed_params
+    assert after.total_params < before.total_params
+    assert all(l.num_experts == 4 for l in after.layers if l.kind == "moe")

@@ -1,0 +1,105 @@
+"""Loading: shipped names, local folders, and every bad input a user gives."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.io.load import default_model, reference_names
+
+
+def _digest(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir())}
+
+
+def test_tiny_names_load_and_are_listed():
+    model = moekit.load("moekit/tiny-mixtral")
+    assert type(model).__name__ == "MixtralForCausalLM"
+    assert next(model.parameters()).dtype == torch.float32
+    assert not model.training
+    assert "moekit/tiny-mixtral" in reference_names()
+    assert default_model() in reference_names()
+
+
+def test_unknown_tiny_name_lists_the_choices():
+    with pytest.raises(MoekitError, match="moekit/tiny-mixtral"):
+        moekit.load("moekit/tiny-nope")
+
+
+def test_unknown_reference_name():
+    with pytest.raises(MoekitError, match="not shipped"):
+        moekit.load("moekit/ref-huge")
+
+
+def test_local_roundtrip(tmp_path):
+    model = moekit.load("moekit/tiny-qwen2_moe")
+    moekit.save(model, tmp_path / "m")
+    again = moekit.load(tmp_path / "m")
+    for (name, a), (_, b) in zip(model.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), name
+
+
+def test_missing_folder(tmp_path):
+    with pytest.raises(MoekitError, match="no such folder"):
+        moekit.load(tmp_path / "nope")
+
+
+def test_file_instead_of_folder(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(MoekitError, match="is a file"):
+        moekit.load(tmp_path / "model.safetensors")
+
+
+def test_folder_without_config(tmp_path):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    with pytest.raises(MoekitError, match="no config.json"):
+        moekit.load(tmp_path)
+
+
+def test_pickle_only_checkpoint_is_refused_and_untouched(tmp_path):
+    model = moekit.load("moekit/tiny-olmoe")
+    model.config.save_pretrained(tmp_path)
+    torch.save(model.state_dict(), tmp_path / "pytorch_model.bin")  # a pickle, written by the test
+    before = _digest(tmp_path)
+    with pytest.raises(MoekitError, match="pickle") as err:
+        moekit.load(tmp_path)
+    assert "arbitrary code" in str(err.value) and "pytorch_model.bin" in str(err.value)
+    assert _digest(tmp_path) == before
+
+
+def test_config_without_weights(tmp_path):
+    moekit.load("moekit/tiny-olmoe").config.save_pretrained(tmp_path)
+    with pytest.raises(MoekitError, match="no \\*.safetensors"):
+        moekit.load(tmp_path)
+
+
+def test_remote_code_is_not_run_unless_asked(tmp_path):
+    marker = tmp_path / "ran"
+    (tmp_path / "config.json").write_text(json.dumps({
+        "model_type": "mystery",
+        "auto_map": {"AutoConfig": "configuration_mystery.MysteryConfig",
+                     "AutoModelForCausalLM": "modeling_mystery.MysteryModel"},
+    }))
+    code = f"open({str(marker)!r}, 'w').write('ran')\n"
+    (tmp_path / "configuration_mystery.py").write_text(code)
+    (tmp_path / "modeling_mystery.py").write_text(code)
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    with pytest.raises(MoekitError, match="--trust-remote-code"):
+        moekit.load(tmp_path)
+    assert not marker.exists()
+
+
+def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(tmp_path))
+    start = time.monotonic()
+    with pytest.raises(MoekitError, match="pass the local folder"):
+        moekit.load("someone/some-moe")
+    assert time.monotonic() - start < 10
