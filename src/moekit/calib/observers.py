@@ -1,0 +1,174 @@
+"""Per-expert statistics, accumulated batch by batch on the canonical view of one layer.
+
+Notation (``../shared/METHODS.md``): x a token entering the MoE block, p_j(x) the router
+probability of expert j, g_j(x) the weight j gets when chosen, f_j(x) its (unweighted)
+output, X_j the tokens routed to j. Each observer reads a `BatchContext`, whose routing
+and routed expert outputs are computed once and shared by every observer that needs
+them; ``mean_output`` alone runs every expert on every token, so it is computed only
+when asked for.
+
+For Llama-4, whose weight scales the expert *input*, f_j(x) is the expert applied to
+the unscaled x.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import torch
+
+from moekit.arch.layer import MoELayer
+
+# name -> (what it is, needs routed outputs)
+STATISTICS: dict[str, str] = {
+    "frequency": "[E] top-k selections of each expert (|X_j|); also counts tokens",
+    "soft_frequency": "[E] Σ_x p_j(x) over all tokens (SEER-MoE)",
+    "reap": "[E] mean over X_j of g_j(x)·‖f_j(x)‖₂ (REAP, arXiv 2510.13999)",
+    "ean": "[E] Σ over X_j of ‖f_j(x)‖₂ (expert activation norm)",
+    "man": "[E] mean over X_j of ‖f_j(x)‖₂",
+    "msan": "[E] mean over X_j of ‖f_j(x)‖₂²",
+    "peak": "[E] largest |element| of f_j(x) over X_j (finds 'super experts')",
+    "coactivation": "[E, E] tokens on which both experts are chosen (diagonal: |X_j|)",
+    "logit_similarity": "[E, E] cosine between experts' router-logit columns over all tokens",
+    "mean_output": "[E, H] mean of f_j(x) over ALL tokens (HC-SMoE); runs every expert on every token",
+    "hidden_sample": "[n, H] a seeded, bounded uniform sample of the layer's input hidden states",
+}
+_ROUTED_OUTPUTS = {"reap", "ean", "man", "msan", "peak"}
+
+
+@dataclass
+class BatchContext:
+    """One batch of one layer: hidden [T, H] and, computed on first use, its routing and
+    the routed experts' outputs."""
+
+    layer: MoELayer
+    hidden: torch.Tensor
+
+    @cached_property
+    def logits(self) -> torch.Tensor:
+        return self.layer.router.logits(self.hidden).float()  # [T, E]
+
+    @cached_property
+    def routing(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.layer.router.route(self.logits)  # [T, k], [T, k]
+
+    @cached_property
+    def probabilities(self) -> torch.Tensor:
+        return self.layer.router.probabilities(self.logits)  # [T, E]
+
+    @cached_property
+    def routed(self) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+        """Per chosen expert j: (j, g_j(x) [n], f_j(x) [n, H]) over the tokens routed to j."""
+        index, weights = self.routing
+        out = []
+        for expert in index.unique().tolist():
+            token, slot = torch.where(index == expert)
+            f = self.layer.experts.expert_forward(expert, self.hidden[token]).float()
+            out.append((expert, weights[token, slot].float(), f))
+        return out
+
+
+@dataclass
+class LayerAccumulator:
+    """Running sums for one layer; `finish` turns them into the statistics."""
+
+    num_experts: int
+    hidden_size: int
+    wanted: frozenset[str]
+    sample_size: int = 0
+    seed: int = 0
+    tokens: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    _sample: torch.Tensor | None = None
+    _sample_keys: torch.Tensor | None = None
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
+
+    def update(self, ctx: BatchContext) -> None:
+        E, wanted = self.num_experts, self.wanted
+        index, _ = ctx.routing
+        self.tokens += ctx.hidden.shape[0]
+        counts = torch.bincount(index.flatten(), minlength=E).double()
+        self._add("frequency", counts)
+        if "soft_frequency" in wanted:
+            self._add("soft_frequency", ctx.probabilities.double().sum(0))
+        if "coactivation" in wanted:
+            chosen = torch.zeros(ctx.hidden.shape[0], E, dtype=torch.float64).scatter_(1, index, 1.0)
+            self._add("coactivation", chosen.T @ chosen)
+        if "logit_similarity" in wanted:
+            logits = ctx.logits.double()
+            self._add("logit_gram", logits.T @ logits)
+        if wanted & _ROUTED_OUTPUTS:
+            self._update_routed(ctx)
+        if "mean_output" in wanted:
+            outputs = torch.stack(
+                [ctx.layer.experts.expert_forward(j, ctx.hidden).double().sum(0) for j in range(E)]
+            )
+            self._add("output_sum", outputs)
+        if "hidden_sample" in wanted and self.sample_size > 0:
+            self._update_sample(ctx.hidden)
+
+    def _update_routed(self, ctx: BatchContext) -> None:
+        E = self.num_experts
+        reap, ean, msan = (torch.zeros(E, dtype=torch.float64) for _ in range(3))
+        peak = torch.zeros(E, dtype=torch.float64)
+        for expert, weight, f in ctx.routed:
+            norms = f.double().norm(dim=-1)
+            reap[expert] = (weight.double() * norms).sum()
+            ean[expert] = norms.sum()
+            msan[expert] = (norms**2).sum()
+            peak[expert] = f.abs().max().double()
+        self._add("reap_sum", reap)
+        self._add("ean", ean)
+        self._add("msan_sum", msan)
+        self.sums["peak"] = torch.maximum(self.sums["peak"], peak) if "peak" in self.sums else peak
+
+    def _update_sample(self, hidden: torch.Tensor) -> None:
+        """Keep the states with the smallest keys, a key being a hash of (seed, global
+        token position): a uniform sample without replacement, independent of batching."""
+        n = hidden.shape[0]
+        keys = _position_hash(torch.arange(self.tokens - n, self.tokens), self.seed)
+        pool = hidden.float() if self._sample is None else torch.cat([self._sample, hidden.float()])
+        pool_keys = keys if self._sample_keys is None else torch.cat([self._sample_keys, keys])
+        best = pool_keys.argsort()[: self.sample_size]
+        self._sample, self._sample_keys = pool[best], pool_keys[best]
+
+    def finish(self) -> dict[str, torch.Tensor]:
+        """The statistics as float32 tensors; experts never routed get zeros, not NaN."""
+        counts = self.sums.get("frequency", torch.zeros(self.num_experts, dtype=torch.float64))
+        safe = counts.clamp(min=1)
+        out: dict[str, torch.Tensor] = {"frequency": counts}
+        s = self.sums
+        if "soft_frequency" in self.wanted:
+            out["soft_frequency"] = s["soft_frequency"]
+        if "coactivation" in self.wanted:
+            out["coactivation"] = s["coactivation"]
+        if "logit_similarity" in self.wanted:
+            norms = s["logit_gram"].diagonal().sqrt()
+            denom = torch.outer(norms, norms)
+            out["logit_similarity"] = torch.where(denom > 0, s["logit_gram"] / denom.clamp(min=1e-300), 0.0)
+        if self.wanted & _ROUTED_OUTPUTS:
+            routed = {
+                "reap": s["reap_sum"] / safe,
+                "ean": s["ean"],
+                "man": s["ean"] / safe,
+                "msan": s["msan_sum"] / safe,
+                "peak": s["peak"],
+            }
+            out.update({k: v for k, v in routed.items() if k in self.wanted})
+        if "mean_output" in self.wanted:
+            out["mean_output"] = s["output_sum"] / max(self.tokens, 1)
+        if "hidden_sample" in self.wanted and self._sample is not None:
+            out["hidden_sample"] = self._sample
+        return {k: v.float() for k, v in out.items()}
+
+
+def _position_hash(positions: torch.Tensor, seed: int) -> torch.Tensor:
+    """A splitmix64-style integer hash of token positions (int64 arithmetic wraps)."""
+    offset = ((seed + 1) * 0x632BE59BD9B4E019 + 2**63) % 2**64 - 2**63  # as a signed int64
+    x = positions.to(torch.int64) + offset
+    x = (x ^ (x >> 30)) * -0x40A7B892E31B1A47
+    x = (x ^ (x >> 27)) * -0x6B2FB644ECCEEE15
+    return x ^ (x >> 31)

@@ -1,0 +1,111 @@
+"""Calibration statistics: per-layer tensors plus what they were computed from.
+
+On disk a folder holds ``stats.safetensors`` (keys ``layer.<index>.<statistic>``) and
+``stats.json`` (statistics, token counts, model and data fingerprints, settings), so one
+calibration feeds many compressions. Loading for another model or other data is refused.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from moekit.errors import MoekitError
+
+FORMAT_VERSION = 1
+_VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
+
+
+def model_fingerprint(model: nn.Module) -> str:
+    """sha256 of the config (minus paths and versions) and every router's weights: cheap
+    to compute on a huge model, and different for any other checkpoint."""
+    from moekit.arch.discover import moe_layers
+
+    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    for layer in moe_layers(model):
+        digest.update(layer.router.weight.detach().float().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def data_fingerprint(input_ids: torch.Tensor) -> str:
+    """sha256 of the token ids and their shape."""
+    ids = input_ids.detach().to(torch.int64).cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+@dataclass
+class CalibrationStats:
+    """Statistics of each MoE layer (``layers[index][name]``) and their provenance.
+
+    ``tokens[index]`` is the number of tokens that entered layer ``index``.
+    """
+
+    layers: dict[int, dict[str, torch.Tensor]]
+    tokens: dict[int, int]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return self.layers[index]
+
+    @property
+    def statistics(self) -> list[str]:
+        return list(self.meta.get("statistics", []))
+
+    def require(self, names: set[str] | list[str], why: str) -> None:
+        """Refuse early when ``names`` were not collected."""
+        missing = sorted(set(names) - set(self.statistics))
+        if missing:
+            raise MoekitError(
+                f"{why} needs the statistics {missing}, which this calibration did not collect "
+                f"(it has {self.statistics}). Calibrate again with them."
+            )
+
+    def save(self, folder: str | os.PathLike) -> Path:
+        """Write the statistics folder atomically (never into an existing folder)."""
+        from moekit.io.save import atomic_dir
+
+        tensors = {f"layer.{i}.{name}": t.contiguous() for i, stats in self.layers.items() for name, t in stats.items()}
+        with atomic_dir(folder) as tmp:
+            save_file(tensors, tmp / "stats.safetensors")
+            meta = {**self.meta, "format_version": FORMAT_VERSION, "tokens": {str(i): n for i, n in self.tokens.items()}}
+            (tmp / "stats.json").write_text(json.dumps(meta, indent=2))
+        return Path(folder)
+
+    @classmethod
+    def load(
+        cls,
+        folder: str | os.PathLike,
+        *,
+        model: nn.Module | None = None,
+        input_ids: torch.Tensor | None = None,
+    ) -> CalibrationStats:
+        """Read a statistics folder; with ``model`` / ``input_ids``, refuse statistics that
+        were computed on another model or other data."""
+        folder = Path(folder)
+        if not (folder / "stats.json").is_file() or not (folder / "stats.safetensors").is_file():
+            raise MoekitError(f"{folder} is not a moekit statistics folder (stats.json + stats.safetensors).")
+        meta = json.loads((folder / "stats.json").read_text())
+        if model is not None and meta.get("model_fingerprint") != model_fingerprint(model):
+            raise MoekitError(
+                f"the statistics in {folder} were computed on another model "
+                f"({meta.get('model_name', 'unknown')}); calibrate this model instead."
+            )
+        if input_ids is not None and meta.get("data_fingerprint") != data_fingerprint(input_ids):
+            raise MoekitError(f"the statistics in {folder} were computed on other calibration data.")
+        layers: dict[int, dict[str, torch.Tensor]] = {}
+        for key, tensor in load_file(folder / "stats.safetensors").items():
+            _, index, name = key.split(".", 2)
+            layers.setdefault(int(index), {})[name] = tensor
+        tokens = {int(i): n for i, n in meta.pop("tokens", {}).items()}
+        return cls(layers=dict(sorted(layers.items())), tokens=tokens, meta=meta)
