@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -40,6 +41,7 @@ def pruned_and_reloaded(tmp_path_factory):
         [sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"),
          str(root / "ids.safetensors"), str(root / "logits.safetensors"), *folders],
         check=True, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same numerics as here
     )
     reloaded = load_file(root / "logits.safetensors")
     return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
