@@ -30,6 +30,9 @@ _API = {
     "set_router_weights": "moekit.arch.edit",
     "summarize": "moekit.arch.summary",
     "load": "moekit.io.load",
+    "calibrate": "moekit.calib.calibrate",
+    "CalibrationStats": "moekit.calib.stats",
+    "evaluate": "moekit.eval.perplexity",
     "save": "moekit.io.save",
 }
 __all__ = sorted(_API)
@@ -53,5 +56,8 @@ if TYPE_CHECKING:
     from moekit.arch.layer import MoELayer
     from moekit.arch.summary import summarize
     from moekit.errors import MoekitError, UnsupportedModelError
+    from moekit.calib.calibrate import calibrate
+    from moekit.calib.stats import CalibrationStats
+    from moekit.eval.perplexity import evaluate
     from moekit.io.load import load
     from moekit.io.save import save

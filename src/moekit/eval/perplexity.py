@@ -1,0 +1,191 @@
+"""Token-weighted perplexity and next-token accuracy with a fixed context and stride,
+plus how each MoE layer routes the evaluated tokens.
+
+Windows of ``context_length`` tokens advance by ``stride`` tokens; each window scores
+only its last ``stride`` tokens (the first window scores all of its own), so every token
+after the first is predicted exactly once with at least ``context_length - stride`` tokens
+of left context — the sliding-window evaluation of the transformers perplexity guide.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+
+from moekit.arch.discover import moe_layers
+from moekit.errors import MoekitError
+from moekit.progress import progress_bar
+
+
+@dataclass
+class LayerRouting:
+    """How one MoE layer routed the scored tokens.
+
+    ``entropy``: mean over tokens of the entropy (nats) of the router distribution;
+    ``entropy_normalized``: the same divided by log E (1 = uniform);
+    ``load_imbalance``: max over experts of top-k selections / their mean (1 = balanced).
+    """
+
+    index: int
+    entropy: float
+    entropy_normalized: float
+    load_imbalance: float
+    load: list[int] = field(default_factory=list)
+
+
+@dataclass
+class EvalResult:
+    perplexity: float
+    nll: float
+    accuracy: float
+    tokens: int
+    context_length: int
+    stride: int
+    layers: list[LayerRouting]
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def windows(length: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
+    """(begin, end, first scored position) of each window over a stream of ``length``.
+
+    The first window scores positions 1..end-1; each later window ends ``stride`` tokens
+    after the previous one and scores just those, with ``context_length - stride`` or
+    more tokens of left context. Every position after the first is scored exactly once.
+    """
+    end = min(context_length, length)
+    out = [(0, end, 1)]
+    while end < length:
+        new_end = min(end + stride, length)
+        out.append((max(0, new_end - context_length), new_end, end))
+        end = new_end
+    return out
+
+
+class _RoutingRecorder:
+    """Accumulates router entropy and expert loads of scored tokens, per MoE layer."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = moe_layers(model)
+        self.mask: torch.Tensor | None = None  # [B, S] scored positions of the current batch
+        self.entropy = {layer.index: 0.0 for layer in self.layers}
+        self.load = {layer.index: torch.zeros(layer.num_experts, dtype=torch.long) for layer in self.layers}
+        self.tokens = 0
+
+    @contextlib.contextmanager
+    def attached(self) -> Iterator[None]:
+        handles = [layer.block.register_forward_pre_hook(self._hook(layer)) for layer in self.layers]
+        try:
+            yield
+        finally:
+            for handle in handles:
+                handle.remove()
+
+    def _hook(self, layer):
+        def hook(_module, args):
+            hidden = args[0].reshape(-1, args[0].shape[-1])[self.mask.reshape(-1)]
+            logits = layer.router.logits(hidden)
+            probs = layer.router.probabilities(logits)
+            probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores -> a distribution
+            self.entropy[layer.index] += float(-(probs * probs.clamp(min=1e-30).log()).sum())
+            index, _ = layer.router.route(logits)
+            self.load[layer.index] += torch.bincount(index.flatten().cpu(), minlength=layer.num_experts)
+
+        return hook
+
+    def summary(self) -> list[LayerRouting]:
+        out = []
+        for layer in self.layers:
+            load = self.load[layer.index]
+            mean_load = load.float().mean().item()
+            entropy = self.entropy[layer.index] / max(self.tokens, 1)
+            out.append(
+                LayerRouting(
+                    index=layer.index,
+                    entropy=entropy,
+                    entropy_normalized=entropy / math.log(layer.num_experts),
+                    load_imbalance=load.max().item() / mean_load if mean_load > 0 else 0.0,
+                    load=load.tolist(),
+                )
+            )
+        return out
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    tokens: torch.Tensor,
+    *,
+    context_length: int | None = None,
+    stride: int | None = None,
+    batch_size: int = 8,
+    routing: bool = True,
+    progress: bool = True,
+) -> EvalResult:
+    """Perplexity, next-token accuracy and per-layer routing on a token stream.
+
+    Args:
+        model: a causal LM (routing statistics need a supported MoE family).
+        tokens: [L] one token stream, or [N, S] independent sequences (each its own stream).
+        context_length: tokens per window (default: min(512, the model's positions)).
+        stride: new tokens scored per window, < context_length (default: context_length // 2).
+        routing: also measure router entropy and load imbalance per MoE layer.
+    """
+    streams = [tokens] if tokens.ndim == 1 else list(tokens)
+    max_positions = getattr(model.config, "max_position_embeddings", None) or 512
+    context_length = context_length or min(512, max_positions)
+    stride = stride or max(context_length // 2, 1)
+    if context_length > max_positions:
+        raise MoekitError(f"context_length {context_length} is beyond the model's {max_positions} positions.")
+    if not 0 < stride < context_length:
+        raise MoekitError(
+            f"stride must be in 1..{context_length - 1} (below context_length, so that each window "
+            f"keeps left context); got {stride}."
+        )
+    if sum(len(s) for s in streams) < 2 or any(len(s) < 2 for s in streams):
+        raise MoekitError("evaluation needs at least 2 tokens per sequence; the data is too short.")
+
+    jobs = [(s, w) for s in streams for w in windows(len(s), context_length, stride)]
+    recorder = _RoutingRecorder(model) if routing else None
+    device = next(model.parameters()).device
+    nll, correct, count = 0.0, 0, 0
+    with recorder.attached() if recorder else contextlib.nullcontext(), progress_bar(
+        "evaluating", total=len(jobs), unit="window", enabled=progress
+    ) as advance:
+        for start in range(0, len(jobs), batch_size):
+            batch = jobs[start : start + batch_size]
+            width = max(end - begin for _, (begin, end, _) in batch)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            mask = torch.zeros(len(batch), width, dtype=torch.bool)  # positions fed to the model
+            scored = torch.zeros(len(batch), width, dtype=torch.bool)  # positions whose next token is scored
+            for row, (stream, (begin, end, first)) in enumerate(batch):
+                ids[row, : end - begin] = stream[begin:end]
+                mask[row, : end - begin] = True
+                scored[row, first - begin - 1 : end - begin - 1] = True
+            if recorder is not None:
+                recorder.mask = scored.to(device)
+                recorder.tokens += int(scored.sum())
+            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
+            targets = ids.roll(-1, dims=1).to(device)
+            log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+            keep = scored.to(device)
+            nll -= float(log_probs[keep].sum())
+            correct += int((logits.argmax(-1) == targets)[keep].sum())
+            count += int(keep.sum())
+            advance(len(batch), None)
+    mean_nll = nll / count
+    return EvalResult(
+        perplexity=math.exp(mean_nll),
+        nll=mean_nll,
+        accuracy=correct / count,
+        tokens=count,
+        context_length=context_length,
+        stride=stride,
+        layers=recorder.summary() if recorder else [],
+    )
