@@ -1,0 +1,43 @@
+"""A rich progress bar for training: tokens/s, loss, aux loss, expert load imbalance."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+
+class TrainProgress:
+    """Context manager; ``advance(record)`` after each step, ``note(text)`` for eval lines."""
+
+    def __init__(self, *, total: int, start: int, console: Console | None, enabled: bool) -> None:
+        self.enabled = enabled
+        self._progress = Progress(
+            TextColumn("[bold]train"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TextColumn("{task.fields[tps]:>6.0f} tok/s  loss {task.fields[loss]:.4f}  "
+                       "aux {task.fields[aux]:.4f}  imbalance {task.fields[imb]:.2f}"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=not enabled,
+        )
+        self._task = self._progress.add_task("train", total=total, completed=start,
+                                             tps=0.0, loss=float("nan"), aux=float("nan"), imb=float("nan"))
+
+    def __enter__(self) -> TrainProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._progress.__exit__(*exc)
+
+    def advance(self, record: dict[str, Any]) -> None:
+        self._progress.update(self._task, advance=1, tps=record["tokens_per_s"], loss=record["loss"],
+                              aux=record["aux_loss"], imb=record["imbalance"])
+
+    def note(self, text: str) -> None:
+        if self.enabled:
+            self._progress.console.print(text, highlight=False)

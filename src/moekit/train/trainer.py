@@ -1,0 +1,219 @@
+"""The training loop: AdamW, warmup + cosine, clipping, accumulation, router losses,
+aux-loss-free bias updates, checkpoints and exact resume.
+
+The loss that is optimised is written out in full, every term with its coefficient:
+
+    loss = CE + aux_loss_coef · mean_layers L_aux + z_loss_coef · mean_layers L_z
+
+with L_aux and L_z from `moekit.train.losses`, computed on router logits captured by
+hooks (`RouterCapture`); the HF model's own aux loss stays off (``output_router_logits``
+is False and is asserted to have added nothing). DeepSeek-V3-style correction biases
+move by ``bias_update_rate`` after each optimizer step.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from rich.console import Console
+from torch import nn
+
+from moekit.arch.discover import moe_layers
+from moekit.errors import MoekitError
+from moekit.train.capture import RouterCapture
+from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
+from moekit.train.evaluate import evaluate
+from moekit.train.losses import aux_free_bias_update, load_balancing_loss, router_probabilities, router_z_loss
+from moekit.train.progress import TrainProgress
+from moekit.train.stream import BatchStream, learning_rate
+
+
+class TrainConfig(BaseModel):
+    """Optimisation settings. One step = ``grad_accum`` micro-batches of ``batch_size`` rows."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    betas: tuple[float, float] = (0.9, 0.95)
+    grad_clip: float = 1.0
+    aux_loss_coef: float = 0.01
+    z_loss_coef: float = 1e-3
+    bias_update_rate: float = 0.0
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    eval_every: int = 200
+    eval_rows: int = 64
+    seed: int = 0
+
+    def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
+            if getattr(self, name) < 1:
+                raise MoekitError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+        if self.warmup_steps >= self.steps:
+            raise MoekitError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}).")
+
+
+def train(
+    model: nn.Module,
+    *,
+    train_rows: torch.Tensor,
+    eval_rows: torch.Tensor | None,
+    config: TrainConfig,
+    out_dir: Path,
+    console: Console | None = None,
+    show_progress: bool = True,
+    on_step: Callable[[int, dict[str, Any]], None] | None = None,
+    meta: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Train ``model`` in place on ``train_rows`` [N, L]; resume if ``out_dir`` has checkpoints.
+
+    ``on_step(step, record)`` is called after every step (tests use it to interrupt).
+    Returns the log: ``{"config", "meta", "history", "evals", "interrupted", ...}``.
+    """
+    config.check()
+    if train_rows.shape[0] < config.batch_size:
+        raise MoekitError(
+            f"the training data has {train_rows.shape[0]} sequences, fewer than one batch of "
+            f"{config.batch_size}; add data or lower --batch-size / --seq-len."
+        )
+    layers = moe_layers(model)
+    biased = [layer for layer in layers if layer.router.correction_bias is not None]
+    if config.bias_update_rate > 0 and not biased:
+        raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3); set it to 0.")
+    model.train()
+    optimizer = torch.optim.AdamW(
+        _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, foreach=True
+    )
+    stream = BatchStream(train_rows, batch_size=config.batch_size, seed=config.seed)
+    ckpt_dir = out_dir / "checkpoints"
+    log: dict[str, Any] = {"config": config.model_dump(), "meta": meta or {}, "history": [], "evals": []}
+    step = 0
+    if checkpoints := list_checkpoints(ckpt_dir):
+        state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer)
+        if state["log"]["config"] != log["config"]:
+            raise MoekitError(
+                f"{out_dir} holds a run with a different training config; resume with the same "
+                "settings or choose a new --out."
+            )
+        stream.load_state_dict(state["stream"])
+        log, step = state["log"], state["step"]
+    else:
+        torch.manual_seed(config.seed)
+    stop = _StopFlag()
+    progress = TrainProgress(total=config.steps, start=step, console=console, enabled=show_progress)
+    tokens_per_step = config.batch_size * config.grad_accum * train_rows.shape[1]
+    with stop, progress, RouterCapture(model) as cap:
+        while step < config.steps and not stop.requested:
+            t0 = time.perf_counter()
+            record = _train_step(model, optimizer, stream, cap, config, step, biased)
+            step += 1
+            record.update(step=step, seconds=time.perf_counter() - t0)
+            record["tokens_per_s"] = tokens_per_step / record["seconds"]
+            log["history"].append(record)
+            if eval_rows is not None and (step % config.eval_every == 0 or step == config.steps):
+                result = evaluate(model, eval_rows[: config.eval_rows], batch_size=config.batch_size)
+                log["evals"].append({"step": step, "loss": result.loss, "perplexity": result.perplexity,
+                                     "min_load_ratio": result.min_load_ratio()})
+                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f})")
+            progress.advance(record)
+            if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
+                save_checkpoint(ckpt_dir, step=step, model=model, optimizer=optimizer,
+                                state={"stream": stream.state_dict(), "log": log}, keep=config.keep_checkpoints)
+                write_log(out_dir, log)
+            if on_step is not None:
+                on_step(step, record)
+    log["interrupted"] = step < config.steps
+    write_log(out_dir, log)
+    return log
+
+
+def _train_step(model, optimizer, stream, cap, config, step, biased) -> dict[str, Any]:
+    lr = learning_rate(step, peak=config.lr, warmup=config.warmup_steps, total=config.steps,
+                       min_ratio=config.min_lr_ratio)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    sums = {"loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}
+    counts: dict[int, torch.Tensor] = {}
+    for _ in range(config.grad_accum):
+        batch = stream.next()
+        cap.clear()
+        out = model(input_ids=batch, labels=batch)
+        if getattr(out, "aux_loss", None) is not None:
+            raise RuntimeError("the HF model added its own aux loss; moekit adds router losses explicitly")
+        aux = torch.stack([load_balancing_loss(router_probabilities(r.logits, r.scoring), r.top_k_index)
+                           for r in cap.records]).mean()
+        z = torch.stack([router_z_loss(r.logits) for r in cap.records]).mean()
+        total = out.loss + config.aux_loss_coef * aux + config.z_loss_coef * z
+        (total / config.grad_accum).backward()
+        for name, value in (("loss", out.loss), ("aux_loss", aux), ("z_loss", z)):
+            sums[name] += float(value.detach()) / config.grad_accum
+        for r in cap.records:
+            c = torch.bincount(r.top_k_index.reshape(-1), minlength=r.logits.shape[-1]).double()
+            counts[r.layer] = counts.get(r.layer, 0) + c
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    for layer in biased:
+        if config.bias_update_rate > 0:
+            aux_free_bias_update(layer.router.correction_bias, counts[layer.index], config.bias_update_rate)
+    loads = torch.stack([c / c.mean() for c in counts.values()])  # [layers, E], 1 = fair share
+    return {**sums, "lr": lr, "grad_norm": float(grad_norm),
+            "imbalance": float(loads.max(dim=1).values.mean()), "min_load": float(loads.min())}
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No weight decay on norms, biases and embeddings (1-D tensors or embedding tables)."""
+    decay, no_decay = [], []
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    for param in model.parameters():
+        if not param.requires_grad:
+            continue
+        (no_decay if param.ndim < 2 or id(param) in embeddings else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def write_log(out_dir: Path, log: dict[str, Any]) -> Path:
+    """The JSON learning curve, written atomically to ``out_dir/train_log.json``."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / "train_log.json"
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(log, indent=1))
+    tmp.replace(path)
+    return path
+
+
+class _StopFlag:
+    """Ctrl-C asks the loop to stop at the next step boundary and checkpoint there."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self) -> _StopFlag:
+        try:
+            self._previous = signal.signal(signal.SIGINT, self._handle)
+        except ValueError:  # not the main thread: leave signals alone
+            self._previous = None
+        return self
+
+    def _handle(self, *_: object) -> None:
+        if self.requested:  # a second Ctrl-C means "now"
+            raise KeyboardInterrupt
+        self.requested = True
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
