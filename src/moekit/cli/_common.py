@@ -14,7 +14,7 @@ from rich.console import Console
 from moekit.errors import MoekitError
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
 
 
 @contextlib.contextmanager

@@ -76,6 +76,11 @@ def load(
     return model.to(device).eval()
 
 
+def resolve_folder(name: str) -> Path | None:
+    """The local folder ``moekit.load(name)`` reads (None for built-in tiny models)."""
+    return None if name.startswith(TINY_PREFIX) else _resolve(name)
+
+
 def _tiny(name: str) -> PreTrainedModel:
     from moekit.zoo.tiny import TINY_CONFIGS, tiny_model
 

@@ -1,0 +1,62 @@
+"""`moekit calibrate [MODEL] -o STATS/`: per-expert statistics, one layer at a time."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from moekit.cli import app
+from moekit.cli._common import console, print_json, user_errors
+
+
+@app.command("calibrate")
+def calibrate_command(
+    model: Annotated[Optional[str], typer.Argument(help="Checkpoint folder, hub id, or shipped reference.")] = None,
+    out: Annotated[str, typer.Option("--out", "-o", help="New folder for the statistics.")] = "stats",
+    data: Annotated[str, typer.Option(help="Corpus: stdlib:calib, files, a folder, a glob, hf:NAME.")] = "stdlib:calib",
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    stats: Annotated[str, typer.Option(help="Comma-separated statistics (see --list-stats).")] = "frequency,soft_frequency,reap,ean,man,msan,peak,coactivation,logit_similarity",
+    hidden_sample: Annotated[int, typer.Option(help="Input hidden states kept per layer (adds hidden_sample).")] = 0,
+    batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
+    seed: Annotated[int, typer.Option(help="Seed for choosing sequences and sampling states.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
+    list_stats: Annotated[bool, typer.Option("--list-stats", help="List the statistics and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Collect the statistics compression methods read, and save them for reuse."""
+    from moekit.calib.observers import STATISTICS
+
+    if list_stats:
+        for name, what in STATISTICS.items():
+            console.print(f"[bold]{name}[/]: {what}", highlight=False)
+        return
+    from moekit.calib.calibrate import calibrate
+    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.io.load import default_model, load
+
+    with user_errors():
+        name = model or default_model()
+        wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
+        unknown = sorted(set(wanted) - set(STATISTICS))
+        if unknown:
+            from moekit.errors import MoekitError
+
+            raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
+        tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed)
+        result = calibrate(
+            load(name), tokens.input_ids, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,
+            seed=seed, progress=not json_out, meta={"model_name": name, **tokens.describe()},
+        )
+        folder = result.save(out)
+        summary = {"out": str(folder), "layers": len(result.layers), "tokens": next(iter(result.tokens.values())),
+                   "statistics": result.statistics, "seconds": result.meta["seconds"],
+                   "data_fingerprint": result.meta["data_fingerprint"]}
+        if json_out:
+            print_json(summary)
+        else:
+            console.print(
+                f"wrote {summary['statistics']} for {summary['layers']} MoE layers "
+                f"({summary['tokens']} tokens, {summary['seconds']:.1f}s) to [bold]{folder}[/]"
+            )
