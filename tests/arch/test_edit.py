@@ -167,3 +167,23 @@ def test_set_expert_weights_writes_through_the_view(family):
         moekit.set_expert_weights(model, layer.index, 5, gate=torch.randn(I + 1, H))
     moekit.set_router_weights(model, layer.index, 2, weight=torch.ones(H))
     assert torch.equal(moekit.moe_layers(model)[0].router.weight[2], torch.ones(H))
+
+
+def test_allowed_mask_predicts_the_pruned_layer(family, input_ids):
+    """forward(allowed=S) on the original layer equals the layer after keep_experts(S):
+    the objective reconstruction search optimises is what the pruned model computes."""
+    model = tiny_model(family)
+    from tests.arch.test_layer import _block_io
+
+    layers, captured = _block_io(model, input_ids)
+    allowed = torch.zeros(8, dtype=torch.bool)
+    allowed[KEEP] = True
+    predicted = {}
+    with torch.no_grad():
+        for layer in layers:
+            predicted[layer.index] = layer.forward(captured[layer.index][0], allowed=allowed)[0]
+    moekit.keep_experts(model, {layer.index: KEEP for layer in layers})
+    for layer in moekit.moe_layers(model):
+        with torch.no_grad():
+            actual = layer.forward(captured[layer.index][0])[0]
+        assert (actual - predicted[layer.index]).abs().max().item() <= 1e-5, layer.index

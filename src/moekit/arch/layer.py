@@ -68,9 +68,12 @@ class Router:
         """p_j(x) [T, E]; see `moekit.arch.routing.scores_from_logits`."""
         return scores_from_logits(logits, self.spec)
 
-    def route(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(top_k_index [T, k], top_k_weights [T, k])."""
-        return route(logits, self.spec, self.correction_bias)
+    def route(
+        self, logits: torch.Tensor, allowed: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(top_k_index [T, k], top_k_weights [T, k]); ``allowed`` [E] bool restricts the
+        choice as if the other experts were removed."""
+        return route(logits, self.spec, self.correction_bias, allowed)
 
 
 @dataclass
@@ -190,19 +193,20 @@ class MoELayer:
         return out
 
     def forward(
-        self, hidden: torch.Tensor
+        self, hidden: torch.Tensor, allowed: torch.Tensor | None = None
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Reference forward from canonical tensors only.
 
         Args:
             hidden: [T, H], the input of the MoE block (after the layer's norm).
+            allowed: [E] bool; compute the block as if only these experts were kept.
 
         Returns:
             output [T, H] (shared experts included), router_logits [T, E],
             top_k_index [T, k], top_k_weights [T, k].
         """
         logits = self.router.logits(hidden)
-        top_k_index, top_k_weights = self.router.route(logits)
+        top_k_index, top_k_weights = self.router.route(logits, allowed)
         out = self.routed_forward(hidden, top_k_index, top_k_weights)
         if self.shared is not None:
             out = out + self.shared.forward(hidden)

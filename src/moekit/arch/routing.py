@@ -79,6 +79,7 @@ def route(
     logits: torch.Tensor,
     spec: RoutingSpec,
     correction_bias: torch.Tensor | None = None,
+    allowed: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Choose experts for each token.
 
@@ -86,12 +87,18 @@ def route(
         logits: [T, E] router logits (router bias already added).
         spec: the family's routing semantics.
         correction_bias: [E] added to the scores for *selection only*.
+        allowed: [E] bool; experts outside it are treated as removed — never chosen and
+            absent from every normalisation. This is exactly how the layer routes after
+            `moekit.keep_experts` keeps the allowed experts (groups stay contiguous as
+            long as every group keeps the same number).
 
     Returns:
         top_k_index [T, k] (int64) and top_k_weights [T, k] (float32): the weight each
         chosen expert's contribution is multiplied by.
     """
     logits = logits.float()
+    if allowed is not None and (spec.scoring != "sigmoid" or spec.topk_before_scoring):
+        logits = logits.masked_fill(~allowed, float("-inf"))
     if spec.scoring == "sparsemixer":
         index, weights = _sparsemixer(logits, spec.top_k, spec.jitter_eps)
     elif spec.topk_before_scoring:
@@ -100,6 +107,8 @@ def route(
     else:
         scores = logits.softmax(dim=-1) if spec.scoring == "softmax" else logits.sigmoid()
         choice = scores if correction_bias is None else scores + correction_bias.float()
+        if allowed is not None:
+            choice = choice.masked_fill(~allowed, float("-inf"))
         if spec.grouped:
             choice = _mask_groups(choice, spec)
         index = choice.topk(spec.top_k, dim=-1).indices
