@@ -33,6 +33,8 @@ _API = {
     "calibrate": "moekit.calib.calibrate",
     "CalibrationStats": "moekit.calib.stats",
     "evaluate": "moekit.eval.perplexity",
+    "compress": "moekit.compression",
+    "Recipe": "moekit.recipe.recipe",
     "save": "moekit.io.save",
 }
 __all__ = sorted(_API)
@@ -58,6 +60,8 @@ if TYPE_CHECKING:
     from moekit.errors import MoekitError, UnsupportedModelError
     from moekit.calib.calibrate import calibrate
     from moekit.calib.stats import CalibrationStats
+    from moekit.compression import compress
     from moekit.eval.perplexity import evaluate
+    from moekit.recipe.recipe import Recipe
     from moekit.io.load import load
     from moekit.io.save import save

@@ -58,9 +58,16 @@ def load(
             pickle weights, or the hub cannot be reached for a hub id.
     """
     name = str(name_or_path) if name_or_path is not None else default_model()
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # moekit draws its own progress; HF's per-tensor bars are noise
     if name.startswith(TINY_PREFIX):
         return _tiny(name).to(device=device, dtype=dtype)
     path = _resolve(name)
+    from moekit.io.nonuniform import is_nonuniform, load_nonuniform
+
+    if is_nonuniform(path):
+        return load_nonuniform(path, dtype=dtype).to(device)
     _check_checkpoint_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
@@ -74,6 +81,24 @@ def load(
             ) from exc
         raise
     return model.to(device).eval()
+
+
+def load_config(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):
+    """The config of what `load` would load, without reading any weights."""
+    from transformers import AutoConfig
+
+    name = str(name_or_path) if name_or_path is not None else default_model()
+    if name.startswith(TINY_PREFIX):
+        from moekit.zoo.tiny import TINY_CONFIGS, tiny_config
+
+        family = name[len(TINY_PREFIX) :]
+        if family not in TINY_CONFIGS:
+            raise MoekitError(f"no tiny model {name!r}; choose one of: {', '.join(reference_names())}.")
+        return tiny_config(family)
+    path = _resolve(name)
+    if not (path / "config.json").is_file():
+        _check_checkpoint_dir(path)
+    return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
 def resolve_folder(name: str) -> Path | None:

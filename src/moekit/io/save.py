@@ -51,6 +51,12 @@ def check_standard(model: nn.Module) -> None:
         )
 
 
+def write_standard(model: nn.Module, folder: Path) -> None:
+    """Write a standard checkpoint into the existing ``folder``."""
+    check_standard(model)
+    model.save_pretrained(folder)  # transformers 5 writes safetensors only
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
     """Write ``model`` (and ``tokenizer``) as a standard safetensors checkpoint that plain
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads without moekit.
@@ -60,7 +66,7 @@ def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None)
     """
     check_standard(model)
     with atomic_dir(out_dir) as tmp:
-        model.save_pretrained(tmp)  # transformers 5 writes safetensors only
+        write_standard(model, tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir).expanduser().resolve()

@@ -52,7 +52,7 @@ def random_scores(stats: Stats, *, seed: int = 0, layer: int = 0) -> torch.Tenso
 
 
 CRITERIA: dict[str, tuple[Callable[..., torch.Tensor], frozenset[str]]] = {
-    "random": (random_scores, frozenset()),
+    "random": (random_scores, frozenset({"frequency"})),  # only for the expert count
     "frequency": (frequency, frozenset({"frequency"})),
     "soft_frequency": (soft_frequency, frozenset({"soft_frequency"})),
     "ean": (ean, frozenset({"ean"})),

@@ -1,0 +1,61 @@
+"""`moekit compress [MODEL] --recipe FILE|PRESET -o OUT`: a smaller checkpoint and a report."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+from rich.table import Table
+
+from moekit.cli import app
+from moekit.cli._common import console, print_json, user_errors
+
+
+@app.command("compress")
+def compress_command(
+    model: Annotated[Optional[str], typer.Argument(help="Checkpoint folder, hub id, or shipped reference.")] = None,
+    recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset name or recipe YAML file.")] = "prune-50",
+    out: Annotated[Optional[str], typer.Option("--out", "-o", help="New folder for the result.")] = None,
+    data: Annotated[str, typer.Option(help="Calibration corpus.")] = "stdlib:calib",
+    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed for calibration data and random steps.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
+    eval_: Annotated[bool, typer.Option("--eval", help="Evaluate before and after.")] = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+) -> None:
+    """Compress an MoE with a recipe; the output loads in plain transformers."""
+    from moekit.recipe import presets
+
+    if list_presets:
+        for name, path in presets().items():
+            first = path.read_text().splitlines()[0].lstrip("# ")
+            console.print(f"[bold]{name}[/]: {first}", highlight=False)
+        return
+    from moekit.compression import compress
+    from moekit.errors import MoekitError
+
+    with user_errors():
+        if out is None:
+            raise MoekitError("give an output folder with -o/--out (a new folder).")
+        report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
+                          tokenizer=tokenizer, evaluate=eval_, progress=not json_out)
+        if json_out:
+            print_json(report)
+            return
+        before, after = report["before"], report["after"]
+        table = Table(title=f"{report['model']} → {report['out']}", title_justify="left")
+        for column in ("", "before", "after"):
+            table.add_column(column, justify="right" if column else "left")
+        table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
+        table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
+        table.add_row("bytes", f"{before['bytes']:,}", f"{after['bytes']:,}")
+        if "eval" in before:
+            table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
+            table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
+        console.print(table)
+        if report["format"] != "standard":
+            console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
+                          "load it with moekit.load(folder), not plain transformers.[/]")
+        console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")

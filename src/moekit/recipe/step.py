@@ -1,0 +1,80 @@
+"""Recipe steps: pydantic models (unknown fields forbidden), registered by name.
+
+A step declares the calibration statistics it needs, checks itself against the model's
+config before any weights load, and applies itself to a loaded model.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+
+from moekit.errors import MoekitError
+
+STEPS: dict[str, type[Step]] = {}
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """What a step may check before weights load, read from the config alone."""
+
+    family: str
+    moe_layers: list[int]
+    num_experts: int
+    top_k: int
+    n_group: int = 1
+
+
+class Step(BaseModel):
+    """Base of every recipe step; ``type`` names it in YAML."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    type: str
+    name: ClassVar[str] = ""
+
+    def needs(self) -> set[str]:
+        """Calibration statistics this step reads."""
+        return set()
+
+    def hidden_sample(self) -> int:
+        """Input hidden states per layer this step reads (0: none)."""
+        return 0
+
+    def check(self, info: ModelInfo) -> None:
+        """Raise MoekitError if the step cannot apply to this model."""
+
+    def apply(self, model: nn.Module, stats: Any) -> dict:
+        """Edit ``model`` in place; return what to record in the report."""
+        raise NotImplementedError
+
+    @property
+    def changes_structure(self) -> bool:
+        return True
+
+
+def register_step(cls: type[Step]) -> type[Step]:
+    """Class decorator: make ``cls`` available in recipes as ``type: <cls.name>``."""
+    STEPS[cls.name] = cls
+    return cls
+
+
+def step_from_dict(item: Any, position: int) -> Step:
+    """Build a step from its YAML mapping, with a message naming the step and field."""
+    from pydantic import ValidationError
+
+    where = f"step {position + 1}"
+    if not isinstance(item, dict) or "type" not in item:
+        raise MoekitError(f"{where}: each step is a mapping with a 'type' (one of {sorted(STEPS)}).")
+    kind = item["type"]
+    if kind not in STEPS:
+        raise MoekitError(f"{where}: unknown step type {kind!r}; known steps: {sorted(STEPS)}.")
+    try:
+        return STEPS[kind].model_validate(item)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or kind}: {e['msg']}" for e in exc.errors()
+        )
+        raise MoekitError(f"{where} ({kind}): {problems}") from None

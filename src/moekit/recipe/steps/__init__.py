@@ -1,0 +1,5 @@
+"""Built-in steps; importing this module registers them."""
+
+from moekit.recipe.steps.prune import Prune
+
+__all__ = ["Prune"]

@@ -1,0 +1,128 @@
+"""The ``prune`` step: remove the experts each layer can best do without."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from moekit.arch.discover import moe_layers
+from moekit.arch.edit import keep_experts
+from moekit.errors import MoekitError
+from moekit.methods.prune.criteria import CRITERIA, score
+from moekit.methods.prune.reconstruction import ReconstructionObjective, search
+from moekit.methods.prune.select import global_allocation, super_experts, top_experts
+from moekit.recipe.step import ModelInfo, Step, register_step
+
+Method = Literal["random", "frequency", "soft_frequency", "ean", "man", "msan", "reap", "reconstruction"]
+
+
+@register_step
+class Prune(Step):
+    """Keep ``keep`` experts per layer (or remove the fraction ``remove``).
+
+    ``method`` scores experts with a criterion, or (``reconstruction``) searches for the
+    kept set whose layer output best matches the original on calibration inputs,
+    starting from the best experts by ``seed_criterion``. ``budget: global`` lets layers
+    keep different numbers (same total), saved in moekit's non-uniform format.
+    """
+
+    name = "prune"
+    type: Literal["prune"] = "prune"
+    method: Method = "reap"
+    keep: int | None = Field(default=None, ge=1, description="experts kept per layer")
+    remove: float | None = Field(default=None, gt=0, lt=1, description="fraction of experts removed")
+    budget: Literal["uniform", "global"] = "uniform"
+    protect_super_experts: bool = False
+    super_expert_factor: float = Field(default=10.0, gt=1)
+    seed: int = 0
+    # reconstruction search
+    search: Literal["auto", "exhaustive", "beam", "greedy"] = "auto"
+    beam_width: int = Field(default=4, ge=1)
+    seed_criterion: Literal["none", "frequency", "soft_frequency", "ean", "man", "msan", "reap"] = "reap"
+    samples: int = Field(default=1024, ge=16, description="calibration inputs per layer for reconstruction")
+
+    @model_validator(mode="after")
+    def _one_budget(self) -> Prune:
+        if (self.keep is None) == (self.remove is None):
+            raise ValueError("give exactly one of 'keep' (experts per layer) or 'remove' (a fraction in (0, 1))")
+        return self
+
+    def kept_per_layer(self, num_experts: int) -> int:
+        return self.keep if self.keep is not None else num_experts - round(self.remove * num_experts)
+
+    def needs(self) -> set[str]:
+        wanted: set[str] = set()
+        if self.method == "reconstruction":
+            wanted |= {"hidden_sample"} | (set(CRITERIA[self.seed_criterion][1]) if self.seed_criterion != "none" else set())
+        else:
+            wanted |= set(CRITERIA[self.method][1])
+        if self.protect_super_experts:
+            wanted.add("peak")
+        return wanted
+
+    def hidden_sample(self) -> int:
+        return self.samples if self.method == "reconstruction" else 0
+
+    def check(self, info: ModelInfo) -> None:
+        keep = self.kept_per_layer(info.num_experts)
+        if keep > info.num_experts:
+            raise MoekitError(f"prune: keep={keep} but the model has only {info.num_experts} experts per layer.")
+        if keep == info.num_experts:
+            raise MoekitError(f"prune: keeping {keep} of {info.num_experts} experts removes nothing; lower keep.")
+        if keep < info.top_k:
+            raise MoekitError(
+                f"prune: keeping {keep} experts, fewer than top-k = {info.top_k}; keep at least {info.top_k}."
+            )
+        if info.n_group > 1 and keep % info.n_group:
+            raise MoekitError(
+                f"prune: the model routes within {info.n_group} expert groups; keep a multiple of {info.n_group} "
+                f"(got {keep})."
+            )
+
+    def apply(self, model: nn.Module, stats) -> dict:
+        layers = {layer.index: layer for layer in moe_layers(model)}
+        counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
+        if self.budget == "global":
+            counts = global_allocation(
+                {i: self._scores(layer, stats) for i, layer in layers.items()},
+                sum(counts.values()),
+                minimum={i: layer.top_k for i, layer in layers.items()},
+                n_group={i: layer.router.spec.n_group for i, layer in layers.items()},
+            )
+        plan, details = {}, {}
+        for i, layer in layers.items():
+            protected = (
+                super_experts(stats[i]["peak"], factor=self.super_expert_factor) if self.protect_super_experts else set()
+            )
+            n_group = layer.router.spec.n_group
+            if len(protected) > counts[i]:
+                raise MoekitError(
+                    f"prune: layer {i} has {len(protected)} super experts {sorted(protected)}, more than the {counts[i]} "
+                    f"kept; keep more experts or raise super_expert_factor."
+                )
+            if self.method == "reconstruction":
+                start = None
+                if self.seed_criterion != "none":
+                    start = top_experts(
+                        score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * counts[i]),
+                        n_group=n_group, protected=protected,
+                    )
+                objective = ReconstructionObjective(layer, stats[i]["hidden_sample"])
+                result = search(objective, counts[i], method=self.search, n_group=n_group,
+                                beam_width=self.beam_width, start=start, fixed=frozenset(protected))
+                kept = result.kept
+                details[i] = {"search": result.method, "loss": result.loss, "evaluations": result.evaluations}
+            else:
+                kept = top_experts(self._scores(layer, stats), counts[i], n_group=n_group, protected=protected)
+            plan[i] = kept
+        keep_experts(model, plan)
+        return {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
+
+    def _scores(self, layer, stats) -> torch.Tensor:
+        method = self.seed_criterion if self.method == "reconstruction" else self.method
+        if method == "none":
+            method = "frequency"
+        return score(method, stats[layer.index], seed=self.seed, layer=layer.index)

@@ -1,0 +1,66 @@
+"""Recipes round-trip YAML; invalid recipes fail precisely, before any weights load."""
+
+from __future__ import annotations
+
+import pytest
+
+from moekit.compression import model_info
+from moekit.errors import MoekitError
+from moekit.recipe import Recipe, load_recipe, presets
+from moekit.zoo.tiny import tiny_config
+
+
+def test_presets_load_and_round_trip():
+    assert {"prune-25", "prune-50"} <= set(presets())
+    for name in presets():
+        recipe = load_recipe(name)
+        assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+def test_yaml_round_trip_keeps_every_field(tmp_path):
+    text = "steps:\n  - type: prune\n    method: reconstruction\n    keep: 4\n    beam_width: 2\n    budget: global\n"
+    recipe = Recipe.from_yaml(text)
+    step = recipe.steps[0]
+    assert (step.method, step.keep, step.beam_width, step.budget) == ("reconstruction", 4, 2, "global")
+    (tmp_path / "r.yaml").write_text(recipe.to_yaml())
+    assert load_recipe(tmp_path / "r.yaml") == recipe
+    assert recipe.needs() == {"hidden_sample", "reap"}
+
+
+@pytest.mark.parametrize("text, message", [
+    ("steps:\n  - type: prun\n", "unknown step type 'prun'"),
+    ("steps:\n  - type: prune\n    keep: 4\n    colour: red\n", "colour: Extra inputs are not permitted"),
+    ("steps:\n  - type: prune\n    remove: 1.5\n", "remove: Input should be less than 1"),
+    ("steps:\n  - type: prune\n    remove: 0\n", "remove: Input should be greater than 0"),
+    ("steps:\n  - type: prune\n", "exactly one of 'keep'"),
+    ("steps:\n  - type: prune\n    keep: 2\n    remove: 0.5\n", "exactly one of 'keep'"),
+    ("steps:\n  - type: prune\n    method: vibes\n    keep: 2\n", "method"),
+    ("steps: []\n", "non-empty 'steps'"),
+    ("stages:\n  - type: prune\n", "non-empty 'steps'"),
+    ("steps:\n  - type: prune\n    keep: [\n", "not valid YAML"),
+])
+def test_invalid_recipes(text, message):
+    with pytest.raises(MoekitError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        Recipe.from_yaml(text)
+
+
+def test_unknown_recipe_name():
+    with pytest.raises(MoekitError, match="not a preset"):
+        load_recipe("prune-99")
+
+
+@pytest.mark.parametrize("keep, message", [
+    (9, "has only 8 experts"),
+    (8, "removes nothing"),
+    (1, "fewer than top-k = 2"),
+])
+def test_checks_against_the_config(keep, message):
+    recipe = Recipe.from_dict({"steps": [{"type": "prune", "keep": keep}]})
+    with pytest.raises(MoekitError, match=message):
+        recipe.steps[0].check(model_info(tiny_config("mixtral")))
+
+
+def test_group_limited_models_need_a_multiple_of_the_groups():
+    recipe = Recipe.from_dict({"steps": [{"type": "prune", "keep": 3}]})
+    with pytest.raises(MoekitError, match="multiple of 2"):
+        recipe.steps[0].check(model_info(tiny_config("deepseek_v3")))

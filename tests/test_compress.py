@@ -1,0 +1,143 @@
+"""`moekit compress` end to end: standard and non-uniform outputs, reports, failures."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+from typer.testing import CliRunner
+
+import moekit
+import moekit.compression
+from moekit.cli import app
+from moekit.errors import MoekitError
+from moekit.zoo.tiny import randomize_, tiny_config
+
+runner = CliRunner()
+
+
+@pytest.fixture(scope="module")
+def workspace(tmp_path_factory):
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("compress")
+    text = open(moekit.compression.__file__).read() * 3  # any Python source will do
+    (root / "data").mkdir()
+    (root / "data" / "code.py").write_text(text)
+    tokenizer = train_tokenizer([text], vocab_size=400, min_frequency=1)
+    for family in ("mixtral", "deepseek_v3"):
+        config = tiny_config(family)
+        config.vocab_size = len(tokenizer)
+        randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family)
+        save_tokenizer(tokenizer, root / family)
+    return root
+
+
+def _compress(workspace, family, recipe, out, **kw):
+    return moekit.compress(str(workspace / family), recipe, out_dir=out, data=str(workspace / "data"),
+                           n_samples=8, seq_len=64, progress=False, **kw)
+
+
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+@pytest.mark.parametrize("method", ["reap", "reconstruction", "random"])
+def test_compress_writes_a_standard_checkpoint(workspace, tmp_path, family, method):
+    out = tmp_path / "out"
+    report = _compress(workspace, family, {"steps": [{"type": "prune", "method": method, "keep": 4}]}, out)
+    assert {p.name for p in out.iterdir()} >= {"README.md", "config.json", "model.safetensors",
+                                               "recipe.yaml", "report.json", "tokenizer.json"}
+    assert report["format"] == "standard"
+    assert set(report["after"]["experts_per_layer"].values()) == {4}
+    assert report["after"]["routed_params"] * 2 == report["before"]["routed_params"]
+    assert json.loads((out / "report.json").read_text())["steps"][0]["kept"] == report["steps"][0]["kept"]
+    assert report["calibration"][0]["statistics"] == sorted(
+        {"frequency"} | ({"reap"} if method == "reap" else set())
+        | ({"reap", "hidden_sample"} if method == "reconstruction" else set()))
+    # plain transformers in a fresh process that never imports moekit
+    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
+            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
+            "assert not any(n.startswith('moekit') for n in sys.modules); print(m.config.to_json_string())")
+    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
+                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_global_budget_round_trips_the_nonuniform_format(workspace, tmp_path):
+    out = tmp_path / "out"
+    report = _compress(workspace, "mixtral", {"steps": [{"type": "prune", "method": "frequency", "keep": 4,
+                                                        "budget": "global"}]}, out)
+    counts = report["after"]["experts_per_layer"]
+    assert sum(counts.values()) == 12
+    if len(set(counts.values())) == 1:
+        pytest.skip("the global allocation happened to be uniform on this tiny model")
+    assert report["format"] == "moekit-nonuniform" and not (out / "model.safetensors").exists()
+    assert "moekit.load" in (out / "README.md").read_text()
+    loaded = moekit.load(out)
+    assert {str(k): v for k, v in moekit.arch.edit.experts_per_layer(loaded).items()} == counts
+    with pytest.raises(Exception):
+        AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_nonuniform_format_is_exact(tmp_path):
+    from moekit.io.nonuniform import write_nonuniform
+
+    model = moekit.load("moekit/tiny-qwen2_moe")
+    moekit.keep_experts(model, {1: [0, 2, 4, 6, 7], 2: [1, 2, 3]})
+    (tmp_path / "m").mkdir()
+    write_nonuniform(model, tmp_path / "m")
+    again = moekit.load(tmp_path / "m")
+    ids = torch.randint(3, 128, (2, 10))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, again(ids).logits)
+
+
+def test_eval_before_and_after(workspace, tmp_path):
+    report = _compress(workspace, "mixtral", "prune-25", tmp_path / "out", evaluate=True,
+                       eval_data=str(workspace / "data"), eval_max_tokens=300)
+    assert report["before"]["eval"]["tokens"] == report["after"]["eval"]["tokens"] == 299
+    assert "perplexity" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_bad_inputs_fail_before_work_and_leave_nothing(workspace, tmp_path):
+    with pytest.raises(MoekitError, match="fewer than top-k"):
+        _compress(workspace, "mixtral", {"steps": [{"type": "prune", "keep": 1}]}, tmp_path / "a")
+    with pytest.raises(MoekitError, match="no such folder"):
+        moekit.compress(str(tmp_path / "nope"), "prune-50", out_dir=tmp_path / "b")
+    (tmp_path / "c").mkdir()
+    with pytest.raises(MoekitError, match="already exists"):
+        _compress(workspace, "mixtral", "prune-50", tmp_path / "c")
+    with pytest.raises(MoekitError, match="fewer than one sequence"):
+        moekit.compress(str(workspace / "mixtral"), "prune-50", out_dir=tmp_path / "d",
+                        data=str(workspace / "data"), n_samples=1, seq_len=100000, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
+
+
+def test_interrupted_compression_leaves_no_output(workspace, tmp_path):
+    """A failure after the work started (here: inside a step) leaves no output folder."""
+    from moekit.recipe.steps.prune import Prune
+
+    original = Prune.apply
+
+    def boom(self, model, stats):
+        original(self, model, stats)
+        raise KeyboardInterrupt
+
+    Prune.apply = boom
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            _compress(workspace, "mixtral", "prune-50", tmp_path / "out")
+    finally:
+        Prune.apply = original
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_compress_json(workspace, tmp_path):
+    result = runner.invoke(app, ["compress", str(workspace / "mixtral"), "-r", "prune-50", "-o", str(tmp_path / "o"),
+                                 "--data", str(workspace / "data"), "--samples", "4", "--seq-len", "32", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["after"]["experts_per_layer"] == {"0": 4, "1": 4, "2": 4}
+    bad = runner.invoke(app, ["compress", str(workspace / "mixtral"), "-r", "nope", "-o", str(tmp_path / "p")])
+    assert bad.exit_code == 2 and "not a preset" in bad.output
