@@ -14,6 +14,7 @@ app = typer.Typer(
 
 # Sub-commands register themselves on `app` when imported.
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
+from moekit.cli import train as _train  # noqa: E402,F401
 
 
 def main() -> None:
