@@ -64,6 +64,7 @@ def main() -> None:
     if args.steps:
         recipe["steps"] = args.steps
         recipe["warmup"] = min(recipe["warmup"], max(1, args.steps // 10))
+        recipe["eval_every"] = recipe["checkpoint_every"] = max(1, args.steps // 8)
     work = args.work / args.name
     spec_path = work / "model_spec.json"
     work.mkdir(parents=True, exist_ok=True)
