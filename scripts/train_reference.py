@@ -106,7 +106,7 @@ def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float,
         "name": name, "seed": SEED, "model_spec": REFERENCE[name].model_dump(), "recipe": recipe, "seq_len": SEQ_LEN,
         "train_tokens_seen": result["steps"] * recipe["batch_size"] * recipe["grad_accum"] * SEQ_LEN,
         "train_split_tokens": info["train_tokens"], "train_split_sha256": info["train"]["sha256"],
-        "eval_split_sha256": info["eval"]["sha256"], "params": result["params"],
+        "eval_split_sha256": info["eval"]["sha256"], "params": result["params"], "vocab_size": info["vocab_size"],
         "eval": {"loss": result_eval.loss, "perplexity": result_eval.perplexity, "tokens": result_eval.tokens,
                  "unigram_perplexity": unigram, "load": result_eval.load},
         "criteria": {
@@ -119,7 +119,7 @@ def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float,
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
                     "torch": torch.__version__},
-        "wall_time_s": wall, "tokens_per_s": result["tokens_per_s"],
+        "wall_time_s": wall, "train_step_seconds_all_sessions": result["train_seconds_all_sessions"], "tokens_per_s": result["tokens_per_s"],
         "curve": [{"step": e["step"], "eval_loss": e["loss"]} for e in log["evals"]],
     }
 
@@ -180,11 +180,11 @@ It is a test subject, not a useful code model.
 | layers / hidden | {spec['num_layers']} / {spec['hidden_size']} |
 | experts per layer / top-k | {spec['num_experts']} / {spec['top_k']} (expert width {spec['expert_intermediate_size']}) |
 | parameters | {r['params'] / 1e6:.2f} M (stored bf16, compute in fp32) |
-| vocabulary | byte-level BPE, {r['eval'].get('vocab', 8192)} tokens, trained on the train split |
+| vocabulary | byte-level BPE, {r["vocab_size"]} tokens, trained on the train split |
 | training tokens | {r['train_tokens_seen'] / 1e6:.1f} M ({r['train_split_tokens'] / 1e6:.1f} M-token train split) |
 | seed | {r['seed']} |
 | machine | {r['machine']['processor']}, {r['machine']['threads']} thread(s), {r['machine']['platform']} |
-| wall time | {r['wall_time_s'] / 3600:.2f} h |
+| wall time | {r['wall_time_s'] / 3600:.2f} h (training steps alone, over all sessions: {r['train_step_seconds_all_sessions'] / 3600:.2f} h) |
 
 ## Evaluation (shipped `stdlib:eval` split, sha256 `{r['eval_split_sha256'][:16]}…`)
 

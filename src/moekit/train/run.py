@@ -17,10 +17,13 @@ from moekit.errors import MoekitError
 
 def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | None, text_field: str,
                  tokenizer: Path | None, vocab_size: int, seq_len: int, out: Path, show_progress: bool,
-                 console=None,
-                 **settings) -> dict:
-    """Validate everything, prepare data, train, and save ``out/model``. Returns a summary."""
-    from moekit.train import TrainConfig, build_model, load_model_config, prepare_data
+                 console=None, **settings) -> dict:
+    """Validate everything, prepare data, train, and save ``out/model``. Returns a summary.
+
+    ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
+    ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
+    """
+    from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
     from moekit.train.presets import preset
 
@@ -58,7 +61,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
         "eval_perplexity": evals[-1]["perplexity"] if evals else None,
         "unigram_eval_perplexity": run.info.get("unigram_eval_perplexity"),
         "tokens_per_s": sum(h["tokens_per_s"] for h in history[-20:]) / max(1, len(history[-20:])),
-        "wall_s": time.time() - t0, "params": meta["params"], "log": str(out / "train_log.json"),
+        "wall_s": time.time() - t0, "train_seconds_all_sessions": sum(h["seconds"] for h in history), "params": meta["params"], "log": str(out / "train_log.json"),
     }
 
 
