@@ -130,7 +130,9 @@ def train(
                 result = evaluate(model, eval_rows, batch_size=config.batch_size)
                 log["evals"].append({"step": step, "loss": result.loss, "perplexity": result.perplexity,
                                      "min_load_ratio": result.min_load_ratio()})
-                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f})")
+                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f}, "
+                              f"least-used expert {result.min_load_ratio():.2f} of its fair share)")
+                write_log(out_dir, log)
             progress.advance(record)
             if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
                 save_checkpoint(ckpt_dir, step=step, model=model, optimizer=optimizer,
