@@ -56,6 +56,12 @@ def test_tiny_run_writes_a_loadable_model_and_resumes(tmp_path, corpus):
     assert model.config.model_type == "olmoe" and model.config.vocab_size == len(tok)
     again = _invoke(*args)  # everything done: resumes at step 6 and stops
     assert again.exit_code == 0 and json.loads(again.stdout[again.stdout.index("{"):])["steps"] == 6
+    # Continue training the saved model (healing / continued pretraining): its tokenizer is reused.
+    more = _invoke("--init", summary["model_dir"], "--data", corpus, "--seq-len", 32, "--steps", 2,
+                   "--batch-size", 4, "--out", tmp_path / "more", "--json")
+    assert more.exit_code == 0, more.output
+    assert (tmp_path / "more" / "tokenizer" / "tokenizer.json").read_text() == (
+        tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
 
 
 @pytest.mark.parametrize(
