@@ -21,11 +21,9 @@ def tokenize_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerBase) -> torch
     if eos is None:
         raise MoekitError("the tokenizer has no eos token; moekit needs one to separate documents.")
     encoded = tokenizer(corpus.texts(), add_special_tokens=False)["input_ids"]
-    stream: list[int] = []
-    for ids in encoded:
-        stream.extend(ids)
-        stream.append(eos)
-    return torch.tensor(stream, dtype=torch.int32)
+    separator = torch.tensor([eos], dtype=torch.int32)
+    pieces = [t for ids in encoded for t in (torch.tensor(ids, dtype=torch.int32), separator)]
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 
 def pack(stream: torch.Tensor, seq_len: int, *, name: str = "corpus") -> torch.Tensor:

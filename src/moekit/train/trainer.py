@@ -99,7 +99,7 @@ def train(
     )
     stream = BatchStream(train_rows, batch_size=config.batch_size, seed=config.seed)
     ckpt_dir = out_dir / "checkpoints"
-    log: dict[str, Any] = {"config": config.model_dump(), "meta": meta or {}, "history": [], "evals": []}
+    log: dict[str, Any] = {"config": config.model_dump(mode="json"), "meta": meta or {}, "history": [], "evals": []}
     step = 0
     if checkpoints := list_checkpoints(ckpt_dir):
         state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer)
@@ -112,6 +112,9 @@ def train(
         log, step = state["log"], state["step"]
     else:
         torch.manual_seed(config.seed)
+    if eval_rows is not None and eval_rows.shape[0] > config.eval_rows:
+        # Evenly spaced rows: a prefix would be the first few files only.
+        eval_rows = eval_rows[torch.linspace(0, eval_rows.shape[0] - 1, config.eval_rows).long()]
     stop = _StopFlag()
     progress = TrainProgress(total=config.steps, start=step, console=console, enabled=show_progress)
     tokens_per_step = config.batch_size * config.grad_accum * train_rows.shape[1]
@@ -124,10 +127,12 @@ def train(
             record["tokens_per_s"] = tokens_per_step / record["seconds"]
             log["history"].append(record)
             if eval_rows is not None and (step % config.eval_every == 0 or step == config.steps):
-                result = evaluate(model, eval_rows[: config.eval_rows], batch_size=config.batch_size)
+                result = evaluate(model, eval_rows, batch_size=config.batch_size)
                 log["evals"].append({"step": step, "loss": result.loss, "perplexity": result.perplexity,
                                      "min_load_ratio": result.min_load_ratio()})
-                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f})")
+                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f}, "
+                              f"least-used expert {result.min_load_ratio():.2f} of its fair share)")
+                write_log(out_dir, log)
             progress.advance(record)
             if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
                 save_checkpoint(ckpt_dir, step=step, model=model, optimizer=optimizer,

@@ -1,0 +1,64 @@
+"""`moekit train`: train an MoE causal LM from scratch, or continue from a checkpoint."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+import typer
+
+from moekit.cli import app
+from moekit.cli._common import console, err_console, print_json, user_errors
+from moekit.train.run import run_training
+
+
+@app.command()
+def train(
+    arch: str = typer.Option("qwen3_moe", help="Family name (qwen3_moe, mixtral, olmoe, deepseek_v3), "
+                             "reference preset (ref-fine, ref-coarse), or a YAML/JSON model config file."),
+    init: Path = typer.Option(None, help="Continue training this HF model folder instead of starting from scratch."),
+    data: str = typer.Option("stdlib", help="Corpus: 'stdlib', file, directory, glob, or 'hf:NAME[:SPLIT]'."),
+    eval_data: str = typer.Option(None, help="Evaluation corpus (default: stdlib:eval for stdlib)."),
+    text_field: str = typer.Option("text", help="Text field of .jsonl/.parquet/hub rows."),
+    tokenizer: Path = typer.Option(None, help="Tokenizer folder (default: the --init model's, else train one)."),
+    vocab_size: int = typer.Option(8192, help="Vocabulary of a newly trained tokenizer."),
+    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
+    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (rerun to resume)."),
+    steps: int = typer.Option(200, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(20, help="Linear warmup steps, then cosine decay."),
+    aux_loss_coef: float = typer.Option(0.01, help="Weight of the load-balancing loss."),
+    z_loss_coef: float = typer.Option(1e-3, help="Weight of the router z-loss."),
+    bias_update_rate: float = typer.Option(None, help="Aux-loss-free bias step γ (default 1e-3 where routers "
+                                           "have a correction bias, else 0)."),
+    checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
+    eval_every: int = typer.Option(100, help="Steps between evaluations."),
+    seed: int = typer.Option(0, help="Seed of weights and data order."),
+    threads: int = typer.Option(1, help="CPU threads for torch."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
+    with user_errors():
+        torch.set_num_threads(threads)
+        result = run_training(
+            arch=arch, init=init, data=data, eval_data=eval_data, text_field=text_field, tokenizer=tokenizer,
+            vocab_size=vocab_size, seq_len=seq_len, out=out, steps=steps, batch_size=batch_size,
+            grad_accum=grad_accum, lr=lr, warmup=warmup, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
+            bias_update_rate=bias_update_rate, checkpoint_every=checkpoint_every, eval_every=eval_every,
+            seed=seed, show_progress=not as_json, console=err_console,
+        )
+    if as_json:
+        print_json(result)
+    elif result["interrupted"]:
+        console.print(f"[yellow]interrupted[/] at step {result['steps']}; checkpoint saved in {out}. "
+                      "Rerun the same command to resume.")
+    else:
+        console.print(f"[bold green]done[/] model in {result['model_dir']}: train loss {result['train_loss']:.4f}"
+                      + (f", eval ppl {result['eval_perplexity']:.2f}" if result.get("eval_perplexity") else "")
+                      + f", {result['tokens_per_s']:.0f} tok/s")
+
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

@@ -1,0 +1,95 @@
+"""One training run end to end: validate, prepare data, build or load the model, train, save.
+
+`moekit train` and `scripts/train_reference.py` both call `run_training`; everything the
+user can get wrong is checked before the first step.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import torch
+
+from moekit.errors import MoekitError
+
+
+def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | None, text_field: str,
+                 tokenizer: Path | None, vocab_size: int, seq_len: int, out: Path, show_progress: bool,
+                 console=None, **settings) -> dict:
+    """Validate everything, prepare data, train, and save ``out/model``. Returns a summary.
+
+    ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
+    ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
+    """
+    from moekit.train import TrainConfig, build_model, prepare_data
+    from moekit.train import train as train_loop
+    from moekit.train.presets import preset
+
+    config, model = _model_config(arch, init)
+    bias_rate = settings.pop("bias_update_rate")
+    if bias_rate is None:
+        bias_rate = 1e-3 if config.model_type == "deepseek_v3" else 0.0
+    warmup = min(settings.pop("warmup"), settings["steps"] - 1)
+    tc = TrainConfig(**settings, warmup_steps=warmup, bias_update_rate=bias_rate)
+    tc.check()
+    if tokenizer is None and init is not None and (init / "tokenizer.json").is_file():
+        tokenizer = init
+    run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,
+                       vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field)
+    if model is None:
+        config.vocab_size = len(run.tokenizer)  # from scratch: the model fits the tokenizer exactly
+        model = build_model(config, seed=tc.seed)
+    elif len(run.tokenizer) > config.vocab_size:
+        raise MoekitError(f"the tokenizer has {len(run.tokenizer)} tokens but the model only {config.vocab_size}; "
+                          "use the model's own tokenizer (--tokenizer).")
+    meta = {"arch": arch if preset(arch) else str(arch), "init": str(init) if init else None,
+            "data": run.info | {"train": None, "eval": None}, "threads": torch.get_num_threads(),
+            "params": sum(p.numel() for p in model.parameters())}
+    t0 = time.time()
+    log = train_loop(model, train_rows=run.train_rows, eval_rows=run.eval_rows, config=tc, out_dir=out,
+                     console=console, show_progress=show_progress, meta=meta)
+    model_dir = out / "model"
+    model.save_pretrained(model_dir)
+    run.tokenizer.save_pretrained(model_dir)
+    history, evals = log["history"], log["evals"]
+    return {
+        "model_dir": str(model_dir), "steps": len(history), "interrupted": log["interrupted"],
+        "train_loss": history[-1]["loss"] if history else float("nan"),
+        "eval_loss": evals[-1]["loss"] if evals else None,
+        "eval_perplexity": evals[-1]["perplexity"] if evals else None,
+        "unigram_eval_perplexity": run.info.get("unigram_eval_perplexity"),
+        "tokens_per_s": sum(h["tokens_per_s"] for h in history[-20:]) / max(1, len(history[-20:])),
+        "wall_s": time.time() - t0, "train_seconds_all_sessions": sum(h["seconds"] for h in history), "params": meta["params"], "log": str(out / "train_log.json"),
+    }
+
+
+def _model_config(arch: str, init: Path | None):
+    from transformers import AutoModelForCausalLM
+
+    from moekit.train import check_config, load_model_config
+    from moekit.train.presets import preset
+
+    if init is not None:
+        if not (init / "config.json").is_file():
+            raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
+        config = load_model_config(json.loads((init / "config.json").read_text()))
+        model = AutoModelForCausalLM.from_pretrained(init, config=config, dtype=torch.float32,
+                                                     use_safetensors=True, experts_implementation="grouped_mm")
+        return check_config(model.config), model
+    spec = preset(arch)
+    return load_model_config(spec if spec is not None else _arch_file(arch)), None
+
+
+def _arch_file(arch: str) -> Path:
+    path = Path(arch)
+    if not path.is_file():
+        from moekit.train import FAMILIES
+        from moekit.train.presets import REFERENCE
+
+        raise MoekitError(f"unknown architecture {arch!r}; use a family ({', '.join(FAMILIES)}), "
+                          f"a preset ({', '.join(REFERENCE)}) or a YAML/JSON config file.")
+    return path
+
+
