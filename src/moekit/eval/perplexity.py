@@ -51,6 +51,23 @@ class EvalResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def loss(self) -> float:
+        """Mean next-token cross-entropy in nats (the same as ``nll``)."""
+        return self.nll
+
+    @property
+    def load(self) -> dict[int, list[float]]:
+        """{layer: each expert's share of the layer's top-k selections}."""
+        return {l.index: [n / max(sum(l.load), 1) for n in l.load] for l in self.layers}
+
+    def min_load_ratio(self) -> float:
+        """min over layers and experts of share · E: 1 when balanced, 0 for a dead expert."""
+        return min(min(v) * len(v) for v in self.load.values())
+
+    def max_load_ratio(self) -> float:
+        return max(max(v) * len(v) for v in self.load.values())
+
 
 def windows(length: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
     """(begin, end, first scored position) of each window over a stream of ``length``.
