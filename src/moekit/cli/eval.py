@@ -1,4 +1,5 @@
-"""`moekit eval [MODEL ...]`: perplexity, accuracy and routing, models side by side."""
+"""`moekit eval [MODEL ...]`: perplexity, accuracy and routing, models side by side,
+plus lm-evaluation-harness tasks with ``--tasks``."""
 
 from __future__ import annotations
 
@@ -20,26 +21,52 @@ def eval_command(
     max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first N tokens.")] = None,
     batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 8,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: each model's).")] = None,
+    tasks: Annotated[Optional[str], typer.Option(
+        help="lm-eval tasks, comma-separated (offline; shipped: moekit_stdlib_nexttoken; needs the lmeval extra).",
+    )] = None,
+    limit: Annotated[Optional[int], typer.Option(help="Score only the first N items of each task.")] = None,
+    task_path: Annotated[Optional[list[str]], typer.Option(
+        help="Folder of your own lm-eval task YAMLs with local data (repeatable).",
+    )] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Evaluate one or more models on the same tokens."""
     from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.errors import MoekitError
     from moekit.eval.perplexity import evaluate
     from moekit.io.load import default_model, load
 
     with user_errors():
-        names = models or [default_model()]
+        names = list(dict.fromkeys(models or [default_model()]))  # a model named twice is scored once
+        if tasks is None and (limit is not None or task_path):
+            raise MoekitError("--limit and --task-path apply to lm-eval tasks; add --tasks NAME[,NAME].")
+        harness, tokenizers = None, {}
+        if tasks is not None:
+            from moekit.eval.harness import load_tasks, run_tasks
+
+            # Find the tasks and every model's tokenizer before any model is scored.
+            harness = load_tasks(tasks, task_paths=task_path or ())
+            tokenizers = {name: tokenizer_for(name, tokenizer) for name in names}
         # Every model is scored on the first model's tokenization, so the numbers compare.
         stream = evaluation_stream(data, tokenizer_for(names[0], tokenizer)).input_ids
         if max_tokens is not None:
             stream = stream[:max_tokens]
-        results = {
-            name: evaluate(load(name), stream, context_length=context_length, stride=stride,
-                           batch_size=batch_size, progress=not json_out)
-            for name in names
-        }
+        results, task_results = {}, {}
+        for name in names:
+            model = load(name)
+            results[name] = evaluate(model, stream, context_length=context_length, stride=stride,
+                                     batch_size=batch_size, progress=not json_out)
+            if harness is not None:
+                task_results[name] = run_tasks(model, tokenizers[name], harness, limit=limit, batch_size=batch_size)
+            del model
         if json_out:
-            print_json({"data": data, "models": {n: r.to_dict() for n, r in results.items()}})
+            payload = {"data": data, "models": {n: r.to_dict() for n, r in results.items()}}
+            if harness is not None:
+                for name, result in task_results.items():
+                    payload["models"][name]["tasks"] = result.tasks
+                first = next(iter(task_results.values()))
+                payload["tasks"] = {"names": harness.names, "limit": limit, "samples": first.samples}
+            print_json(payload)
             return
         table = Table(title=f"evaluation on {data} ({next(iter(results.values())).tokens} tokens)", title_justify="left")
         table.add_column("metric")
@@ -47,6 +74,8 @@ def eval_command(
             table.add_column(name, justify="right")
         table.add_row("perplexity", *[f"{r.perplexity:.3f}" for r in results.values()])
         table.add_row("next-token accuracy", *[f"{r.accuracy:.2%}" for r in results.values()])
+        for label, cells in _task_rows([task_results[name].tasks for name in task_results]):
+            table.add_row(label, *cells)
         depth = max(len(r.layers) for r in results.values())
         for i in range(depth):
             cells = [r.layers[i] if i < len(r.layers) else None for r in results.values()]
@@ -56,3 +85,23 @@ def eval_command(
             table.add_row(f"layer {index} load max/mean",
                           *["" if c is None else f"{c.load_imbalance:.2f}" for c in cells], style="dim")
         console.print(table)
+        if harness is not None:
+            samples = next(iter(task_results.values())).samples
+            console.print("lm-eval items scored: " + ", ".join(f"{t} {n}" for t, n in samples.items()), style="dim")
+
+
+def _task_rows(per_model: list[dict[str, dict[str, float | None]]]) -> list[tuple[str, list[str]]]:
+    """One row per (task, metric), models side by side; a metric's stderr shares its cell."""
+    rows = []
+    for task in dict.fromkeys(t for metrics in per_model for t in metrics):
+        names = dict.fromkeys(m for metrics in per_model for m in metrics.get(task, {}) if not m.endswith("_stderr")
+                              and "_stderr/" not in m)
+        for metric in names:
+            cells = []
+            for metrics in per_model:
+                value = metrics.get(task, {}).get(metric)
+                stderr = metrics.get(task, {}).get(metric.replace("/", "_stderr/", 1) if "/" in metric
+                                                   else f"{metric}_stderr")
+                cells.append("" if value is None else f"{value:.3f}" + ("" if stderr is None else f" ± {stderr:.3f}"))
+            rows.append((f"{task} {metric}", cells))
+    return rows
