@@ -1,5 +1,6 @@
 """Built-in steps; importing this module registers them."""
 
+from moekit.recipe.steps.merge import Merge
 from moekit.recipe.steps.prune import Prune
 
-__all__ = ["Prune"]
+__all__ = ["Merge", "Prune"]

@@ -83,6 +83,7 @@ class Prune(Step):
             )
 
     def apply(self, model: nn.Module, stats) -> dict:
+        stats.require(self.needs(), f"prune (method={self.method})")
         layers = {layer.index: layer for layer in moe_layers(model)}
         counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
         if self.budget == "global":

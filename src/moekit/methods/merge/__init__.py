@@ -1,0 +1,1 @@
+"""Expert merging as pure functions: grouping, neuron alignment, averaging, router rows."""

@@ -1,0 +1,73 @@
+"""Which experts merge together: groups of experts, each with a centre.
+
+A grouping is a list of groups, each a list of expert ids whose first element is the
+centre (the expert whose slot, and by default router row, the merged expert takes).
+With group-limited routing every routing group is grouped on its own, with the same
+number of merged experts in each, so the result routes like the original.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from scipy.cluster.hierarchy import fcluster, linkage
+
+Grouping = list[list[int]]
+
+
+def join_nearest(centres: list[int], similarity: torch.Tensor, experts: list[int]) -> Grouping:
+    """Every non-centre expert joins the centre it is most similar to."""
+    groups = {c: [c] for c in centres}
+    for e in experts:
+        if e in groups:
+            continue
+        best = max(centres, key=lambda c: (similarity[e, c].item(), -c))
+        groups[best].append(e)
+    return [groups[c] for c in centres]
+
+
+def dominant_groups(usage: torch.Tensor, similarity: torch.Tensor, m: int, experts: list[int]) -> Grouping:
+    """M-SMoE (Li et al. 2023, arXiv 2310.01334): the ``m`` most used experts are the
+    centres; every other expert joins the centre whose router-logit column is most
+    cosine-similar. With ``usage`` = a pruning score this is "groups seeded by the best
+    pruning score"."""
+    ranked = sorted(experts, key=lambda e: (-usage[e].item(), e))
+    return join_nearest(ranked[:m], similarity, experts)
+
+
+def hierarchical_groups(mean_output: torch.Tensor, usage: torch.Tensor, m: int, experts: list[int]) -> Grouping:
+    """HC-SMoE (arXiv 2410.08589): average-linkage hierarchical clustering of the
+    experts' mean outputs (Euclidean) into ``m`` clusters; each cluster's most used
+    expert is its centre."""
+    if m == len(experts):
+        return [[e] for e in experts]
+    points = mean_output[experts].double().numpy()
+    labels = fcluster(linkage(points, method="average", metric="euclidean"), t=m, criterion="maxclust")
+    clusters: dict[int, list[int]] = {}
+    for e, label in zip(experts, labels):
+        clusters.setdefault(int(label), []).append(e)
+    if len(clusters) != m:  # ties in the dendrogram can merge below m; split the largest
+        clusters = _force_count(clusters, m, np.asarray(points), experts)
+    groups = []
+    for members in clusters.values():
+        members = sorted(members, key=lambda e: (-usage[e].item(), e))
+        groups.append(members)
+    return sorted(groups, key=lambda g: g[0])
+
+
+def _force_count(clusters: dict[int, list[int]], m: int, points: np.ndarray, experts: list[int]) -> dict:
+    groups = list(clusters.values())
+    while len(groups) < m:
+        groups.sort(key=len, reverse=True)
+        biggest = groups.pop(0)
+        groups += [biggest[:1], biggest[1:]]
+    return dict(enumerate(groups))
+
+
+def per_routing_group(grouper, n_group: int, num_experts: int, m: int) -> Grouping:
+    """Apply ``grouper(m_per_group, experts_of_group)`` within each routing group."""
+    size, per = num_experts // n_group, m // n_group
+    out: Grouping = []
+    for g in range(n_group):
+        out += grouper(per, list(range(g * size, (g + 1) * size)))
+    return out
