@@ -22,7 +22,6 @@ class ModelInfo:
     """What a step may check before weights load, read from the config alone."""
 
     family: str
-    moe_layers: list[int]
     num_experts: int
     top_k: int
     n_group: int = 1
