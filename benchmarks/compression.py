@@ -85,7 +85,7 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_tokens: int) ->
     stream = evaluation_stream("stdlib:eval", tokenizer_for(model_name)).input_ids[:eval_tokens]
     result = evaluate(model, stream, context_length=256, stride=128, routing=False, progress=False)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
-            "prune_seconds": round(seconds, 2),
+            "step_seconds": round(seconds, 2),
             "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
@@ -131,7 +131,7 @@ def markdown(results: dict) -> str:
         for r in entry["rows"]:
             lines.append(f"| {r['remove']:.0%} | {r['config']} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
-                         f"{r['prune_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
+                         f"{r["step_seconds"]:.1f} | {r['peak_memory_mib']:.0f} |")
     lines.append(f"\n{results['machine']}, {results['date']}; calibration {results['calibration']}, "
                  f"evaluation on the first {results['eval_tokens']} tokens of stdlib:eval (context 256, stride 128).")
     return "\n".join(lines)
