@@ -131,7 +131,7 @@ def markdown(results: dict) -> str:
         for r in entry["rows"]:
             lines.append(f"| {r['remove']:.0%} | {r['config']} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
-                         f"{r["step_seconds"]:.1f} | {r['peak_memory_mib']:.0f} |")
+                         f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
     lines.append(f"\n{results['machine']}, {results['date']}; calibration {results['calibration']}, "
                  f"evaluation on the first {results['eval_tokens']} tokens of stdlib:eval (context 256, stride 128).")
     return "\n".join(lines)
