@@ -68,7 +68,12 @@ def main() -> None:
     parser.add_argument("--zoo", type=Path, default=REPO / "src" / "moekit" / "zoo")
     parser.add_argument("--tokenizer", type=Path, help="reuse a tokenizer folder instead of training one")
     parser.add_argument("--force", action="store_true", help="write to the zoo even if criteria fail")
+    parser.add_argument("--refresh-card", action="store_true",
+                        help="re-evaluate the published model and rewrite its training.json, card and plot")
     args = parser.parse_args()
+    if args.refresh_card:
+        refresh_card(args.zoo / args.name, args.threads)
+        return
 
     torch.set_num_threads(args.threads)
     recipe = dict(RECIPES[args.name])
@@ -96,11 +101,52 @@ def main() -> None:
         print(f"criteria not met; the model stays in {work / 'model'} (use --force to publish anyway)")
 
 
+def evaluate_shipped(model, tok) -> dict:
+    """Perplexity, next-token accuracy and expert load on the whole stdlib:eval split,
+    packed in rows of SEQ_LEN (each row its own window)."""
+    from moekit.data import load_corpus, pack, tokenize_corpus
+
+    rows = pack(tokenize_corpus(load_corpus("stdlib:eval"), tok), SEQ_LEN)
+    result = evaluate(model, rows, batch_size=16)
+    return {"loss": result.loss, "perplexity": result.perplexity, "accuracy": result.accuracy,
+            "tokens": result.tokens, "load": {str(k): v for k, v in result.load.items()},
+            "min_load_ratio": result.min_load_ratio(), "max_load_ratio": result.max_load_ratio()}
+
+
+def refresh_card(target: Path, threads: int) -> None:
+    """Recompute the published model's evaluation (as shipped: bf16 weights, fp32 compute)
+    and rewrite training.json, README.md and learning_curve.png."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.data.tokenizer import load_tokenizer
+
+    torch.set_num_threads(threads)
+    report = json.loads((target / "training.json").read_text())
+    model = AutoModelForCausalLM.from_pretrained(target, dtype=torch.float32, use_safetensors=True).eval()
+    fresh = evaluate_shipped(model, load_tokenizer(target))
+    unigram = report["eval"]["unigram_perplexity"]
+    report["eval"] = {**fresh, "unigram_perplexity": unigram}
+    report["criteria"] = criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"])
+    (target / "training.json").write_text(json.dumps(report, indent=1))
+    plot_curve(json.loads((target / "train_log.json").read_text()), target / "learning_curve.png")
+    (target / "README.md").write_text(model_card(report))
+    print(json.dumps(report["criteria"] | {"eval_perplexity": fresh["perplexity"], "accuracy": fresh["accuracy"]}))
+
+
+def criteria(perplexity: float, unigram: float, min_load: float) -> dict:
+    return {
+        "perplexity_ratio_to_unigram": perplexity / unigram,
+        "perplexity_below_unigram_over_8": perplexity < unigram / 8,
+        "min_expert_share_over_uniform": min_load,
+        "no_dead_experts": min_load >= 0.25,
+        "pass": perplexity < unigram / 8 and min_load >= 0.25,
+    }
+
+
 def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float, threads: int) -> dict:
     """Evaluate the bf16-rounded model on the whole eval split; check the criteria."""
     from transformers import AutoModelForCausalLM
 
-    from moekit.data import load_corpus, pack, tokenize_corpus
     from moekit.data.tokenizer import load_tokenizer
 
     model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, use_safetensors=True)
@@ -108,8 +154,7 @@ def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float,
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
     tok = load_tokenizer(work / "model")
-    rows = pack(tokenize_corpus(load_corpus("stdlib:eval"), tok), SEQ_LEN)
-    result_eval = evaluate(model, rows, batch_size=16)
+    fresh = evaluate_shipped(model, tok)
     info = json.loads((work / "data" / "manifest.json").read_text())
     unigram = info["unigram_eval_perplexity"]
     log = json.loads((work / "train_log.json").read_text())
@@ -118,15 +163,8 @@ def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float,
         "train_tokens_seen": result["steps"] * recipe["batch_size"] * recipe["grad_accum"] * SEQ_LEN,
         "train_split_tokens": info["train_tokens"], "train_split_sha256": info["train"]["sha256"],
         "eval_split_sha256": info["eval"]["sha256"], "params": result["params"], "vocab_size": info["vocab_size"],
-        "eval": {"loss": result_eval.loss, "perplexity": result_eval.perplexity, "tokens": result_eval.tokens,
-                 "unigram_perplexity": unigram, "load": result_eval.load},
-        "criteria": {
-            "perplexity_ratio_to_unigram": result_eval.perplexity / unigram,
-            "perplexity_below_unigram_over_8": result_eval.perplexity < unigram / 8,
-            "min_expert_share_over_uniform": result_eval.min_load_ratio(),
-            "no_dead_experts": result_eval.min_load_ratio() >= 0.25,
-            "pass": result_eval.perplexity < unigram / 8 and result_eval.min_load_ratio() >= 0.25,
-        },
+        "eval": {**fresh, "unigram_perplexity": unigram},
+        "criteria": criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"]),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
                     "torch": torch.__version__},
@@ -202,13 +240,23 @@ It is a test subject, not a useful code model.
 | | |
 |---|---|
 | perplexity | {ev['perplexity']:.2f} |
+| next-token accuracy | {ev.get('accuracy', float('nan')):.2%} |
 | unigram perplexity | {ev['unigram_perplexity']:.1f} (ratio {crit['perplexity_ratio_to_unigram']:.3f}; required < 0.125) |
 | least-used expert / uniform share | {crit['min_expert_share_over_uniform']:.2f} (required ≥ 0.25) |
+| busiest expert / uniform share | {ev.get('max_load_ratio', float('nan')):.2f} |
+
+Expert load per layer (share of top-k selections × E; 1 = uniform), min / max:
+{_load_lines(ev)}
+
+![learning curve](learning_curve.png)
+
+Eval loss over training (`train_log.json`, a subset of the eval split):
+{_curve_lines(r)}
 
 ## Reproduce
 
 ```
-python scripts/train_reference.py {r['name']} --threads {r['machine']['threads']}
+python scripts/train_reference.py {r['name']} --threads {r['machine']['threads']} --steps {r['recipe']['steps']}
 ```
 
 Recipe: AdamW (β = 0.9, 0.95, weight decay 0.1), peak lr {r['recipe']['lr']}, {r['recipe']['warmup']} warmup
@@ -216,6 +264,15 @@ steps then cosine to 10%, {r['recipe']['steps']} steps of {r['recipe']['batch_si
 gradient clipping 1.0, load-balancing loss × {r['recipe']['aux_loss_coef']}, router z-loss ×
 {r['recipe']['z_loss_coef']}. Full details in `training.json`, the curve in `train_log.json`.
 """
+
+
+def _load_lines(ev: dict) -> str:
+    load = ev.get("load", {})
+    return "\n".join(f"- layer {i}: {min(v) * len(v):.2f} / {max(v) * len(v):.2f}" for i, v in load.items())
+
+
+def _curve_lines(r: dict) -> str:
+    return "\n".join(f"- step {c['step']}: {c['eval_loss']:.4f}" for c in r.get("curve", []))
 
 
 if __name__ == "__main__":
