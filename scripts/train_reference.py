@@ -253,6 +253,8 @@ Expert load per layer (share of top-k selections × E; 1 = uniform), min / max:
 Eval loss over training (`train_log.json`, a subset of the eval split):
 {_curve_lines(r)}
 
+{_flatness(r)}
+
 ## Reproduce
 
 ```
@@ -269,6 +271,18 @@ gradient clipping 1.0, load-balancing loss × {r['recipe']['aux_loss_coef']}, ro
 def _load_lines(ev: dict) -> str:
     load = ev.get("load", {})
     return "\n".join(f"- layer {i}: {min(v) * len(v):.2f} / {max(v) * len(v):.2f}" for i, v in load.items())
+
+
+def _flatness(r: dict) -> str:
+    """Whether the eval loss had flattened: its relative drop over the last eighth of training."""
+    curve = r.get("curve", [])
+    last = curve[-1]
+    earlier = min(curve, key=lambda c: abs(c["step"] - last["step"] * 7 / 8))
+    drop = (earlier["eval_loss"] - last["eval_loss"]) / earlier["eval_loss"]
+    verdict = ("it had flattened" if drop < 0.01 else
+               "it was still falling, so longer training would lower it further")
+    return (f"Over the last eighth of training (steps {earlier['step']}–{last['step']}) the eval loss fell by "
+            f"{drop:.1%}: {verdict}.")
 
 
 def _curve_lines(r: dict) -> str:
