@@ -1,12 +1,15 @@
 """Expert pruning and merging on the reference models, at 25% and 50% of routed experts
 removed: every pruning criterion and the reconstruction search with uniform and global
-budgets (``--suite prune``), and the merging variants (``--suite merge``).
+budgets (``--suite prune``), the merging variants (``--suite merge``), and both followed
+by output compensation (``refit: true``, ``--suite refit``).
 
 One calibration per model (shipped ``stdlib:calib`` split) feeds every method; each
-configuration then runs in its own process (load, prune, evaluate on the shipped
-``stdlib:eval`` split) so that its wall time and peak memory are its own.
+configuration then runs in its own process (load, prune, evaluate) so that its wall time
+and peak memory are its own. Evaluation uses the shipped ``stdlib:eval`` split packed in
+rows of 256 tokens, each row its own window (as in the reference models' cards), taking
+every ``--eval-every``-th row so that all of the split's files are represented.
 
-    python benchmarks/compression.py [--suite prune|merge|all] [--models moekit/ref-fine ...] [--eval-tokens 32768]
+    python benchmarks/compression.py [--suite prune|merge|refit|all] [--models moekit/ref-fine ...] [--eval-every 4]
 
 Writes ``benchmarks/results/<suite>.json`` and prints a Markdown table for BENCHMARKS.md.
 """
@@ -29,6 +32,10 @@ REMOVE = [0.25, 0.5]
 BUDGETS = ["uniform", "global"]
 MERGES = [dict(grouping=g, router=r) for g in ("msmoe", "hcsmoe", "score") for r in ("centre", "mean", "fit")]
 MERGES.append(dict(grouping="score", router="fit", align=False))
+REFITS = [{"type": "prune", "method": m, "budget": "uniform"} for m in ("frequency", "man", "reap", "reconstruction")]
+REFITS += [{"type": "prune", "method": "reap", "budget": "global"},
+           {"type": "merge", "grouping": "hcsmoe", "router": "mean"},
+           {"type": "merge", "grouping": "score", "router": "centre"}]
 
 
 def configs(suite: str) -> list[dict]:
@@ -39,14 +46,17 @@ def configs(suite: str) -> list[dict]:
             steps += [{"type": "prune", "method": m, "remove": remove, "budget": b} for b in BUDGETS for m in METHODS]
         if suite in ("merge", "all"):
             steps += [{"type": "merge", "remove": remove, **variant} for variant in MERGES]
+        if suite in ("refit", "all"):
+            steps += [{**variant, "remove": remove, "refit": True} for variant in REFITS]
     return steps
 
 
 def label(step: dict) -> str:
+    refit = " + refit" if step.get("refit") else ""
     if step["type"] == "prune":
-        return f"prune {step['method']} ({step['budget']})"
+        return f"prune {step['method']} ({step['budget']}){refit}"
     align = "" if step.get("align", True) else ", unaligned"
-    return f"merge {step['grouping']}, router {step['router']}{align}"
+    return f"merge {step['grouping']}, router {step['router']}{align}{refit}"
 CALIB = dict(n_samples=64, seq_len=256, seed=0)
 
 
@@ -59,20 +69,27 @@ def calibrate_once(model_name: str, folder: Path) -> dict:
     tokens = calibration_tokens("stdlib:calib", tokenizer_for(model_name), **CALIB)
     start = time.perf_counter()
     stats = calibrate(load(model_name), tokens.input_ids, statistics=set(STATISTICS),
-                      hidden_sample=1024, progress=False, meta=tokens.describe())
+                      hidden_sample=8192, progress=False, meta=tokens.describe())
     stats.save(folder)
     return {"seconds": round(time.perf_counter() - start, 2), "tokens": tokens.input_ids.numel()}
 
 
-def one_config(model_name: str, stats_dir: str, step: dict, eval_tokens: int) -> dict:
+def eval_rows(model_name: str, every: int):
+    """Every ``every``-th row of 256 tokens of the whole stdlib:eval split."""
+    from moekit.data import load_corpus, pack, tokenize_corpus
+    from moekit.data.tokens import tokenizer_for
+
+    return pack(tokenize_corpus(load_corpus("stdlib:eval"), tokenizer_for(model_name)), 256)[::every]
+
+
+def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> dict:
     """Runs in a child process."""
     import torch
 
     from moekit.calib.stats import CalibrationStats
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
-    from moekit.eval.perplexity import evaluate
     from moekit.io.load import load
     from moekit.recipe import Recipe
+    from moekit.train.evaluate import evaluate
 
     torch.set_num_threads(2)
     model = load(model_name)
@@ -82,16 +99,15 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_tokens: int) ->
     if recipe is not None:
         recipe.steps[0].apply(model, stats)
     seconds = time.perf_counter() - start
-    stream = evaluation_stream("stdlib:eval", tokenizer_for(model_name)).input_ids[:eval_tokens]
-    result = evaluate(model, stream, context_length=256, stride=128, routing=False, progress=False)
+    result = evaluate(model, eval_rows(model_name, eval_every), batch_size=16)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
             "step_seconds": round(seconds, 2),
             "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_child(model_name: str, stats_dir: str, step: dict, eval_tokens: int) -> dict:
+def run_child(model_name: str, stats_dir: str, step: dict, eval_every: int) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from compression import one_config; "
-            f"print(json.dumps(one_config({model_name!r}, {stats_dir!r}, {step!r}, {eval_tokens})))")
+            f"print(json.dumps(one_config({model_name!r}, {stats_dir!r}, {step!r}, {eval_every})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -99,19 +115,19 @@ def run_child(model_name: str, stats_dir: str, step: dict, eval_tokens: int) -> 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--models", nargs="+", default=["moekit/ref-fine", "moekit/ref-coarse"])
-    parser.add_argument("--eval-tokens", type=int, default=32768)
-    parser.add_argument("--suite", choices=["prune", "merge", "all"], default="all")
+    parser.add_argument("--eval-every", type=int, default=4, help="evaluate on every N-th 256-token row")
+    parser.add_argument("--suite", choices=["prune", "merge", "refit", "all"], default="all")
     args = parser.parse_args()
     results = {"machine": f"{platform.machine()} CPU, 2 threads", "date": str(date.today()),
-               "calibration": CALIB, "eval_tokens": args.eval_tokens, "models": {}}
+               "calibration": CALIB, "eval_every": args.eval_every, "models": {}}
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             stats_dir = str(Path(tmp) / "stats")
             entry = {"calibration": calibrate_once(model_name, Path(stats_dir)), "rows": []}
-            entry["baseline"] = run_child(model_name, stats_dir, {}, args.eval_tokens)
+            entry["baseline"] = run_child(model_name, stats_dir, {}, args.eval_every)
             for step in configs(args.suite):
                 row = {"remove": step["remove"], "config": label(step), "step": step,
-                       **run_child(model_name, stats_dir, step, args.eval_tokens)}
+                       **run_child(model_name, stats_dir, step, args.eval_every)}
                 entry["rows"].append(row)
                 print(json.dumps({"model": model_name, **row}), flush=True)
             results["models"][model_name] = entry
@@ -133,7 +149,7 @@ def markdown(results: dict) -> str:
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
                          f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
     lines.append(f"\n{results['machine']}, {results['date']}; calibration {results['calibration']}, "
-                 f"evaluation on the first {results['eval_tokens']} tokens of stdlib:eval (context 256, stride 128).")
+                 f"evaluation on every {results['eval_every']}th 256-token row of stdlib:eval (each row its own window).")
     return "\n".join(lines)
 
 

@@ -53,7 +53,7 @@ from moekit.train.presets import REFERENCE  # noqa: E402
 RECIPES: dict[str, dict] = {
     "ref-fine": dict(steps=6000, batch_size=16, grad_accum=1, lr=3e-3, warmup=200, aux_loss_coef=0.05,
                      z_loss_coef=1e-3, bias_update_rate=0.0, checkpoint_every=250, eval_every=250),
-    "ref-coarse": dict(steps=6000, batch_size=16, grad_accum=1, lr=3e-3, warmup=200, aux_loss_coef=0.01,
+    "ref-coarse": dict(steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup=200, aux_loss_coef=0.02,
                        z_loss_coef=1e-3, bias_update_rate=0.0, checkpoint_every=250, eval_every=250),
 }
 SEQ_LEN, VOCAB, SEED = 256, 8192, 0

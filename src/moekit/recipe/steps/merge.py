@@ -17,6 +17,7 @@ from moekit.methods.merge.average import fitted_router_row, weighted_mean
 from moekit.methods.merge.grouping import dominant_groups, hierarchical_groups, per_routing_group
 from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.recipe.step import ModelInfo, Step, register_step
+from moekit.recipe.steps import refit
 
 _EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
@@ -32,6 +33,8 @@ class Merge(Step):
     weights: ``frequency``, ``reap`` (saliency) or ``uniform`` averaging weights.
     router: the merged row is the ``centre``'s, the usage-weighted ``mean`` of the
         members', or ``fit``ted by least squares to the members' log-sum-exp logit.
+    refit: afterwards re-fit the merged experts' down projections so the layer
+        reproduces the original one on calibration inputs (`moekit.methods.refit`).
     """
 
     name = "merge"
@@ -44,6 +47,9 @@ class Merge(Step):
     weights: Literal["frequency", "reap", "uniform"] = "frequency"
     router: Literal["centre", "mean", "fit"] = "centre"
     samples: int = Field(default=1024, ge=16)
+    refit: bool = False
+    refit_ridge: float = Field(default=0.1, ge=0)
+    refit_samples: int = Field(default=8192, ge=16)
 
     @model_validator(mode="after")
     def _one_budget(self) -> Merge:
@@ -63,10 +69,12 @@ class Merge(Step):
             wanted.add("reap")
         if self.router == "fit":
             wanted.add("hidden_sample")
+        if self.refit:
+            wanted |= refit.NEEDS
         return wanted
 
     def hidden_sample(self) -> int:
-        return self.samples if self.router == "fit" else 0
+        return max(self.samples if self.router == "fit" else 0, self.refit_samples if self.refit else 0)
 
     def check(self, info: ModelInfo) -> None:
         m = self.kept_per_layer(info.num_experts)
@@ -90,6 +98,7 @@ class Merge(Step):
     @torch.no_grad()
     def apply(self, model: nn.Module, stats) -> dict:
         stats.require(self.needs(), f"merge (grouping={self.grouping}, weights={self.weights}, router={self.router})")
+        targets = refit.capture_targets(model, stats, self.refit_samples) if self.refit else None
         plan, groups_report = {}, {}
         for layer in moe_layers(model):
             groups = self.groups(layer, stats)
@@ -102,7 +111,11 @@ class Merge(Step):
             plan[layer.index] = sorted(g[0] for g in groups)
             groups_report[str(layer.index)] = groups
         keep_experts(model, plan)
-        return {"groups": groups_report}
+        report = {"groups": groups_report}
+        if targets is not None:
+            report["refit"] = refit.refit_experts(model, stats, targets, samples=self.refit_samples,
+                                                  ridge=self.refit_ridge)
+        return report
 
     def _merge_group(self, model, layer, group, weight_of, s) -> None:
         experts, router = layer.experts, layer.router
@@ -123,7 +136,7 @@ class Merge(Step):
             if router.bias is not None:
                 new["bias"] = weighted_mean(list(router.bias[group].detach()), w)
         elif self.router == "fit":
-            hidden = s["hidden_sample"].to(rows.dtype)
+            hidden = refit.hidden_inputs(s, self.samples).to(rows.dtype)
             logits = router.logits(hidden)[:, group]
             row, bias = fitted_router_row(hidden, logits, with_bias=router.bias is not None)
             new["weight"] = row.to(rows.dtype)

@@ -15,6 +15,7 @@ from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.methods.prune.reconstruction import ReconstructionObjective, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.recipe.step import ModelInfo, Step, register_step
+from moekit.recipe.steps import refit
 
 Method = Literal["random", "frequency", "soft_frequency", "ean", "man", "msan", "reap", "reconstruction"]
 
@@ -27,6 +28,8 @@ class Prune(Step):
     kept set whose layer output best matches the original on calibration inputs,
     starting from the best experts by ``seed_criterion``. ``budget: global`` lets layers
     keep different numbers (same total), saved in moekit's non-uniform format.
+    ``refit`` then re-fits the kept experts' down projections so the pruned layer
+    reproduces the original one on calibration inputs (`moekit.methods.refit`).
     """
 
     name = "prune"
@@ -43,6 +46,10 @@ class Prune(Step):
     beam_width: int = Field(default=4, ge=1)
     seed_criterion: Literal["none", "frequency", "soft_frequency", "ean", "man", "msan", "reap"] = "reap"
     samples: int = Field(default=1024, ge=16, description="calibration inputs per layer for reconstruction")
+    # output compensation
+    refit: bool = False
+    refit_ridge: float = Field(default=0.1, ge=0, description="relative ridge pulling refitted weights to the old")
+    refit_samples: int = Field(default=8192, ge=16, description="calibration inputs per layer for refit")
 
     @model_validator(mode="after")
     def _one_budget(self) -> Prune:
@@ -61,10 +68,12 @@ class Prune(Step):
             wanted |= set(CRITERIA[self.method][1])
         if self.protect_super_experts:
             wanted.add("peak")
+        if self.refit:
+            wanted |= refit.NEEDS
         return wanted
 
     def hidden_sample(self) -> int:
-        return self.samples if self.method == "reconstruction" else 0
+        return max(self.samples if self.method == "reconstruction" else 0, self.refit_samples if self.refit else 0)
 
     def check(self, info: ModelInfo) -> None:
         keep = self.kept_per_layer(info.num_experts)
@@ -85,6 +94,7 @@ class Prune(Step):
     def apply(self, model: nn.Module, stats) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
         layers = {layer.index: layer for layer in moe_layers(model)}
+        targets = refit.capture_targets(model, stats, self.refit_samples) if self.refit else None
         counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
         if self.budget == "global":
             counts = global_allocation(
@@ -111,7 +121,7 @@ class Prune(Step):
                         score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * counts[i]),
                         n_group=n_group, protected=protected,
                     )
-                objective = ReconstructionObjective(layer, stats[i]["hidden_sample"])
+                objective = ReconstructionObjective(layer, refit.hidden_inputs(stats[i], self.samples))
                 result = search(objective, counts[i], method=self.search, n_group=n_group,
                                 beam_width=self.beam_width, start=start, fixed=frozenset(protected))
                 kept = result.kept
@@ -120,7 +130,11 @@ class Prune(Step):
                 kept = top_experts(self._scores(layer, stats), counts[i], n_group=n_group, protected=protected)
             plan[i] = kept
         keep_experts(model, plan)
-        return {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
+        report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
+        if targets is not None:
+            report["refit"] = refit.refit_experts(model, stats, targets, samples=self.refit_samples,
+                                                  ridge=self.refit_ridge)
+        return report
 
     def _scores(self, layer, stats) -> torch.Tensor:
         method = self.seed_criterion if self.method == "reconstruction" else self.method
