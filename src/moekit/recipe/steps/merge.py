@@ -98,24 +98,22 @@ class Merge(Step):
     @torch.no_grad()
     def apply(self, model: nn.Module, stats) -> dict:
         stats.require(self.needs(), f"merge (grouping={self.grouping}, weights={self.weights}, router={self.router})")
-        targets = refit.capture_targets(model, stats, self.refit_samples) if self.refit else None
-        plan, groups_report = {}, {}
+        groups_report, refits = {}, {}
         for layer in moe_layers(model):
             groups = self.groups(layer, stats)
             s = stats[layer.index]
+            goal = refit.target(layer, s, self.refit_samples) if self.refit else None
             weight_of = {"frequency": s["frequency"], "reap": s.get("reap"),
                          "uniform": torch.ones_like(s["frequency"])}[self.weights]
             for group in groups:
                 if len(group) > 1:
                     self._merge_group(model, layer, group, weight_of, s)
-            plan[layer.index] = sorted(g[0] for g in groups)
+            keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
             groups_report[str(layer.index)] = groups
-        keep_experts(model, plan)
-        report = {"groups": groups_report}
-        if targets is not None:
-            report["refit"] = refit.refit_experts(model, stats, targets, samples=self.refit_samples,
-                                                  ridge=self.refit_ridge)
-        return report
+            if goal is not None:
+                refits[str(layer.index)] = refit.refit_layer(model, layer, s, goal, samples=self.refit_samples,
+                                                             ridge=self.refit_ridge)
+        return {"groups": groups_report} | ({"refit": refits} if refits else {})
 
     def _merge_group(self, model, layer, group, weight_of, s) -> None:
         experts, router = layer.experts, layer.router

@@ -94,7 +94,6 @@ class Prune(Step):
     def apply(self, model: nn.Module, stats) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
         layers = {layer.index: layer for layer in moe_layers(model)}
-        targets = refit.capture_targets(model, stats, self.refit_samples) if self.refit else None
         counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
         if self.budget == "global":
             counts = global_allocation(
@@ -129,12 +128,15 @@ class Prune(Step):
             else:
                 kept = top_experts(self._scores(layer, stats), counts[i], n_group=n_group, protected=protected)
             plan[i] = kept
-        keep_experts(model, plan)
+        refits = {}
+        for i, ids in plan.items():
+            goal = refit.target(layers[i], stats[i], self.refit_samples) if self.refit else None
+            keep_experts(model, {i: ids})
+            if goal is not None:
+                refits[str(i)] = refit.refit_layer(model, layers[i], stats[i], goal, samples=self.refit_samples,
+                                                   ridge=self.refit_ridge)
         report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
-        if targets is not None:
-            report["refit"] = refit.refit_experts(model, stats, targets, samples=self.refit_samples,
-                                                  ridge=self.refit_ridge)
-        return report
+        return report | ({"refit": refits} if refits else {})
 
     def _scores(self, layer, stats) -> torch.Tensor:
         method = self.seed_criterion if self.method == "reconstruction" else self.method
