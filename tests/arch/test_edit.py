@@ -2,20 +2,15 @@
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.arch.edit import experts_per_layer
 from moekit.errors import MoekitError
-from moekit.zoo.tiny import TINY_CONFIGS, tiny_model
-from tests.conftest import FAMILIES
+from moekit.zoo.tiny import tiny_model
+from tests.reload import edit_save_reload
 
 KEEP = [0, 3, 5, 6]  # two from each half, so group-limited routing (2 groups of 4) stays valid
 IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
@@ -29,22 +24,9 @@ def _logits(model) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def pruned_and_reloaded(tmp_path_factory):
     """Prune every family to KEEP, save, and reload all of them in one plain process."""
-    root = tmp_path_factory.mktemp("pruned")
-    in_memory, folders = {}, []
-    for family in FAMILIES:
-        model = tiny_model(family)
-        moekit.keep_experts(model, {layer.index: KEEP for layer in moekit.moe_layers(model)})
-        in_memory[family] = _logits(model)
-        folders.append(str(moekit.save(model, root / family)))
-    save_file({"input_ids": IDS}, root / "ids.safetensors")
-    subprocess.run(
-        [sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"),
-         str(root / "ids.safetensors"), str(root / "logits.safetensors"), *folders],
-        check=True, capture_output=True, text=True,
-        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same numerics as here
-    )
-    reloaded = load_file(root / "logits.safetensors")
-    return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
+    return edit_save_reload(
+        tmp_path_factory.mktemp("pruned"),
+        lambda model: moekit.keep_experts(model, {layer.index: KEEP for layer in moekit.moe_layers(model)}), IDS)
 
 
 def test_save_then_plain_reload_gives_equal_logits(family, pruned_and_reloaded):

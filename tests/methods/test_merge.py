@@ -3,14 +3,9 @@ grouping equals a hand-run clustering, merged checkpoints reload in plain transf
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.calib.calibrate import calibrate
@@ -19,7 +14,7 @@ from moekit.methods.merge.align import match, neuron_features, permute
 from moekit.methods.merge.grouping import hierarchical_groups
 from moekit.recipe import Recipe
 from moekit.zoo.tiny import tiny_model
-from tests.conftest import FAMILIES
+from tests.reload import edit_save_reload
 
 IDS = torch.randint(3, 128, (6, 16), generator=torch.Generator().manual_seed(0))
 EVAL_IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -107,21 +102,9 @@ def test_hcsmoe_grouping_equals_hand_run_average_linkage(seed):
 
 @pytest.fixture(scope="module")
 def merged_and_reloaded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("merged")
-    in_memory, folders = {}, []
     step = _step(grouping="score", router="fit", align=True)
-    for family in FAMILIES:
-        model = tiny_model(family)
-        step.apply(model, _stats(model, step))
-        with torch.no_grad():
-            in_memory[family] = model(EVAL_IDS).logits
-        folders.append(str(moekit.save(model, root / family)))
-    save_file({"input_ids": EVAL_IDS}, root / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"), str(root / "ids.safetensors"),
-                    str(root / "logits.safetensors"), *folders], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    reloaded = load_file(root / "logits.safetensors")
-    return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
+    return edit_save_reload(tmp_path_factory.mktemp("merged"), lambda model: step.apply(model, _stats(model, step)),
+                            EVAL_IDS)
 
 
 def test_merged_checkpoints_reload_in_plain_transformers(family, merged_and_reloaded):

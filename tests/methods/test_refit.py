@@ -4,21 +4,16 @@ and pruned + refitted models of every family reload in plain transformers."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.calib.calibrate import calibrate
 from moekit.methods.refit import ExpertFeatures, layer_features, refit_down, routed_output
 from moekit.recipe import Recipe
 from moekit.zoo.tiny import tiny_model
-from tests.conftest import FAMILIES
+from tests.reload import edit_save_reload
 
 IDS = torch.randint(3, 128, (8, 16), generator=torch.Generator().manual_seed(0))
 EVAL_IDS = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(5))
@@ -61,7 +56,7 @@ def _random_problem(n=300, experts=4, inner=5, hidden=6, k=2, seed=0):
 
 def _direct_solution(features, target, down, ridge):
     """The joint ridge problem written out densely and solved in one go."""
-    n, (E, H, I) = target.shape[0], down.shape
+    n, (E, _, I) = target.shape[0], down.shape
     Z = torch.zeros(n, E * I, dtype=torch.float64)
     lam = torch.zeros(E * I, dtype=torch.float64)
     for j, f in enumerate(features):
@@ -138,22 +133,13 @@ def moe_layer_of(model, index):
 
 @pytest.fixture(scope="module")
 def refitted_and_reloaded(tmp_path_factory):
-    root = tmp_path_factory.mktemp("refit")
     step = _step(type="prune", method="reap", keep=4)
-    in_memory, folders = {}, []
-    for family in FAMILIES:
-        model = tiny_model(family)
-        stats = calibrate(model, IDS, statistics=step.needs(), hidden_sample=step.hidden_sample(), progress=False)
-        step.apply(model, stats)
-        with torch.no_grad():
-            in_memory[family] = model(EVAL_IDS).logits
-        folders.append(str(moekit.save(model, root / family)))
-    save_file({"input_ids": EVAL_IDS}, root / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"), str(root / "ids.safetensors"),
-                    str(root / "logits.safetensors"), *folders], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    reloaded = load_file(root / "logits.safetensors")
-    return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
+
+    def edit(model):
+        step.apply(model, calibrate(model, IDS, statistics=step.needs(), hidden_sample=step.hidden_sample(),
+                                    progress=False))
+
+    return edit_save_reload(tmp_path_factory.mktemp("refit"), edit, EVAL_IDS)
 
 
 def test_refitted_checkpoints_reload_in_plain_transformers(family, refitted_and_reloaded):

@@ -1,0 +1,40 @@
+"""Edit a tiny model of every family, save it, and reload all of them in one process that
+never imports moekit (`plain_reload.py`): the proof that an edit writes standard checkpoints."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import moekit
+from moekit.zoo.tiny import tiny_model
+from tests.conftest import FAMILIES
+
+
+def edit_save_reload(
+    root: Path, edit: Callable[[nn.Module], None], ids: torch.Tensor
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """``(in-memory logits, plain-transformers logits)`` by family for ``ids`` after ``edit``."""
+    in_memory, folders = {}, []
+    for family in FAMILIES:
+        model = tiny_model(family)
+        edit(model)
+        with torch.no_grad():
+            in_memory[family] = model(ids).logits
+        folders.append(str(moekit.save(model, root / family)))
+    save_file({"input_ids": ids}, root / "ids.safetensors")
+    subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "plain_reload.py"), str(root / "ids.safetensors"),
+         str(root / "logits.safetensors"), *folders],
+        check=True, capture_output=True, text=True,
+        env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same numerics as here
+    )
+    reloaded = load_file(root / "logits.safetensors")
+    return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
