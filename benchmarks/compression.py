@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -117,8 +118,13 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["moekit/ref-fine", "moekit/ref-coarse"])
     parser.add_argument("--eval-every", type=int, default=4, help="evaluate on every N-th 256-token row")
     parser.add_argument("--suite", choices=["prune", "merge", "refit", "all"], default="all")
+    parser.add_argument("--render", type=Path, help="print the tables of an earlier results JSON and exit")
     args = parser.parse_args()
-    results = {"machine": f"{platform.machine()} CPU, 2 threads", "date": str(date.today()),
+    if args.render:
+        results = json.loads(args.render.read_text())
+        print(summary(results) + "\n" + markdown(results))
+        return
+    results = {"machine": machine(), "date": str(date.today()), "commit": commit(),
                "calibration": CALIB, "eval_every": args.eval_every, "models": {}}
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
@@ -133,22 +139,70 @@ def main() -> None:
             results["models"][model_name] = entry
     out = Path(__file__).parent / "results" / f"{args.suite}.json"
     out.write_text(json.dumps(results, indent=2))
-    print(markdown(results))
+    print(summary(results) + "\n" + markdown(results))
+
+
+def machine() -> str:
+    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    return f"{cpu}, {os.cpu_count()} cores, 2 torch threads per run"
+
+
+def commit() -> str:
+    root = Path(__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
+                           text=True).stdout.strip()
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def summary(results: dict) -> str:
+    """Per model and fraction removed: REAP, the best of each family of methods, and how
+    each one's perplexity increase compares with REAP's."""
+    lines = ["| model | removed | method | perplexity | Δ ppl | Δ / Δ REAP | accuracy |", "|---|---|---|---|---|---|---|"]
+    families = [
+        ("REAP (uniform)", lambda r: r["config"] == "prune reap (uniform)"),
+        ("best other criterion, uniform", lambda r: r["step"]["type"] == "prune" and not r["step"].get("refit")
+         and r["step"]["budget"] == "uniform" and r["step"]["method"] != "reap"),
+        ("best criterion, global budget", lambda r: r["step"]["type"] == "prune" and not r["step"].get("refit")
+         and r["step"]["budget"] == "global"),
+        ("best merge", lambda r: r["step"]["type"] == "merge" and not r["step"].get("refit")),
+        ("REAP + refit (uniform)", lambda r: r["config"] == "prune reap (uniform) + refit"),
+        ("best with refit", lambda r: bool(r["step"].get("refit"))),
+    ]
+    for model_name, entry in results["models"].items():
+        base = entry["baseline"]["perplexity"]
+        for remove in sorted({r["remove"] for r in entry["rows"]}):
+            rows = [r for r in entry["rows"] if r["remove"] == remove]
+            reap = next((r for r in rows if r["config"] == "prune reap (uniform)"), None)
+            for name, chosen in families:
+                candidates = [r for r in rows if chosen(r)]
+                if not candidates:
+                    continue
+                best = min(candidates, key=lambda r: r["perplexity"])
+                ratio = (f"{(best['perplexity'] - base) / (reap['perplexity'] - base):.2f}"
+                         if reap and reap["perplexity"] > base else "—")
+                lines.append(f"| {model_name} | {remove:.0%} | {name}: {best['config']} | {best['perplexity']:.2f} | "
+                             f"{best['perplexity'] - base:+.2f} | {ratio} | {best['accuracy']:.2%} |")
+    return "\n".join(lines)
 
 
 def markdown(results: dict) -> str:
     lines = []
     for model_name, entry in results["models"].items():
         base = entry["baseline"]
+        calib = entry["calibration"]
         lines += [f"\n### {model_name} — unpruned: perplexity {base['perplexity']:.2f}, "
-                  f"accuracy {base['accuracy']:.2%} ({base['tokens']} tokens)\n",
+                  f"accuracy {base['accuracy']:.2%} ({base['tokens']} tokens); one calibration with every "
+                  f"statistic: {calib['seconds']:.1f} s for {calib['tokens']} tokens\n",
                   "| removed | configuration | perplexity | Δ ppl | accuracy | step s | peak MiB |",
                   "|---|---|---|---|---|---|---|"]
         for r in entry["rows"]:
             lines.append(f"| {r['remove']:.0%} | {r['config']} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
                          f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
-    lines.append(f"\n{results['machine']}, {results['date']}; calibration {results['calibration']}, "
+    lines.append(f"\n{results['machine']}, {results['date']}, commit {results.get('commit', '?')}; "
+                 f"calibration {results['calibration']}, "
                  f"evaluation on every {results['eval_every']}th 256-token row of stdlib:eval (each row its own window).")
     return "\n".join(lines)
 
