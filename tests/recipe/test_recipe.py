@@ -27,7 +27,18 @@ def test_yaml_round_trip_keeps_every_field(tmp_path):
     assert recipe.needs() == {"hidden_sample", "reap"}
 
 
+def test_refit_asks_for_the_largest_hidden_sample():
+    prune = Recipe.from_yaml("steps:\n  - type: prune\n    method: reconstruction\n    keep: 4\n    samples: 512\n"
+                             "    refit: true\n    refit_samples: 2048\n").steps[0]
+    assert prune.needs() == {"hidden_sample", "reap"} and prune.hidden_sample() == 2048
+    merge = Recipe.from_yaml("steps:\n  - type: merge\n    keep: 4\n    refit: true\n").steps[0]
+    assert "hidden_sample" in merge.needs() and merge.hidden_sample() == 8192
+    assert Recipe.from_yaml(Recipe(steps=[prune, merge]).to_yaml()).steps == [prune, merge]
+
+
 @pytest.mark.parametrize("text, message", [
+    ("steps:\n  - type: prune\n    keep: 4\n    refit: true\n    refit_ridge: -1\n",
+     "refit_ridge: Input should be greater than or equal to 0"),
     ("steps:\n  - type: prun\n", "unknown step type 'prun'"),
     ("steps:\n  - type: prune\n    keep: 4\n    colour: red\n", "colour: Extra inputs are not permitted"),
     ("steps:\n  - type: prune\n    remove: 1.5\n", "remove: Input should be less than 1"),
