@@ -115,7 +115,7 @@ def compress(
                  "model_fingerprint": stats.meta["model_fingerprint"], "data_fingerprint": stats.meta["data_fingerprint"]})
             stale = False
         step_start = time.perf_counter()
-        result = step.apply(net, stats)
+        result = step.apply(net, stats, progress=progress)
         step_reports.append({"type": step.type, "seconds": round(time.perf_counter() - step_start, 3), **result})
         stale = stale or step.changes_structure
     report["steps"] = step_reports

@@ -45,8 +45,9 @@ class Step(BaseModel):
     def check(self, info: ModelInfo) -> None:
         """Raise MoekitError if the step cannot apply to this model."""
 
-    def apply(self, model: nn.Module, stats: Any) -> dict:
-        """Edit ``model`` in place; return what to record in the report."""
+    def apply(self, model: nn.Module, stats: Any, *, progress: bool = False) -> dict:
+        """Edit ``model`` in place; return what to record in the report. ``progress``
+        draws a bar over layers where a step's per-layer work is slow."""
         raise NotImplementedError
 
     @property

@@ -16,6 +16,7 @@ from moekit.methods.merge.align import match, neuron_features, permute
 from moekit.methods.merge.average import fitted_router_row, weighted_mean
 from moekit.methods.merge.grouping import dominant_groups, hierarchical_groups, per_routing_group
 from moekit.methods.prune.criteria import CRITERIA, score
+from moekit.progress import progress_bar
 from moekit.recipe.step import ModelInfo, Step, register_step
 from moekit.recipe.steps import refit
 
@@ -96,10 +97,16 @@ class Merge(Step):
         return per_routing_group(grouper, spec.n_group, layer.num_experts, self.kept_per_layer(layer.num_experts))
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, stats) -> dict:
+    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         stats.require(self.needs(), f"merge (grouping={self.grouping}, weights={self.weights}, router={self.router})")
+        layers = moe_layers(model)
+        title = f"merge ({self.grouping}{' + refit' if self.refit else ''})"
+        with progress_bar(title, total=len(layers), unit="layer", enabled=progress) as advance:
+            return self._apply(model, stats, layers, advance)
+
+    def _apply(self, model: nn.Module, stats, layers: list, advance) -> dict:
         groups_report, refits = {}, {}
-        for layer in moe_layers(model):
+        for layer in layers:
             groups = self.groups(layer, stats)
             s = stats[layer.index]
             goal = refit.target(layer, s, self.refit_samples) if self.refit else None
@@ -113,6 +120,7 @@ class Merge(Step):
             if goal is not None:
                 refits[str(layer.index)] = refit.refit_layer(model, layer, s, goal, samples=self.refit_samples,
                                                              ridge=self.refit_ridge)
+            advance(1, f"layer {layer.index}")
         return {"groups": groups_report} | ({"refit": refits} if refits else {})
 
     def _merge_group(self, model, layer, group, weight_of, s) -> None:

@@ -14,6 +14,7 @@ from moekit.errors import MoekitError
 from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.methods.prune.reconstruction import ReconstructionObjective, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
+from moekit.progress import progress_bar
 from moekit.recipe.step import ModelInfo, Step, register_step
 from moekit.recipe.steps import refit
 
@@ -91,9 +92,15 @@ class Prune(Step):
                 f"(got {keep})."
             )
 
-    def apply(self, model: nn.Module, stats) -> dict:
+    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
         layers = {layer.index: layer for layer in moe_layers(model)}
+        slow = (self.method == "reconstruction") + self.refit  # passes over the layers that take time
+        title = f"prune ({self.method}{' + refit' if self.refit else ''})"
+        with progress_bar(title, total=len(layers) * slow, unit="layer", enabled=progress and slow > 0) as advance:
+            return self._apply(model, stats, layers, advance)
+
+    def _apply(self, model: nn.Module, stats, layers: dict, advance) -> dict:
         counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
         if self.budget == "global":
             counts = global_allocation(
@@ -125,6 +132,7 @@ class Prune(Step):
                                 beam_width=self.beam_width, start=start, fixed=frozenset(protected))
                 kept = result.kept
                 details[i] = {"search": result.method, "loss": result.loss, "evaluations": result.evaluations}
+                advance(1, f"layer {i}")
             else:
                 kept = top_experts(self._scores(layer, stats), counts[i], n_group=n_group, protected=protected)
             plan[i] = kept
@@ -135,6 +143,7 @@ class Prune(Step):
             if goal is not None:
                 refits[str(i)] = refit.refit_layer(model, layers[i], stats[i], goal, samples=self.refit_samples,
                                                    ridge=self.refit_ridge)
+                advance(1, f"layer {i}")
         report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
         return report | ({"refit": refits} if refits else {})
 
