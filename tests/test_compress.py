@@ -121,8 +121,8 @@ def test_interrupted_compression_leaves_no_output(workspace, tmp_path):
 
     original = Prune.apply
 
-    def boom(self, model, stats):
-        original(self, model, stats)
+    def boom(self, model, stats, **kw):
+        original(self, model, stats, **kw)
         raise KeyboardInterrupt
 
     Prune.apply = boom
