@@ -11,7 +11,7 @@ from moekit.zoo.tiny import tiny_config
 
 
 def test_presets_load_and_round_trip():
-    assert {"prune-25", "prune-50"} <= set(presets())
+    assert {"prune-25", "prune-50", "reap-25", "reap-50"} <= set(presets())
     for name in presets():
         recipe = load_recipe(name)
         assert Recipe.from_yaml(recipe.to_yaml()) == recipe

@@ -36,17 +36,20 @@ class Merge(Step):
         members', or ``fit``ted by least squares to the members' log-sum-exp logit.
     refit: afterwards re-fit the merged experts' down projections so the layer
         reproduces the original one on calibration inputs (`moekit.methods.refit`).
+
+    The defaults (``hcsmoe``, aligned, frequency weights, ``mean`` router) are the best
+    combination measured on both reference models (`benchmarks/compression.py`).
     """
 
     name = "merge"
     type: Literal["merge"] = "merge"
     keep: int | None = Field(default=None, ge=1)
     remove: float | None = Field(default=None, gt=0, lt=1)
-    grouping: Literal["msmoe", "hcsmoe", "score"] = "score"
+    grouping: Literal["msmoe", "hcsmoe", "score"] = "hcsmoe"
     score_criterion: Literal["frequency", "soft_frequency", "ean", "man", "msan", "reap"] = "reap"
     align: bool = True
     weights: Literal["frequency", "reap", "uniform"] = "frequency"
-    router: Literal["centre", "mean", "fit"] = "centre"
+    router: Literal["centre", "mean", "fit"] = "mean"
     samples: int = Field(default=1024, ge=16)
     refit: bool = False
     refit_ridge: float = Field(default=0.1, ge=0)
