@@ -7,8 +7,11 @@ import os
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -16,7 +19,9 @@ import moekit
 import moekit.compression
 from moekit.cli import app
 from moekit.errors import MoekitError
+from moekit.recipe import presets
 from moekit.zoo.tiny import randomize_, tiny_config
+from tests.conftest import FAMILIES
 
 runner = CliRunner()
 
@@ -30,7 +35,7 @@ def workspace(tmp_path_factory):
     (root / "data").mkdir()
     (root / "data" / "code.py").write_text(text)
     tokenizer = train_tokenizer([text], vocab_size=400, min_frequency=1)
-    for family in ("mixtral", "deepseek_v3"):
+    for family in FAMILIES:
         config = tiny_config(family)
         config.vocab_size = len(tokenizer)
         randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family)
@@ -63,6 +68,38 @@ def test_compress_writes_a_standard_checkpoint(workspace, tmp_path, family, meth
             "assert not any(n.startswith('moekit') for n in sys.modules); print(m.config.to_json_string())")
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
                    env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.fixture(scope="module")
+def recommended_on_every_family(workspace, tmp_path_factory):
+    """`prune-50` (REAP + refit) on every family, then every output loaded in one process
+    that never imports moekit."""
+    root = tmp_path_factory.mktemp("presets")
+    reports = {family: _compress(workspace, family, "prune-50", root / family) for family in FAMILIES}
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    save_file({"input_ids": ids}, root / "ids.safetensors")
+    subprocess.run([sys.executable, str(Path(__file__).parent / "plain_reload.py"), str(root / "ids.safetensors"),
+                    str(root / "logits.safetensors"), *[str(root / f) for f in FAMILIES]],
+                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    plain = load_file(root / "logits.safetensors")
+    with torch.no_grad():
+        ours = {family: moekit.load(root / family)(ids).logits for family in FAMILIES}
+    return reports, ours, {family: plain[str(i)] for i, family in enumerate(FAMILIES)}
+
+
+def test_recommended_preset_on_every_family(family, recommended_on_every_family):
+    reports, ours, plain = recommended_on_every_family
+    assert reports[family]["format"] == "standard"
+    assert set(reports[family]["after"]["experts_per_layer"].values()) == {4}
+    assert set(reports[family]["steps"][0]["refit"]) == set(reports[family]["steps"][0]["kept"])
+    assert (ours[family] - plain[family]).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("preset", sorted(presets()))
+def test_every_preset_runs(workspace, tmp_path, preset):
+    report = _compress(workspace, "qwen2_moe", preset, tmp_path / "out")
+    kept = 8 - round(8 * float(preset.rsplit("-", 1)[1]) / 100)
+    assert set(report["after"]["experts_per_layer"].values()) == {kept}
 
 
 def test_global_budget_round_trips_the_nonuniform_format(workspace, tmp_path):
