@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from moekit.arch.adapters import FAMILIES
@@ -67,7 +68,8 @@ def compress(
         model: checkpoint folder, hub id or shipped reference (None: the default model).
         recipe: a `Recipe`, a preset name (``prune-50``…), a YAML path, or a dict.
         data: calibration corpus; ``n_samples`` sequences of ``seq_len`` tokens.
-        evaluate: measure perplexity and accuracy on ``eval_data`` before and after.
+        evaluate: measure perplexity and accuracy on ``eval_data`` before and after, on
+            rows of 256 tokens spread over the whole corpus, ``eval_max_tokens`` in all.
 
     Returns:
         The report (also written to ``out_dir/report.json``).
@@ -88,15 +90,16 @@ def compress(
     out = Path(out_dir).expanduser().resolve()
     if out.exists():
         raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
-    info = model_info(load_config(name))
+    config = load_config(name)
+    info = model_info(config)
     for step in recipe.steps:
         step.check(info)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
     eval_stream = None
     if evaluate:
-        eval_stream = evaluation_stream(eval_data, tok).input_ids
-        eval_stream = eval_stream[:eval_max_tokens] if eval_max_tokens else eval_stream
+        eval_stream = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
+                                  min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(), "before": _summary(net)}
@@ -137,11 +140,26 @@ def compress(
     return report
 
 
-def _evaluate(model: nn.Module, stream, batch_size: int, progress: bool) -> dict:
+def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> torch.Tensor:
+    """Rows [N, length] of ``stream`` [L], at most ``max_tokens`` tokens in all, spread evenly
+    over the whole stream: a bounded evaluation that still sees every part of the corpus
+    (the first tokens of a corpus are often one unrepresentative file)."""
+    rows = stream[: stream.numel() // length * length].view(-1, length)
+    if rows.shape[0] == 0:
+        return stream.view(1, -1)
+    if max_tokens:
+        count = max(1, min(rows.shape[0], max_tokens // length))
+        rows = rows[torch.linspace(0, rows.shape[0] - 1, count).round().long()]
+    return rows
+
+
+def _evaluate(model: nn.Module, rows: torch.Tensor, batch_size: int, progress: bool) -> dict:
+    """Each row is its own window, so every row contributes length − 1 predictions."""
     from moekit.eval.perplexity import evaluate
 
-    result = evaluate(model, stream, batch_size=batch_size, progress=progress, routing=False,
-                      context_length=min(256, model.config.max_position_embeddings))
+    length = rows.shape[1]
+    result = evaluate(model, rows, batch_size=batch_size, progress=progress, routing=False,
+                      context_length=length, stride=max(length - 1, 1))
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
 
 
