@@ -143,14 +143,16 @@ def main() -> None:
 
 
 def machine() -> str:
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.machine()) if Path("/proc/cpuinfo").exists() else platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
+    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
     return f"{cpu}, {os.cpu_count()} cores, 2 torch threads per run"
 
 
 def commit() -> str:
     root = Path(__file__).resolve().parents[1]
-    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True).stdout.strip()
+    head = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True,
+                          text=True).stdout.strip()
     dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=root, capture_output=True,
                            text=True).stdout.strip()
     return head + (" (with uncommitted changes)" if dirty else "")
@@ -159,7 +161,8 @@ def commit() -> str:
 def summary(results: dict) -> str:
     """Per model and fraction removed: REAP, the best of each family of methods, and how
     each one's perplexity increase compares with REAP's."""
-    lines = ["| model | removed | method | perplexity | Δ ppl | Δ / Δ REAP | accuracy |", "|---|---|---|---|---|---|---|"]
+    lines = ["| model | removed | method | perplexity | Δ ppl | Δ / Δ REAP | accuracy |",
+             "|---|---|---|---|---|---|---|"]
     families = [
         ("REAP (uniform)", lambda r: r["config"] == "prune reap (uniform)"),
         ("best other criterion, uniform", lambda r: r["step"]["type"] == "prune" and not r["step"].get("refit")
@@ -203,7 +206,8 @@ def markdown(results: dict) -> str:
                          f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
     lines.append(f"\n{results['machine']}, {results['date']}, commit {results.get('commit', '?')}; "
                  f"calibration {results['calibration']}, "
-                 f"evaluation on every {results['eval_every']}th 256-token row of stdlib:eval (each row its own window).")
+                 f"evaluation on every {results['eval_every']}th 256-token row of stdlib:eval "
+                 "(each row its own window).")
     return "\n".join(lines)
 
 

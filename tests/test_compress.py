@@ -115,12 +115,11 @@ def test_evaluation_rows_are_spread_over_the_whole_corpus():
 
 def test_global_budget_round_trips_the_nonuniform_format(workspace, tmp_path):
     out = tmp_path / "out"
-    report = _compress(workspace, "mixtral", {"steps": [{"type": "prune", "method": "frequency", "keep": 4,
-                                                        "budget": "global"}]}, out)
+    # On this seeded tiny OLMoE the layers' usage differs enough that counts differ.
+    report = _compress(workspace, "olmoe", {"steps": [{"type": "prune", "method": "frequency", "keep": 4,
+                                                      "budget": "global"}]}, out)
     counts = report["after"]["experts_per_layer"]
-    assert sum(counts.values()) == 12
-    if len(set(counts.values())) == 1:
-        pytest.skip("the global allocation happened to be uniform on this tiny model")
+    assert sum(counts.values()) == 12 and len(set(counts.values())) > 1
     assert report["format"] == "moekit-nonuniform" and not (out / "model.safetensors").exists()
     assert "moekit.load" in (out / "README.md").read_text()
     loaded = moekit.load(out)

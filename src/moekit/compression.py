@@ -96,15 +96,15 @@ def compress(
         step.check(info)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
-    eval_stream = None
+    eval_rows = None
     if evaluate:
-        eval_stream = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
+        eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
                                   min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(), "before": _summary(net)}
-    if eval_stream is not None:
-        report["before"]["eval"] = _evaluate(net, eval_stream, batch_size, progress)
+    if eval_rows is not None:
+        report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
 
     stats, stale, step_reports = None, True, []
     for step in recipe.steps:
@@ -123,8 +123,8 @@ def compress(
         stale = stale or step.changes_structure
     report["steps"] = step_reports
     report["after"] = _summary(net)
-    if eval_stream is not None:
-        report["after"]["eval"] = _evaluate(net, eval_stream, batch_size, progress)
+    if eval_rows is not None:
+        report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
     nonuniform = bool(getattr(net.config, PER_LAYER_KEY, None))
     report["format"] = "moekit-nonuniform" if nonuniform else "standard"
     report["seconds"] = round(time.perf_counter() - start, 2)
