@@ -144,9 +144,11 @@ def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> to
     """Rows [N, length] of ``stream`` [L], at most ``max_tokens`` tokens in all, spread evenly
     over the whole stream: a bounded evaluation that still sees every part of the corpus
     (the first tokens of a corpus are often one unrepresentative file)."""
-    rows = stream[: stream.numel() // length * length].view(-1, length)
-    if rows.shape[0] == 0:
+    from moekit.data.packing import pack
+
+    if stream.numel() < length:
         return stream.view(1, -1)
+    rows = pack(stream, length)
     if max_tokens:
         count = max(1, min(rows.shape[0], max_tokens // length))
         rows = rows[torch.linspace(0, rows.shape[0] - 1, count).round().long()]

@@ -125,14 +125,18 @@ class Experts:
             return (up + 1) * gate * torch.sigmoid(gate * alpha)
         return self.activation(gate) * up
 
-    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """f_j(x): expert ``expert`` applied to x [N, H] -> [N, H], unweighted."""
+    def intermediate(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """h_j(x): expert ``expert``'s activated intermediate neurons, x [N, H] -> [N, I]."""
         gate = x @ self.gate[expert].T
         up = x @ self.up[expert].T
         if self.gate_up_bias is not None:
             gate = gate + self.gate_bias[expert]
             up = up + self.up_bias[expert]
-        out = self.glu(gate, up) @ self.down[expert].T
+        return self.glu(gate, up)
+
+    def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
+        """f_j(x): expert ``expert`` applied to x [N, H] -> [N, H], unweighted."""
+        out = self.intermediate(expert, x) @ self.down[expert].T
         if self.down_bias is not None:
             out = out + self.down_bias[expert]
         return out

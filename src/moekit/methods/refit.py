@@ -98,13 +98,17 @@ def refit_down(
 
     factors, lambdas = [], []
     for f in features:
+        if not f.tokens.numel():  # never chosen: nothing to fit, the weights stay
+            factors.append(None)
+            lambdas.append(0.0)
+            continue
         gram = f.z.T @ f.z
-        lam = ridge * float(gram.diagonal().mean()) if f.tokens.numel() else 0.0
+        scale = float(gram.diagonal().mean())
+        lam = ridge * scale
         # A tiny floor keeps the factorisation defined when ridge is 0 and an expert saw
         # fewer tokens than it has neurons (the system is then under-determined).
-        jitter = 1e-10 * float(gram.diagonal().mean().clamp(min=1e-30)) if f.tokens.numel() else 0.0
-        factors.append(torch.linalg.cholesky(gram + (lam + jitter) * torch.eye(gram.shape[0], dtype=gram.dtype))
-                       if f.tokens.numel() else None)
+        jitter = 1e-10 * max(scale, 1e-30)
+        factors.append(torch.linalg.cholesky(gram + (lam + jitter) * torch.eye(gram.shape[0], dtype=gram.dtype)))
         lambdas.append(lam)
 
     def objective(prediction: torch.Tensor, weights: torch.Tensor) -> float:
@@ -126,10 +130,10 @@ def refit_down(
             prediction.index_add_(0, f.tokens, f.z @ (updated - new[j]).T)
             new[j] = updated
         current = objective(prediction, new)
-        if previous - current <= tol * max(previous, 1e-300):
-            previous = current
-            break
+        converged = previous - current <= tol * max(previous, 1e-300)
         previous = current
+        if converged:
+            break
     error_after = float(((y - prediction) ** 2).sum()) / norm
     return RefitResult(new.to(down.dtype), error_before, error_after, sweeps)
 
@@ -156,11 +160,7 @@ def layer_features(layer: MoELayer, hidden: torch.Tensor) -> tuple[list[ExpertFe
     for j in range(layer.num_experts):
         tokens, slot = torch.where(index == j)
         g = weights[tokens, slot, None].to(hidden.dtype)
-        x = hidden[tokens] * g if weight_on_input else hidden[tokens]
-        gate, up = x @ experts.gate[j].T, x @ experts.up[j].T
-        if experts.gate_up_bias is not None:
-            gate, up = gate + experts.gate_bias[j], up + experts.up_bias[j]
-        h = experts.glu(gate, up)
+        h = experts.intermediate(j, hidden[tokens] * g if weight_on_input else hidden[tokens])
         features.append(ExpertFeatures(tokens, h if weight_on_input else h * g))
         if experts.down_bias is not None and tokens.numel():
             scale = torch.ones_like(g) if weight_on_input else g
