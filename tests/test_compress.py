@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
@@ -40,6 +41,9 @@ def workspace(tmp_path_factory):
         config.vocab_size = len(tokenizer)
         randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family)
         save_tokenizer(tokenizer, root / family)
+    bf16 = AutoModelForCausalLM.from_pretrained(root / "mixtral", dtype=torch.bfloat16)
+    bf16.save_pretrained(root / "mixtral-bf16")
+    save_tokenizer(tokenizer, root / "mixtral-bf16")
     return root
 
 
@@ -147,6 +151,24 @@ def test_eval_before_and_after(workspace, tmp_path):
     length = min(256, tiny_config("mixtral").max_position_embeddings)  # 128: two rows fit in 300 tokens
     assert report["before"]["eval"]["tokens"] == report["after"]["eval"]["tokens"] == (300 // length) * (length - 1)
     assert "perplexity" in (tmp_path / "out" / "README.md").read_text()
+
+
+def test_a_bf16_model_is_saved_in_bf16_and_evaluated_as_saved(workspace, tmp_path):
+    from moekit.compression import _evaluate, spread_rows
+    from moekit.data.tokens import evaluation_stream, tokenizer_for
+
+    source, out = workspace / "mixtral-bf16", tmp_path / "out"
+    report = _compress(workspace, "mixtral-bf16", "prune-50", out, evaluate=True,
+                       eval_data=str(workspace / "data"), eval_max_tokens=512)
+    with safe_open(out / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert report["dtype"] == "bfloat16"
+    assert report["after"]["bytes"] == 2 * report["after"]["total_params"]
+    assert (out / "model.safetensors").stat().st_size < (source / "model.safetensors").stat().st_size
+    # the reported quality is that of the weights on disk (refit's fp32 result rounded)
+    rows = spread_rows(evaluation_stream(str(workspace / "data"), tokenizer_for(str(out))).input_ids, 512, 128)
+    again = _evaluate(moekit.load(out), rows, batch_size=8, progress=False)
+    assert again == report["after"]["eval"]
 
 
 def test_bad_inputs_fail_before_work_and_leave_nothing(workspace, tmp_path):

@@ -40,8 +40,8 @@ def model_info(config: Any) -> ModelInfo:
                      top_k=top_k, n_group=spec.n_group)
 
 
-def _summary(model: nn.Module) -> dict:
-    s = summarize(model)
+def _summary(model: nn.Module, stored: torch.dtype) -> dict:
+    s = summarize(model, stored_dtype=stored)
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
             "bytes": s.total_bytes, "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
 
@@ -80,7 +80,7 @@ def compress(
     """
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
-    from moekit.io.load import default_model, load, load_config
+    from moekit.io.load import default_model, load, load_config, stored_dtype
     from moekit.io.nonuniform import write_nonuniform
     from moekit.io.save import atomic_dir, write_standard
 
@@ -101,8 +101,10 @@ def compress(
         eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
                                   min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
+    stored = stored_dtype(name)
     net = load(name)
-    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(), "before": _summary(net)}
+    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
+                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, stored)}
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
 
@@ -122,7 +124,8 @@ def compress(
         step_reports.append({"type": step.type, "seconds": round(time.perf_counter() - step_start, 3), **result})
         stale = stale or step.changes_structure
     report["steps"] = step_reports
-    report["after"] = _summary(net)
+    round_to(net, stored)  # evaluate exactly the weights that are saved
+    report["after"] = _summary(net, stored)
     if eval_rows is not None:
         report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
     nonuniform = bool(getattr(net.config, PER_LAYER_KEY, None))
@@ -131,13 +134,21 @@ def compress(
     report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     with atomic_dir(out) as tmp:
-        (write_nonuniform if nonuniform else write_standard)(net, tmp)
+        (write_nonuniform if nonuniform else write_standard)(net.to(stored), tmp)
         tok.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
     report["out"] = str(out)
     return report
+
+
+@torch.no_grad()
+def round_to(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round floating-point parameters to ``dtype`` in place, keeping their compute dtype."""
+    for p in model.parameters():
+        if p.is_floating_point() and p.dtype != dtype:
+            p.copy_(p.to(dtype))
 
 
 def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> torch.Tensor:

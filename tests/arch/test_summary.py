@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 
+import torch
+
 import moekit
 
 
@@ -24,6 +26,8 @@ def test_counts_match_named_parameters(family, model):
     assert summary.active_params == active
     assert {l.index: l.routed_params for l in summary.layers if l.kind == "moe"} == routed_by_layer
     assert summary.total_bytes == sum(p.numel() * p.element_size() for p in named.values())
+    stored = moekit.summarize(model, stored_dtype=torch.bfloat16)
+    assert stored.bytes_by_dtype == {"bfloat16": 2 * total}  # every tiny-model parameter is floating point
     assert 0 < summary.routed_share < 1
     assert summary.family == family
 

@@ -103,3 +103,15 @@ def test_hub_id_fails_fast_offline(monkeypatch, tmp_path):
     with pytest.raises(MoekitError, match="pass the local folder"):
         moekit.load("someone/some-moe")
     assert time.monotonic() - start < 10
+
+
+def test_stored_dtype_is_read_from_the_safetensors_headers(tmp_path):
+    from moekit.io.load import stored_dtype
+
+    model = moekit.load("moekit/tiny-mixtral")
+    model.to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    model.to(torch.float32).save_pretrained(tmp_path / "fp32")
+    assert stored_dtype(tmp_path / "bf16") == torch.bfloat16
+    assert stored_dtype(tmp_path / "fp32") == torch.float32
+    assert stored_dtype("moekit/tiny-mixtral") == torch.float32  # built in memory, fp32
+    assert stored_dtype("moekit/ref-fine") == torch.bfloat16

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
+import torch
 from torch import nn
 
 from moekit.arch.discover import decoder_layers, family_of
@@ -50,14 +51,19 @@ class ModelSummary:
         return {**asdict(self), "routed_share": self.routed_share, "total_bytes": self.total_bytes}
 
 
-def summarize(model: nn.Module) -> ModelSummary:
-    """Structure and size of an MoE model; see `ModelSummary`."""
+def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> ModelSummary:
+    """Structure and size of an MoE model; see `ModelSummary`.
+
+    ``stored_dtype``: count floating-point parameters at this dtype's size (what the
+    checkpoint stores) rather than at the dtype they are computed in.
+    """
     family = family_of(model)
     params = list(model.parameters())  # unique tensors: tied weights count once
     total = sum(p.numel() for p in params)
     bytes_by_dtype: Counter[str] = Counter()
     for p in params:
-        bytes_by_dtype[str(p.dtype).removeprefix("torch.")] += p.numel() * p.element_size()
+        dtype = stored_dtype if stored_dtype is not None and p.is_floating_point() else p.dtype
+        bytes_by_dtype[str(dtype).removeprefix("torch.")] += p.numel() * dtype.itemsize
 
     layers, routed, active_routed = [], 0, 0.0
     for info in decoder_layers(model):

@@ -40,7 +40,7 @@ def render(summary: "ModelSummary", name: str) -> None:
         f"active per token; routed experts are [bold]{summary.routed_share:.1%}[/] of the model"
     )
     by_dtype = ", ".join(f"{dtype} {_fmt(n)}B" for dtype, n in summary.bytes_by_dtype.items())
-    console.print(f"bytes: {_fmt(summary.total_bytes)}B ({by_dtype})")
+    console.print(f"bytes stored: {_fmt(summary.total_bytes)}B ({by_dtype})")
 
 
 @app.command("inspect")
@@ -51,11 +51,11 @@ def inspect_command(
 ) -> None:
     """Show an MoE model's structure: which layers are routed, experts, top-k, sizes."""
     from moekit.arch.summary import summarize
-    from moekit.io.load import default_model, load
+    from moekit.io.load import default_model, load, stored_dtype
 
     with user_errors():
         name = model or default_model()
-        summary = summarize(load(name, trust_remote_code=trust_remote_code))
+        summary = summarize(load(name, trust_remote_code=trust_remote_code), stored_dtype=stored_dtype(name))
         if json_out:
             print_json({"model": name, **summary.to_dict()})
         else:
