@@ -58,6 +58,12 @@ class CalibrationStats:
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.layers[index]
 
+    def hidden_inputs(self, index: int, samples: int) -> torch.Tensor:
+        """The first ``samples`` rows [m, H] of layer ``index``'s hidden sample. The sample is
+        ordered by a hash of token positions, so its first m rows are exactly the sample a
+        calibration asking for m would have kept."""
+        return self.layers[index]["hidden_sample"][:samples]
+
     @property
     def statistics(self) -> list[str]:
         return list(self.meta.get("statistics", []))

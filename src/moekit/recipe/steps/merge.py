@@ -112,21 +112,23 @@ class Merge(Step):
         for layer in layers:
             groups = self.groups(layer, stats)
             s = stats[layer.index]
-            goal = refit.target(layer, s, self.refit_samples) if self.refit else None
+            inputs = stats.hidden_inputs(layer.index, self.refit_samples) if self.refit else None
+            goal = refit.target(layer, inputs) if self.refit else None
+            hidden = stats.hidden_inputs(layer.index, self.samples) if self.router == "fit" else None
             weight_of = {"frequency": s["frequency"], "reap": s.get("reap"),
                          "uniform": torch.ones_like(s["frequency"])}[self.weights]
             for group in groups:
                 if len(group) > 1:
-                    self._merge_group(model, layer, group, weight_of, s)
+                    self._merge_group(model, layer, group, weight_of, hidden)
             keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
             groups_report[str(layer.index)] = groups
             if goal is not None:
-                refits[str(layer.index)] = refit.refit_layer(model, layer, s, goal, samples=self.refit_samples,
-                                                             ridge=self.refit_ridge)
+                refits[str(layer.index)] = refit.refit_layer(model, layer, inputs, goal, ridge=self.refit_ridge)
             advance(1, f"layer {layer.index}")
         return {"groups": groups_report} | ({"refit": refits} if refits else {})
 
-    def _merge_group(self, model, layer, group, weight_of, s) -> None:
+    def _merge_group(self, model, layer, group, weight_of, hidden: torch.Tensor | None) -> None:
+        """Merge ``group`` into its first expert; ``hidden`` [m, H] feeds the fitted router."""
         experts, router = layer.experts, layer.router
         members = [{name: _get(experts, name, e) for name in _EXPERT_TENSORS} for e in group]
         if self.align:
@@ -145,7 +147,7 @@ class Merge(Step):
             if router.bias is not None:
                 new["bias"] = weighted_mean(list(router.bias[group].detach()), w)
         elif self.router == "fit":
-            hidden = refit.hidden_inputs(s, self.samples).to(rows.dtype)
+            hidden = hidden.to(rows.dtype)
             logits = router.logits(hidden)[:, group]
             row, bias = fitted_router_row(hidden, logits, with_bias=router.bias is not None)
             new["weight"] = row.to(rows.dtype)

@@ -127,7 +127,7 @@ class Prune(Step):
                         score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * counts[i]),
                         n_group=n_group, protected=protected,
                     )
-                objective = ReconstructionObjective(layer, refit.hidden_inputs(stats[i], self.samples))
+                objective = ReconstructionObjective(layer, stats.hidden_inputs(i, self.samples))
                 result = search(objective, counts[i], method=self.search, n_group=n_group,
                                 beam_width=self.beam_width, start=start, fixed=frozenset(protected))
                 kept = result.kept
@@ -138,11 +138,11 @@ class Prune(Step):
             plan[i] = kept
         refits = {}
         for i, ids in plan.items():
-            goal = refit.target(layers[i], stats[i], self.refit_samples) if self.refit else None
+            inputs = stats.hidden_inputs(i, self.refit_samples) if self.refit else None
+            goal = refit.target(layers[i], inputs) if self.refit else None
             keep_experts(model, {i: ids})
             if goal is not None:
-                refits[str(i)] = refit.refit_layer(model, layers[i], stats[i], goal, samples=self.refit_samples,
-                                                   ridge=self.refit_ridge)
+                refits[str(i)] = refit.refit_layer(model, layers[i], inputs, goal, ridge=self.refit_ridge)
                 advance(1, f"layer {i}")
         report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
         return report | ({"refit": refits} if refits else {})

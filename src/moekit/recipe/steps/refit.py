@@ -15,24 +15,19 @@ from moekit.methods.refit import layer_features, refit_down, routed_output
 NEEDS = {"hidden_sample"}
 
 
-def hidden_inputs(layer_stats: dict[str, torch.Tensor], samples: int) -> torch.Tensor:
-    """The first ``samples`` rows of one layer's hidden sample. The sample is ordered by
-    a hash key, so its first m rows are exactly the sample a calibration with m would keep."""
-    return layer_stats["hidden_sample"][:samples]
+@torch.no_grad()
+def target(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
+    """The layer's routed output [n, H] (float64) on its calibration ``inputs`` [n, H], as it is now."""
+    return routed_output(layer, inputs).double()
 
 
 @torch.no_grad()
-def target(layer: MoELayer, layer_stats: dict[str, torch.Tensor], samples: int) -> torch.Tensor:
-    """The layer's routed output [n, H] (float64) on its calibration inputs, as it is now."""
-    return routed_output(layer, hidden_inputs(layer_stats, samples)).double()
-
-
-@torch.no_grad()
-def refit_layer(model: nn.Module, layer: MoELayer, layer_stats: dict[str, torch.Tensor], goal: torch.Tensor, *,
-                samples: int, ridge: float) -> dict:
-    """Re-fit ``layer``'s down projections towards ``goal`` (from `target`, taken before the
-    edit); returns the relative squared error on the calibration inputs before and after."""
-    features, constant = layer_features(layer, hidden_inputs(layer_stats, samples))
+def refit_layer(model: nn.Module, layer: MoELayer, inputs: torch.Tensor, goal: torch.Tensor, *,
+                ridge: float) -> dict:
+    """Re-fit ``layer``'s down projections towards ``goal`` (from `target` on the same
+    ``inputs``, taken before the edit); returns the relative squared error on the
+    calibration inputs before and after."""
+    features, constant = layer_features(layer, inputs)
     result = refit_down(features, goal - constant, layer.experts.down.detach(), ridge=ridge)
     for j in range(layer.num_experts):
         set_expert_weights(model, layer.index, j, down=result.down[j])
