@@ -2,16 +2,18 @@
 
     python scripts/train_reference.py ref-fine  --threads 2            # full recipe
     python scripts/train_reference.py ref-coarse --threads 2
-    python scripts/train_reference.py ref-fine --steps 300 --work runs/try  # a short trial
+    python scripts/train_reference.py ref-fine --steps 300 --work runs/try  # a short trial (every stage)
 
-Each run lives in ``--work/<name>`` (rerun the same command to resume after an
-interruption). When it finishes, the model is evaluated on the *whole* shipped
+A model trains in stages (``RECIPES``), each in ``--work/<name>/stage-k`` with its own
+checkpoints (rerun the same command to resume after an interruption; finished stages are
+skipped). When the last stage finishes, the model is evaluated on the *whole* shipped
 ``stdlib:eval`` split with its weights rounded to bf16 (what ships), and checked against
 the reference criteria:
 
 - eval perplexity below 1/8 of an add-one unigram model's on the same split;
 - no dead expert: every expert of every layer gets at least 1/4 of the uniform share
-  of routed tokens on the eval split.
+  of routed tokens on the eval split;
+- the eval loss has flattened: it fell by less than 1% over the last eighth of all steps.
 
 Only a model that passes is written to ``src/moekit/zoo/<name>/`` (config.json, bf16
 model.safetensors, tokenizer, training.json, train_log.json, README.md, and
@@ -53,20 +55,30 @@ from moekit.train.run import run_training  # noqa: E402
 from moekit.train import evaluate  # noqa: E402
 from moekit.train.presets import REFERENCE  # noqa: E402
 
-# Settled on short runs (see the report in the README of each model folder).
-RECIPES: dict[str, dict] = {
-    "ref-fine": dict(steps=6000, batch_size=16, grad_accum=1, lr=3e-3, warmup=200, aux_loss_coef=0.05,
-                     z_loss_coef=1e-3, bias_update_rate=0.0, checkpoint_every=250, eval_every=250),
-    "ref-coarse": dict(steps=2000, batch_size=16, grad_accum=1, lr=3e-3, warmup=200, aux_loss_coef=0.05,
-                       z_loss_coef=1e-3, bias_update_rate=0.0, checkpoint_every=250, eval_every=250),
+# Each model trains in stages. A later stage starts from the earlier stage's weights rounded
+# to bf16 (exactly what that stage published), with a fresh AdamW, its own warmup + cosine
+# schedule and its own data order (seed). Stage 1 was settled on short runs (see above);
+# stages 2 and 3 continue it because its eval loss had not flattened.
+_COMMON = dict(batch_size=16, grad_accum=1, aux_loss_coef=0.05, z_loss_coef=1e-3, bias_update_rate=0.0)
+RECIPES: dict[str, list[dict]] = {
+    "ref-fine": [
+        dict(_COMMON, steps=1500, lr=3e-3, warmup=150, checkpoint_every=187, eval_every=187, seed=0),
+        dict(_COMMON, steps=1200, lr=1e-3, warmup=100, checkpoint_every=150, eval_every=150, seed=1),
+        dict(_COMMON, steps=5000, lr=1e-3, warmup=100, checkpoint_every=125, eval_every=250, seed=2),
+    ],
+    "ref-coarse": [
+        dict(_COMMON, steps=2000, lr=3e-3, warmup=200, checkpoint_every=250, eval_every=250, seed=0),
+        dict(_COMMON, steps=1200, lr=1e-3, warmup=100, checkpoint_every=150, eval_every=150, seed=1),
+        dict(_COMMON, steps=5000, lr=1e-3, warmup=100, checkpoint_every=125, eval_every=250, seed=2),
+    ],
 }
-SEQ_LEN, VOCAB, SEED = 256, 8192, 0
+SEQ_LEN, VOCAB = 256, 8192
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(REFERENCE))
-    parser.add_argument("--steps", type=int, help="override the recipe's step count (trials)")
+    parser.add_argument("--steps", type=int, help="override every stage's step count (trials)")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reference")
     parser.add_argument("--zoo", type=Path, default=REPO / "src" / "moekit" / "zoo")
@@ -80,29 +92,69 @@ def main() -> None:
         return
 
     torch.set_num_threads(args.threads)
-    recipe = dict(RECIPES[args.name])
-    if args.steps:
-        recipe["steps"] = args.steps
-        recipe["warmup"] = min(recipe["warmup"], max(1, args.steps // 10))
-        recipe["eval_every"] = recipe["checkpoint_every"] = max(1, args.steps // 8)
+    stages = [trial(stage, args.steps) if args.steps else dict(stage) for stage in RECIPES[args.name]]
     work = args.work / args.name
-    spec_path = work / "model_spec.json"
     work.mkdir(parents=True, exist_ok=True)
+    spec_path = work / "model_spec.json"
     spec_path.write_text(REFERENCE[args.name].model_dump_json(indent=1))
-    t0 = time.time()
-    result = run_training(arch=str(spec_path), init=None, data="stdlib", eval_data="stdlib:eval", text_field="text",
-                          tokenizer=args.tokenizer, vocab_size=VOCAB, seq_len=SEQ_LEN, out=work,
-                          show_progress=True, seed=SEED, **recipe)
-    wall = time.time() - t0
-    if result["interrupted"]:
-        print(f"interrupted at step {result['steps']}; rerun the same command to resume")
-        return
-    report = final_report(args.name, work, recipe, result, wall, args.threads)
+    results = []
+    for k, recipe in enumerate(stages, start=1):
+        result = run_stage(k, recipe, work, spec_path, args.tokenizer)
+        if result is None:
+            print(f"interrupted in stage {k}; rerun the same command to resume")
+            return
+        results.append(result)
+    report = final_report(args.name, work, stages, results, args.threads)
     print(json.dumps(report["criteria"] | {"eval_perplexity": report["eval"]["perplexity"]}, indent=1))
     if report["criteria"]["pass"] or args.force:
         publish(args.name, work, report, args.zoo / args.name)
     else:
-        print(f"criteria not met; the model stays in {work / 'model'} (use --force to publish anyway)")
+        print(f"criteria not met; the model stays in {work / f'stage-{len(stages)}' / 'model'} "
+              "(use --force to publish anyway)")
+
+
+def trial(stage: dict, steps: int) -> dict:
+    return dict(stage, steps=steps, warmup=min(stage["warmup"], max(1, steps // 10)),
+                eval_every=max(1, steps // 8), checkpoint_every=max(1, steps // 8))
+
+
+def run_stage(k: int, recipe: dict, work: Path, spec_path: Path, tokenizer: Path | None) -> dict | None:
+    """Train stage ``k`` in ``work/stage-k`` (resuming if interrupted) unless it is done;
+    returns its summary (``done.json``), or None if it was interrupted."""
+    out = work / f"stage-{k}"
+    done = out / "done.json"
+    if done.is_file():
+        return json.loads(done.read_text())
+    init = None
+    if k > 1:
+        init = out / "init"
+        if not (init / "config.json").is_file():
+            round_to_bf16(work / f"stage-{k - 1}" / "model", init)
+    t0 = time.time()
+    result = run_training(arch=str(spec_path), init=init, data="stdlib", eval_data="stdlib:eval", text_field="text",
+                          tokenizer=tokenizer if k == 1 else None, vocab_size=VOCAB, seq_len=SEQ_LEN, out=out,
+                          show_progress=True, **recipe)
+    if result["interrupted"]:
+        return None
+    summary = {"recipe": recipe, "steps": result["steps"], "params": result["params"],
+               "wall_time_s": time.time() - t0, "train_seconds_all_sessions": result["train_seconds_all_sessions"],
+               "tokens_per_s": result["tokens_per_s"], "machine": machine(torch.get_num_threads())}
+    done.write_text(json.dumps(summary, indent=1))
+    return summary
+
+
+def round_to_bf16(src: Path, dst: Path) -> None:
+    """What a stage publishes: its model in bf16 (with its tokenizer), the next stage's start."""
+    from transformers import AutoModelForCausalLM
+
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
+    model.to(torch.bfloat16).save_pretrained(tmp)
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
+            shutil.copy(f, tmp / f.name)
+    tmp.rename(dst)
 
 
 def evaluate_shipped(model, tok) -> dict:
@@ -130,66 +182,96 @@ def refresh_card(target: Path, threads: int) -> None:
     fresh = evaluate_shipped(model, load_tokenizer(target))
     unigram = report["eval"]["unigram_perplexity"]
     report["eval"] = {**fresh, "unigram_perplexity": unigram}
-    report["criteria"] = criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"])
+    report["criteria"] = criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"], report["curve"])
     (target / "training.json").write_text(json.dumps(report, indent=1))
     plot_curve(json.loads((target / "train_log.json").read_text()), target / "learning_curve.png")
     (target / "README.md").write_text(model_card(report))
     print(json.dumps(report["criteria"] | {"eval_perplexity": fresh["perplexity"], "accuracy": fresh["accuracy"]}))
 
 
-def criteria(perplexity: float, unigram: float, min_load: float) -> dict:
+def criteria(perplexity: float, unigram: float, min_load: float, curve: list[dict]) -> dict:
+    drop = last_eighth_drop(curve)
     return {
         "perplexity_ratio_to_unigram": perplexity / unigram,
         "perplexity_below_unigram_over_8": perplexity < unigram / 8,
         "min_expert_share_over_uniform": min_load,
         "no_dead_experts": min_load >= 0.25,
-        "pass": perplexity < unigram / 8 and min_load >= 0.25,
+        "eval_loss_drop_over_last_eighth": drop,
+        "eval_loss_flattened": drop < FLAT,
+        "pass": perplexity < unigram / 8 and min_load >= 0.25 and drop < FLAT,
     }
 
 
-def final_report(name: str, work: Path, recipe: dict, result: dict, wall: float, threads: int) -> dict:
-    """Evaluate the bf16-rounded model on the whole eval split; check the criteria."""
+FLAT = 0.01  # "flattened": the eval loss fell by less than 1% over the last eighth of all training steps
+
+
+def last_eighth_drop(curve: list[dict]) -> float:
+    """Relative fall of the eval loss from the evaluation nearest 7/8 of training to the last."""
+    last = curve[-1]
+    earlier = min(curve, key=lambda c: abs(c["step"] - last["step"] * 7 / 8))
+    return (earlier["eval_loss"] - last["eval_loss"]) / earlier["eval_loss"]
+
+
+def machine(threads: int) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
+            "torch": torch.__version__}
+
+
+def combined_log(work: Path, n_stages: int) -> dict:
+    """The stages' train logs as one curve over global steps (stage k's step s is the sum of
+    the earlier stages' steps plus s), with where each stage starts."""
+    out: dict = {"stages": [], "history": [], "evals": []}
+    offset = 0
+    for k in range(1, n_stages + 1):
+        log = json.loads((work / f"stage-{k}" / "train_log.json").read_text())
+        out["stages"].append({"first_step": offset + 1, "config": log["config"], "meta": log["meta"]})
+        out["history"] += [h | {"step": h["step"] + offset} for h in log["history"]]
+        out["evals"] += [e | {"step": e["step"] + offset} for e in log["evals"]]
+        offset += log["config"]["steps"]
+    return out
+
+
+def final_report(name: str, work: Path, stages: list[dict], results: list[dict], threads: int) -> dict:
+    """Evaluate the last stage's model rounded to bf16 on the whole eval split; check the criteria."""
     from transformers import AutoModelForCausalLM
 
     from moekit.data.tokenizer import load_tokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, use_safetensors=True)
+    last = work / f"stage-{len(stages)}"
+    model = AutoModelForCausalLM.from_pretrained(last / "model", dtype=torch.float32, use_safetensors=True)
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16).float())
-    tok = load_tokenizer(work / "model")
-    fresh = evaluate_shipped(model, tok)
-    info = json.loads((work / "data" / "manifest.json").read_text())
+    fresh = evaluate_shipped(model, load_tokenizer(last / "model"))
+    info = json.loads((last / "data" / "manifest.json").read_text())
     unigram = info["unigram_eval_perplexity"]
-    log = json.loads((work / "train_log.json").read_text())
+    curve = [{"step": e["step"], "eval_loss": e["loss"]} for e in combined_log(work, len(stages))["evals"]]
+    tokens_per_step = [s["batch_size"] * s["grad_accum"] * SEQ_LEN for s in stages]
     return {
-        "name": name, "seed": SEED, "model_spec": REFERENCE[name].model_dump(), "recipe": recipe, "seq_len": SEQ_LEN,
-        "train_tokens_seen": result["steps"] * recipe["batch_size"] * recipe["grad_accum"] * SEQ_LEN,
+        "name": name, "seed": stages[0]["seed"], "model_spec": REFERENCE[name].model_dump(), "seq_len": SEQ_LEN,
+        "stages": [r | {"tokens": r["steps"] * t} for r, t in zip(results, tokens_per_step)],
+        "train_tokens_seen": sum(r["steps"] * t for r, t in zip(results, tokens_per_step)),
         "train_split_tokens": info["train_tokens"], "train_split_sha256": info["train"]["sha256"],
-        "eval_split_sha256": info["eval"]["sha256"], "params": result["params"], "vocab_size": info["vocab_size"],
+        "eval_split_sha256": info["eval"]["sha256"], "params": results[-1]["params"], "vocab_size": info["vocab_size"],
         "eval": {**fresh, "unigram_perplexity": unigram},
-        "criteria": criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"]),
-        "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
-                    "cpus": os.cpu_count(), "threads": threads, "python": platform.python_version(),
-                    "torch": torch.__version__},
-        "wall_time_s": wall, "train_step_seconds_all_sessions": result["train_seconds_all_sessions"], "tokens_per_s": result["tokens_per_s"],
-        "curve": [{"step": e["step"], "eval_loss": e["loss"]} for e in log["evals"]],
+        "criteria": criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"], curve),
+        "machine": machine(threads),
+        "wall_time_s": sum(r["wall_time_s"] for r in results),
+        "train_step_seconds_all_sessions": sum(r["train_seconds_all_sessions"] for r in results),
+        "curve": curve,
     }
 
 
 def publish(name: str, work: Path, report: dict, target: Path) -> None:
-    from transformers import AutoModelForCausalLM
-
     tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.float32, use_safetensors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
-    for f in (work / "model").iterdir():
-        if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
-            shutil.copy(f, tmp / f.name)
-    shutil.copy(work / "train_log.json", tmp / "train_log.json")
+    last = work / f"stage-{len(report['stages'])}"
+    round_to_bf16(last / "model", tmp)
+    log = combined_log(work, len(report["stages"]))
+    (tmp / "train_log.json").write_text(json.dumps(log))
     (tmp / "training.json").write_text(json.dumps(report, indent=1))
-    plot_curve(json.loads((work / "train_log.json").read_text()), tmp / "learning_curve.png")
+    plot_curve(log, tmp / "learning_curve.png")
     (tmp / "README.md").write_text(model_card(report))
     shutil.rmtree(target, ignore_errors=True)
     tmp.rename(target)
@@ -207,7 +289,9 @@ def plot_curve(log: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     ax.plot([h["step"] for h in log["history"]], [h["loss"] for h in log["history"]], lw=0.5, label="train")
     ax.plot([e["step"] for e in log["evals"]], [e["loss"] for e in log["evals"]], "o-", label="eval (subset)")
-    ax.set(xlabel="step", ylabel="cross-entropy (nats)", yscale="log")
+    for stage in log.get("stages", [])[1:]:
+        ax.axvline(stage["first_step"] - 0.5, color="grey", ls="--", lw=0.8)
+    ax.set(xlabel="step (dashed: a new stage starts)", ylabel="cross-entropy (nats)", yscale="log")
     ax.legend()
     fig.tight_layout()
     fig.savefig(path, dpi=120)
@@ -236,7 +320,6 @@ It is a test subject, not a useful code model.
 | vocabulary | byte-level BPE, {r["vocab_size"]} tokens, trained on the train split |
 | training tokens | {r['train_tokens_seen'] / 1e6:.1f} M ({r['train_split_tokens'] / 1e6:.1f} M-token train split) |
 | seed | {r['seed']} |
-| machine | {r['machine']['processor']}, {r['machine']['threads']} thread(s), {r['machine']['platform']} |
 | wall time | {r['wall_time_s'] / 3600:.2f} h (training steps alone, over all sessions: {r['train_step_seconds_all_sessions'] / 3600:.2f} h) |
 
 ## Evaluation (shipped `stdlib:eval` split, sha256 `{r['eval_split_sha256'][:16]}…`)
@@ -259,17 +342,32 @@ Eval loss over training (`train_log.json`, a subset of the eval split):
 
 {_flatness(r)}
 
+## Training
+
+{_stage_lines(r)}
+
+Every stage: AdamW (β = 0.9, 0.95, weight decay 0.1), warmup then cosine to 10% of the
+peak lr, batches of {r['stages'][0]['recipe']['batch_size']}×{r['seq_len']} tokens, gradient clipping 1.0, load-balancing loss ×
+{r['stages'][0]['recipe']['aux_loss_coef']}, router z-loss × {r['stages'][0]['recipe']['z_loss_coef']}. A later stage starts from the earlier stage's
+weights rounded to bf16, with a fresh optimizer, its own schedule and its own data order
+(seed). Full details in `training.json`, the curve in `train_log.json`.
+
 ## Reproduce
 
 ```
-python scripts/train_reference.py {r['name']} --threads {r['machine']['threads']} --steps {r['recipe']['steps']}
+python scripts/train_reference.py {r['name']} --threads {r['machine']['threads']}
 ```
-
-Recipe: AdamW (β = 0.9, 0.95, weight decay 0.1), peak lr {r['recipe']['lr']}, {r['recipe']['warmup']} warmup
-steps then cosine to 10%, {r['recipe']['steps']} steps of {r['recipe']['batch_size']}×{r['seq_len']} tokens,
-gradient clipping 1.0, load-balancing loss × {r['recipe']['aux_loss_coef']}, router z-loss ×
-{r['recipe']['z_loss_coef']}. Full details in `training.json`, the curve in `train_log.json`.
 """
+
+
+def _stage_lines(r: dict) -> str:
+    lines = []
+    for k, st in enumerate(r["stages"], start=1):
+        rec, m = st["recipe"], st["machine"]
+        lines.append(f"{k}. {st['steps']} steps ({st['tokens'] / 1e6:.1f} M tokens), peak lr {rec['lr']}, "
+                     f"{rec['warmup']} warmup steps, data seed {rec['seed']}: {st['wall_time_s'] / 3600:.2f} h on "
+                     f"{m['processor']}, {m['threads']} thread(s), {m['platform']}.")
+    return "\n".join(lines)
 
 
 def _load_lines(ev: dict) -> str:
@@ -278,15 +376,11 @@ def _load_lines(ev: dict) -> str:
 
 
 def _flatness(r: dict) -> str:
-    """Whether the eval loss had flattened: its relative drop over the last eighth of training."""
-    curve = r.get("curve", [])
-    last = curve[-1]
-    earlier = min(curve, key=lambda c: abs(c["step"] - last["step"] * 7 / 8))
-    drop = (earlier["eval_loss"] - last["eval_loss"]) / earlier["eval_loss"]
-    verdict = ("it had flattened" if drop < 0.01 else
+    drop = last_eighth_drop(r["curve"])
+    verdict = ("it had flattened" if drop < FLAT else
                "it was still falling, so longer training would lower it further")
-    return (f"Over the last eighth of training (steps {earlier['step']}–{last['step']}) the eval loss fell by "
-            f"{drop:.1%}: {verdict}.")
+    return (f"Over the last eighth of all training steps the eval loss fell by {drop:.1%} "
+            f"(flattened means under {FLAT:.0%}): {verdict}.")
 
 
 def _curve_lines(r: dict) -> str:
