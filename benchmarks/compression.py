@@ -5,9 +5,10 @@ by output compensation (``refit: true``, ``--suite refit``).
 
 One calibration per model (shipped ``stdlib:calib`` split) feeds every method; each
 configuration then runs in its own process (load, prune, round to the checkpoint's bf16
-as `moekit compress` saves it, evaluate) so that its wall time and peak memory are its own. Evaluation uses the shipped ``stdlib:eval`` split packed in
-rows of 256 tokens, each row its own window (as in the reference models' cards), taking
-every ``--eval-every``-th row so that all of the split's files are represented.
+as `moekit compress` saves it, evaluate) so that its wall time and peak memory are its
+own. Evaluation uses the shipped ``stdlib:eval`` split packed in rows of 256 tokens,
+each row its own window (as in the reference models' cards), taking every
+``--eval-every``-th row so that all of the split's files are represented.
 
     python benchmarks/compression.py [--suite prune|merge|refit|all] [--models moekit/ref-fine ...] [--eval-every 4]
 
@@ -88,8 +89,8 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> 
     import torch
 
     from moekit.calib.stats import CalibrationStats
-    from moekit.compression import round_to
     from moekit.io.load import load, stored_dtype
+    from moekit.io.save import round_for_storage
     from moekit.recipe import Recipe
     from moekit.train.evaluate import evaluate
 
@@ -101,7 +102,7 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> 
     if recipe is not None:
         recipe.steps[0].apply(model, stats)
     seconds = time.perf_counter() - start
-    round_to(model, stored_dtype(model_name))  # score the weights `moekit compress` would save
+    round_for_storage(model, stored_dtype(model_name))  # score the weights `moekit compress` would save
     result = evaluate(model, eval_rows(model_name, eval_every), batch_size=16)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
             "step_seconds": round(seconds, 2),

@@ -82,7 +82,7 @@ def compress(
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.io.load import default_model, load, load_config, stored_dtype
     from moekit.io.nonuniform import write_nonuniform
-    from moekit.io.save import atomic_dir, write_standard
+    from moekit.io.save import atomic_dir, cast_for_storage, round_for_storage, write_standard
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
@@ -124,7 +124,7 @@ def compress(
         step_reports.append({"type": step.type, "seconds": round(time.perf_counter() - step_start, 3), **result})
         stale = stale or step.changes_structure
     report["steps"] = step_reports
-    round_to(net, stored)  # evaluate exactly the weights that are saved
+    round_for_storage(net, stored)  # evaluate exactly the weights that are saved
     report["after"] = _summary(net, stored)
     if eval_rows is not None:
         report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
@@ -134,21 +134,13 @@ def compress(
     report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     with atomic_dir(out) as tmp:
-        (write_nonuniform if nonuniform else write_standard)(net.to(stored), tmp)
+        (write_nonuniform if nonuniform else write_standard)(cast_for_storage(net, stored), tmp)
         tok.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
     report["out"] = str(out)
     return report
-
-
-@torch.no_grad()
-def round_to(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round floating-point parameters to ``dtype`` in place, keeping their compute dtype."""
-    for p in model.parameters():
-        if p.is_floating_point() and p.dtype != dtype:
-            p.copy_(p.to(dtype))
 
 
 def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> torch.Tensor:
