@@ -81,8 +81,7 @@ def compress(
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.io.load import default_model, load, load_config, stored_dtype
-    from moekit.io.nonuniform import write_nonuniform
-    from moekit.io.save import atomic_dir, cast_for_storage, round_for_storage, write_standard
+    from moekit.io.save import atomic_dir, cast_for_storage, round_for_storage, write_checkpoint
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
@@ -128,13 +127,12 @@ def compress(
     report["after"] = _summary(net, stored)
     if eval_rows is not None:
         report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
-    nonuniform = bool(getattr(net.config, PER_LAYER_KEY, None))
-    report["format"] = "moekit-nonuniform" if nonuniform else "standard"
+    report["format"] = "moekit-nonuniform" if getattr(net.config, PER_LAYER_KEY, None) else "standard"
     report["seconds"] = round(time.perf_counter() - start, 2)
     report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
     with atomic_dir(out) as tmp:
-        (write_nonuniform if nonuniform else write_standard)(cast_for_storage(net, stored), tmp)
+        write_checkpoint(cast_for_storage(net, stored), tmp)
         tok.save_pretrained(tmp)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "report.json").write_text(json.dumps(report, indent=2))

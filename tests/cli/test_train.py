@@ -88,3 +88,36 @@ def test_empty_corpus_and_bad_topk(tmp_path):
     bad.write_text("family: mixtral\nnum_experts: 4\ntop_k: 6\n")
     result = _invoke("--arch", bad, "--out", tmp_path / "r2")
     assert result.exit_code == 2 and "top-k (6)" in result.flat
+
+
+def test_continuing_a_model_with_per_layer_expert_counts_keeps_them(tmp_path, corpus):
+    """Healing a model pruned with a global budget: it loads from moekit's non-uniform
+    format, trains, and is saved in that format again with its counts."""
+    import shutil
+
+    from moekit.arch.edit import experts_per_layer
+    from moekit.io.nonuniform import is_nonuniform, write_nonuniform
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(TINY))
+    first = _invoke("--arch", spec, "--data", corpus, "--vocab-size", 300, "--seq-len", 32, "--steps", 2,
+                    "--batch-size", 4, "--out", tmp_path / "run", "--json")
+    assert first.exit_code == 0, first.output
+    model = moekit.load(tmp_path / "run" / "model")
+    moekit.keep_experts(model, {0: [0, 2, 3]})
+    pruned = tmp_path / "pruned"
+    pruned.mkdir()
+    write_nonuniform(model, pruned)
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "run" / "model" / name, pruned / name)
+
+    more = _invoke("--init", pruned, "--data", corpus, "--seq-len", 32, "--steps", 2, "--batch-size", 4,
+                   "--out", tmp_path / "more", "--json")
+    assert more.exit_code == 0, more.output
+    healed_dir = tmp_path / "more" / "model"
+    assert is_nonuniform(healed_dir)
+    healed = moekit.load(healed_dir)
+    assert experts_per_layer(healed) == {0: 3, 1: 4}
+    before, after = dict(model.named_parameters()), dict(healed.named_parameters())
+    assert before.keys() == after.keys()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained

@@ -40,12 +40,14 @@ def is_nonuniform(folder: Path) -> bool:
     return (folder / MARKER).is_file()
 
 
-def load_nonuniform(folder: Path, *, dtype: torch.dtype = torch.float32) -> nn.Module:
+def load_nonuniform(folder: Path, *, dtype: torch.dtype = torch.float32, **from_config) -> nn.Module:
+    """Build, cut and load a non-uniform model; ``from_config`` goes to transformers'
+    ``from_config`` (e.g. ``experts_implementation``)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(folder)
     per_layer = {int(i): n for i, n in getattr(config, PER_LAYER_KEY, {}).items()}
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **from_config)
     keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
     load_model(model, str(folder / WEIGHTS), strict=True)
     return model.eval()

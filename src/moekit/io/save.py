@@ -95,6 +95,19 @@ def write_standard(model: nn.Module, folder: Path) -> None:
     model.save_pretrained(folder)  # transformers 5 writes safetensors only
 
 
+def write_checkpoint(model: nn.Module, folder: Path) -> str:
+    """Write ``model`` into the existing ``folder`` as a standard checkpoint, or in moekit's
+    non-uniform format when its layers keep different numbers of experts (which a standard
+    checkpoint cannot express). Returns the format written: "standard" or "moekit-nonuniform"."""
+    if getattr(model.config, PER_LAYER_KEY, None):
+        from moekit.io.nonuniform import write_nonuniform
+
+        write_nonuniform(model, folder)
+        return "moekit-nonuniform"
+    write_standard(model, folder)
+    return "standard"
+
+
 def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
     """Write ``model`` (and ``tokenizer``) as a standard safetensors checkpoint that plain
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads without moekit.

@@ -23,6 +23,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
     ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
     """
+    from moekit.io.save import write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
     from moekit.train.presets import preset
@@ -51,7 +52,8 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     log = train_loop(model, train_rows=run.train_rows, eval_rows=run.eval_rows, config=tc, out_dir=out,
                      console=console, show_progress=show_progress, meta=meta)
     model_dir = out / "model"
-    model.save_pretrained(model_dir)
+    model_dir.mkdir(parents=True, exist_ok=True)
+    write_checkpoint(model, model_dir)  # a pruned model with per-layer expert counts stays non-uniform
     run.tokenizer.save_pretrained(model_dir)
     history, evals = log["history"], log["evals"]
     return {
@@ -68,12 +70,16 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
 def _model_config(arch: str, init: Path | None):
     from transformers import AutoModelForCausalLM
 
+    from moekit.io.nonuniform import is_nonuniform, load_nonuniform
     from moekit.train import check_config, load_model_config
     from moekit.train.presets import preset
 
     if init is not None:
         if not (init / "config.json").is_file():
             raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
+        if is_nonuniform(init):  # e.g. healing a model pruned with a global budget
+            model = load_nonuniform(init, experts_implementation="grouped_mm")
+            return check_config(model.config), model
         config = load_model_config(json.loads((init / "config.json").read_text()))
         model = AutoModelForCausalLM.from_pretrained(init, config=config, dtype=torch.float32,
                                                      use_safetensors=True, experts_implementation="grouped_mm")

@@ -174,9 +174,9 @@ def _train_step(model, optimizer, stream, cap, config, step, biased) -> dict[str
     for layer in biased:
         if config.bias_update_rate > 0:
             aux_free_bias_update(layer.router.correction_bias, counts[layer.index], config.bias_update_rate)
-    loads = torch.stack([c / c.mean() for c in counts.values()])  # [layers, E], 1 = fair share
+    loads = [c / c.mean() for c in counts.values()]  # per layer [E_l], 1 = fair share (E_l may differ)
     return {**sums, "lr": lr, "grad_norm": float(grad_norm),
-            "imbalance": float(loads.max(dim=1).values.mean()), "min_load": float(loads.min())}
+            "imbalance": sum(float(l.max()) for l in loads) / len(loads), "min_load": min(float(l.min()) for l in loads)}
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
