@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moekit.arch.discover import decoder_layers, family_of
+from moekit.arch.storage import saved_tensors, storage_dtypes
 
 
 @dataclass
@@ -54,16 +55,18 @@ class ModelSummary:
 def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> ModelSummary:
     """Structure and size of an MoE model; see `ModelSummary`.
 
-    ``stored_dtype``: count floating-point parameters at this dtype's size (what the
-    checkpoint stores) rather than at the dtype they are computed in.
+    Bytes are those of everything a checkpoint holds (parameters and persistent buffers);
+    ``stored_dtype``: count them at the size a checkpoint of this dtype stores them in
+    (`storage_dtypes`) rather than at the dtype they are computed in.
     """
     family = family_of(model)
     params = list(model.parameters())  # unique tensors: tied weights count once
     total = sum(p.numel() for p in params)
+    plan = storage_dtypes(model, stored_dtype) if stored_dtype is not None else {}
     bytes_by_dtype: Counter[str] = Counter()
-    for p in params:
-        dtype = stored_dtype if stored_dtype is not None and p.is_floating_point() else p.dtype
-        bytes_by_dtype[str(dtype).removeprefix("torch.")] += p.numel() * dtype.itemsize
+    for name, t in saved_tensors(model):
+        dtype = plan.get(name, t.dtype)
+        bytes_by_dtype[str(dtype).removeprefix("torch.")] += t.numel() * dtype.itemsize
 
     layers, routed, active_routed = [], 0, 0.0
     for info in decoder_layers(model):

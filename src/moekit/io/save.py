@@ -17,6 +17,7 @@ import torch
 from torch import nn
 
 from moekit.arch.edit import PER_LAYER_KEY
+from moekit.arch.storage import saved_tensors, storage_dtypes
 from moekit.errors import MoekitError
 
 
@@ -52,40 +53,23 @@ def check_standard(model: nn.Module) -> None:
         )
 
 
-def storage_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtype]:
-    """The dtype each floating-point parameter is stored in when the checkpoint is ``dtype``.
-
-    Everything is ``dtype`` except what the model class keeps in fp32 at that precision, as
-    transformers does when it loads one (``_keep_in_fp32_modules_strict``, e.g. DeepSeek-V3's
-    router weight and correction bias, in bf16 and fp16; ``_keep_in_fp32_modules`` in fp16):
-    rounding a correction bias to bf16 would change which experts win.
-    """
-    keep: set[str] = set()
-    if dtype in (torch.float16, torch.bfloat16):
-        keep |= set(getattr(model, "_keep_in_fp32_modules_strict", None) or ())
-    if dtype == torch.float16:
-        keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
-    return {name: torch.float32 if any(k in name for k in keep) else dtype
-            for name, p in model.named_parameters() if p.is_floating_point()}
-
-
 @torch.no_grad()
 def round_for_storage(model: nn.Module, dtype: torch.dtype) -> None:
-    """Round parameters in place to the precision they will be stored in (`storage_dtypes`),
+    """Round tensors in place to the precision they will be stored in (`storage_dtypes`),
     keeping their compute dtype, so that what is evaluated is what is saved."""
     plan = storage_dtypes(model, dtype)
-    for name, p in model.named_parameters():
-        if name in plan and plan[name] != p.dtype:
-            p.copy_(p.to(plan[name]))
+    for name, t in saved_tensors(model):
+        if name in plan and plan[name] != t.dtype:
+            t.copy_(t.to(plan[name]))
 
 
 @torch.no_grad()
 def cast_for_storage(model: nn.Module, dtype: torch.dtype) -> nn.Module:
-    """Convert parameters in place to their storage dtypes (`storage_dtypes`); returns ``model``."""
+    """Convert tensors in place to their storage dtypes (`storage_dtypes`); returns ``model``."""
     plan = storage_dtypes(model, dtype)
-    for name, p in model.named_parameters():
+    for name, t in saved_tensors(model):
         if name in plan:
-            p.data = p.data.to(plan[name])
+            t.data = t.data.to(plan[name])
     return model
 
 
