@@ -115,3 +115,20 @@ def test_stored_dtype_is_read_from_the_safetensors_headers(tmp_path):
     assert stored_dtype(tmp_path / "fp32") == torch.float32
     assert stored_dtype("moekit/tiny-mixtral") == torch.float32  # built in memory, fp32
     assert stored_dtype("moekit/ref-fine") == torch.bfloat16
+
+
+def test_save_in_bf16_keeps_the_model_computing_in_fp32_with_the_saved_values(tmp_path):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    model = moekit.load("moekit/tiny-deepseek_v3")
+    moekit.save(model, tmp_path / "m", dtype=torch.bfloat16)
+    with safe_open(tmp_path / "m" / "model.safetensors", framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
+    assert {v for k, v in dtypes.items() if "mlp.gate." in k} == {"F32"}  # router and correction bias
+    assert {v for k, v in dtypes.items() if "mlp.gate." not in k} == {"BF16"}
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "m", dtype=torch.float32)
+    ids = torch.randint(3, 100, (1, 12))
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, plain(ids).logits)

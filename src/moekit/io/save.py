@@ -92,16 +92,33 @@ def write_checkpoint(model: nn.Module, folder: Path) -> str:
     return "standard"
 
 
-def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None) -> Path:
+def save(model: nn.Module, out_dir: str | os.PathLike, *, tokenizer: Any = None,
+         dtype: torch.dtype | None = None) -> Path:
     """Write ``model`` (and ``tokenizer``) as a standard safetensors checkpoint that plain
     ``transformers.AutoModelForCausalLM.from_pretrained`` loads without moekit.
+
+    Args:
+        dtype: store tensors in this dtype (with transformers' fp32 exceptions, see
+            `storage_dtypes`), e.g. ``torch.bfloat16`` for a model loaded from a bf16
+            checkpoint; None stores them as they are. The model's own tensors are rounded
+            to it in place and keep their compute dtype, so the model in memory is exactly
+            what was saved.
 
     Returns:
         The output folder.
     """
     check_standard(model)
     with atomic_dir(out_dir) as tmp:
-        write_standard(model, tmp)
+        if dtype is None:
+            write_standard(model, tmp)
+        else:
+            compute = {name: t.dtype for name, t in saved_tensors(model)}
+            cast_for_storage(model, dtype)
+            try:
+                write_standard(model, tmp)
+            finally:
+                for name, t in saved_tensors(model):
+                    t.data = t.data.to(compute[name])
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(out_dir).expanduser().resolve()
