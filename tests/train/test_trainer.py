@@ -87,3 +87,21 @@ def test_learning_rate_schedule():
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_without_a_terminal_progress_is_printed_as_plain_lines(tmp_path, rows):
+    """Under nohup or a batch scheduler a bar cannot redraw: lines carry the same figures."""
+    import io
+    import re
+
+    from rich.console import Console
+
+    out = io.StringIO()
+    config = load_model_config(tiny_spec("qwen3_moe"))
+    tc = TrainConfig(steps=100, batch_size=4, lr=1e-2, warmup_steps=2, checkpoint_every=100, eval_every=100,
+                     eval_rows=8)
+    log = train(build_model(config, seed=0), train_rows=rows, eval_rows=rows[:8], config=tc, out_dir=tmp_path,
+                console=Console(file=out, force_terminal=False, width=200), show_progress=True)
+    lines = re.findall(r"^train (\d+)/100 .* loss (\d+\.\d+) ", out.getvalue(), flags=re.M)
+    assert [int(step) for step, _ in lines] == list(range(2, 101, 2))  # every 2% of the run
+    assert all(abs(float(loss) - log["history"][int(step) - 1]["loss"]) <= 5e-5 for step, loss in lines)

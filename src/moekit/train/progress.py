@@ -1,4 +1,9 @@
-"""A rich progress bar for training: tokens/s, loss, aux loss, expert load imbalance."""
+"""A rich progress bar for training: tokens/s, loss, aux loss, expert load imbalance.
+
+When the console is not a terminal (``moekit train ... > run.log`` under nohup or a batch
+scheduler) a bar cannot redraw, so the same figures are printed as a plain line about
+every 2% of the run instead.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,8 @@ class TrainProgress:
 
     def __init__(self, *, total: int, start: int, console: Console | None, enabled: bool) -> None:
         self.enabled = enabled
+        self.total, self.step = total, start
+        self._line_every = max(1, total // 50)
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -35,8 +42,16 @@ class TrainProgress:
         self._progress.__exit__(*exc)
 
     def advance(self, record: dict[str, Any]) -> None:
+        self.step += 1
         self._progress.update(self._task, advance=1, tps=record["tokens_per_s"], loss=record["loss"],
                               aux=record["aux_loss"], imb=record["imbalance"])
+        console = self._progress.console
+        if self.enabled and not console.is_terminal and (self.step % self._line_every == 0 or self.step == self.total):
+            task = self._progress.tasks[0]
+            remaining = f"{task.time_remaining / 60:.0f} min left" if task.time_remaining is not None else ""
+            console.print(f"train {self.step}/{self.total}  {record['tokens_per_s']:.0f} tok/s  "
+                          f"loss {record['loss']:.4f}  aux {record['aux_loss']:.4f}  "
+                          f"imbalance {record['imbalance']:.2f}  {remaining}".rstrip(), highlight=False)
 
     def note(self, text: str) -> None:
         if self.enabled:
