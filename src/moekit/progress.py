@@ -1,4 +1,9 @@
-"""One progress bar style for long work: rich, with a rate, on stderr."""
+"""One progress bar style for long work: rich, with a rate, on stderr.
+
+A bar cannot redraw when its console is not a terminal (output redirected to a file
+under nohup or a batch scheduler), so there the same figures are printed as plain lines,
+every `plain_line_every` items.
+"""
 
 from __future__ import annotations
 
@@ -9,9 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def plain_line_every(total: int, lines: int = 10) -> int:
+    """Items between two plain progress lines: about ``lines`` lines over the whole run."""
+    return max(1, total // lines)
+
+
 @contextlib.contextmanager
 def progress_bar(
-    title: str, *, total: int, unit: str = "it", enabled: bool = True
+    title: str, *, total: int, unit: str = "it", enabled: bool = True, console: Console | None = None
 ) -> Iterator[Callable[[int, str | None], None]]:
     """Yield ``advance(n, status=None)``; draws nothing when ``enabled`` is False."""
     if not enabled:
@@ -26,13 +36,20 @@ def progress_bar(
         TimeElapsedColumn(),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as progress:
+    console = console or Console(stderr=True)
+    every = plain_line_every(total)
+    with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(title, total=total, status="", rate="")
 
         def advance(n: int = 1, status: str | None = None) -> None:
+            before = progress.tasks[task].completed
             progress.advance(task, n)
             speed = progress.tasks[task].speed
             rate = f"{speed:.1f} {unit}/s" if speed else ""
             progress.update(task, status=status or "", rate=rate)
+            done = progress.tasks[task].completed
+            if not console.is_terminal and (done // every > before // every or done >= total):
+                console.print(f"{title} {done:.0f}/{total} {status or ''} {rate}".replace("  ", " ").rstrip(),
+                              highlight=False)
 
         yield advance

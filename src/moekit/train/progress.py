@@ -1,8 +1,8 @@
 """A rich progress bar for training: tokens/s, loss, aux loss, expert load imbalance.
 
 When the console is not a terminal (``moekit train ... > run.log`` under nohup or a batch
-scheduler) a bar cannot redraw, so the same figures are printed as a plain line about
-every 2% of the run instead.
+scheduler) a bar cannot redraw, so the same figures are printed as a plain line every
+2% of the run instead (`moekit.progress.plain_line_every`).
 """
 
 from __future__ import annotations
@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from moekit.progress import plain_line_every
+
 
 class TrainProgress:
     """Context manager; ``advance(record)`` after each step, ``note(text)`` for eval lines."""
@@ -19,7 +21,7 @@ class TrainProgress:
     def __init__(self, *, total: int, start: int, console: Console | None, enabled: bool) -> None:
         self.enabled = enabled
         self.total, self.step = total, start
-        self._line_every = max(1, total // 50)
+        self._line_every = plain_line_every(total, lines=50)
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
