@@ -3,6 +3,7 @@
     python scripts/train_reference.py ref-fine  --threads 2            # full recipe
     python scripts/train_reference.py ref-coarse --threads 2
     python scripts/train_reference.py ref-fine --steps 300 --work runs/try  # a short trial (every stage)
+    python scripts/train_reference.py ref-fine --until-stage 2             # report on stage 2 only
 
 A model trains in stages (``RECIPES``), each in ``--work/<name>/stage-k`` with its own
 checkpoints (rerun the same command to resume after an interruption; finished stages are
@@ -85,6 +86,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("name", choices=sorted(REFERENCE))
     parser.add_argument("--steps", type=int, help="override every stage's step count (trials)")
+    parser.add_argument("--until-stage", type=int,
+                        help="train (or reuse) the stages up to this one and report on it, without publishing")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--work", type=Path, default=REPO / "runs" / "reference")
     parser.add_argument("--zoo", type=Path, default=REPO / "src" / "moekit" / "zoo")
@@ -99,6 +102,8 @@ def main() -> None:
 
     torch.set_num_threads(args.threads)
     stages = [trial(stage, args.steps) if args.steps else dict(stage) for stage in RECIPES[args.name]]
+    partial = args.until_stage is not None and args.until_stage < len(stages)
+    stages = stages[: args.until_stage] if partial else stages
     work = args.work / args.name
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "model_spec.json"
@@ -111,7 +116,10 @@ def main() -> None:
             return
         results.append(result)
     report = final_report(args.name, work, stages, results, args.threads)
-    print(json.dumps(report["criteria"] | {"eval_perplexity": report["eval"]["perplexity"]}, indent=1))
+    print(json.dumps(report["criteria"] | {"eval_perplexity": report["eval"]["perplexity"],
+                                           "accuracy": report["eval"]["accuracy"]}, indent=1))
+    if partial:
+        return
     if report["criteria"]["pass"] or args.force:
         publish(args.name, work, report, args.zoo / args.name)
     else:
