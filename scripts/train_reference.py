@@ -151,7 +151,10 @@ def run_stage(k: int, recipe: dict, work: Path, spec_path: Path, tokenizer: Path
     if result["interrupted"]:
         return None
     summary = {"recipe": recipe, "steps": result["steps"], "params": result["params"],
-               "wall_time_s": time.time() - t0, "train_seconds_all_sessions": result["train_seconds_all_sessions"],
+               # a stage interrupted by the end of a session resumes in the next: only the
+               # training steps' own time adds up across sessions
+               "wall_time_last_session_s": time.time() - t0,
+               "train_seconds_all_sessions": result["train_seconds_all_sessions"],
                "tokens_per_s": result["tokens_per_s"], "machine": machine(torch.get_num_threads())}
     done.write_text(json.dumps(summary, indent=1))
     return summary
@@ -271,7 +274,6 @@ def final_report(name: str, work: Path, stages: list[dict], results: list[dict],
         "eval": {**fresh, "unigram_perplexity": unigram},
         "criteria": criteria(fresh["perplexity"], unigram, fresh["min_load_ratio"], curve),
         "machine": machine(threads),
-        "wall_time_s": sum(r["wall_time_s"] for r in results),
         "train_step_seconds_all_sessions": sum(r["train_seconds_all_sessions"] for r in results),
         "curve": curve,
     }
@@ -334,7 +336,7 @@ It is a test subject, not a useful code model.
 | vocabulary | byte-level BPE, {r["vocab_size"]} tokens, trained on the train split |
 | training tokens | {r['train_tokens_seen'] / 1e6:.1f} M ({r['train_split_tokens'] / 1e6:.1f} M-token train split) |
 | seed | {r['seed']} |
-| wall time | {r['wall_time_s'] / 3600:.2f} h (training steps alone, over all sessions: {r['train_step_seconds_all_sessions'] / 3600:.2f} h) |
+| training time | {r['train_step_seconds_all_sessions'] / 3600:.2f} h of training steps (stages below) |
 
 ## Evaluation (shipped `stdlib:eval` split, sha256 `{r['eval_split_sha256'][:16]}…`)
 
@@ -379,7 +381,8 @@ def _stage_lines(r: dict) -> str:
     for k, st in enumerate(r["stages"], start=1):
         rec, m = st["recipe"], st["machine"]
         lines.append(f"{k}. {st['steps']} steps ({st['tokens'] / 1e6:.1f} M tokens), peak lr {rec['lr']}, "
-                     f"{rec['warmup']} warmup steps, data seed {rec['seed']}: {st['wall_time_s'] / 3600:.2f} h on "
+                     f"{rec['warmup']} warmup steps, data seed {rec['seed']}: {st['train_seconds_all_sessions'] / 3600:.2f} h "
+                     f"of training steps on "
                      f"{m['processor']}, {m['threads']} thread(s), {m['platform']}.")
     return "\n".join(lines)
 
