@@ -177,9 +177,20 @@ def test_a_bf16_model_is_saved_in_bf16_and_evaluated_as_saved(workspace, tmp_pat
     assert again == report["after"]["eval"]
 
 
+def test_an_fp32_model_can_be_saved_in_bf16(workspace, tmp_path):
+    report = _compress(workspace, "mixtral", "reap-50", tmp_path / "out", dtype="bfloat16")
+    with safe_open(tmp_path / "out" / "model.safetensors", framework="pt") as f:
+        assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"BF16"}
+    assert report["dtype"] == "bfloat16"
+    assert report["before"]["bytes"] == 4 * report["before"]["total_params"]
+    assert report["after"]["bytes"] == 2 * report["after"]["total_params"]
+
+
 def test_bad_inputs_fail_before_work_and_leave_nothing(workspace, tmp_path):
     with pytest.raises(MoekitError, match="fewer than top-k"):
         _compress(workspace, "mixtral", {"steps": [{"type": "prune", "keep": 1}]}, tmp_path / "a")
+    with pytest.raises(MoekitError, match="dtype 'int8' is not one of"):
+        _compress(workspace, "mixtral", "prune-50", tmp_path / "e", dtype="int8")
     with pytest.raises(MoekitError, match="no such folder"):
         moekit.compress(str(tmp_path / "nope"), "prune-50", out_dir=tmp_path / "b")
     (tmp_path / "c").mkdir()

@@ -26,6 +26,9 @@ from moekit.errors import MoekitError
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 
 
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
 def model_info(config: Any) -> ModelInfo:
     """Experts, top-k and groups from a config alone (recipes are checked before loading)."""
     model_type = getattr(config, "model_type", None)
@@ -60,6 +63,7 @@ def compress(
     eval_data: str = "stdlib:eval",
     eval_max_tokens: int | None = 32768,
     batch_size: int = 8,
+    dtype: str = "auto",
     progress: bool = True,
 ) -> dict:
     """Compress ``model`` with ``recipe`` into the new folder ``out_dir``.
@@ -70,6 +74,9 @@ def compress(
         data: calibration corpus; ``n_samples`` sequences of ``seq_len`` tokens.
         evaluate: measure perplexity and accuracy on ``eval_data`` before and after, on
             rows of 256 tokens spread over the whole corpus, ``eval_max_tokens`` in all.
+        dtype: what the output stores: ``auto`` (the source checkpoint's dtype), ``bfloat16``,
+            ``float16`` or ``float32``. Work is done in fp32; the "after" evaluation scores the
+            weights rounded to this dtype, exactly as saved.
 
     Returns:
         The report (also written to ``out_dir/report.json``).
@@ -84,6 +91,8 @@ def compress(
     from moekit.io.save import atomic_dir, cast_for_storage, round_for_storage, write_checkpoint
 
     start = time.perf_counter()
+    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
+        raise MoekitError(f"dtype {dtype!r} is not one of auto, {', '.join(OUTPUT_DTYPES)}.")
     name = str(model) if model is not None else default_model()
     recipe = load_recipe(recipe)
     out = Path(out_dir).expanduser().resolve()
@@ -100,10 +109,11 @@ def compress(
         eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
                                   min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
-    stored = stored_dtype(name)
+    source = stored_dtype(name)
+    stored = source if dtype == "auto" else OUTPUT_DTYPES[dtype]
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, stored)}
+                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, source)}
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
 
@@ -185,7 +195,7 @@ def model_card(report: dict) -> str:
         "|---|---|---|",
         f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
         f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
-        f"| bytes | {before['bytes']:,} | {after['bytes']:,} |",
+        f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
         f"| experts per MoE layer | {sorted(set(before['experts_per_layer'].values()))} | "
         f"{sorted(set(after['experts_per_layer'].values()))} |",
     ]

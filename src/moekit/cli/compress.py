@@ -22,6 +22,8 @@ def compress_command(
     seed: Annotated[int, typer.Option(help="Seed for calibration data and random steps.")] = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
     eval_: Annotated[bool, typer.Option("--eval", help="Evaluate before and after.")] = False,
+    dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source checkpoint's), bfloat16, float16, "
+                                            "float32.")] = "auto",
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -40,7 +42,7 @@ def compress_command(
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder).")
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
-                          tokenizer=tokenizer, evaluate=eval_, progress=not json_out)
+                          tokenizer=tokenizer, evaluate=eval_, dtype=dtype, progress=not json_out)
         if json_out:
             print_json(report)
             return
