@@ -112,8 +112,7 @@ class Merge(Step):
         for layer in layers:
             groups = self.groups(layer, stats)
             s = stats[layer.index]
-            inputs = stats.hidden_inputs(layer.index, self.refit_samples) if self.refit else None
-            goal = refit.target(layer, inputs) if self.refit else None
+            goal = refit.target(layer, stats, self.refit_samples) if self.refit else None
             hidden = stats.hidden_inputs(layer.index, self.samples) if self.router == "fit" else None
             weight_of = {"frequency": s["frequency"], "reap": s.get("reap"),
                          "uniform": torch.ones_like(s["frequency"])}[self.weights]
@@ -123,7 +122,7 @@ class Merge(Step):
             keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
             groups_report[str(layer.index)] = groups
             if goal is not None:
-                refits[str(layer.index)] = refit.refit_layer(model, layer, inputs, goal, ridge=self.refit_ridge)
+                refits[str(layer.index)] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
             advance(1, f"layer {layer.index}")
         return {"groups": groups_report} | ({"refit": refits} if refits else {})
 

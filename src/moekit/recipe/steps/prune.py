@@ -138,11 +138,10 @@ class Prune(Step):
             plan[i] = kept
         refits = {}
         for i, ids in plan.items():
-            inputs = stats.hidden_inputs(i, self.refit_samples) if self.refit else None
-            goal = refit.target(layers[i], inputs) if self.refit else None
+            goal = refit.target(layers[i], stats, self.refit_samples) if self.refit else None
             keep_experts(model, {i: ids})
             if goal is not None:
-                refits[str(i)] = refit.refit_layer(model, layers[i], inputs, goal, ridge=self.refit_ridge)
+                refits[str(i)] = refit.refit_layer(model, layers[i], goal, ridge=self.refit_ridge)
                 advance(1, f"layer {i}")
         report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
         return report | ({"refit": refits} if refits else {})

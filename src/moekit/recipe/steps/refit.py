@@ -5,6 +5,8 @@ Steps edit and refit one layer at a time, so only one layer's target is held."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
@@ -15,20 +17,28 @@ from moekit.methods.refit import layer_features, refit_down, routed_output
 NEEDS = {"hidden_sample"}
 
 
-@torch.no_grad()
-def target(layer: MoELayer, inputs: torch.Tensor) -> torch.Tensor:
-    """The layer's routed output [n, H] (float64) on its calibration ``inputs`` [n, H], as it is now."""
-    return routed_output(layer, inputs).double()
+@dataclass(frozen=True)
+class Target:
+    """A layer's calibration inputs [n, H] and its routed output on them [n, H] (float64),
+    taken before the edit."""
+
+    inputs: torch.Tensor
+    output: torch.Tensor
 
 
 @torch.no_grad()
-def refit_layer(model: nn.Module, layer: MoELayer, inputs: torch.Tensor, goal: torch.Tensor, *,
-                ridge: float) -> dict:
-    """Re-fit ``layer``'s down projections towards ``goal`` (from `target` on the same
-    ``inputs``, taken before the edit); returns the relative squared error on the
-    calibration inputs before and after."""
-    features, constant = layer_features(layer, inputs)
-    result = refit_down(features, goal - constant, layer.experts.down.detach(), ridge=ridge)
+def target(layer: MoELayer, stats, samples: int) -> Target:
+    """What ``layer`` computes now on the first ``samples`` rows of its hidden sample."""
+    inputs = stats.hidden_inputs(layer.index, samples)
+    return Target(inputs, routed_output(layer, inputs).double())
+
+
+@torch.no_grad()
+def refit_layer(model: nn.Module, layer: MoELayer, goal: Target, *, ridge: float) -> dict:
+    """Re-fit ``layer``'s down projections towards ``goal`` (from `target`, taken before the
+    edit); returns the relative squared error on the calibration inputs before and after."""
+    features, constant = layer_features(layer, goal.inputs)
+    result = refit_down(features, goal.output - constant, layer.experts.down.detach(), ridge=ridge)
     for j in range(layer.num_experts):
         set_expert_weights(model, layer.index, j, down=result.down[j])
     return {"error_before": round(result.error_before, 6), "error_after": round(result.error_after, 6),
