@@ -1,8 +1,8 @@
 """One progress bar style for long work: rich, with a rate, on stderr.
 
 A bar cannot redraw when its console is not a terminal (output redirected to a file
-under nohup or a batch scheduler), so there the same figures are printed as plain lines,
-every `plain_line_every` items.
+under nohup or a batch scheduler), so there the same figures are printed as plain lines
+(`plain_line_due`).
 """
 
 from __future__ import annotations
@@ -14,9 +14,11 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
-def plain_line_every(total: int, lines: int = 10) -> int:
-    """Items between two plain progress lines: about ``lines`` lines over the whole run."""
-    return max(1, total // lines)
+def plain_line_due(before: float, done: float, total: float, *, lines: int = 10) -> bool:
+    """Whether advancing from ``before`` to ``done`` items of ``total`` crosses one of about
+    ``lines`` evenly spaced points (the last item always is one)."""
+    every = max(1, int(total) // lines)
+    return done // every > before // every or done >= total
 
 
 @contextlib.contextmanager
@@ -37,7 +39,6 @@ def progress_bar(
         TimeRemainingColumn(),
     )
     console = console or Console(stderr=True)
-    every = plain_line_every(total)
     with Progress(*columns, console=console, transient=False) as progress:
         task = progress.add_task(title, total=total, status="", rate="")
 
@@ -48,7 +49,7 @@ def progress_bar(
             rate = f"{speed:.1f} {unit}/s" if speed else ""
             progress.update(task, status=status or "", rate=rate)
             done = progress.tasks[task].completed
-            if not console.is_terminal and (done // every > before // every or done >= total):
+            if not console.is_terminal and plain_line_due(before, done, total):
                 console.print(f"{title} {done:.0f}/{total} {status or ''} {rate}".replace("  ", " ").rstrip(),
                               highlight=False)
 

@@ -2,7 +2,7 @@
 
 When the console is not a terminal (``moekit train ... > run.log`` under nohup or a batch
 scheduler) a bar cannot redraw, so the same figures are printed as a plain line every
-2% of the run instead (`moekit.progress.plain_line_every`).
+2% of the run instead (`moekit.progress.plain_line_due`).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moekit.progress import plain_line_every
+from moekit.progress import plain_line_due
 
 
 class TrainProgress:
@@ -20,8 +20,6 @@ class TrainProgress:
 
     def __init__(self, *, total: int, start: int, console: Console | None, enabled: bool) -> None:
         self.enabled = enabled
-        self.total, self.step = total, start
-        self._line_every = plain_line_every(total, lines=50)
         self._progress = Progress(
             TextColumn("[bold]train"),
             BarColumn(),
@@ -44,14 +42,14 @@ class TrainProgress:
         self._progress.__exit__(*exc)
 
     def advance(self, record: dict[str, Any]) -> None:
-        self.step += 1
+        task = self._progress.tasks[0]
+        before = task.completed
         self._progress.update(self._task, advance=1, tps=record["tokens_per_s"], loss=record["loss"],
                               aux=record["aux_loss"], imb=record["imbalance"])
         console = self._progress.console
-        if self.enabled and not console.is_terminal and (self.step % self._line_every == 0 or self.step == self.total):
-            task = self._progress.tasks[0]
+        if self.enabled and not console.is_terminal and plain_line_due(before, task.completed, task.total, lines=50):
             remaining = f"{task.time_remaining / 60:.0f} min left" if task.time_remaining is not None else ""
-            console.print(f"train {self.step}/{self.total}  {record['tokens_per_s']:.0f} tok/s  "
+            console.print(f"train {task.completed:.0f}/{task.total:.0f}  {record['tokens_per_s']:.0f} tok/s  "
                           f"loss {record['loss']:.4f}  aux {record['aux_loss']:.4f}  "
                           f"imbalance {record['imbalance']:.2f}  {remaining}".rstrip(), highlight=False)
 
