@@ -164,10 +164,12 @@ def round_to_bf16(src: Path, dst: Path) -> None:
     """What a stage publishes: its model in bf16 (with its tokenizer), the next stage's start."""
     from transformers import AutoModelForCausalLM
 
+    from moekit.io.save import save
+
     tmp = dst.with_name(dst.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True)
-    model.to(torch.bfloat16).save_pretrained(tmp)
+    save(AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32, use_safetensors=True), tmp,
+         dtype=torch.bfloat16)
     for f in src.iterdir():
         if f.name.startswith("tokenizer") or f.name == "special_tokens_map.json":
             shutil.copy(f, tmp / f.name)
