@@ -11,8 +11,12 @@ each row its own window (as in the reference models' cards), taking every
 ``--eval-every``-th row so that all of the split's files are represented.
 
     python benchmarks/compression.py [--suite prune|merge|refit|all] [--models moekit/ref-fine ...] [--eval-every 4]
+    python benchmarks/compression.py --models moekit/ref-coarse --out benchmarks/results/coarse.json
+    python benchmarks/compression.py --render benchmarks/results/fine.json benchmarks/results/coarse.json
 
-Writes ``benchmarks/results/<suite>.json`` and prints a Markdown table for BENCHMARKS.md.
+Writes ``benchmarks/results/<suite>.json`` (or ``--out``) and prints the Markdown tables for
+BENCHMARKS.md. Each model's entry records its own machine, threads, date and commit, so
+models measured in separate runs (``--models`` one at a time) render together.
 """
 
 from __future__ import annotations
@@ -84,7 +88,7 @@ def eval_rows(model_name: str, every: int):
     return pack(tokenize_corpus(load_corpus("stdlib:eval"), tokenizer_for(model_name)), 256)[::every]
 
 
-def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> dict:
+def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int, threads: int) -> dict:
     """Runs in a child process."""
     import torch
 
@@ -94,7 +98,7 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> 
     from moekit.recipe import Recipe
     from moekit.train.evaluate import evaluate
 
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     model = load(model_name)
     stats = CalibrationStats.load(stats_dir, model=model)
     recipe = Recipe.from_dict({"steps": [step]}) if step else None
@@ -109,9 +113,9 @@ def one_config(model_name: str, stats_dir: str, step: dict, eval_every: int) -> 
             "peak_memory_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
 
 
-def run_child(model_name: str, stats_dir: str, step: dict, eval_every: int) -> dict:
+def run_child(model_name: str, stats_dir: str, step: dict, eval_every: int, threads: int) -> dict:
     code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).parent)!r}); from compression import one_config; "
-            f"print(json.dumps(one_config({model_name!r}, {stats_dir!r}, {step!r}, {eval_every})))")
+            f"print(json.dumps(one_config({model_name!r}, {stats_dir!r}, {step!r}, {eval_every}, {threads})))")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
@@ -121,35 +125,52 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["moekit/ref-fine", "moekit/ref-coarse"])
     parser.add_argument("--eval-every", type=int, default=4, help="evaluate on every N-th 256-token row")
     parser.add_argument("--suite", choices=["prune", "merge", "refit", "all"], default="all")
-    parser.add_argument("--render", type=Path, help="print the tables of an earlier results JSON and exit")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads per configuration")
+    parser.add_argument("--out", type=Path, help="results JSON (default: benchmarks/results/<suite>.json)")
+    parser.add_argument("--render", type=Path, nargs="+",
+                        help="print the tables of earlier results JSONs (their models together) and exit")
     args = parser.parse_args()
     if args.render:
-        results = json.loads(args.render.read_text())
+        results = joined([json.loads(path.read_text()) for path in args.render])
         print(summary(results) + "\n" + markdown(results))
         return
-    results = {"machine": machine(), "date": str(date.today()), "commit": commit(),
-               "calibration": CALIB, "eval_every": args.eval_every, "models": {}}
+    results = {"calibration": CALIB, "eval_every": args.eval_every, "models": {}}
     for model_name in args.models:
         with tempfile.TemporaryDirectory() as tmp:
             stats_dir = str(Path(tmp) / "stats")
-            entry = {"calibration": calibrate_once(model_name, Path(stats_dir)), "rows": []}
-            entry["baseline"] = run_child(model_name, stats_dir, {}, args.eval_every)
+            entry = {"run": run_facts(args.threads), "calibration": calibrate_once(model_name, Path(stats_dir)),
+                     "rows": []}
+            entry["baseline"] = run_child(model_name, stats_dir, {}, args.eval_every, args.threads)
             for step in configs(args.suite):
                 row = {"remove": step["remove"], "config": label(step), "step": step,
-                       **run_child(model_name, stats_dir, step, args.eval_every)}
+                       **run_child(model_name, stats_dir, step, args.eval_every, args.threads)}
                 entry["rows"].append(row)
                 print(json.dumps({"model": model_name, **row}), flush=True)
             results["models"][model_name] = entry
-    out = Path(__file__).parent / "results" / f"{args.suite}.json"
+    out = args.out or Path(__file__).parent / "results" / f"{args.suite}.json"
     out.write_text(json.dumps(results, indent=2))
     print(summary(results) + "\n" + markdown(results))
 
 
-def machine() -> str:
+def joined(runs: list[dict]) -> dict:
+    """Several results files as one: their models side by side (same calibration and rows)."""
+    first = runs[0]
+    for other in runs[1:]:
+        if (other["calibration"], other["eval_every"]) != (first["calibration"], first["eval_every"]):
+            raise SystemExit("these results used different calibration or evaluation rows; render them apart")
+    return {**first, "models": {name: entry for run in runs for name, entry in run["models"].items()}}
+
+
+def run_facts(threads: int) -> dict:
+    """Where and when a model's configurations ran."""
+    return {"machine": machine(threads), "date": str(date.today()), "commit": commit()}
+
+
+def machine(threads: int) -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.exists() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), platform.machine())
-    return f"{cpu}, {os.cpu_count()} cores, 2 torch threads per run"
+    return f"{cpu}, {os.cpu_count()} cores, {threads} torch thread{'s' * (threads > 1)} per configuration"
 
 
 def commit() -> str:
@@ -207,10 +228,10 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['remove']:.0%} | {r['config']} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
                          f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
-    lines.append(f"\n{results['machine']}, {results['date']}, commit {results.get('commit', '?')}; "
-                 f"calibration {results['calibration']}, "
-                 f"evaluation on every {results['eval_every']}th 256-token row of stdlib:eval "
-                 "(each row its own window).")
+        run = entry.get("run", results)  # results from before per-model run facts kept them at the top
+        lines.append(f"\n{run['machine']}, {run['date']}, commit {run.get('commit', '?')}.")
+    lines.append(f"\nCalibration {results['calibration']}; evaluation on every {results['eval_every']}th "
+                 "256-token row of stdlib:eval (each row its own window).")
     return "\n".join(lines)
 
 

@@ -33,8 +33,7 @@ def main() -> None:
     from moekit.train.evaluate import evaluate
 
     torch.set_num_threads(1)
-    cpu = machine().split(", 2 torch threads")[0]  # compression.py's runs use 2 threads; this one uses 1
-    results = {"machine": f"{cpu}, 1 torch thread", "date": str(date.today()), "commit": commit(), "rows": []}
+    results = {"machine": machine(1), "date": str(date.today()), "commit": commit(), "rows": []}
     for model_name in ["moekit/ref-fine", "moekit/ref-coarse"]:
         with tempfile.TemporaryDirectory() as tmp:
             calibrate_once(model_name, Path(tmp) / "stats")
