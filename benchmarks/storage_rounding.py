@@ -1,9 +1,10 @@
-"""Does scoring the bf16-rounded weights that `moekit compress` saves change the measured
-perplexities? `compression.py` scores those rounded weights since commit bd176be; its
-published tables were measured on the fp32 weights right after the edit. This compares
-both on the steps whose new weights are not already bf16 values (refitted and merged
-experts; plain pruning only drops experts, so rounding changes nothing), 50% removed, on
-both reference models, with `compression.py`'s calibration and evaluation rows.
+"""How much does saving in bf16 change a compressed model's perplexity? `moekit compress`
+saves in the source checkpoint's dtype (bf16 for the reference models) and
+`compression.py` scores those rounded weights. This compares the fp32 weights right after
+the edit with the bf16 weights as saved, on the steps whose new weights are not already
+bf16 values (refitted and merged experts; plain pruning only drops experts, so rounding
+changes nothing), 50% removed, on both reference models, with `compression.py`'s
+calibration and evaluation rows.
 
     python benchmarks/storage_rounding.py      # writes results/storage_rounding.json
 """
