@@ -11,8 +11,8 @@ each row its own window (as in the reference models' cards), taking every
 ``--eval-every``-th row so that all of the split's files are represented.
 
     python benchmarks/compression.py [--suite prune|merge|refit|all] [--models moekit/ref-fine ...] [--eval-every 4]
-    python benchmarks/compression.py --models moekit/ref-coarse --out benchmarks/results/coarse.json
-    python benchmarks/compression.py --render benchmarks/results/fine.json benchmarks/results/coarse.json
+    python benchmarks/compression.py --models moekit/ref-coarse --threads 1 --out benchmarks/results/compression-ref-coarse.json
+    python benchmarks/compression.py --render benchmarks/results/compression-ref-fine.json benchmarks/results/compression-ref-coarse.json
 
 Writes ``benchmarks/results/<suite>.json`` (or ``--out``) and prints the Markdown tables for
 BENCHMARKS.md. Each model's entry records its own machine, threads, date and commit, so
@@ -228,8 +228,8 @@ def markdown(results: dict) -> str:
             lines.append(f"| {r['remove']:.0%} | {r['config']} | {r['perplexity']:.2f} | "
                          f"{r['perplexity'] - base['perplexity']:+.2f} | {r['accuracy']:.2%} | "
                          f"{r['step_seconds']:.1f} | {r['peak_memory_mib']:.0f} |")
-        run = entry.get("run", results)  # results from before per-model run facts kept them at the top
-        lines.append(f"\n{run['machine']}, {run['date']}, commit {run.get('commit', '?')}.")
+        run = entry["run"]
+        lines.append(f"\n{run['machine']}, {run['date']}, commit {run['commit']}.")
     lines.append(f"\nCalibration {results['calibration']}; evaluation on every {results['eval_every']}th "
                  "256-token row of stdlib:eval (each row its own window).")
     return "\n".join(lines)
