@@ -14,10 +14,8 @@ import tempfile
 from datetime import date
 from pathlib import Path
 
-import torch
-
 sys.path.insert(0, str(Path(__file__).parent))
-from compression import calibrate_once, commit, eval_rows, machine  # noqa: E402
+from compression import calibrate_once, commit, machine, one_config  # noqa: E402
 
 RIDGES = [0.0, 0.01, 0.03, 0.1, 0.3, 1.0]
 REMOVE = [0.25, 0.5]
@@ -25,29 +23,18 @@ MODELS = ["moekit/ref-fine", "moekit/ref-coarse"]
 
 
 def main() -> None:
-    from moekit.calib.stats import CalibrationStats
-    from moekit.io.load import load, stored_dtype
-    from moekit.io.save import round_for_storage
-    from moekit.recipe import Recipe
-    from moekit.train.evaluate import evaluate
-
-    torch.set_num_threads(1)
     results = {"machine": machine(1), "date": str(date.today()), "commit": commit(), "rows": []}
     for model_name in MODELS:
         with tempfile.TemporaryDirectory() as tmp:
-            calibrate_once(model_name, Path(tmp) / "stats")
-            rows = eval_rows(model_name, 4)
+            stats_dir = str(Path(tmp) / "stats")
+            calibrate_once(model_name, Path(stats_dir))
             for remove in REMOVE:
                 for ridge in RIDGES:
                     step = {"type": "prune", "method": "reap", "remove": remove, "budget": "uniform",
                             "refit": True, "refit_ridge": ridge}
-                    model = load(model_name)
-                    stats = CalibrationStats.load(str(Path(tmp) / "stats"), model=model)
-                    Recipe.from_dict({"steps": [step]}).steps[0].apply(model, stats)
-                    round_for_storage(model, stored_dtype(model_name))
-                    result = evaluate(model, rows, batch_size=16)
+                    scored = one_config(model_name, stats_dir, step, eval_every=4, threads=1)
                     row = {"model": model_name, "remove": remove, "ridge": ridge,
-                           "perplexity": result.perplexity, "accuracy": result.accuracy}
+                           "perplexity": scored["perplexity"], "accuracy": scored["accuracy"]}
                     results["rows"].append(row)
                     print(json.dumps(row), flush=True)
     out = Path(__file__).parent / "results" / "refit_ridge.json"

@@ -259,12 +259,11 @@ def final_report(name: str, work: Path, stages: list[dict], results: list[dict],
     from transformers import AutoModelForCausalLM
 
     from moekit.data.tokenizer import load_tokenizer
+    from moekit.io.save import round_for_storage
 
     last = work / f"stage-{len(stages)}"
     model = AutoModelForCausalLM.from_pretrained(last / "model", dtype=torch.float32, use_safetensors=True)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.copy_(p.to(torch.bfloat16).float())
+    round_for_storage(model, torch.bfloat16)  # score exactly what `publish` writes
     fresh = evaluate_shipped(model, load_tokenizer(last / "model"))
     info = json.loads((last / "data" / "manifest.json").read_text())
     unigram = info["unigram_eval_perplexity"]
@@ -387,8 +386,7 @@ def _stage_lines(r: dict) -> str:
         rec, m = st["recipe"], st["machine"]
         lines.append(f"{k}. {st['steps']} steps ({st['tokens'] / 1e6:.1f} M tokens), peak lr {rec['lr']}, "
                      f"{rec['warmup']} warmup steps, data seed {rec['seed']}: {st['train_seconds_all_sessions'] / 3600:.2f} h "
-                     f"of training steps on "
-                     f"{m['processor']}, {m['threads']} thread(s), {m['platform']}.")
+                     f"of training steps on {m['processor']}, {m['threads']} thread(s), {m['platform']}.")
     return "\n".join(lines)
 
 
