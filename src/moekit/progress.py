@@ -14,6 +14,14 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 
+def silence_transformers_bars() -> None:
+    """Turn off transformers' own tqdm bars (per-tensor loading, "Writing model shards"):
+    moekit draws one bar per unit of its own work, and theirs would interleave with it."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+
+
 def plain_line_due(before: float, done: float, total: float, *, lines: int = 10) -> bool:
     """Whether advancing from ``before`` to ``done`` items of ``total`` crosses one of about
     ``lines`` evenly spaced points (the last item always is one)."""

@@ -57,6 +57,18 @@ def test_jsonl_without_the_text_field_names_the_fix(tmp_path):
     assert load_corpus(tmp_path / "rows.jsonl", text_field="content").documents[0].text == "x"
 
 
+def test_parquet_reads_its_text_column_and_names_the_fix_when_missing(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"id": [1, 2, 3], "content": ["first row", "", "third row"]})
+    pq.write_table(table, tmp_path / "rows.parquet")
+    with pytest.raises(MoekitError, match=r"no column 'text' \(has \['id', 'content'\]\); pass --text-field"):
+        load_corpus(tmp_path / "rows.parquet")
+    corpus = load_corpus(tmp_path, text_field="content")
+    assert [(d.name, d.text) for d in corpus.documents] == [("rows.parquet#0", "first row"), ("rows.parquet#2", "third row")]
+
+
 def test_hub_names_fail_clearly_without_the_hub():
     with pytest.raises(MoekitError, match="datasets|could not load"):
         load_corpus("hf:some/dataset-that-is-not-here")

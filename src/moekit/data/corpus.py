@@ -131,10 +131,12 @@ def _read_parquet(path: Path, name: str, text_field: str) -> list[Document]:
         import pyarrow.parquet as pq
     except ImportError:
         raise MoekitError("reading .parquet needs pyarrow: pip install pyarrow") from None
-    table = pq.read_table(path, columns=None)
-    if text_field not in table.column_names:
-        raise MoekitError(f"{path} has no column {text_field!r} (has {table.column_names}); pass --text-field.")
-    return [Document(f"{name}#{i}", str(t)) for i, t in enumerate(table.column(text_field).to_pylist()) if t]
+    columns = pq.read_schema(path).names
+    if text_field not in columns:
+        raise MoekitError(f"{path} has no column {text_field!r} (has {columns}); pass --text-field.")
+    # Only the text column: the others (ids, metadata, embeddings) can be most of the file.
+    texts = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    return [Document(f"{name}#{i}", str(t)) for i, t in enumerate(texts) if t]
 
 
 def _hub_corpus(spec: str, text_field: str) -> Corpus:

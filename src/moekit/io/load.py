@@ -16,6 +16,7 @@ import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from moekit.errors import MoekitError
+from moekit.progress import silence_transformers_bars
 
 REFERENCE_PREFIX = "moekit/"
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -59,9 +60,7 @@ def load(
             pickle weights, or the hub cannot be reached for a hub id.
     """
     name = str(name_or_path) if name_or_path is not None else default_model()
-    from transformers.utils import logging as hf_logging
-
-    hf_logging.disable_progress_bar()  # moekit draws its own progress; HF's per-tensor bars are noise
+    silence_transformers_bars()
     if name.startswith(TINY_PREFIX):
         return _tiny(name).to(device=device, dtype=dtype)
     path = _resolve(name)

@@ -19,6 +19,7 @@ from torch import nn
 from moekit.arch.edit import PER_LAYER_KEY
 from moekit.arch.storage import saved_tensors, storage_dtypes
 from moekit.errors import MoekitError
+from moekit.progress import silence_transformers_bars
 
 
 @contextlib.contextmanager
@@ -76,6 +77,7 @@ def cast_for_storage(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 def write_standard(model: nn.Module, folder: Path) -> None:
     """Write a standard checkpoint into the existing ``folder``."""
     check_standard(model)
+    silence_transformers_bars()
     model.save_pretrained(folder)  # transformers 5 writes safetensors only
 
 
