@@ -76,7 +76,7 @@ def main() -> None:
               "sizes": SIZES, "one_copy_of_all_hidden_states_mib": round(hidden_copy, 1), "rows": rows}
     out = Path(__file__).parent / "results" / "calibration_memory.json"
     out.write_text(json.dumps(result, indent=2))
-    print(f"| mode | layers | peak above baseline (MiB) | weights (MiB) |\n|---|---|---|---|")
+    print("| mode | layers | peak above baseline (MiB) | weights (MiB) |\n|---|---|---|---|")
     for r in rows:
         print(f"| {r['mode']} | {r['layers']} | {r['peak_above_baseline_mib']} | {r['weights_mib']} |")
     print(f"\none copy of all samples' hidden states: {hidden_copy:.1f} MiB; {result['machine']}; {result['date']}")

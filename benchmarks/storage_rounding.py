@@ -51,7 +51,7 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
     out = Path(__file__).parent / "results" / "storage_rounding.json"
     out.write_text(json.dumps(results, indent=1))
-    print(f"| model | step (50% removed) | fp32 weights | bf16 as saved |\n|---|---|---|---|")
+    print("| model | step (50% removed) | fp32 weights | bf16 as saved |\n|---|---|---|---|")
     for r in results["rows"]:
         print(f"| {r['model']} | {r['config']} | {r['fp32']:.4f} | {r['bf16']:.4f} |")
 

@@ -143,7 +143,9 @@ def test_missing_statistics_and_bad_sizes():
     from moekit.zoo.tiny import tiny_config
 
     info = model_info(tiny_config("mixtral"))
-    with pytest.raises(MoekitError, match="below the model's 8"):
+    with pytest.raises(MoekitError, match="merge: keep=9 but the model has only 8 experts"):
         _step(keep=9).check(info)
+    with pytest.raises(MoekitError, match="merge: keeping 8 of 8 experts removes nothing"):
+        _step(keep=8).check(info)
     with pytest.raises(MoekitError, match="fewer than top-k"):
         _step(keep=1).check(info)

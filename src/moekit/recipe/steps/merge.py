@@ -6,25 +6,25 @@ from functools import partial
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from moekit.arch.discover import moe_layers
 from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
-from moekit.errors import MoekitError
 from moekit.methods.merge.align import match, neuron_features, permute
 from moekit.methods.merge.average import fitted_router_row, weighted_mean
 from moekit.methods.merge.grouping import dominant_groups, hierarchical_groups, per_routing_group
 from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.progress import progress_bar
-from moekit.recipe.step import ModelInfo, Step, register_step
+from moekit.recipe.step import register_step
 from moekit.recipe.steps import refit
+from moekit.recipe.steps.reduce import ExpertReduction
 
 _EXPERT_TENSORS = ("gate", "up", "down", "gate_bias", "up_bias", "down_bias")
 
 
 @register_step
-class Merge(Step):
+class Merge(ExpertReduction):
     """Merge each layer's experts into ``keep`` (or remove the fraction ``remove``).
 
     grouping: ``msmoe`` (most used experts are centres, others join the most similar
@@ -43,26 +43,12 @@ class Merge(Step):
 
     name = "merge"
     type: Literal["merge"] = "merge"
-    keep: int | None = Field(default=None, ge=1)
-    remove: float | None = Field(default=None, gt=0, lt=1)
     grouping: Literal["msmoe", "hcsmoe", "score"] = "hcsmoe"
     score_criterion: Literal["frequency", "soft_frequency", "ean", "man", "msan", "reap"] = "reap"
     align: bool = True
     weights: Literal["frequency", "reap", "uniform"] = "frequency"
     router: Literal["centre", "mean", "fit"] = "mean"
     samples: int = Field(default=1024, ge=16)
-    refit: bool = False
-    refit_ridge: float = Field(default=0.1, ge=0)
-    refit_samples: int = Field(default=8192, ge=16)
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> Merge:
-        if (self.keep is None) == (self.remove is None):
-            raise ValueError("give exactly one of 'keep' (experts per layer) or 'remove' (a fraction in (0, 1))")
-        return self
-
-    def kept_per_layer(self, num_experts: int) -> int:
-        return self.keep if self.keep is not None else num_experts - round(self.remove * num_experts)
 
     def needs(self) -> set[str]:
         wanted = {"frequency"}
@@ -73,21 +59,10 @@ class Merge(Step):
             wanted.add("reap")
         if self.router == "fit":
             wanted.add("hidden_sample")
-        if self.refit:
-            wanted |= refit.NEEDS
-        return wanted
+        return wanted | self.refit_needs()
 
     def hidden_sample(self) -> int:
         return max(self.samples if self.router == "fit" else 0, self.refit_samples if self.refit else 0)
-
-    def check(self, info: ModelInfo) -> None:
-        m = self.kept_per_layer(info.num_experts)
-        if m >= info.num_experts:
-            raise MoekitError(f"merge: keep={m} must be below the model's {info.num_experts} experts per layer.")
-        if m < info.top_k:
-            raise MoekitError(f"merge: keeping {m} experts, fewer than top-k = {info.top_k}; keep at least {info.top_k}.")
-        if info.n_group > 1 and m % info.n_group:
-            raise MoekitError(f"merge: the model routes within {info.n_group} groups; keep a multiple of {info.n_group}.")
 
     def groups(self, layer, stats) -> list[list[int]]:
         s = stats[layer.index]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, model_validator
+from pydantic import Field
 from torch import nn
 
 from moekit.arch.discover import moe_layers
@@ -15,14 +15,15 @@ from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.methods.prune.reconstruction import ReconstructionObjective, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.progress import progress_bar
-from moekit.recipe.step import ModelInfo, Step, register_step
+from moekit.recipe.step import register_step
 from moekit.recipe.steps import refit
+from moekit.recipe.steps.reduce import ExpertReduction
 
 Method = Literal["random", "frequency", "soft_frequency", "ean", "man", "msan", "reap", "reconstruction"]
 
 
 @register_step
-class Prune(Step):
+class Prune(ExpertReduction):
     """Keep ``keep`` experts per layer (or remove the fraction ``remove``).
 
     ``method`` scores experts with a criterion, or (``reconstruction``) searches for the
@@ -36,8 +37,6 @@ class Prune(Step):
     name = "prune"
     type: Literal["prune"] = "prune"
     method: Method = "reap"
-    keep: int | None = Field(default=None, ge=1, description="experts kept per layer")
-    remove: float | None = Field(default=None, gt=0, lt=1, description="fraction of experts removed")
     budget: Literal["uniform", "global"] = "uniform"
     protect_super_experts: bool = False
     super_expert_factor: float = Field(default=10.0, gt=1)
@@ -47,19 +46,6 @@ class Prune(Step):
     beam_width: int = Field(default=4, ge=1)
     seed_criterion: Literal["none", "frequency", "soft_frequency", "ean", "man", "msan", "reap"] = "reap"
     samples: int = Field(default=1024, ge=16, description="calibration inputs per layer for reconstruction")
-    # output compensation
-    refit: bool = False
-    refit_ridge: float = Field(default=0.1, ge=0, description="relative ridge pulling refitted weights to the old")
-    refit_samples: int = Field(default=8192, ge=16, description="calibration inputs per layer for refit")
-
-    @model_validator(mode="after")
-    def _one_budget(self) -> Prune:
-        if (self.keep is None) == (self.remove is None):
-            raise ValueError("give exactly one of 'keep' (experts per layer) or 'remove' (a fraction in (0, 1))")
-        return self
-
-    def kept_per_layer(self, num_experts: int) -> int:
-        return self.keep if self.keep is not None else num_experts - round(self.remove * num_experts)
 
     def needs(self) -> set[str]:
         wanted: set[str] = set()
@@ -69,28 +55,10 @@ class Prune(Step):
             wanted |= set(CRITERIA[self.method][1])
         if self.protect_super_experts:
             wanted.add("peak")
-        if self.refit:
-            wanted |= refit.NEEDS
-        return wanted
+        return wanted | self.refit_needs()
 
     def hidden_sample(self) -> int:
         return max(self.samples if self.method == "reconstruction" else 0, self.refit_samples if self.refit else 0)
-
-    def check(self, info: ModelInfo) -> None:
-        keep = self.kept_per_layer(info.num_experts)
-        if keep > info.num_experts:
-            raise MoekitError(f"prune: keep={keep} but the model has only {info.num_experts} experts per layer.")
-        if keep == info.num_experts:
-            raise MoekitError(f"prune: keeping {keep} of {info.num_experts} experts removes nothing; lower keep.")
-        if keep < info.top_k:
-            raise MoekitError(
-                f"prune: keeping {keep} experts, fewer than top-k = {info.top_k}; keep at least {info.top_k}."
-            )
-        if info.n_group > 1 and keep % info.n_group:
-            raise MoekitError(
-                f"prune: the model routes within {info.n_group} expert groups; keep a multiple of {info.n_group} "
-                f"(got {keep})."
-            )
 
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
