@@ -1,5 +1,12 @@
 """The one exception type users see: a message that names the problem and the fix."""
 
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
+
 
 class MoekitError(Exception):
     """A problem with the user's input, reported before any heavy work starts.
@@ -11,3 +18,13 @@ class MoekitError(Exception):
 
 class UnsupportedModelError(MoekitError):
     """The model is not an MoE family moekit knows, or has no routed-expert layers."""
+
+
+def validation_problems(exc: ValidationError, *, default_field: str = "") -> str:
+    """pydantic's errors as one line: ``field: what is wrong (got value)``, joined by "; "."""
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or default_field
+        got = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) else ""
+        problems.append(f"{where}: {err['msg']}{got}")
+    return "; ".join(problems)

@@ -70,13 +70,16 @@ def test_tiny_run_writes_a_loadable_model_and_resumes(tmp_path, corpus):
         (["--data", "/no/such/dir"], "no such file or directory"),
         (["--arch", "transformer-xl"], "unknown architecture"),
         (["--seq-len", 100000], "fewer than one sequence"),
-        (["--steps", 0], "steps must be at least 1"),
+        (["--steps", 0], "steps: Input should be greater than or equal to 1 (got 0)"),
+        (["--lr", -1], "lr: Input should be greater than 0 (got -1.0)"),
+        (["--aux-loss-coef", -0.1], "aux_loss_coef: Input should be greater than or equal to 0 (got -0.1)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, corpus, args, message):
     result = _invoke("--data", corpus, "--vocab-size", 300, "--out", tmp_path / "run", *args)
     assert result.exit_code == 2
     assert message in result.flat and "Traceback" not in result.output
+    assert not (tmp_path / "run").exists()  # refused before any data was prepared
 
 
 def test_empty_corpus_and_bad_topk(tmp_path):

@@ -41,6 +41,9 @@ def test_hf_config_json_is_accepted(tmp_path):
         (tiny_spec("qwen3_moe", top_k=9), "top-k \\(9\\) must be between 1 and the number of experts \\(8\\)"),
         (tiny_spec("mixtral", hidden_sizes=3), "invalid model config: hidden_sizes"),
         (tiny_spec("deepseek_v3", extra={"n_group": 3}), "n_group=3"),
+        (tiny_spec("mixtral", num_layers=0), "num_layers: Input should be greater than or equal to 1 \\(got 0\\)"),
+        (tiny_spec("olmoe", hidden_size=30, num_heads=4), "hidden_size 30 is not a multiple of num_heads 4"),
+        (tiny_spec("qwen3_moe", num_heads=4, num_kv_heads=3), "num_heads 4 is not a multiple of num_kv_heads 3"),
     ],
 )
 def test_bad_configs_fail_clearly(spec, message):

@@ -1,6 +1,7 @@
 """The training loop: it learns, it resumes bit-for-bit, and it refuses bad input early."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -78,6 +79,21 @@ def test_data_smaller_than_one_batch_is_refused(tmp_path, rows):
 def test_bias_update_needs_a_correction_bias(tmp_path, rows):
     with pytest.raises(MoekitError, match="correction bias"):
         _run(tmp_path, rows, family="mixtral", bias_update_rate=1e-3)
+
+
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        ({"steps": 10, "warmup_steps": 10}, "warmup_steps (10) must be below steps (10)"),
+        ({"betas": (0.9, 1.0)}, "betas.1: Input should be less than 1 (got 1.0)"),
+        ({"min_lr_ratio": 1.5}, "min_lr_ratio: Input should be less than or equal to 1 (got 1.5)"),
+        ({"grad_clip": 0}, "grad_clip: Input should be greater than 0 (got 0)"),
+        ({"steps": 0, "lr": 0}, "steps: Input should be greater than or equal to 1 (got 0); lr: Input should be greater than 0"),
+    ],
+)
+def test_bad_training_settings_name_the_field_and_value(settings, message):
+    with pytest.raises(MoekitError, match="^invalid training setting: .*" + re.escape(message)):
+        TrainConfig.checked(**settings)
 
 
 def test_learning_rate_schedule():

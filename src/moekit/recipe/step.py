@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, validation_problems
 
 STEPS: dict[str, type[Step]] = {}
 
@@ -74,7 +74,4 @@ def step_from_dict(item: Any, position: int) -> Step:
     try:
         return STEPS[kind].model_validate(item)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or kind}: {e['msg']}" for e in exc.errors()
-        )
-        raise MoekitError(f"{where} ({kind}): {problems}") from None
+        raise MoekitError(f"{where} ({kind}): {validation_problems(exc, default_field=kind)}") from None

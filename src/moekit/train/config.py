@@ -15,10 +15,10 @@ from typing import Any, Literal
 
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, validation_problems
 
 FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 
@@ -46,21 +46,30 @@ class ModelSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     family: FamilyName
-    vocab_size: int = 8192
-    hidden_size: int = 256
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    head_dim: int | None = None
-    num_experts: int = 8
-    top_k: int = 2
-    expert_intermediate_size: int = 512
+    vocab_size: int = Field(default=8192, ge=1)
+    hidden_size: int = Field(default=256, ge=1)
+    num_layers: int = Field(default=4, ge=1)
+    num_heads: int = Field(default=4, ge=1)
+    num_kv_heads: int = Field(default=2, ge=1)
+    head_dim: int | None = Field(default=None, ge=1)
+    num_experts: int = Field(default=8, ge=1)
+    top_k: int = Field(default=2, ge=1)
+    expert_intermediate_size: int = Field(default=512, ge=1)
     norm_topk_prob: bool = True
-    max_position_embeddings: int = 2048
-    rope_theta: float = 10000.0
+    max_position_embeddings: int = Field(default=2048, ge=1)
+    rope_theta: float = Field(default=10000.0, gt=0)
     tie_word_embeddings: bool = True
-    initializer_range: float = 0.02
+    initializer_range: float = Field(default=0.02, gt=0)
     extra: dict[str, Any] = {}
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelSpec:
+        if self.head_dim is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}; "
+                             "change one or give head_dim")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        return self
 
     def hf_config(self) -> PretrainedConfig:
         experts_key, inter_key, fixed = FAMILIES[self.family]
@@ -116,7 +125,7 @@ def load_model_config(source: str | Path | dict[str, Any] | ModelSpec) -> Pretra
     try:
         spec = ModelSpec(**data)
     except ValidationError as exc:
-        raise MoekitError(f"invalid model config: {_first_error(exc)}; fix the field and retry.") from None
+        raise MoekitError(f"invalid model config: {validation_problems(exc)}; fix the field and retry.") from None
     return check_config(spec.hf_config())
 
 
@@ -162,8 +171,3 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
 
 def _unknown(name: Any) -> str:
     return f"unknown architecture {name!r}; moekit trains {', '.join(FAMILIES)}."
-
-
-def _first_error(exc: ValidationError) -> str:
-    err = exc.errors()[0]
-    return f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}"

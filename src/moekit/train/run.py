@@ -32,9 +32,8 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
         bias_rate = 1e-3 if config.model_type == "deepseek_v3" else 0.0
-    warmup = min(settings.pop("warmup"), settings["steps"] - 1)
-    tc = TrainConfig(**settings, warmup_steps=warmup, bias_update_rate=bias_rate)
-    tc.check()
+    warmup = max(0, min(settings.pop("warmup"), settings["steps"] - 1))
+    tc = TrainConfig.checked(**settings, warmup_steps=warmup, bias_update_rate=bias_rate)
     if tokenizer is None and init is not None and (init / "tokenizer.json").is_file():
         tokenizer = init
     run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,

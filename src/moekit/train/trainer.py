@@ -18,15 +18,15 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from rich.console import Console
 from torch import nn
 
 from moekit.arch.discover import moe_layers
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, validation_problems
 from moekit.train.capture import RouterCapture
 from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from moekit.train.evaluate import evaluate
@@ -36,34 +36,45 @@ from moekit.train.stream import BatchStream, learning_rate
 
 
 class TrainConfig(BaseModel):
-    """Optimisation settings. One step = ``grad_accum`` micro-batches of ``batch_size`` rows."""
+    """Optimisation settings. One step = ``grad_accum`` micro-batches of ``batch_size`` rows.
+
+    Every field is range-checked when the config is built, so a bad setting fails before
+    any data is prepared or any weight is touched.
+    """
 
     model_config = ConfigDict(extra="forbid")
 
-    steps: int = 1000
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    betas: tuple[float, float] = (0.9, 0.95)
-    grad_clip: float = 1.0
-    aux_loss_coef: float = 0.01
-    z_loss_coef: float = 1e-3
-    bias_update_rate: float = 0.0
-    checkpoint_every: int = 200
-    keep_checkpoints: int = 2
-    eval_every: int = 200
-    eval_rows: int = 64
-    seed: int = 0
+    steps: int = Field(default=1000, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    grad_accum: int = Field(default=1, ge=1)
+    lr: float = Field(default=1e-3, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0, le=1)
+    warmup_steps: int = Field(default=50, ge=0)
+    weight_decay: float = Field(default=0.1, ge=0)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = (0.9, 0.95)
+    grad_clip: float = Field(default=1.0, gt=0)
+    aux_loss_coef: float = Field(default=0.01, ge=0)
+    z_loss_coef: float = Field(default=1e-3, ge=0)
+    bias_update_rate: float = Field(default=0.0, ge=0)
+    checkpoint_every: int = Field(default=200, ge=1)
+    keep_checkpoints: int = Field(default=2, ge=1)
+    eval_every: int = Field(default=200, ge=1)
+    eval_rows: int = Field(default=64, ge=1)
+    seed: int = Field(default=0, ge=0)
 
-    def check(self) -> None:
-        for name in ("steps", "batch_size", "grad_accum", "checkpoint_every", "eval_every"):
-            if getattr(self, name) < 1:
-                raise MoekitError(f"{name} must be at least 1 (got {getattr(self, name)}).")
+    @model_validator(mode="after")
+    def _warmup_inside_the_run(self) -> TrainConfig:
         if self.warmup_steps >= self.steps:
-            raise MoekitError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps}).")
+            raise ValueError(f"warmup_steps ({self.warmup_steps}) must be below steps ({self.steps})")
+        return self
+
+    @classmethod
+    def checked(cls, **settings: Any) -> TrainConfig:
+        """Build from user settings; a bad one raises MoekitError naming the field and its value."""
+        try:
+            return cls(**settings)
+        except ValidationError as exc:
+            raise MoekitError(f"invalid training setting: {validation_problems(exc)}; fix it and retry.") from None
 
 
 def train(
@@ -83,7 +94,6 @@ def train(
     ``on_step(step, record)`` is called after every step (tests use it to interrupt).
     Returns the log: ``{"config", "meta", "history", "evals", "interrupted", ...}``.
     """
-    config.check()
     if train_rows.shape[0] < config.batch_size:
         raise MoekitError(
             f"the training data has {train_rows.shape[0]} sequences, fewer than one batch of "
