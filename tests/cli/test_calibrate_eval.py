@@ -90,3 +90,34 @@ def test_eval_compares_models_side_by_side(workspace):
                                 "--context-length", "64", "--stride", "32", "--max-tokens", "200"])
     assert table.exit_code == 0, table.output
     assert "perplexity" in table.stdout and "load max/mean" in table.stdout
+
+
+def _second_model(workspace, name, *, tokenizer_text=None, **config_changes):
+    """A copy of the workspace model with other config values or its own tokenizer."""
+    folder = workspace / name
+    if not folder.exists():
+        model = AutoModelForCausalLM.from_pretrained(workspace / "model")
+        for key, value in config_changes.items():
+            setattr(model.config, key, value)
+        model.save_pretrained(folder)
+        text = tokenizer_text or TEXT
+        save_tokenizer(train_tokenizer([text], vocab_size=300, min_frequency=1), folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "second, message",
+    [
+        (dict(name="other-tokenizer", tokenizer_text="SELECT name FROM users WHERE id = 1;\n" * 80),
+         "uses a different tokenizer from"),
+        (dict(name="short-positions", max_position_embeddings=32), "context_length 64 is beyond the model's 32 positions"),
+        (dict(name="small-vocab", vocab_size=40), "is outside the model's vocabulary of 40"),
+    ],
+)
+def test_eval_refuses_a_model_that_cannot_be_compared_before_scoring_any(workspace, second, message):
+    folder = _second_model(workspace, **second)
+    result = runner.invoke(app, ["eval", str(workspace / "model"), str(folder), "--data", str(workspace / "data"),
+                                 "--context-length", "64", "--stride", "32", "--max-tokens", "400", "--json"])
+    flat = "".join(result.output.split())
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert str(folder) in flat and "".join(message.split()) in flat  # names the model and the problem

@@ -48,9 +48,12 @@ def eval_command(
             harness = load_tasks(tasks, task_paths=task_path or ())
             tokenizers = {name: tokenizer_for(name, tokenizer) for name in names}
         # Every model is scored on the first model's tokenization, so the numbers compare.
-        stream = evaluation_stream(data, tokenizer_for(names[0], tokenizer)).input_ids
+        first_tokenizer = tokenizer_for(names[0], tokenizer)
+        stream = evaluation_stream(data, first_tokenizer).input_ids
         if max_tokens is not None:
             stream = stream[:max_tokens]
+        _check_all_before_scoring(names, stream, first_tokenizer, forced_tokenizer=tokenizer is not None,
+                                  context_length=context_length, stride=stride)
         results, task_results = {}, {}
         for name in names:
             model = load(name)
@@ -88,6 +91,34 @@ def eval_command(
         if harness is not None:
             samples = next(iter(task_results.values())).samples
             console.print("lm-eval items scored: " + ", ".join(f"{t} {n}" for t, n in samples.items()), style="dim")
+
+
+def _check_all_before_scoring(names: list[str], stream, first_tokenizer, *, forced_tokenizer: bool,
+                              context_length: int, stride: int) -> None:
+    """Refuse, before the first model is scored, any model that could not be scored on
+    ``stream`` or whose own tokenizer differs from the first model's (its perplexity on
+    another tokenization would not compare)."""
+    from moekit.data.tokens import tokenizer_for
+    from moekit.errors import MoekitError
+    from moekit.eval.perplexity import check_scoring
+    from moekit.io.load import load_config
+
+    for name in names:
+        try:
+            check_scoring(load_config(name), stream, context_length=context_length, stride=stride)
+        except MoekitError as exc:
+            raise MoekitError(f"{name}: {exc}") from None
+        if forced_tokenizer or name == names[0]:
+            continue
+        try:
+            own = tokenizer_for(name)
+        except MoekitError:
+            continue  # no tokenizer saved with it (tiny models): the vocabulary check above is all we can do
+        if own.get_vocab() != first_tokenizer.get_vocab():
+            raise MoekitError(
+                f"{name} uses a different tokenizer from {names[0]}, so their perplexities on one tokenization "
+                "would not compare; evaluate them in separate runs (or pass --tokenizer to force one)."
+            )
 
 
 def _task_rows(per_model: list[dict[str, dict[str, float | None]]]) -> list[tuple[str, list[str]]]:

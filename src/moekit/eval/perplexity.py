@@ -134,6 +134,37 @@ class _RoutingRecorder:
         return out
 
 
+def check_scoring(config, tokens: torch.Tensor, *, context_length: int | None = None,
+                  stride: int | None = None) -> tuple[int, int]:
+    """Check, from a model's config alone, that `evaluate` can score ``tokens`` [L] or [N, S]
+    with it; returns the (context_length, stride) it will use. Cheap: callers comparing
+    several models run it for all of them before scoring any.
+
+    Raises:
+        MoekitError: windows longer than the model's positions, a stride outside
+            1..context_length-1, sequences under 2 tokens, or token ids outside the
+            model's vocabulary (the data was tokenized for another model).
+    """
+    max_positions = getattr(config, "max_position_embeddings", None) or 512
+    context_length = context_length or min(512, max_positions)
+    stride = stride or max(context_length // 2, 1)
+    if context_length > max_positions:
+        raise MoekitError(f"context_length {context_length} is beyond the model's {max_positions} positions; "
+                          f"lower --context-length to at most {max_positions}.")
+    if not 0 < stride < context_length:
+        raise MoekitError(
+            f"stride must be in 1..{context_length - 1} (below context_length, so that each window "
+            f"keeps left context); got {stride}."
+        )
+    if tokens.numel() < 2 or tokens.shape[-1] < 2:
+        raise MoekitError("evaluation needs at least 2 tokens per sequence; the data is too short.")
+    vocab = getattr(config, "vocab_size", None)
+    if vocab is not None and int(tokens.max()) >= vocab:
+        raise MoekitError(f"token id {int(tokens.max())} is outside the model's vocabulary of {vocab}: the data "
+                          "was tokenized for another model; evaluate with this model's own tokenizer.")
+    return context_length, stride
+
+
 @torch.no_grad()
 def evaluate(
     model: nn.Module,
@@ -155,18 +186,7 @@ def evaluate(
         routing: also measure router entropy and load imbalance per MoE layer.
     """
     streams = [tokens] if tokens.ndim == 1 else list(tokens)
-    max_positions = getattr(model.config, "max_position_embeddings", None) or 512
-    context_length = context_length or min(512, max_positions)
-    stride = stride or max(context_length // 2, 1)
-    if context_length > max_positions:
-        raise MoekitError(f"context_length {context_length} is beyond the model's {max_positions} positions.")
-    if not 0 < stride < context_length:
-        raise MoekitError(
-            f"stride must be in 1..{context_length - 1} (below context_length, so that each window "
-            f"keeps left context); got {stride}."
-        )
-    if sum(len(s) for s in streams) < 2 or any(len(s) < 2 for s in streams):
-        raise MoekitError("evaluation needs at least 2 tokens per sequence; the data is too short.")
+    context_length, stride = check_scoring(model.config, tokens, context_length=context_length, stride=stride)
 
     jobs = [(s, w) for s in streams for w in windows(len(s), context_length, stride)]
     recorder = _RoutingRecorder(model) if routing else None
