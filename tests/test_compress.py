@@ -18,6 +18,7 @@ from typer.testing import CliRunner
 
 import moekit
 import moekit.compression
+import moekit.data
 from moekit.cli import app
 from moekit.errors import MoekitError
 from moekit.recipe import presets
@@ -32,7 +33,9 @@ def workspace(tmp_path_factory):
     from moekit.data.tokenizer import save_tokenizer, train_tokenizer
 
     root = tmp_path_factory.mktemp("compress")
-    text = open(moekit.compression.__file__).read() * 3  # any Python source will do
+    # Fixed text (the shipped, hash-checked calibration split): outcomes such as the global
+    # budget's allocation depend on the data, so it must not change when moekit's code does.
+    text = "".join(d.text for d in moekit.data.load_corpus("stdlib:calib").documents[:6])
     (root / "data").mkdir()
     (root / "data" / "code.py").write_text(text)
     tokenizer = train_tokenizer([text], vocab_size=400, min_frequency=1)
@@ -48,8 +51,9 @@ def workspace(tmp_path_factory):
 
 
 def _compress(workspace, family, recipe, out, **kw):
+    kw = {"n_samples": 8, "seq_len": 64, **kw}
     return moekit.compress(str(workspace / family), recipe, out_dir=out, data=str(workspace / "data"),
-                           n_samples=8, seq_len=64, progress=False, **kw)
+                           progress=False, **kw)
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
@@ -106,6 +110,16 @@ def test_every_preset_runs(workspace, tmp_path, preset):
     assert set(report["after"]["experts_per_layer"].values()) == {kept}
 
 
+def test_too_few_calibration_tokens_for_the_recipe_is_noted_with_the_fix(workspace, tmp_path):
+    recipe = {"steps": [{"type": "prune", "method": "reap", "keep": 4, "refit": True, "refit_samples": 1000}]}
+    short = _compress(workspace, "mixtral", recipe, tmp_path / "short")  # 8 × 64 = 512 tokens
+    assert short["notes"] == ["the recipe asks for 1,000 calibration inputs per layer but 8 sequences of 64 tokens "
+                              "hold 512; its steps used all 512. Pass --samples 16 for the full sample."]
+    assert "Note: the recipe asks for 1,000" in (tmp_path / "short" / "README.md").read_text()
+    enough = _compress(workspace, "mixtral", recipe, tmp_path / "enough", n_samples=16)
+    assert enough["notes"] == []
+
+
 def test_evaluation_rows_are_spread_over_the_whole_corpus():
     from moekit.compression import spread_rows
 
@@ -119,8 +133,8 @@ def test_evaluation_rows_are_spread_over_the_whole_corpus():
 
 def test_global_budget_round_trips_the_nonuniform_format(workspace, tmp_path):
     out = tmp_path / "out"
-    # On this seeded tiny OLMoE the layers' usage differs enough that counts differ.
-    report = _compress(workspace, "olmoe", {"steps": [{"type": "prune", "method": "frequency", "keep": 4,
+    # On this seeded tiny Granite-MoE and the fixed data, the layers' usage differs enough that counts differ.
+    report = _compress(workspace, "granitemoe", {"steps": [{"type": "prune", "method": "frequency", "keep": 4,
                                                       "budget": "global"}]}, out)
     counts = report["after"]["experts_per_layer"]
     assert sum(counts.values()) == 12 and len(set(counts.values())) > 1

@@ -10,6 +10,7 @@ tokenizer, ``recipe.yaml`` as run, ``report.json`` and a model card.
 from __future__ import annotations
 
 import json
+import math
 import os
 import resource
 import time
@@ -104,6 +105,7 @@ def compress(
         step.check(info)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    notes = _sample_shortfall(recipe, n_samples, seq_len)
     eval_rows = None
     if evaluate:
         eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
@@ -113,7 +115,8 @@ def compress(
     stored = source if dtype == "auto" else OUTPUT_DTYPES[dtype]
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, source)}
+                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, source),
+                              "notes": notes}
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
 
@@ -149,6 +152,19 @@ def compress(
         (tmp / "README.md").write_text(model_card(report))
     report["out"] = str(out)
     return report
+
+
+def _sample_shortfall(recipe: Recipe, n_samples: int, seq_len: int) -> list[str]:
+    """A note when the recipe asks for more calibration inputs per layer than the data holds:
+    the steps then fit on every token there is, which is legal but a smaller sample than the
+    recipe was tuned with (refit in particular generalises worse on few inputs)."""
+    wanted = max((step.hidden_sample() for step in recipe.steps), default=0)
+    tokens = n_samples * seq_len
+    if wanted <= tokens:
+        return []
+    return [f"the recipe asks for {wanted:,} calibration inputs per layer but {n_samples} sequences of {seq_len} "
+            f"tokens hold {tokens:,}; its steps used all {tokens:,}. Pass --samples "
+            f"{math.ceil(wanted / seq_len)} for the full sample."]
 
 
 def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> torch.Tensor:
@@ -190,6 +206,7 @@ def model_card(report: dict) -> str:
         "",
         f"Calibration: {report['data_shape'][0]} sequences of {report['data_shape'][1]} tokens from "
         f"`{report['data_source']}` (fingerprint `{report['data_fingerprint']}`).",
+        *(f"Note: {note}" for note in report.get("notes", [])),
         "",
         "| | before | after |",
         "|---|---|---|",

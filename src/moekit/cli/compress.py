@@ -57,6 +57,8 @@ def compress_command(
             table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
             table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
         console.print(table)
+        for note in report["notes"]:
+            console.print(f"[yellow]note:[/] {note}", highlight=False)
         if report["format"] != "standard":
             console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
                           "load it with moekit.load(folder), not plain transformers.[/]")
