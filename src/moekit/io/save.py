@@ -23,24 +23,57 @@ from moekit.progress import silence_transformers_bars
 
 
 @contextlib.contextmanager
-def atomic_dir(out_dir: str | os.PathLike) -> Iterator[Path]:
+def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes ``out_dir`` when the block succeeds.
 
+    ``replace=True`` is for folders moekit itself owns (a training run's ``model/``): an
+    existing ``out_dir`` is swapped for the new one only once the new one is complete.
+
     Raises:
-        MoekitError: ``out_dir`` already exists (moekit never writes into it).
+        MoekitError: ``out_dir`` already exists and ``replace`` is False (moekit never
+            writes into a user's folder).
     """
     out = Path(out_dir).expanduser().resolve()
-    if out.exists():
+    if out.exists() and not replace:
         raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
         yield tmp
+        _usual_permissions(tmp)
+        if out.exists():
+            os.replace(out, old)
         os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _usual_permissions(folder: Path) -> None:
+    """Give the files the modes the user's umask asks for. safetensors writes through a
+    private temporary file, so its ``.safetensors`` come out 0600: unreadable to the
+    colleagues a model folder on a shared machine is usually meant for."""
+    umask = _current_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(0o666 & ~umask)
+
+
+def _current_umask() -> int:
+    # Linux reports it without changing it; os.umask can only read it by setting it, which
+    # races with other threads creating files.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    umask = os.umask(0o022)
+    os.umask(umask)
+    return umask
 
 
 def check_standard(model: nn.Module) -> None:

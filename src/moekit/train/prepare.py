@@ -44,7 +44,9 @@ def prepare_data(
     ``tokenizer`` is a folder to load; None trains one of ``vocab_size`` on the train text.
     """
     cache, tok_dir = out_dir / "data", out_dir / "tokenizer"
-    if (cache / "tokens.safetensors").is_file() and (tok_dir / "tokenizer.json").is_file():
+    # manifest.json is written last and atomically: it marks a preparation as complete, so a
+    # run interrupted while preparing prepares again instead of reading half a file.
+    if (cache / "manifest.json").is_file():
         info = json.loads((cache / "manifest.json").read_text())
         if info["data"] != data or info["seq_len"] != seq_len:
             raise MoekitError(f"{out_dir} was prepared for data {info['data']!r}, seq_len {info['seq_len']}; "
@@ -82,7 +84,9 @@ def prepare_data(
     cache.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, tok_dir)
     save_file(streams, str(cache / "tokens.safetensors"))
-    (cache / "manifest.json").write_text(json.dumps(info, indent=1))
+    partial = cache / "manifest.json.partial"
+    partial.write_text(json.dumps(info, indent=1))
+    partial.replace(cache / "manifest.json")
     return RunData(train_rows, eval_rows, tok, info)
 
 

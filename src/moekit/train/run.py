@@ -23,7 +23,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
     ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
     """
-    from moekit.io.save import write_checkpoint
+    from moekit.io.save import atomic_dir, write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
     from moekit.train.presets import preset
@@ -51,9 +51,9 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     log = train_loop(model, train_rows=run.train_rows, eval_rows=run.eval_rows, config=tc, out_dir=out,
                      console=console, show_progress=show_progress, meta=meta)
     model_dir = out / "model"
-    model_dir.mkdir(parents=True, exist_ok=True)
-    write_checkpoint(model, model_dir)  # a pruned model with per-layer expert counts stays non-uniform
-    run.tokenizer.save_pretrained(model_dir)
+    with atomic_dir(model_dir, replace=True) as tmp:  # a rerun of a finished run writes it again
+        write_checkpoint(model, tmp)  # a pruned model with per-layer expert counts stays non-uniform
+        run.tokenizer.save_pretrained(tmp)
     history, evals = log["history"], log["evals"]
     return {
         "model_dir": str(model_dir), "steps": len(history), "interrupted": log["interrupted"],
