@@ -150,7 +150,7 @@ def run_stage(k: int, recipe: dict, work: Path, spec_path: Path, tokenizer: Path
     t0 = time.time()
     result = run_training(arch=str(spec_path), init=init, data="stdlib", eval_data="stdlib:eval", text_field="text",
                           tokenizer=tokenizer if k == 1 else None, vocab_size=VOCAB, seq_len=SEQ_LEN, out=out,
-                          show_progress=True, **recipe)
+                          show_progress=True, dtype="float32", **recipe)  # stages publish bf16 themselves
     if result["interrupted"]:
         return None
     summary = {"recipe": recipe, "steps": result["steps"], "params": result["params"],

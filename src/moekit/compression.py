@@ -27,7 +27,6 @@ from moekit.errors import MoekitError
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 
 
-OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
 
 def model_info(config: Any) -> ModelInfo:
@@ -89,17 +88,17 @@ def compress(
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.io.load import default_model, load, load_config, stored_dtype
-    from moekit.io.save import atomic_dir, cast_for_storage, round_for_storage, write_checkpoint
+    from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, round_for_storage, write_checkpoint
 
     start = time.perf_counter()
-    if dtype != "auto" and dtype not in OUTPUT_DTYPES:
-        raise MoekitError(f"dtype {dtype!r} is not one of auto, {', '.join(OUTPUT_DTYPES)}.")
     name = str(model) if model is not None else default_model()
     recipe = load_recipe(recipe)
     out = Path(out_dir).expanduser().resolve()
     if out.exists():
         raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
     config = load_config(name)
+    source = stored_dtype(name)
+    stored = output_dtype(dtype, source)
     info = model_info(config)
     for step in recipe.steps:
         step.check(info)
@@ -111,8 +110,6 @@ def compress(
         eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
                                   min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
-    source = stored_dtype(name)
-    stored = source if dtype == "auto" else OUTPUT_DTYPES[dtype]
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
                               "dtype": str(stored).removeprefix("torch."), "before": _summary(net, source),

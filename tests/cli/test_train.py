@@ -114,3 +114,27 @@ def test_continuing_a_model_with_per_layer_expert_counts_keeps_them(tmp_path, co
     before, after = dict(model.named_parameters()), dict(healed.named_parameters())
     assert before.keys() == after.keys()
     assert any(not torch.equal(before[k], after[k]) for k in before)  # it trained
+
+
+def test_continuing_a_bf16_model_saves_bf16_unless_told_otherwise(tmp_path, corpus):
+    from moekit.io.load import stored_dtype
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(TINY))
+    first = _invoke("--arch", spec, "--data", corpus, "--vocab-size", 300, "--seq-len", 32, "--steps", 2,
+                    "--batch-size", 4, "--out", tmp_path / "run", "--json")
+    assert first.exit_code == 0, first.output
+    assert stored_dtype(tmp_path / "run" / "model") == torch.float32  # from scratch: fp32
+    bf16 = tmp_path / "bf16"
+    tokenizer = moekit.data.load_tokenizer(tmp_path / "run" / "model")
+    moekit.save(moekit.load(tmp_path / "run" / "model"), bf16, tokenizer=tokenizer, dtype=torch.bfloat16)
+    common = ("--init", bf16, "--data", corpus, "--seq-len", 32, "--steps", 2, "--batch-size", 4, "--json")
+    healed = _invoke(*common, "--out", tmp_path / "healed")
+    assert healed.exit_code == 0, healed.output
+    assert stored_dtype(tmp_path / "healed" / "model") == torch.bfloat16
+    wide = _invoke(*common, "--out", tmp_path / "wide", "--dtype", "float32")
+    assert wide.exit_code == 0, wide.output
+    assert stored_dtype(tmp_path / "wide" / "model") == torch.float32
+    bad = _invoke(*common, "--out", tmp_path / "bad", "--dtype", "int8")
+    assert bad.exit_code == 2 and "dtype 'int8' is not one of auto, bfloat16, float16, float32" in bad.flat
+    assert not (tmp_path / "bad").exists()

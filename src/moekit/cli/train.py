@@ -38,6 +38,8 @@ def train(
     eval_every: int = typer.Option(100, help="Steps between evaluations."),
     seed: int = typer.Option(0, help="Seed of weights and data order."),
     threads: int = typer.Option(1, help="CPU threads for torch."),
+    dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
+                              "float32 from scratch), bfloat16, float16, float32. Training is fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
@@ -48,7 +50,7 @@ def train(
             vocab_size=vocab_size, seq_len=seq_len, out=out, steps=steps, batch_size=batch_size,
             grad_accum=grad_accum, lr=lr, warmup=warmup, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, checkpoint_every=checkpoint_every, eval_every=eval_every,
-            seed=seed, show_progress=not as_json, console=err_console,
+            seed=seed, dtype=dtype, show_progress=not as_json, console=err_console,
         )
     if as_json:
         print_json(result)

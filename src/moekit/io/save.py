@@ -22,6 +22,23 @@ from moekit.errors import MoekitError
 from moekit.progress import silence_transformers_bars
 
 
+OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+
+
+def output_dtype(choice: str, source: torch.dtype) -> torch.dtype:
+    """What an output stores: ``auto`` keeps the ``source`` checkpoint's dtype (a bf16 model
+    stays bf16, never doubling its size), or one of `OUTPUT_DTYPES` by name.
+
+    Raises:
+        MoekitError: an unknown name.
+    """
+    if choice == "auto":
+        return source
+    if choice not in OUTPUT_DTYPES:
+        raise MoekitError(f"dtype {choice!r} is not one of auto, {', '.join(OUTPUT_DTYPES)}.")
+    return OUTPUT_DTYPES[choice]
+
+
 @contextlib.contextmanager
 def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator[Path]:
     """Yield a fresh temporary folder that becomes ``out_dir`` when the block succeeds.

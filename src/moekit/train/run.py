@@ -17,17 +17,23 @@ from moekit.errors import MoekitError
 
 def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | None, text_field: str,
                  tokenizer: Path | None, vocab_size: int, seq_len: int, out: Path, show_progress: bool,
-                 console=None, **settings) -> dict:
+                 dtype: str = "auto", console=None, **settings) -> dict:
     """Validate everything, prepare data, train, and save ``out/model``. Returns a summary.
 
     ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
     ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
+    ``dtype`` is what ``out/model`` stores: ``auto`` keeps the ``init`` checkpoint's dtype
+    (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
-    from moekit.io.save import atomic_dir, write_checkpoint
+    from moekit.io.load import stored_dtype
+    from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
     from moekit.train.presets import preset
 
+    if init is not None and not (init / "config.json").is_file():
+        raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
+    stored = output_dtype(dtype, stored_dtype(init) if init is not None else torch.float32)
     config, model = _model_config(arch, init)
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
@@ -52,7 +58,8 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
                      console=console, show_progress=show_progress, meta=meta)
     model_dir = out / "model"
     with atomic_dir(model_dir, replace=True) as tmp:  # a rerun of a finished run writes it again
-        write_checkpoint(model, tmp)  # a pruned model with per-layer expert counts stays non-uniform
+        # a pruned model with per-layer expert counts stays non-uniform
+        write_checkpoint(cast_for_storage(model, stored), tmp)
         run.tokenizer.save_pretrained(tmp)
     history, evals = log["history"], log["evals"]
     return {
@@ -74,8 +81,6 @@ def _model_config(arch: str, init: Path | None):
     from moekit.train.presets import preset
 
     if init is not None:
-        if not (init / "config.json").is_file():
-            raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
         if is_nonuniform(init):  # e.g. healing a model pruned with a global budget
             model = load_nonuniform(init, experts_implementation="grouped_mm")
             return check_config(model.config), model
