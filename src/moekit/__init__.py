@@ -17,7 +17,12 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-__version__ = "0.1.0"
+try:  # one source of truth: pyproject.toml, as installed
+    from importlib.metadata import PackageNotFoundError, version
+
+    __version__ = version("moekit")
+except PackageNotFoundError:  # run from a source tree that was never installed
+    __version__ = "0+unknown"
 
 _API = {
     "MoELayer": "moekit.arch.layer",

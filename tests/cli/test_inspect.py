@@ -44,3 +44,4 @@ def test_inspect_dense_model_names_the_class(tmp_path):
     result = runner.invoke(app, ["inspect", str(tmp_path / "dense")])
     assert result.exit_code == 2
     assert "LlamaForCausalLM" in result.output and "Supported families" in result.output
+

@@ -13,9 +13,22 @@ app = typer.Typer(
 )
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        import torch
+        import transformers
+
+        from moekit import __version__
+
+        typer.echo(f"moekit {__version__} (transformers {transformers.__version__}, torch {torch.__version__})")
+        raise typer.Exit()
+
 
 @app.callback()
-def _root() -> None:
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print moekit's version (and transformers', torch's) and exit."),
+) -> None:
     """Make Mixture-of-Experts models smaller and faster; build new ones.
 
     With no MODEL, every command uses moekit's shipped reference model.
