@@ -63,6 +63,7 @@ def test_tiny_run_writes_a_loadable_model_and_resumes(tmp_path, corpus):
         (["--steps", 0], "steps: Input should be greater than or equal to 1 (got 0)"),
         (["--lr", -1], "lr: Input should be greater than 0 (got -1.0)"),
         (["--aux-loss-coef", -0.1], "aux_loss_coef: Input should be greater than or equal to 0 (got -0.1)"),
+        (["--threads", 0], "--threads must be at least 1 (got 0)"),
     ],
 )
 def test_bad_input_is_one_clear_line(tmp_path, corpus, args, message):
