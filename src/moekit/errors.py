@@ -25,6 +25,10 @@ def validation_problems(exc: ValidationError, *, default_field: str = "") -> str
     problems = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or default_field
-        got = f" (got {err['input']!r})" if err.get("type") != "missing" and not isinstance(err.get("input"), dict) else ""
+        got = ""
+        # A whole-model error's input is the mapping itself, and a missing field has none.
+        if err.get("type") != "missing" and not isinstance(err.get("input"), dict):
+            value = repr(err["input"])
+            got = f" (got {value if len(value) <= 60 else value[:57] + '...'})"
         problems.append(f"{where}: {err['msg']}{got}")
     return "; ".join(problems)
