@@ -103,6 +103,13 @@ def test_recommended_preset_on_every_family(family, recommended_on_every_family)
     assert (ours[family] - plain[family]).abs().max().item() <= 1e-5
 
 
+def test_plan_gives_the_sizes_compress_reports(family, workspace, recommended_on_every_family):
+    reports, _, _ = recommended_on_every_family
+    planned = moekit.plan(str(workspace / family), "prune-50")
+    assert planned["before"] == reports[family]["before"] and planned["after"] == reports[family]["after"]
+    assert planned["exact_per_layer"] and planned["dtype"] == reports[family]["dtype"]
+
+
 @pytest.mark.parametrize("preset", sorted(presets()))
 def test_every_preset_runs(workspace, tmp_path, preset):
     report = _compress(workspace, "qwen2_moe", preset, tmp_path / "out")
@@ -142,6 +149,13 @@ def test_global_budget_round_trips_the_nonuniform_format(workspace, tmp_path):
     assert "moekit.load" in (out / "README.md").read_text()
     loaded = moekit.load(out)
     assert {str(k): v for k, v in moekit.arch.edit.experts_per_layer(loaded).items()} == counts
+    # Planned in advance: the totals are exact, the split between layers is not known.
+    planned = moekit.plan(str(workspace / "granitemoe"), report["recipe"])
+    assert not planned["exact_per_layer"] and "budget: global" in planned["notes"][0]
+    for key in ("total_params", "routed_params", "bytes"):
+        assert planned["after"][key] == report["after"][key]
+    # ... and a plan of the non-uniform output starts from its real per-layer counts.
+    assert moekit.plan(str(out), {"steps": [{"type": "prune", "keep": 2}]})["before"] == report["after"]
     with pytest.raises(Exception):
         AutoModelForCausalLM.from_pretrained(out)
 
@@ -185,6 +199,9 @@ def test_a_bf16_model_is_saved_in_bf16_and_evaluated_as_saved(workspace, tmp_pat
     assert {k: v for k, v in before.items() if k in after} == after  # every kept tensor keeps its dtype
     assert report["dtype"] == "bfloat16"
     assert (out / "model.safetensors").stat().st_size < source.joinpath("model.safetensors").stat().st_size
+    planned = moekit.plan(str(source), "prune-50")  # bf16, DeepSeek-V3's fp32 router included
+    assert planned["after"]["bytes"] == report["after"]["bytes"] == (out / "model.safetensors").stat().st_size - (
+        8 + int.from_bytes((out / "model.safetensors").read_bytes()[:8], "little"))  # file minus its header
     # the reported quality is that of the weights on disk (refit's fp32 result rounded)
     rows = spread_rows(evaluation_stream(str(workspace / "data"), tokenizer_for(str(out))).input_ids, 512, 128)
     again = _evaluate(moekit.load(out), rows, batch_size=8, progress=False)

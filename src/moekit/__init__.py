@@ -39,6 +39,7 @@ _API = {
     "CalibrationStats": "moekit.calib.stats",
     "evaluate": "moekit.eval.perplexity",
     "compress": "moekit.compression",
+    "plan": "moekit.planning",
     "Recipe": "moekit.recipe.recipe",
     "save": "moekit.io.save",
 }
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     from moekit.calib.calibrate import calibrate
     from moekit.calib.stats import CalibrationStats
     from moekit.compression import compress
+    from moekit.planning import plan
     from moekit.eval.perplexity import evaluate
     from moekit.recipe.recipe import Recipe
     from moekit.io.load import load

@@ -43,7 +43,22 @@ def model_info(config: Any) -> ModelInfo:
                      top_k=top_k, n_group=spec.n_group)
 
 
-def _summary(model: nn.Module, stored: torch.dtype) -> dict:
+def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
+    """The recipe, checked step by step against ``name``'s config (no weights read);
+    returns it with that config."""
+    from moekit.io.load import load_config
+
+    recipe = load_recipe(recipe)
+    config = load_config(name)
+    info = model_info(config)
+    for step in recipe.steps:
+        step.check(info)
+    return recipe, config
+
+
+def summary(model: nn.Module, stored: torch.dtype) -> dict:
+    """Sizes for reports: parameters (total, active per token, routed), bytes as stored in
+    ``stored``, experts per MoE layer."""
     s = summarize(model, stored_dtype=stored)
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
             "bytes": s.total_bytes, "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
@@ -87,21 +102,17 @@ def compress(
     """
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
-    from moekit.io.load import default_model, load, load_config, stored_dtype
+    from moekit.io.load import default_model, load, stored_dtype
     from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, round_for_storage, write_checkpoint
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
-    recipe = load_recipe(recipe)
     out = Path(out_dir).expanduser().resolve()
     if out.exists():
         raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
-    config = load_config(name)
+    recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
-    info = model_info(config)
-    for step in recipe.steps:
-        step.check(info)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
     notes = _sample_shortfall(recipe, n_samples, seq_len)
@@ -112,7 +123,7 @@ def compress(
 
     net = load(name)
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": _summary(net, source),
+                              "dtype": str(stored).removeprefix("torch."), "before": summary(net, source),
                               "notes": notes}
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
@@ -134,7 +145,7 @@ def compress(
         stale = stale or step.changes_structure
     report["steps"] = step_reports
     round_for_storage(net, stored)  # evaluate exactly the weights that are saved
-    report["after"] = _summary(net, stored)
+    report["after"] = summary(net, stored)
     if eval_rows is not None:
         report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
     report["format"] = "moekit-nonuniform" if getattr(net.config, PER_LAYER_KEY, None) else "standard"

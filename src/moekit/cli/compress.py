@@ -25,6 +25,8 @@ def compress_command(
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source checkpoint's), bfloat16, float16, "
                                             "float32.")] = "auto",
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan", help="Show the sizes the recipe will give, from the config "
+                                                           "alone (no weights read, nothing written), and exit.")] = False,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Compress an MoE with a recipe; the output loads in plain transformers."""
@@ -37,22 +39,29 @@ def compress_command(
         return
     from moekit.compression import compress
     from moekit.errors import MoekitError
+    from moekit.planning import plan
 
     with user_errors():
+        if plan_only:
+            report = plan(model, recipe, dtype=dtype)
+            if json_out:
+                print_json(report)
+                return
+            table = _size_table(f"{report['model']}: what {recipe} will give (planned, no weights read)", report)
+            table.add_row("experts per MoE layer", _counts(report["before"]), _counts(report["after"]))
+            console.print(table)
+            for note in report["notes"]:
+                console.print(f"[yellow]note:[/] {note}", highlight=False)
+            return
         if out is None:
-            raise MoekitError("give an output folder with -o/--out (a new folder).")
+            raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
                           tokenizer=tokenizer, evaluate=eval_, dtype=dtype, progress=not json_out)
         if json_out:
             print_json(report)
             return
         before, after = report["before"], report["after"]
-        table = Table(title=f"{report['model']} → {report['out']}", title_justify="left")
-        for column in ("", "before", "after"):
-            table.add_column(column, justify="right" if column else "left")
-        table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
-        table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
-        table.add_row("bytes", f"{before['bytes']:,}", f"{after['bytes']:,}")
+        table = _size_table(f"{report['model']} → {report['out']}", report)
         if "eval" in before:
             table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
             table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
@@ -63,3 +72,20 @@ def compress_command(
             console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
                           "load it with moekit.load(folder), not plain transformers.[/]")
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
+
+
+def _size_table(title: str, report: dict) -> Table:
+    """Parameters, active parameters per token and bytes, before and after."""
+    before, after = report["before"], report["after"]
+    table = Table(title=title, title_justify="left")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="right" if column else "left")
+    table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
+    table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
+    table.add_row(f"bytes (after: {report['dtype']})", f"{before['bytes']:,}", f"{after['bytes']:,}")
+    return table
+
+
+def _counts(sizes: dict) -> str:
+    counts = sorted(set(sizes["experts_per_layer"].values()))
+    return ", ".join(map(str, counts)) if counts else "-"

@@ -45,6 +45,17 @@ class Step(BaseModel):
     def check(self, info: ModelInfo) -> None:
         """Raise MoekitError if the step cannot apply to this model."""
 
+    def planned_experts(self, num_experts: int) -> int:
+        """Experts a layer of ``num_experts`` keeps after this step, known before any
+        calibration (`moekit.plan`); steps that keep the structure return it unchanged."""
+        return num_experts
+
+    @property
+    def counts_known_in_advance(self) -> bool:
+        """False when calibration decides how many experts each layer keeps (only their
+        total is known in advance)."""
+        return True
+
     def apply(self, model: nn.Module, stats: Any, *, progress: bool = False) -> dict:
         """Edit ``model`` in place; return what to record in the report. ``progress``
         draws a bar over layers where a step's per-layer work is slow."""

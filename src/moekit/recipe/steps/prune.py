@@ -60,6 +60,10 @@ class Prune(ExpertReduction):
     def hidden_sample(self) -> int:
         return max(self.samples if self.method == "reconstruction" else 0, self.refit_samples if self.refit else 0)
 
+    @property
+    def counts_known_in_advance(self) -> bool:
+        return self.budget == "uniform"
+
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
         layers = {layer.index: layer for layer in moe_layers(model)}

@@ -1,0 +1,92 @@
+"""`moekit.plan`: what a recipe will make of a model — parameters, active parameters per
+token, bytes as saved, experts per layer — before any weight is read.
+
+The model is built from its config on PyTorch's ``meta`` device (shapes without storage,
+so a 30B-parameter model costs nothing), each step's expert counts are applied with the
+same `keep_experts` that compression uses, and the result is measured by the same
+`summarize`. The numbers are therefore those `moekit.compress` reports, not an estimate
+from a formula that could drift from the code; a test holds the two equal on every family.
+
+Calibration decides per-layer counts only for ``budget: global``; the total is still
+known (every expert of a model has the same size), so parameters and bytes stay exact
+while per-layer counts and active parameters are shown for an even split.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+from moekit.arch.discover import moe_layers
+from moekit.arch.edit import PER_LAYER_KEY, keep_experts
+from moekit.errors import MoekitError
+from moekit.recipe import Recipe
+
+
+def plan(
+    model: str | os.PathLike | None,
+    recipe: Recipe | str | os.PathLike | dict,
+    *,
+    dtype: str = "auto",
+) -> dict[str, Any]:
+    """Sizes before and after ``recipe``, from ``model``'s config alone.
+
+    Args:
+        model: checkpoint folder, hub id or shipped reference (None: the default model).
+        recipe: a `Recipe`, a preset name, a YAML path, or a dict.
+        dtype: the output dtype, as for `moekit.compress` (``auto``: the checkpoint's).
+
+    Returns:
+        ``{"model", "recipe", "dtype", "before", "after", "exact_per_layer", "notes"}``;
+        ``before`` and ``after`` have the keys of `moekit.compress`'s report.
+
+    Raises:
+        MoekitError: an invalid recipe, an unsupported model, a bad dtype.
+    """
+    from moekit.compression import checked_recipe, summary
+    from moekit.io.load import default_model, stored_dtype
+    from moekit.io.save import output_dtype
+
+    name = str(model) if model is not None else default_model()
+    recipe, config = checked_recipe(name, recipe)
+    source = stored_dtype(name)
+    stored = output_dtype(dtype, source)
+    skeleton = _skeleton(config)
+    before = summary(skeleton, source)
+    exact = True
+    for step in recipe.steps:
+        keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.planned_experts(layer.num_experts),
+                                                         layer.router.spec.n_group)
+                                for layer in moe_layers(skeleton)})
+        exact = exact and step.counts_known_in_advance
+    notes = [] if exact else [
+        "budget: global lets calibration decide how many experts each layer keeps; parameters and bytes are "
+        "exact, per-layer counts and active parameters per token are shown for an even split."]
+    return {"model": name, "recipe": recipe.to_dict(), "dtype": str(stored).removeprefix("torch."),
+            "before": before, "after": summary(skeleton, stored), "exact_per_layer": exact, "notes": notes}
+
+
+def _skeleton(config: Any) -> nn.Module:
+    """The model of ``config`` on the meta device, with a non-uniform checkpoint's counts."""
+    from transformers import AutoModelForCausalLM
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
+    if per_layer:
+        keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
+    return model
+
+
+def _spread_ids(num_experts: int, keep: int, n_group: int) -> list[int]:
+    """Some ``keep`` expert ids, the same number from each routing group (which only shapes
+    matter for, but `keep_experts` insists on for group-limited routing)."""
+    if keep == num_experts:
+        return list(range(num_experts))
+    if keep % n_group or num_experts % n_group:
+        raise MoekitError(f"{keep} experts cannot be kept evenly from {n_group} routing groups of {num_experts}.")
+    size, per_group = num_experts // n_group, keep // n_group
+    return [g * size + j for g in range(n_group) for j in range(per_group)]
