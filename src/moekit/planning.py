@@ -58,7 +58,7 @@ def plan(
     before = summary(skeleton, source)
     exact = True
     for step in recipe.steps:
-        keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.planned_experts(layer.num_experts),
+        keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.kept_per_layer(layer.num_experts),
                                                          layer.router.spec.n_group)
                                 for layer in moe_layers(skeleton)})
         exact = exact and step.counts_known_in_advance

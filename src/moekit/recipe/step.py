@@ -45,9 +45,9 @@ class Step(BaseModel):
     def check(self, info: ModelInfo) -> None:
         """Raise MoekitError if the step cannot apply to this model."""
 
-    def planned_experts(self, num_experts: int) -> int:
+    def kept_per_layer(self, num_experts: int) -> int:
         """Experts a layer of ``num_experts`` keeps after this step, known before any
-        calibration (`moekit.plan`); steps that keep the structure return it unchanged."""
+        calibration (`moekit.plan` reads it); steps that keep the structure return it unchanged."""
         return num_experts
 
     @property

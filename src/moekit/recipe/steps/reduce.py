@@ -29,9 +29,6 @@ class ExpertReduction(Step):
     def kept_per_layer(self, num_experts: int) -> int:
         return self.keep if self.keep is not None else num_experts - round(self.remove * num_experts)
 
-    def planned_experts(self, num_experts: int) -> int:
-        return self.kept_per_layer(num_experts)
-
     def refit_needs(self) -> set[str]:
         return set(refit.NEEDS) if self.refit else set()
 
