@@ -40,7 +40,7 @@ def model_info(config: Any) -> ModelInfo:
     top_k = int(getattr(config, family.top_k_key))
     spec = family.routing.resolve(config, top_k)
     return ModelInfo(family=family.name, num_experts=int(getattr(config, family.num_experts_key)),
-                     top_k=top_k, n_group=spec.n_group)
+                     top_k=top_k, routing=spec)
 
 
 def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:

@@ -48,3 +48,27 @@ def test_sparsemixer_weights_are_softmax_over_near_best():
     assert torch.allclose(weights[0, 0], e[0] / e.sum())
     # the second choice competes with nobody left within 2·eps of it
     assert torch.allclose(weights[0, 1], torch.tensor(1.0))
+
+
+def test_least_kept_is_the_smallest_count_keep_experts_accepts():
+    """Brute force: for each routing, the smallest even-per-group count that `keep_experts`
+    accepts on a tiny model of that family is what `least_kept` says."""
+    import moekit
+    from moekit.errors import MoekitError
+    from moekit.zoo.tiny import tiny_model
+
+    for family in ("mixtral", "deepseek_v2", "deepseek_v3"):
+        accepted = []
+        for keep in range(1, 9):
+            model = tiny_model(family)
+            layers = moekit.moe_layers(model)
+            groups, size = layers[0].router.spec.n_group, layers[0].num_experts // layers[0].router.spec.n_group
+            if keep % groups:
+                continue
+            ids = [g * size + j for g in range(groups) for j in range(keep // groups)]
+            try:
+                moekit.keep_experts(model, {layer.index: ids for layer in layers})
+                accepted.append(keep)
+            except MoekitError:
+                pass
+        assert min(accepted) == layers[0].router.spec.least_kept(), family

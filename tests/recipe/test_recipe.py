@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
+import moekit
 from moekit.compression import model_info
 from moekit.errors import MoekitError
 from moekit.recipe import Recipe, load_recipe, presets
@@ -75,3 +78,21 @@ def test_group_limited_models_need_a_multiple_of_the_groups():
     recipe = Recipe.from_dict({"steps": [{"type": "prune", "keep": 3}]})
     with pytest.raises(MoekitError, match="multiple of 2"):
         recipe.steps[0].check(model_info(tiny_config("deepseek_v3")))
+
+
+@pytest.mark.parametrize("family, message", [
+    ("deepseek_v3", "ranks its 2 expert groups by their two best experts; keep at least 2 per group (4 in all)"),
+    ("deepseek_v2", "1 chosen groups x 1 experts cannot supply top-k = 2; keep at least 2 per group (4 in all)"),
+])
+def test_group_limited_routing_is_checked_before_weights_load_as_the_edit_would(family, message):
+    """keep=2 of 8 in 2 groups is a multiple of the groups, yet leaves one expert per group:
+    refused by the recipe check with the same reason `keep_experts` gives."""
+    from moekit.arch.edit import keep_experts
+    from moekit.zoo.tiny import tiny_model
+
+    step = Recipe.from_dict({"steps": [{"type": "merge", "keep": 2}]}).steps[0]
+    with pytest.raises(MoekitError, match="^merge: .*" + re.escape(message)):
+        step.check(model_info(tiny_config(family)))
+    model = tiny_model(family)
+    with pytest.raises(MoekitError, match=re.escape(message)):
+        keep_experts(model, {layer.index: [0, 4] for layer in moekit.moe_layers(model)})

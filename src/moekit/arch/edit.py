@@ -183,16 +183,8 @@ def _check_groups(layer: MoELayer, ids: list[int]) -> None:
             f"layer {layer.index} routes within {spec.n_group} expert groups of {size}; the kept experts "
             f"per group are {per_group}. Keep the same number from every group."
         )
-    new_size = per_group[0]
-    if spec.group_score == "top2_sum" and new_size < 2:
-        raise MoekitError(
-            f"layer {layer.index} ranks groups by their two best experts; keep at least 2 per group."
-        )
-    if spec.topk_group * new_size < spec.top_k:
-        raise MoekitError(
-            f"layer {layer.index}: {spec.topk_group} groups x {new_size} experts cannot supply top-k = "
-            f"{spec.top_k}; keep at least {-(-spec.top_k // spec.topk_group)} per group."
-        )
+    if problem := spec.kept_count_problem(per_group[0]):
+        raise MoekitError(f"layer {layer.index}: {problem}.")
 
 
 def _layer(model: nn.Module, layer_index: int) -> MoELayer:

@@ -55,6 +55,28 @@ class RoutingSpec:
     def grouped(self) -> bool:
         return self.n_group > 1
 
+    def kept_count_problem(self, per_group: int) -> str | None:
+        """Why group-limited routing cannot work with ``per_group`` experts left in every
+        group, or None when it can (always None without groups)."""
+        if not self.grouped:
+            return None
+        if self.group_score == "top2_sum" and per_group < 2:
+            return (f"the router ranks its {self.n_group} expert groups by their two best experts; keep at least "
+                    f"2 per group ({2 * self.n_group} in all)")
+        if self.topk_group * per_group < self.top_k:
+            need = -(-self.top_k // self.topk_group)
+            return (f"{self.topk_group} chosen groups x {per_group} experts cannot supply top-k = {self.top_k}; "
+                    f"keep at least {need} per group ({need * self.n_group} in all)")
+        return None
+
+    def least_kept(self) -> int:
+        """The fewest experts a layer routed this way can keep: at least top-k, the same
+        number from every group, and no `kept_count_problem`."""
+        per_group = 1
+        while per_group * self.n_group < self.top_k or self.kept_count_problem(per_group):
+            per_group += 1
+        return per_group * self.n_group
+
 
 def router_logits(
     hidden: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None

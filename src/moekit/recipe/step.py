@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from moekit.arch.routing import RoutingSpec
 from moekit.errors import MoekitError, validation_problems
 
 STEPS: dict[str, type[Step]] = {}
@@ -24,7 +25,11 @@ class ModelInfo:
     family: str
     num_experts: int
     top_k: int
-    n_group: int = 1
+    routing: RoutingSpec | None = None  # None: plain top-k routing
+
+    @property
+    def n_group(self) -> int:
+        return self.routing.n_group if self.routing is not None else 1
 
 
 class Step(BaseModel):

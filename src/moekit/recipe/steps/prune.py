@@ -78,7 +78,7 @@ class Prune(ExpertReduction):
             counts = global_allocation(
                 {i: self._scores(layer, stats) for i, layer in layers.items()},
                 sum(counts.values()),
-                minimum={i: layer.top_k for i, layer in layers.items()},
+                minimum={i: layer.router.spec.least_kept() for i, layer in layers.items()},
                 n_group={i: layer.router.spec.n_group for i, layer in layers.items()},
             )
         plan, details = {}, {}
