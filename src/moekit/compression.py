@@ -9,6 +9,7 @@ tokenizer, ``recipe.yaml`` as run, ``report.json`` and a model card.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -44,8 +45,8 @@ def model_info(config: Any) -> ModelInfo:
 
 
 def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
-    """The recipe, checked step by step against ``name``'s config (no weights read);
-    returns it with that config."""
+    """The recipe, checked step by step against ``name``'s config (no weights read), each
+    step against the expert count the steps before it leave; returns it with that config."""
     from moekit.io.load import load_config
 
     recipe = load_recipe(recipe)
@@ -53,6 +54,7 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     info = model_info(config)
     for step in recipe.steps:
         step.check(info)
+        info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts))  # what the next sees
     return recipe, config
 
 
