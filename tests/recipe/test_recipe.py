@@ -96,3 +96,17 @@ def test_group_limited_routing_is_checked_before_weights_load_as_the_edit_would(
     model = tiny_model(family)
     with pytest.raises(MoekitError, match=re.escape(message)):
         keep_experts(model, {layer.index: [0, 4] for layer in moekit.moe_layers(model)})
+
+
+def test_an_exhaustive_search_too_large_to_finish_is_refused_up_front():
+    from moekit.io.load import load_config
+    from moekit.methods.prune.reconstruction import count_candidates
+
+    info = model_info(tiny_config("mixtral"))  # 8 experts: C(8, 4) = 70 sets, fine
+    Recipe.from_dict({"steps": [{"type": "prune", "method": "reconstruction", "search": "exhaustive",
+                                 "keep": 4}]}).steps[0].check(info)
+    fine = model_info(load_config("moekit/ref-fine"))  # 32 experts, keep 16: C(32, 16) sets
+    step = Recipe.from_dict({"steps": [{"type": "prune", "method": "reconstruction", "search": "exhaustive",
+                                        "keep": 16}]}).steps[0]
+    with pytest.raises(MoekitError, match=f"would score {count_candidates(32, 16):,} candidate sets"):
+        step.check(fine)

@@ -12,12 +12,16 @@ from moekit.arch.discover import moe_layers
 from moekit.arch.edit import keep_experts
 from moekit.errors import MoekitError
 from moekit.methods.prune.criteria import CRITERIA, score
-from moekit.methods.prune.reconstruction import ReconstructionObjective, search
+from moekit.methods.prune.reconstruction import ReconstructionObjective, count_candidates, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.progress import progress_bar
-from moekit.recipe.step import register_step
+from moekit.recipe.step import ModelInfo, register_step
 from moekit.recipe.steps import refit
 from moekit.recipe.steps.reduce import ExpertReduction
+
+# An explicit exhaustive search beyond this many kept sets per layer is refused up front:
+# it is combinatorial (32 experts, keep 16: 6e8 sets), so a typo would run for days.
+MAX_EXHAUSTIVE = 1_000_000
 
 Method = Literal["random", "frequency", "soft_frequency", "ean", "man", "msan", "reap", "reconstruction"]
 
@@ -63,6 +67,16 @@ class Prune(ExpertReduction):
     @property
     def counts_known_in_advance(self) -> bool:
         return self.budget == "uniform"
+
+    def check(self, info: ModelInfo) -> None:
+        super().check(info)
+        if self.method == "reconstruction" and self.search == "exhaustive":
+            count = count_candidates(info.num_experts, self.kept_per_layer(info.num_experts), info.n_group)
+            if count > MAX_EXHAUSTIVE:
+                raise MoekitError(
+                    f"prune: an exhaustive search would score {count:,} candidate sets per layer (the limit is "
+                    f"{MAX_EXHAUSTIVE:,}); use search: beam, or auto (exhaustive only where it is small)."
+                )
 
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         stats.require(self.needs(), f"prune (method={self.method})")
