@@ -28,8 +28,6 @@ from moekit.errors import MoekitError
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 
 
-
-
 def model_info(config: Any) -> ModelInfo:
     """Experts, top-k and groups from a config alone (recipes are checked before loading)."""
     model_type = getattr(config, "model_type", None)
