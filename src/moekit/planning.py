@@ -2,9 +2,9 @@
 token, bytes as saved, experts per layer — before any weight is read.
 
 The model is built from its config on PyTorch's ``meta`` device (shapes without storage,
-so a 30B-parameter model takes no memory for its weights), each step's expert counts are applied with the
-same `keep_experts` that compression uses, and the result is measured by the same
-`summarize`. The numbers are therefore those `moekit.compress` reports, not an estimate
+so a 30B-parameter model takes no memory for its weights), each step's expert counts are
+applied with the same `keep_experts` that compression uses, and the result is measured
+by the same `summarize`. The numbers are therefore those `moekit.compress` reports, not an estimate
 from a formula that could drift from the code; a test holds the two equal on every family.
 
 Calibration decides per-layer counts only for ``budget: global``; the total is still
