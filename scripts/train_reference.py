@@ -64,6 +64,7 @@ sys.path.insert(0, str(REPO / "src"))
 from moekit.train.run import run_training  # noqa: E402
 from moekit.train import evaluate  # noqa: E402
 from moekit.train.presets import REFERENCE  # noqa: E402
+from moekit.io.save import write_json_atomically  # noqa: E402
 
 # Each model trains in stages. A later stage starts from the earlier stage's weights rounded
 # to bf16 (exactly what that stage published), with a fresh AdamW, its own warmup + cosine
@@ -159,7 +160,7 @@ def run_stage(k: int, recipe: dict, work: Path, spec_path: Path, tokenizer: Path
                "wall_time_last_session_s": time.time() - t0,
                "train_seconds_all_sessions": result["train_seconds_all_sessions"],
                "tokens_per_s": result["tokens_per_s"], "machine": machine(torch.get_num_threads())}
-    done.write_text(json.dumps(summary, indent=1))
+    write_json_atomically(done, summary)  # the stage's completion marker: whole or absent
     return summary
 
 

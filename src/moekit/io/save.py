@@ -7,6 +7,7 @@ renamed into place only when complete, so an interrupted run leaves no output fo
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
@@ -67,6 +68,15 @@ def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)
+
+
+def write_json_atomically(path: Path, data: Any, *, indent: int = 1) -> Path:
+    """Write ``data`` as JSON to ``path`` through a temporary file renamed over it, so a
+    reader (a resumed run, say) sees the old file or the new one, never half of one."""
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(data, indent=indent))
+    partial.replace(path)
+    return path
 
 
 def _usual_permissions(folder: Path) -> None:

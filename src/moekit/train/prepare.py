@@ -21,6 +21,7 @@ from moekit.data.packing import pack, tokenize_corpus, unigram_log_perplexity
 from moekit.data.stdlib import manifest, split_of
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 from moekit.errors import MoekitError
+from moekit.io.save import write_json_atomically
 
 
 @dataclass
@@ -84,9 +85,7 @@ def prepare_data(
     cache.mkdir(parents=True, exist_ok=True)
     save_tokenizer(tok, tok_dir)
     save_file(streams, str(cache / "tokens.safetensors"))
-    partial = cache / "manifest.json.partial"
-    partial.write_text(json.dumps(info, indent=1))
-    partial.replace(cache / "manifest.json")
+    write_json_atomically(cache / "manifest.json", info)
     return RunData(train_rows, eval_rows, tok, info)
 
 

@@ -13,7 +13,6 @@ move by ``bias_update_rate`` after each optimizer step.
 
 from __future__ import annotations
 
-import json
 import signal
 import time
 from collections.abc import Callable
@@ -27,6 +26,7 @@ from torch import nn
 
 from moekit.arch.discover import moe_layers
 from moekit.errors import MoekitError, validation_problems
+from moekit.io.save import write_json_atomically
 from moekit.train.capture import RouterCapture
 from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
 from moekit.train.evaluate import evaluate
@@ -203,11 +203,7 @@ def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]
 def write_log(out_dir: Path, log: dict[str, Any]) -> Path:
     """The JSON learning curve, written atomically to ``out_dir/train_log.json``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    path = out_dir / "train_log.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(log, indent=1))
-    tmp.replace(path)
-    return path
+    return write_json_atomically(out_dir / "train_log.json", log)
 
 
 class _StopFlag:
