@@ -25,11 +25,11 @@ class ModelInfo:
     family: str
     num_experts: int
     top_k: int
-    routing: RoutingSpec | None = None  # None: plain top-k routing
+    routing: RoutingSpec
 
     @property
     def n_group(self) -> int:
-        return self.routing.n_group if self.routing is not None else 1
+        return self.routing.n_group
 
 
 class Step(BaseModel):

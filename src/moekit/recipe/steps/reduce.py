@@ -47,5 +47,5 @@ class ExpertReduction(Step):
                 f"{self.name}: the model routes within {info.n_group} expert groups; keep a multiple of "
                 f"{info.n_group} (got {keep})."
             )
-        if info.routing is not None and (problem := info.routing.kept_count_problem(keep // info.n_group)):
+        if problem := info.routing.kept_count_problem(keep // info.n_group):
             raise MoekitError(f"{self.name}: {problem}.")
