@@ -2,7 +2,34 @@
 
 from __future__ import annotations
 
-import typer
+import os
+import signal
+import threading
+
+INTERRUPTED = 130  # what shells report for a process ended by Ctrl-C (128 + SIGINT)
+
+
+def _interrupted(*_: object) -> None:
+    """Ctrl-C, wherever it lands (an import, data preparation, work): one line and exit
+    130. SystemExit still unwinds every ``with``/``finally`` (temporary folders are
+    removed) but prints no traceback, even when raised while modules are being imported."""
+    os.write(2, b"interrupted\n")  # unbuffered: the handler may run in the middle of a write to stderr
+    raise SystemExit(INTERRUPTED)
+
+
+def _exit_on_interrupt() -> bool:
+    if threading.current_thread() is not threading.main_thread():
+        return False  # only the main thread may set handlers (moekit.cli imported in a worker)
+    signal.signal(signal.SIGINT, _interrupted)
+    return True
+
+
+# Start-up is mostly imports: cover them from here, and give the handler back afterwards
+# so that a program importing moekit.cli (the tests) keeps its own.
+_previous = signal.getsignal(signal.SIGINT)
+_handled_imports = _exit_on_interrupt()
+
+import typer  # noqa: E402
 
 app = typer.Typer(
     name="moekit",
@@ -15,12 +42,11 @@ app = typer.Typer(
 
 def _print_version(value: bool) -> None:
     if value:
-        import torch
-        import transformers
+        from importlib.metadata import version  # the installed versions, without importing torch (seconds)
 
         from moekit import __version__
 
-        typer.echo(f"moekit {__version__} (transformers {transformers.__version__}, torch {torch.__version__})")
+        typer.echo(f"moekit {__version__} (transformers {version('transformers')}, torch {version('torch')})")
         raise typer.Exit()
 
 
@@ -42,6 +68,10 @@ from moekit.cli import eval as _eval  # noqa: E402,F401
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
 from moekit.cli import train as _train  # noqa: E402,F401
 
+if _handled_imports and _previous is not None:  # None: set outside Python, cannot be put back
+    signal.signal(signal.SIGINT, _previous)
+
 
 def main() -> None:
+    _exit_on_interrupt()  # a command that wants Ctrl-C itself (train's checkpoint) sets its own, then restores this
     app()

@@ -1,4 +1,4 @@
-"""What every command shares: user errors as one clean line, JSON output."""
+"""What every command shares: user errors as one clean line, JSON output, --threads."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
-from typing import Any
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -30,3 +30,27 @@ def user_errors() -> Iterator[None]:
 def print_json(payload: Any) -> None:
     """Machine-readable output on stdout, and nothing else there."""
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
+
+
+def _use_threads(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
+    """Set torch's CPU threads while the command runs, and put them back after it (tests
+    call commands in-process, where a setting that outlived the command would leak)."""
+    if value is None or ctx.resilient_parsing:
+        return value
+    with user_errors():
+        if value < 1:
+            raise MoekitError(f"--threads must be at least 1 (got {value}).")
+    import torch  # only a command that computes gets here, and it needs torch anyway
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(value)
+    ctx.call_on_close(lambda: torch.set_num_threads(before))
+    return value
+
+
+# Every command that computes declares ``threads: Threads = None``; the callback applies it
+# while the arguments are parsed, so no command body has to remember to.
+Threads = Annotated[Optional[int], typer.Option(
+    "--threads", metavar="N", callback=_use_threads,
+    help="CPU threads for torch (default: torch's, one per core). Fewer lets several jobs share a machine.",
+)]

@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.cli import app
-from moekit.cli._common import console, print_json, user_errors
+from moekit.cli._common import Threads, console, print_json, user_errors
 
 
 @app.command("calibrate")
@@ -23,6 +23,7 @@ def calibrate_command(
     seed: Annotated[int, typer.Option(help="Seed for choosing sequences and sampling states.")] = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
     list_stats: Annotated[bool, typer.Option("--list-stats", help="List the statistics and exit.")] = False,
+    threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Collect the statistics compression methods read, and save them for reuse."""

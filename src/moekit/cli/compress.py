@@ -8,7 +8,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app
-from moekit.cli._common import console, print_json, user_errors
+from moekit.cli._common import Threads, console, print_json, user_errors
 
 
 @app.command("compress")
@@ -27,6 +27,7 @@ def compress_command(
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
     plan_only: Annotated[bool, typer.Option("--plan", help="Show the sizes the recipe will give, from the config "
                                                            "alone (no weights read, nothing written), and exit.")] = False,
+    threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """Compress an MoE with a recipe; the output loads in plain transformers."""

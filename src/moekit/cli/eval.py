@@ -9,7 +9,7 @@ import typer
 from rich.table import Table
 
 from moekit.cli import app
-from moekit.cli._common import console, print_json, user_errors
+from moekit.cli._common import Threads, console, print_json, user_errors
 
 
 @app.command("eval")
@@ -28,6 +28,7 @@ def eval_command(
     task_path: Annotated[Optional[list[str]], typer.Option(
         help="Folder of your own lm-eval task YAMLs with local data (repeatable).",
     )] = None,
+    threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Evaluate one or more models on the same tokens."""

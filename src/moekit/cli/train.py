@@ -5,13 +5,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import torch
 import typer
 
-from moekit.cli import app
-from moekit.cli._common import console, err_console, print_json, user_errors
-from moekit.errors import MoekitError
-from moekit.train.run import run_training
+from moekit.cli import INTERRUPTED, app
+from moekit.cli._common import Threads, console, err_console, print_json, user_errors
 
 
 @app.command()
@@ -38,18 +35,15 @@ def train(
     checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
     eval_every: int = typer.Option(100, help="Steps between evaluations."),
     seed: int = typer.Option(0, help="Seed of weights and data order."),
-    threads: int = typer.Option(None, help="CPU threads for torch (default: torch's, one per core). Fewer lets "
-                                "several runs share a machine."),
+    threads: Threads = None,
     dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
                               "float32 from scratch), bfloat16, float16, float32. Training is fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
+    from moekit.train.run import run_training  # torch and transformers: not for --help
+
     with user_errors():
-        if threads is not None:
-            if threads < 1:
-                raise MoekitError(f"--threads must be at least 1 (got {threads}).")
-            torch.set_num_threads(threads)
         result = run_training(
             arch=arch, init=init, data=data, eval_data=eval_data, text_field=text_field, tokenizer=tokenizer,
             vocab_size=vocab_size, seq_len=seq_len, out=out, steps=steps, batch_size=batch_size,
@@ -66,6 +60,8 @@ def train(
         console.print(f"[bold green]done[/] model in {result['model_dir']}: train loss {result['train_loss']:.4f}"
                       + (f", eval ppl {result['eval_perplexity']:.2f}" if result.get("eval_perplexity") else "")
                       + f", {result['tokens_per_s']:.0f} tok/s")
+    if result["interrupted"]:  # checkpointed, but not done: scripts must not read it as success
+        raise typer.Exit(INTERRUPTED)
 
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
