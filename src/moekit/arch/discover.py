@@ -49,6 +49,13 @@ def moe_layers(model: nn.Module) -> list[MoELayer]:
     return layers
 
 
+def view_layer(model: nn.Module, index: int) -> MoELayer | None:
+    """The canonical view of decoder layer ``index`` (None for a dense layer), without
+    viewing the others: a streamed pass views each layer as it is lent."""
+    family = find_family(model)
+    return _view_layer(model, family, index, family.decoder_layers(model)[index])
+
+
 def family_of(model: nn.Module) -> Family:
     return find_family(model)
 
@@ -89,4 +96,4 @@ def _optional_submodule(root: nn.Module, path: str) -> nn.Module | None:
         return None
 
 
-__all__ = ["DecoderLayerInfo", "decoder_layers", "family_of", "moe_layers", "UnsupportedModelError"]
+__all__ = ["DecoderLayerInfo", "decoder_layers", "family_of", "moe_layers", "view_layer", "UnsupportedModelError"]

@@ -1,23 +1,24 @@
-"""Run a model one decoder layer at a time over all calibration samples.
+"""Push batches of rows through a model one decoder layer at a time.
 
 The way sequential calibration works in GPTQ-style tools: first capture what enters the
-decoder stack for every sample, then push all samples through layer 0, then layer 1, and
-so on. Only one layer's weights need to be on the compute device and only one layer's
-activations are alive, so a model larger than accelerator memory can be calibrated.
+decoder stack for every batch, then push every batch through layer 0, then layer 1, and
+so on. Only one layer's weights are needed at a time (`moekit.io.layered.LayeredModel`
+lends them), and only the hidden states between two layers are alive
+(`moekit.calib.activations`), so the memory a pass needs is set by one layer, not by the
+model. Calibration, compression and evaluation all run on this one loop.
 
 Capturing the inputs is done generically: every decoder layer is temporarily replaced by
 a `_Recorder` that stores the (args, kwargs) the model's own forward passes it and
 returns the hidden state unchanged. The model's forward thus computes, for each layer,
 exactly the attention mask (full, sliding, chunked, linear-attention), position
 embeddings and extra arguments it would have given it, at the cost of embeddings only.
-
-Peak memory: the hidden states of all samples, N·S·H·4 bytes (fp32, held on
-``offload_device``), plus one layer's weights and one batch's activations on ``device``.
+The final norm and head run the same way (`logits`): the model's own forward, with the
+first layer replaced by the stored final hidden state and the others by identities.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +26,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.arch.adapters import find_family
+from moekit.calib.activations import ActivationBudget, HiddenStates
+from moekit.io.layered import LayeredModel
 
 
 @dataclass
@@ -36,13 +38,15 @@ class LayerCall:
     kwargs: dict[str, Any]
 
 
-class _Recorder(nn.Module):
-    """Stands in for a decoder layer: records its call, returns the hidden state."""
+class _Stand(nn.Module):
+    """Stands in for a decoder layer: records its call (``calls``) and returns the hidden
+    state unchanged, or returns ``replace`` instead of it."""
 
-    def __init__(self, layer: nn.Module, calls: list[LayerCall]) -> None:
+    def __init__(self, layer: nn.Module, calls: list[LayerCall] | None, replace: torch.Tensor | None = None) -> None:
         super().__init__()
         self.wrapped = [layer]  # a list, so the layer is not registered as a child
         self.calls = calls
+        self.replace = replace
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -51,8 +55,9 @@ class _Recorder(nn.Module):
             return getattr(self.wrapped[0], name)  # e.g. layer_type, attention_type
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        self.calls.append(LayerCall(args=args, kwargs=kwargs))
-        return hidden_states
+        if self.calls is not None:
+            self.calls.append(LayerCall(args=args, kwargs=kwargs))
+        return self.replace if self.replace is not None else hidden_states
 
 
 def _to(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
@@ -73,93 +78,113 @@ def _to(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None =
 
 
 class LayerStreamer:
-    """Streams calibration batches through a model's decoder layers in depth order.
+    """Batches of rows pushed through a `LayeredModel`'s decoder layers in depth order.
 
     Usage::
 
-        streamer = LayerStreamer(model, input_ids, batch_size=8)
-        streamer.run(observe=lambda index, layer: hooks_on(layer))   # a context manager
-        final = streamer.final_hidden()                              # [N, S, H]
+        streamer = LayerStreamer(lent, input_ids, batch_size=8)
+        hidden = streamer.capture()                  # what enters layer 0, per batch
+        for index, layer in streamer.layers():       # lent one at a time, released after
+            streamer.forward(index, layer, hidden)   # hidden now leaves layer `index`
+        logits = streamer.logits(hidden, b)          # the model's head on batch b
 
     Args:
-        model: an HF causal LM of a supported family.
+        lent: the model, lending one decoder layer at a time.
         input_ids: [N, S] token ids.
-        batch_size: samples per forward of one layer.
-        device: where each layer computes (default: where the model is).
-        offload_device: where hidden states and idle layers wait (default: CPU).
+        batch_size: rows per forward of one layer.
+        attention_mask: [N, S] (1 = a real token), for rows padded to one width.
+        budget: where hidden states live (memory, or files above a size).
     """
 
     def __init__(
         self,
-        model: nn.Module,
+        lent: LayeredModel,
         input_ids: torch.Tensor,
         *,
         batch_size: int = 8,
-        device: torch.device | str | None = None,
-        offload_device: torch.device | str = "cpu",
+        attention_mask: torch.Tensor | None = None,
+        budget: ActivationBudget | None = None,
     ) -> None:
-        self.model = model
-        self.decoder = find_family(model).decoder_layers(model)
-        self.device = torch.device(device) if device is not None else next(model.parameters()).device
-        self.offload = torch.device(offload_device)
+        self.lent = lent
+        self.device = lent.device
         self.batches = list(input_ids.split(batch_size))
-        self.calls: list[list[LayerCall]] = []  # [batch][layer]
-        self.hidden: list[torch.Tensor] = []  # per batch, [B, S, H] on the offload device
-        self._capture()
+        self.masks = list(attention_mask.split(batch_size)) if attention_mask is not None else None
+        self.budget = budget or ActivationBudget()
+        self.calls: list[list[LayerCall]] = []  # [batch][layer], on the CPU
 
     @property
     def num_tokens(self) -> int:
         return sum(b.numel() for b in self.batches)
 
+    def _base_inputs(self, b: int) -> dict[str, torch.Tensor]:
+        inputs = {"input_ids": self.batches[b].to(self.device)}
+        if self.masks is not None:
+            inputs["attention_mask"] = self.masks[b].to(self.device)
+        return inputs
+
     @torch.no_grad()
-    def _capture(self) -> None:
-        """One pass of the base model (no LM head) per batch with recorders as layers."""
-        originals = list(self.decoder)
-        for batch in self.batches:
+    def capture(self, name: str = "hidden") -> HiddenStates:
+        """One pass of the base model per batch with stand-ins as layers: records every
+        layer's call and returns the states entering layer 0."""
+        decoder, originals = self.lent.layers, list(self.lent.layers)
+        first: list[torch.Tensor] = []
+        self.calls = []
+        for b in range(len(self.batches)):
             calls: list[LayerCall] = []
-            first_input: list[torch.Tensor] = []
             for i, layer in enumerate(originals):
-                self.decoder[i] = _Recorder(layer, calls)
-            hook = self.decoder[0].register_forward_pre_hook(lambda _m, args: first_input.append(args[0]))
+                decoder[i] = _Stand(layer, calls)
+            hook = decoder[0].register_forward_pre_hook(lambda _m, args: first.append(args[0].cpu()))
             try:
-                self.model.base_model(input_ids=batch.to(self.device), use_cache=False)
+                self.lent.model.base_model(**self._base_inputs(b), use_cache=False)
             finally:
                 hook.remove()
                 for i, layer in enumerate(originals):
-                    self.decoder[i] = layer
+                    decoder[i] = layer
             memo: dict[int, torch.Tensor] = {}
-            self.calls.append(
-                [LayerCall(_to(c.args, self.offload, memo), _to(c.kwargs, self.offload, memo)) for c in calls]
-            )
-            self.hidden.append(first_input[0].to(self.offload))
+            self.calls.append([LayerCall(_to(c.args, torch.device("cpu"), memo),
+                                         _to(c.kwargs, torch.device("cpu"), memo)) for c in calls])
+        return self.budget.place(first, name)
+
+    def layers(self, start: int = 0) -> Iterator[tuple[int, nn.Module]]:
+        """(index, decoder layer) from ``start`` on, each lent while the caller works on it
+        and released before the next is lent."""
+        for index in range(start, len(self.lent)):
+            layer = self.lent.layer(index)
+            try:
+                yield index, layer
+            finally:
+                self.lent.release(index)
 
     @torch.no_grad()
-    def run(
+    def forward(
         self,
-        observe: Callable[[int, nn.Module], AbstractContextManager] | None = None,
-        on_batch: Callable[[int, int], None] | None = None,
+        index: int,
+        layer: nn.Module,
+        hidden: HiddenStates,
+        *,
+        observe: AbstractContextManager | None = None,
+        on_batch: Callable[[int], None] | None = None,
     ) -> None:
-        """Run every decoder layer over all batches, in depth order.
+        """Replace every batch of ``hidden`` by ``layer``'s output on it. ``observe`` (e.g.
+        forward hooks) stays open while the layer runs; ``on_batch(b)`` follows each batch."""
+        with observe if observe is not None else nullcontext():
+            for b in range(len(hidden)):
+                call = self.calls[b][index]
+                out = layer(hidden[b].to(self.device), *_to(call.args, self.device), **_to(call.kwargs, self.device))
+                hidden[b] = out[0] if isinstance(out, tuple) else out
+                if on_batch is not None:
+                    on_batch(b)
 
-        Args:
-            observe: called with (layer index, layer) before the layer runs; the context
-                manager it returns (e.g. one holding forward hooks) stays open while the
-                layer processes every batch.
-            on_batch: called with (layer index, batch index) after each batch (progress).
-        """
-        for index, layer in enumerate(self.decoder):
-            layer.to(self.device)
-            with observe(index, layer) if observe is not None else nullcontext():
-                for b, hidden in enumerate(self.hidden):
-                    call = self.calls[b][index]
-                    out = layer(hidden.to(self.device), *_to(call.args, self.device), **_to(call.kwargs, self.device))
-                    out = out[0] if isinstance(out, tuple) else out
-                    self.hidden[b] = out.to(self.offload)
-                    if on_batch is not None:
-                        on_batch(index, b)
-            if self.device != self.offload:
-                layer.to(self.offload)
-
-    def final_hidden(self) -> torch.Tensor:
-        """[N, S, H]: the output of the last decoder layer for every sample."""
-        return torch.cat(self.hidden)
+    @torch.no_grad()
+    def logits(self, hidden: HiddenStates, b: int) -> torch.Tensor:
+        """[B, S, V]: the model's output for batch ``b`` whose last layer left ``hidden[b]``:
+        its own forward (final norm, head, any logit scaling) with the stack replaced."""
+        decoder, originals = self.lent.layers, list(self.lent.layers)
+        decoder[0] = _Stand(originals[0], None, replace=hidden[b].to(self.device))
+        for i in range(1, len(originals)):
+            decoder[i] = _Stand(originals[i], None)
+        try:
+            return self.lent.model(**self._base_inputs(b), use_cache=False).logits
+        finally:
+            for i, layer in enumerate(originals):
+                decoder[i] = layer

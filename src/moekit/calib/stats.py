@@ -24,16 +24,30 @@ FORMAT_VERSION = 1
 _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torch_dtype", "architectures")
 
 
+class ModelDigest:
+    """The model fingerprint built up layer by layer, as a streamed pass sees the routers:
+    sha256 of the config (minus paths and versions), then every router's weights in depth
+    order. Cheap to compute on a huge model, and different for any other checkpoint."""
+
+    def __init__(self, config: Any) -> None:
+        kept = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
+        self._digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+
+    def add_router(self, weight: torch.Tensor) -> None:
+        self._digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()[:16]
+
+
 def model_fingerprint(model: nn.Module) -> str:
-    """sha256 of the config (minus paths and versions) and every router's weights: cheap
-    to compute on a huge model, and different for any other checkpoint."""
+    """`ModelDigest` of a model in memory."""
     from moekit.arch.discover import moe_layers
 
-    config = {k: v for k, v in model.config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-    digest = hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode())
+    digest = ModelDigest(model.config)
     for layer in moe_layers(model):
-        digest.update(layer.router.weight.detach().float().cpu().contiguous().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        digest.add_router(layer.router.weight)
+    return digest.hexdigest()
 
 
 def data_fingerprint(input_ids: torch.Tensor) -> str:

@@ -1,0 +1,172 @@
+"""What a safetensors checkpoint holds, read from its index and headers alone.
+
+A `Checkpoint` maps every tensor name to the shard that stores it, with its dtype and
+shape, without reading a single weight: the headers of safetensors files are small JSON
+blocks at the front. It is the first thing a streamed command opens, so a broken
+checkpoint (an index naming a missing shard, a truncated shard, a tensor whose shape
+disagrees with the config) is reported in one line naming the file and the tensor before
+any work starts or any output is written.
+
+Weights are then read tensor by tensor (`read`), memory-mapped by safetensors, so reading
+one decoder layer touches only that layer's bytes on disk.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import struct
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from moekit.errors import MoekitError
+
+INDEX_NAMES = ("model.safetensors.index.json", "moekit-model.safetensors.index.json")
+
+_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool, "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}
+
+
+@dataclass(frozen=True)
+class TensorEntry:
+    """Where one tensor lives and what it is."""
+
+    file: Path
+    dtype: str  # safetensors' name: "BF16", "F32", ...
+    shape: tuple[int, ...]
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * _element_size(self.dtype)
+
+
+class Checkpoint:
+    """The tensors of a checkpoint folder, by name (its index if it has one, else every
+    ``*.safetensors`` in it).
+
+    Raises:
+        MoekitError: an index that is not JSON or names a missing shard, a shard whose
+            header is unreadable or whose data is shorter than its header says, or two
+            shards holding the same tensor.
+    """
+
+    def __init__(self, folder: str | os.PathLike, *, files: Iterable[str] | None = None) -> None:
+        self.folder = Path(folder)
+        self.tensors: dict[str, TensorEntry] = {}
+        for file in self._shards(files):
+            for name, entry in _read_header(file).items():
+                if name in self.tensors:
+                    raise MoekitError(f"{file}: tensor {name!r} is also stored in {self.tensors[name].file.name}; "
+                                      "a checkpoint holds each tensor once. Re-save it.")
+                self.tensors[name] = entry
+        self._open: dict[Path, object] = {}
+
+    def _shards(self, files: Iterable[str] | None) -> list[Path]:
+        if files is not None:
+            return [self.folder / f for f in files]
+        for index_name in INDEX_NAMES:
+            index = self.folder / index_name
+            if index.is_file():
+                try:
+                    weight_map = json.loads(index.read_text())["weight_map"]
+                except (json.JSONDecodeError, KeyError, TypeError) as exc:
+                    raise MoekitError(f"{index}: not a safetensors index (no readable 'weight_map': {exc}).") from None
+                shards = sorted(set(weight_map.values()))
+                missing = [s for s in shards if not (self.folder / s).is_file()]
+                if missing:
+                    first = next(k for k, v in weight_map.items() if v == missing[0])
+                    raise MoekitError(f"{index} names shard {missing[0]} (holding {first!r}"
+                                      f"{' and others' if len(missing) > 1 or len(weight_map) > 1 else ''}), "
+                                      "which is not in the folder; copy the missing shard(s) in.")
+                return [self.folder / s for s in shards]
+        return sorted(self.folder.glob("*.safetensors"))
+
+    # -- reading ----------------------------------------------------------------------
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """One tensor, in ``dtype`` if given (a fresh tensor, not a view of the file)."""
+        from safetensors import safe_open
+
+        entry = self.tensors[name]
+        handle = self._open.get(entry.file)
+        if handle is None:
+            handle = self._open[entry.file] = safe_open(str(entry.file), framework="pt")
+        tensor = handle.get_tensor(name)
+        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
+
+    def close(self) -> None:
+        self._open.clear()
+
+    # -- describing -------------------------------------------------------------------
+    def names(self, prefix: str = "") -> list[str]:
+        return [n for n in self.tensors if n.startswith(prefix)]
+
+    def floating_dtype(self) -> torch.dtype | None:
+        """The floating-point dtype holding most of the weights (None: no float tensor)."""
+        counts: dict[torch.dtype, int] = {}
+        for entry in self.tensors.values():
+            dtype = _DTYPES.get(entry.dtype)
+            if dtype is not None and dtype.is_floating_point:
+                counts[dtype] = counts.get(dtype, 0) + math.prod(entry.shape)
+        return max(counts, key=counts.__getitem__) if counts else None
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for e in self.tensors.values())
+
+    def fingerprint(self) -> str:
+        """A digest of names, dtypes, shapes, file sizes and modification times: it changes
+        when the checkpoint is replaced, without reading any weight."""
+        import hashlib
+
+        digest = hashlib.sha256()
+        for name in sorted(self.tensors):
+            e = self.tensors[name]
+            digest.update(f"{name}|{e.dtype}|{e.shape}|{e.file.name}".encode())
+        for file in sorted({e.file for e in self.tensors.values()}):
+            stat = file.stat()
+            digest.update(f"{file.name}|{stat.st_size}|{stat.st_mtime_ns}".encode())
+        return digest.hexdigest()[:16]
+
+
+def _element_size(dtype: str) -> int:
+    torch_dtype = _DTYPES.get(dtype)
+    if torch_dtype is None:
+        return 1
+    return torch.empty((), dtype=torch_dtype).element_size()
+
+
+def _read_header(file: Path) -> dict[str, TensorEntry]:
+    """The tensors a shard declares, checked against the file's size (a truncated copy is
+    caught here, not as a crash in the middle of a layer)."""
+    try:
+        size = file.stat().st_size
+        with open(file, "rb") as f:
+            raw = f.read(8)
+            if len(raw) < 8:
+                raise ValueError("shorter than a safetensors header")
+            (length,) = struct.unpack("<Q", raw)
+            if length > size - 8:
+                raise ValueError(f"header of {length} bytes in a file of {size}")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise MoekitError(f"{file}: not a readable safetensors file ({exc}); the download or copy is broken, "
+                          "fetch it again.") from None
+    entries, end = {}, 0
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        begin, stop = info["data_offsets"]
+        end = max(end, stop)
+        entries[name] = TensorEntry(file=file, dtype=info["dtype"], shape=tuple(info["shape"]))
+    if 8 + length + end > size:
+        last = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1] if kv[0] != "__metadata__" else -1)[0]
+        raise MoekitError(f"{file} is truncated: its header says {8 + length + end:,} bytes but the file has "
+                          f"{size:,} (tensor {last!r} is cut off); fetch the shard again.")
+    return entries

@@ -1,0 +1,226 @@
+"""A model whose decoder layers are present one at a time: the unit every command streams.
+
+`LayeredModel` wraps an HF causal LM and lends out its decoder layers in turn:
+``layer(i)`` makes layer ``i`` ready on the compute device, ``release(i)`` gives its
+memory back. Two kinds, one interface, so every command has a single loop:
+
+- `LayeredModel.in_memory(model)`: a model already in memory (tests, small models, the
+  Python API); lending a layer moves it to the device, releasing moves it back.
+- `LayeredModel.from_checkpoint(folder)`: the model's skeleton is built on PyTorch's
+  ``meta`` device from its config (no memory), the non-layer weights (embeddings, final
+  norm, head) are read once, and each decoder layer is read from the safetensors shards
+  when lent, in the compute dtype, and dropped back to ``meta`` when released. Memory:
+  embeddings + head + one decoder layer, whatever the depth.
+
+Reading goes through transformers' own weight conversion (its per-checkpoint renames and
+the fusing of per-expert tensors into ``gate_up_proj``/``down_proj``), applied to one
+layer's tensors at a time, so a layer lent here holds exactly what ``from_pretrained``
+would have put there.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.errors import MoekitError
+
+_LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+class LayeredModel:
+    """An HF causal LM lent out one decoder layer at a time (see the module docstring).
+
+    Attributes:
+        model: the whole module tree; with ``from_checkpoint`` the layers not lent are
+            parameters on the ``meta`` device (shapes only).
+        device: where lent layers and the non-layer weights compute.
+        checkpoint: the `Checkpoint` read from (None for a model in memory).
+    """
+
+    def __init__(self, model: nn.Module, *, device: torch.device, checkpoint=None,
+                 dtype: torch.dtype = torch.float32) -> None:
+        from moekit.arch.adapters import find_family
+
+        self.model = model
+        self.device = device
+        self.checkpoint = checkpoint
+        self.dtype = dtype
+        self.family = find_family(model)
+        self.layers = self.family.decoder_layers(model)
+        self._keys: dict[int | None, list[str]] = {}
+        if checkpoint is not None:
+            for name in checkpoint.names():
+                match = _LAYER_KEY.search(name)
+                self._keys.setdefault(int(match.group(1)) if match else None, []).append(name)
+
+    # -- construction -----------------------------------------------------------------
+    @classmethod
+    def in_memory(cls, model: nn.Module, *, device: torch.device | str | None = None) -> LayeredModel:
+        device = torch.device(device) if device is not None else next(model.parameters()).device
+        dtype = next(model.parameters()).dtype
+        return cls(model, device=device, dtype=dtype)
+
+    @classmethod
+    def from_checkpoint(cls, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
+                        device: torch.device | str = "cpu", trust_remote_code: bool = False) -> LayeredModel:
+        """The skeleton of the checkpoint in ``folder`` with its non-layer weights read;
+        layers are read when lent. Every tensor of the checkpoint is checked against the
+        skeleton's shapes first, so a checkpoint that disagrees with its config fails here,
+        naming the file and the tensor, before any work."""
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        from moekit.arch.edit import PER_LAYER_KEY, keep_experts
+        from moekit.io.checkpoint import Checkpoint
+
+        folder = Path(folder)
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
+        checkpoint = Checkpoint(folder)
+        with init_empty_weights(include_buffers=False):
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+        per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
+        if per_layer:  # moekit's non-uniform format: cut each layer's skeleton to its count
+            keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
+        lent = cls(model.eval(), device=torch.device(device), checkpoint=checkpoint, dtype=dtype)
+        lent._native = per_layer != {} or (folder / "moekit.json").is_file()
+        lent._check_shapes()
+        lent._read(lent._keys.get(None, []), what="the embeddings, final norm and head")
+        model.tie_weights()
+        return lent
+
+    # -- lending ----------------------------------------------------------------------
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def layer(self, index: int) -> nn.Module:
+        """Decoder layer ``index``, with its weights, on the compute device."""
+        module = self.layers[index]
+        if self.checkpoint is not None:
+            self._read(self._keys.get(index, []), what=f"decoder layer {index}")
+        else:
+            module.to(self.device)
+        return module
+
+    def release(self, index: int, *, offload: torch.device | str = "cpu") -> None:
+        """Give back decoder layer ``index``'s memory: to ``meta`` when it can be read again
+        from the checkpoint, else to ``offload`` (a model in memory keeps its weights)."""
+        module = self.layers[index]
+        if self.checkpoint is None:
+            if self.device != torch.device(offload):
+                module.to(offload)
+            return
+        to_meta(module)
+
+    @property
+    def streams_from_disk(self) -> bool:
+        return self.checkpoint is not None
+
+    # -- reading ----------------------------------------------------------------------
+    def _read(self, names: list[str], *, what: str) -> None:
+        if not names:
+            return
+        state = {name: self.checkpoint.read(name) for name in names}
+        if self._native:
+            _assign(self.model, state, self.dtype, self.device)
+            return
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import convert_and_load_state_dict_in_model
+        from transformers.modeling_utils import LoadStateDictConfig
+
+        from moekit.progress import silence_transformers_bars
+
+        silence_transformers_bars()
+        config = LoadStateDictConfig(dtype=self.dtype, device_map={"": self.device},
+                                     weight_mapping=get_model_conversion_mapping(self.model))
+        info, _ = convert_and_load_state_dict_in_model(self.model, state, config)
+        if info.mismatched_keys:
+            name, got, expected = sorted(info.mismatched_keys)[0]
+            raise MoekitError(f"{self.checkpoint.folder}: {name} has shape {tuple(got)} but the config says "
+                              f"{tuple(expected)}; the config.json does not describe these weights.")
+        if info.unexpected_keys:
+            raise MoekitError(f"{self.checkpoint.folder}: {what} holds tensors the config has no place for "
+                              f"({', '.join(sorted(info.unexpected_keys)[:3])}); the config.json does not describe "
+                              "these weights.")
+        self.model._weight_conversions = None  # save with the family's standard names (see io.shards)
+
+    def _check_shapes(self) -> None:
+        """Every checkpoint tensor against the skeleton, before anything is read.
+
+        Only possible without conversions (a fused tensor is built from many checkpoint
+        tensors); with them the per-expert shapes are checked against the fused ones."""
+        expected = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
+        for name, entry in self.checkpoint.tensors.items():
+            shape = expected.get(name)
+            if shape is not None and shape != entry.shape:
+                raise MoekitError(f"{entry.file}: tensor {name!r} has shape {entry.shape} but the config says "
+                                  f"{shape}; the config.json does not describe these weights.")
+            if shape is None and not self._native:
+                fused = _fused_shape(name, expected)
+                if fused is not None and fused != entry.shape:
+                    raise MoekitError(f"{entry.file}: tensor {name!r} has shape {entry.shape} but the config says "
+                                      f"{fused}; the config.json does not describe these weights.")
+        if self._native:
+            missing = sorted(set(expected) - set(self.checkpoint.tensors) - _tied_names(self.model))
+            if missing:
+                raise MoekitError(f"{self.checkpoint.folder} has no tensor {missing[0]!r}"
+                                  f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; "
+                                  "the checkpoint is incomplete.")
+
+
+def to_meta(module: nn.Module) -> None:
+    """Replace ``module``'s parameters and persistent buffers by ``meta`` tensors of the same
+    shapes (freeing their memory); non-persistent buffers (rotary tables), which are not in
+    checkpoints, stay."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                     requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and name not in sub._non_persistent_buffers_set and buffer.device.type != "meta":
+                sub._buffers[name] = torch.empty_like(buffer, device="meta")
+
+
+def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:
+    """Put tensors stored under the model's own names into it (moekit's native format)."""
+    for name, tensor in state.items():
+        owner_path, _, attr = name.rpartition(".")
+        owner = model.get_submodule(owner_path) if owner_path else model
+        value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
+        if attr in owner._parameters:
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+        else:
+            owner._buffers[attr] = value
+
+
+def _tied_names(model: nn.Module) -> set[str]:
+    """Names a checkpoint leaves out because they are tied to another tensor."""
+    seen: dict[int, str] = {}
+    tied = set()
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        if id(tensor) in seen:
+            tied.add(name)
+        seen.setdefault(id(tensor), name)
+    return tied
+
+
+_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
+
+
+def _fused_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
+    """The shape one per-expert checkpoint tensor must have, from the fused parameter it
+    becomes part of (None when ``name`` is not a per-expert tensor this knows)."""
+    match = _PER_EXPERT.match(name)
+    if match is None:
+        return None
+    prefix, proj = match.group("prefix"), match.group("proj")
+    if proj in ("down_proj", "w2"):
+        fused = expected.get(f"{prefix}.down_proj")
+        return None if fused is None else tuple(fused[1:])
+    fused = expected.get(f"{prefix}.gate_up_proj")
+    return None if fused is None else (fused[1] // 2, fused[2])
