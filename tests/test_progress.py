@@ -1,20 +1,32 @@
 """Long work without a terminal still reports progress, as plain lines."""
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 from rich.console import Console
 
 from moekit.progress import progress_bar
+from moekit.train.progress import TrainProgress
+
+# What a bar redrawing itself leaves in a file: escape sequences, carriage returns, bar glyphs.
+REDRAWN = re.compile(r"\x1b|\r|━")
 
 
-def _lines(force_terminal: bool, steps: list[int], total: int) -> list[int]:
+def _output(force_terminal: bool, steps: list[int], total: int) -> str:
     out = io.StringIO()
     console = Console(file=out, force_terminal=force_terminal, width=120)
     with progress_bar("calibrating", total=total, unit="batch", console=console) as advance:
         for n in steps:
             advance(n, "layer 0")
-    return [int(m) for m in re.findall(r"^calibrating (\d+)/%d layer 0" % total, out.getvalue(), flags=re.M)]
+    return out.getvalue()
+
+
+def _lines(force_terminal: bool, steps: list[int], total: int) -> list[int]:
+    text = _output(force_terminal, steps, total)
+    return [int(m) for m in re.findall(r"^calibrating (\d+)/%d layer 0" % total, text, flags=re.M)]
 
 
 def test_redirected_output_gets_a_line_every_tenth_of_the_work():
@@ -25,3 +37,36 @@ def test_redirected_output_gets_a_line_every_tenth_of_the_work():
 
 def test_a_terminal_gets_only_the_bar():
     assert _lines(True, [1] * 20, 20) == []
+
+
+def test_redirected_output_holds_only_the_plain_lines():
+    text = _output(False, [1] * 20, 20)
+    assert not REDRAWN.search(text)
+    assert all(re.fullmatch(r"calibrating \d+/20 layer 0( [\d.]+ batch/s)?", line) for line in text.splitlines())
+    assert REDRAWN.search(_output(True, [1] * 20, 20))  # the check above can see a bar
+
+
+def test_training_progress_redirected_holds_only_plain_lines():
+    out = io.StringIO()
+    record = {"tokens_per_s": 100.0, "loss": 2.0, "aux_loss": 0.01, "imbalance": 1.5}
+    with TrainProgress(total=10, start=0, console=Console(file=out, width=120), enabled=True) as progress:
+        for _ in range(10):
+            progress.advance(record)
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 10 and all(line.startswith("train ") for line in lines)
+    assert not REDRAWN.search(out.getvalue())
+
+
+def test_a_command_with_stderr_in_a_file_writes_plain_lines(tmp_path):
+    """What nohup or a batch scheduler gets: the whole command, its stderr a file."""
+    env = {k: v for k, v in os.environ.items() if k not in ("FORCE_COLOR", "TTY_COMPATIBLE", "TTY_INTERACTIVE")}
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        done = subprocess.run(
+            [sys.executable, "-m", "moekit", "eval", "--max-tokens", "512", "--batch-size", "1", "--threads", "1"],
+            stdout=subprocess.DEVNULL, stderr=stderr, env=env, timeout=300,
+        )
+    text = log.read_text()
+    assert done.returncode == 0, text
+    assert re.findall(r"^evaluating \d+/3\b", text, flags=re.M) == ["evaluating 1/3", "evaluating 2/3", "evaluating 3/3"]
+    assert not REDRAWN.search(text), text

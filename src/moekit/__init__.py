@@ -17,13 +17,6 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-try:  # one source of truth: pyproject.toml, as installed
-    from importlib.metadata import PackageNotFoundError, version
-
-    __version__ = version("moekit")
-except PackageNotFoundError:  # run from a source tree that was never installed
-    __version__ = "0+unknown"
-
 _API = {
     "MoELayer": "moekit.arch.layer",
     "MoekitError": "moekit.errors",
@@ -46,7 +39,21 @@ _API = {
 __all__ = sorted(_API)
 
 
+def _installed_version() -> str:
+    """pyproject.toml's version, as installed: one source of truth. Read on first use, as
+    importlib.metadata is a noticeable part of the CLI's start-up."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("moekit")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "0+unknown"
+
+
 def __getattr__(name: str) -> Any:
+    if name == "__version__":
+        globals()[name] = value = _installed_version()
+        return value
     if name in _API:
         value = getattr(importlib.import_module(_API[name]), name)
         globals()[name] = value
@@ -55,7 +62,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_API])
+    return sorted({*globals(), *_API, "__version__"})
 
 
 if TYPE_CHECKING:

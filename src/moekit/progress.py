@@ -1,8 +1,8 @@
 """One progress bar style for long work: rich, with a rate, on stderr.
 
 A bar cannot redraw when its console is not a terminal (output redirected to a file
-under nohup or a batch scheduler), so there the same figures are printed as plain lines
-(`plain_line_due`).
+under nohup or a batch scheduler), so there it is not drawn at all (`live_progress`) and
+the same figures are printed as plain lines (`plain_line_due`).
 """
 
 from __future__ import annotations
@@ -20,6 +20,13 @@ def silence_transformers_bars() -> None:
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()
+
+
+def live_progress(*columns: object, console: Console | None, enabled: bool = True) -> Progress:
+    """A rich Progress that draws only on a terminal. Elsewhere rich would still print the
+    bar once when it stops, among the plain lines; its task still counts and measures rates."""
+    console = console or Console(stderr=True)
+    return Progress(*columns, console=console, transient=False, disable=not (enabled and console.is_terminal))
 
 
 def plain_line_due(before: float, done: float, total: float, *, lines: int = 10) -> bool:
@@ -47,7 +54,7 @@ def progress_bar(
         TimeRemainingColumn(),
     )
     console = console or Console(stderr=True)
-    with Progress(*columns, console=console, transient=False) as progress:
+    with live_progress(*columns, console=console) as progress:
         task = progress.add_task(title, total=total, status="", rate="")
 
         def advance(n: int = 1, status: str | None = None) -> None:

@@ -20,6 +20,8 @@ def _interrupted(*_: object) -> None:
 def _exit_on_interrupt() -> bool:
     if threading.current_thread() is not threading.main_thread():
         return False  # only the main thread may set handlers (moekit.cli imported in a worker)
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        return False  # started to ignore Ctrl-C (a shell script's background job): keep ignoring it
     signal.signal(signal.SIGINT, _interrupted)
     return True
 

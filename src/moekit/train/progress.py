@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from moekit.progress import plain_line_due
+from moekit.progress import live_progress, plain_line_due
 
 
 class TrainProgress:
@@ -20,7 +20,7 @@ class TrainProgress:
 
     def __init__(self, *, total: int, start: int, console: Console | None, enabled: bool) -> None:
         self.enabled = enabled
-        self._progress = Progress(
+        self._progress = live_progress(
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
@@ -29,7 +29,7 @@ class TrainProgress:
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
-            disable=not enabled,
+            enabled=enabled,
         )
         self._task = self._progress.add_task("train", total=total, completed=start,
                                              tps=0.0, loss=float("nan"), aux=float("nan"), imb=float("nan"))
