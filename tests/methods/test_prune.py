@@ -9,7 +9,7 @@ import torch
 
 import moekit
 from moekit.methods.prune.criteria import score
-from moekit.methods.prune.reconstruction import ReconstructionObjective, balanced_subsets, search
+from moekit.methods.prune.reconstruction import ReconstructionObjective, balanced_subsets, most_evaluations, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.zoo.tiny import tiny_model
 
@@ -108,3 +108,33 @@ def test_fixed_experts_stay():
     for method in ("exhaustive", "beam"):
         result = search(objective, 3, method=method, fixed=frozenset({pinned}))
         assert pinned in result.kept and result.loss >= free.loss - 1e-9
+
+
+@pytest.mark.parametrize("family, keep, method, start, fixed", [
+    ("mixtral", 3, "exhaustive", None, ()),
+    ("mixtral", 3, "exhaustive", None, (5,)),
+    ("mixtral", 3, "beam", None, ()),
+    ("mixtral", 2, "greedy", None, ()),
+    ("mixtral", 3, "beam", [0, 1, 2, 4, 5, 6], (6,)),
+    ("deepseek_v3", 4, "beam", None, ()),
+    ("olmoe", 5, "auto", None, ()),
+])
+def test_search_reports_every_evaluation_within_its_bound(family, keep, method, start, fixed):
+    """The progress calls add up to the sets evaluated, in batches of 16 (many per layer),
+    never exceed `most_evaluations` (exactly it for an exhaustive search without fixed
+    experts), and leave the result unchanged."""
+    model = tiny_model(family)
+    layer = moekit.moe_layers(model)[0]
+    x = torch.randn(64, model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    n_group = layer.router.spec.n_group
+    kwargs = dict(method=method, n_group=n_group, start=start, fixed=frozenset(fixed))
+    calls: list[int] = []
+    result = search(ReconstructionObjective(layer, x), keep, on_progress=calls.append, **kwargs)
+    n = result.evaluations
+    assert n > 16 and calls == [16] * (n // 16) + ([n % 16] if n % 16 else [])
+    start_size = len(set(start) | set(fixed)) if start else None
+    bound = most_evaluations(8, keep, method=method, n_group=n_group, start_size=start_size)
+    assert result.evaluations <= bound
+    if result.method == "exhaustive" and not fixed:
+        assert result.evaluations == bound
+    assert search(ReconstructionObjective(layer, x), keep, **kwargs) == result

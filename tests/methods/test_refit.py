@@ -98,6 +98,16 @@ def test_an_unchanged_layer_keeps_its_weights():
     assert (result.down - down).abs().max().item() <= 1e-5
 
 
+def test_progress_counts_each_expert_update():
+    """One call per expert per sweep run, empty experts included; the fit is the same."""
+    features, target, down = _random_problem()
+    features[1] = ExpertFeatures(torch.zeros(0, dtype=torch.int64), torch.zeros(0, down.shape[2], dtype=torch.float64))
+    calls: list[int] = []
+    result = refit_down(features, target, down, max_sweeps=50, on_progress=calls.append)
+    assert 1 < result.sweeps < 50 and calls == [1] * (len(features) * result.sweeps)
+    assert torch.equal(refit_down(features, target, down, max_sweeps=50).down, result.down)
+
+
 def test_an_expert_without_tokens_keeps_its_weights():
     features, target, down = _random_problem()
     features[2] = ExpertFeatures(torch.zeros(0, dtype=torch.int64), torch.zeros(0, down.shape[2], dtype=torch.float64))

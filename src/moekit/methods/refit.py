@@ -26,6 +26,7 @@ direct solve.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -74,6 +75,7 @@ def refit_down(
     ridge: float = 0.1,
     max_sweeps: int = 20,
     tol: float = 1e-6,
+    on_progress: Callable[[int], None] | None = None,
 ) -> RefitResult:
     """Solve the ridge least-squares fit of the down projections (see module docstring).
 
@@ -84,6 +86,9 @@ def refit_down(
         ridge: relative ridge strength (≥ 0); 0 is plain least squares.
         max_sweeps, tol: block coordinate descent stops after ``max_sweeps`` sweeps or
             when a sweep lowers the objective by less than ``tol`` of its value.
+        on_progress: called with 1 after each expert's update in a sweep (experts that
+            receive no input included); the calls add up to ``len(features)`` × the sweeps
+            run, at most ``len(features) * max_sweeps``.
 
     Returns:
         `RefitResult` with the new down projections in ``down``'s dtype. Experts that
@@ -121,14 +126,15 @@ def refit_down(
     sweeps = 0
     for sweeps in range(1, max_sweeps + 1):
         for j, f in enumerate(features):
-            if factors[j] is None:
-                continue
-            own = f.z @ new[j].T
-            residual = y[f.tokens] - prediction[f.tokens] + own  # [n_j, H]: what j alone should produce
-            rhs = f.z.T @ residual + lambdas[j] * prior[j].T  # [I, H]
-            updated = torch.cholesky_solve(rhs, factors[j]).T  # [H, I]
-            prediction.index_add_(0, f.tokens, f.z @ (updated - new[j]).T)
-            new[j] = updated
+            if factors[j] is not None:
+                own = f.z @ new[j].T
+                residual = y[f.tokens] - prediction[f.tokens] + own  # [n_j, H]: what j alone should produce
+                rhs = f.z.T @ residual + lambdas[j] * prior[j].T  # [I, H]
+                updated = torch.cholesky_solve(rhs, factors[j]).T  # [H, I]
+                prediction.index_add_(0, f.tokens, f.z @ (updated - new[j]).T)
+                new[j] = updated
+            if on_progress is not None:
+                on_progress(1)
         current = objective(prediction, new)
         converged = previous - current <= tol * max(previous, 1e-300)
         previous = current

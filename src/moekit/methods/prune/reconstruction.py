@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import itertools
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,6 +88,41 @@ def count_candidates(E: int, keep: int, n_group: int = 1) -> int:
     return math.comb(E // n_group, keep // n_group) ** n_group
 
 
+def most_evaluations(
+    E: int,
+    keep: int,
+    *,
+    method: str = "auto",
+    n_group: int = 1,
+    beam_width: int = 4,
+    start_size: int | None = None,
+    swap_rounds: int = 2,
+    max_exhaustive: int = 5000,
+) -> int:
+    """The most candidate sets `search` with these arguments evaluates: a progress bar's
+    total, known from the config alone (``start_size`` is ``len(set(start) | fixed)``).
+
+    Exact for an exhaustive search without ``fixed`` experts; for a beam search an upper
+    bound, tight for the eliminations (duplicates between beam members are counted) and
+    loose for the swaps, which stop at the first improvement (on ref-fine's layers they
+    evaluate 12–36% of their share).
+    """
+    if method == "auto":
+        method = "exhaustive" if count_candidates(E, keep, n_group) <= max_exhaustive else "beam"
+    if method == "exhaustive":
+        return count_candidates(E, keep, n_group)
+    width = 1 if method == "greedy" else beam_width
+    size = start_size or E
+    total, states = 0, 1
+    for s in range(size, keep, -1):  # each state of size s has at most s children
+        children = min(states * s, math.comb(size, s - 1))
+        total += children
+        states = min(width, children)
+    # A balanced kept set can swap an expert only with the absent ones of its own group.
+    absent = E // n_group - keep // n_group if keep % n_group == 0 and E % n_group == 0 else E - keep
+    return total + states * swap_rounds * keep * absent
+
+
 def search(
     objective: ReconstructionObjective,
     keep: int,
@@ -98,6 +134,7 @@ def search(
     swap_rounds: int = 2,
     max_exhaustive: int = 5000,
     fixed: frozenset[int] = frozenset(),
+    on_progress: Callable[[int], None] | None = None,
 ) -> SearchResult:
     """Find the kept set of size ``keep`` with the lowest reconstruction loss.
 
@@ -109,26 +146,55 @@ def search(
             criterion); all experts when None.
         swap_rounds: rounds of single swaps (one kept out, one dropped in) after the beam.
         fixed: experts that must stay (e.g. protected "super experts").
+        on_progress: called with the number of candidate sets newly evaluated, every
+            `_Counted.EVERY` of them and at the end; the calls add up to the sets this
+            search evaluated, at most `most_evaluations` of its arguments.
     """
     E = objective.E
+    counted = _Counted(objective, on_progress)
     if method == "auto":
         method = "exhaustive" if count_candidates(E, keep, n_group) <= max_exhaustive else "beam"
     if method == "exhaustive":
         candidates = (c for c in balanced_subsets(E, keep, n_group) if fixed <= set(c))
-        best = min(candidates, key=objective.loss)
+        best = min(candidates, key=counted.loss)
+        counted.flush()
         return SearchResult(sorted(best), objective.loss(best), objective.evaluations, "exhaustive")
     width = 1 if method == "greedy" else beam_width
     begin = sorted(set(start) | fixed) if start else list(range(E))
     # Refine every final beam member, not only the best: a runner-up is often one swap
     # from a better optimum than the leader's local one.
-    finalists = [_swaps(objective, state, n_group, swap_rounds, fixed)
-                 for state in _beam(objective, keep, n_group, width, begin, fixed)]
+    finalists = [_swaps(counted, state, n_group, swap_rounds, fixed)
+                 for state in _beam(counted, keep, n_group, width, begin, fixed)]
     kept = min(finalists, key=objective.loss)
+    counted.flush()
     return SearchResult(sorted(kept), objective.loss(kept), objective.evaluations, f"{method}(width={width})")
 
 
+class _Counted:
+    """``objective`` that tells ``on_progress`` how many new sets it evaluated, in batches:
+    one call per evaluation would cost more than an evaluation on small layers."""
+
+    EVERY = 16
+
+    def __init__(self, objective: ReconstructionObjective, on_progress: Callable[[int], None] | None) -> None:
+        self.objective, self.E, self.on_progress = objective, objective.E, on_progress
+        self.reported = objective.evaluations
+
+    def loss(self, kept: tuple[int, ...] | list[int]) -> float:
+        value = self.objective.loss(kept)
+        if self.objective.evaluations - self.reported >= self.EVERY:
+            self.flush()
+        return value
+
+    def flush(self) -> None:
+        new = self.objective.evaluations - self.reported
+        if new and self.on_progress is not None:
+            self.on_progress(new)
+        self.reported += new
+
+
 def _beam(
-    objective: ReconstructionObjective, keep: int, n_group: int, width: int, start: list[int], fixed: frozenset[int]
+    objective: _Counted, keep: int, n_group: int, width: int, start: list[int], fixed: frozenset[int]
 ) -> list[tuple[int, ...]]:
     """Backward elimination keeping the ``width`` best sets at each size; with groups,
     an expert may only leave a group that holds the most experts, so the sets stay
@@ -147,7 +213,7 @@ def _beam(
 
 
 def _swaps(
-    objective: ReconstructionObjective, kept: tuple[int, ...], n_group: int, rounds: int, fixed: frozenset[int]
+    objective: _Counted, kept: tuple[int, ...], n_group: int, rounds: int, fixed: frozenset[int]
 ) -> tuple[int, ...]:
     """First-improvement local search over single swaps within the same group."""
     E = objective.E
