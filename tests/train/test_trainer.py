@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from moekit.errors import MoekitError
-from moekit.train import TrainConfig, build_model, evaluate, load_model_config, train
+from moekit.train import TrainConfig, build_model, evaluate, learning_rate, load_model_config, train
 from moekit.train.checkpoint import list_checkpoints
 
 from .conftest import tiny_spec
@@ -65,10 +65,69 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run_exactly(tmp_path,
         assert bias.abs().sum() > 0  # the aux-loss-free update ran, and was restored on resume
 
 
-def test_resume_with_different_settings_is_refused(tmp_path, rows):
-    _run(tmp_path, rows, steps=3)
-    with pytest.raises(MoekitError, match="different training config"):
-        _run(tmp_path, rows, steps=3, lr=5e-3)
+def test_resume_with_different_settings_is_refused_naming_each(tmp_path, rows):
+    _run(tmp_path, rows, steps=3, warmup_steps=1)
+    with pytest.raises(MoekitError, match=r"other settings \(batch_size 4 → 2, lr 0.01 → 0.005\)"):
+        _run(tmp_path, rows, steps=5, warmup_steps=1, lr=5e-3, batch_size=2)
+    with pytest.raises(MoekitError, match="already at step 3, past --steps 2"):
+        _run(tmp_path, rows, steps=2, warmup_steps=1)
+
+
+def _lrs(log):
+    return [h["lr"] for h in log["history"]]
+
+
+def test_more_steps_continue_a_finished_run_from_its_checkpoint(tmp_path, rows):
+    """A finished run given more steps trains on from its last checkpoint at the schedule's
+    floor; its first steps and their checkpoint are untouched."""
+    model4, four = _run(tmp_path / "run", rows, steps=4, checkpoint_every=4)
+    first = _curve(four)
+    model6, six = _run(tmp_path / "run", rows, steps=6, checkpoint_every=4)
+    assert six["resumed_from"] == 4 and six["extensions"] == [{"step": 4, "from": 4, "to": 6}]
+    assert _curve(six)[:4] == first and [h["step"] for h in six["history"]] == [1, 2, 3, 4, 5, 6]
+    assert _lrs(six)[4:] == pytest.approx([1e-3, 1e-3])  # min_lr_ratio 0.1 of lr 1e-2: no jump back up
+    assert any(not torch.equal(a, b) for a, b in zip(model4.state_dict().values(), model6.state_dict().values()))
+    _, again = _run(tmp_path / "run", rows, steps=6, checkpoint_every=4)  # finished: nothing runs
+    assert again["resumed_from"] == 6 and _curve(again) == _curve(six)
+
+
+def test_more_steps_mid_run_stretch_the_rest_of_the_schedule(tmp_path, rows):
+    """Extended mid-run, the rate goes on from where it was and decays to the floor at the
+    new end; extended during warmup, the run gets the schedule it would have had."""
+    _, full = _run(tmp_path / "full", rows)
+
+    def crash(step, record):
+        if step == 5:
+            raise _Crash
+
+    with pytest.raises(_Crash):
+        _run(tmp_path / "cut", rows, on_step=crash)  # checkpoint at step 3 of 8
+    _, longer = _run(tmp_path / "cut", rows, steps=16)
+    lrs = _lrs(longer)
+    assert _curve(longer)[:3] == _curve(full)[:3] and len(lrs) == 16
+    assert lrs[3] == pytest.approx(_lrs(full)[3], rel=1e-12) and all(a > b for a, b in zip(lrs[3:], lrs[4:]))
+    schedule = dict(peak=1e-2, warmup=2, total=8, min_ratio=0.1, extensions=[(3, 16)])
+    assert lrs == [learning_rate(step, **schedule) for step in range(16)]
+    assert learning_rate(16, **schedule) == pytest.approx(1e-3)  # the floor at the new end
+
+    with pytest.raises(_Crash):
+        _run(tmp_path / "early", rows, on_step=crash, warmup_steps=4)  # checkpoint at 3, in the warmup
+    _, early = _run(tmp_path / "early", rows, steps=16, warmup_steps=4)
+    _, planned = _run(tmp_path / "planned", rows, steps=16, warmup_steps=4)
+    assert _lrs(early) == pytest.approx(_lrs(planned), rel=1e-12)
+
+
+def test_checkpoints_get_the_modes_the_umask_asks_for(tmp_path, rows):
+    import os
+    import stat
+
+    previous = os.umask(0o022)
+    try:
+        _run(tmp_path, rows, steps=3)
+    finally:
+        os.umask(previous)
+    files = [p for p in (tmp_path / "checkpoints").rglob("*") if p.is_file()]
+    assert files and {stat.S_IMODE(p.stat().st_mode) for p in files} == {0o644}
 
 
 def test_data_smaller_than_one_batch_is_refused(tmp_path, rows):
@@ -97,12 +156,26 @@ def test_bad_training_settings_name_the_field_and_value(settings, message):
 
 
 def test_learning_rate_schedule():
-    from moekit.train import learning_rate
-
     lrs = [learning_rate(s, peak=1.0, warmup=10, total=110, min_ratio=0.1) for s in range(110)]
     assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
     assert lrs[60] == pytest.approx(0.55) and lrs[-1] == pytest.approx(0.1, abs=1e-3)
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+
+
+def test_an_extended_schedule_never_jumps():
+    def lr(step, extensions=()):
+        return learning_rate(step, peak=1.0, warmup=10, total=110, min_ratio=0.1, extensions=extensions)
+
+    # extended to 210 at step 60 (rate 0.55), then to 300 at step 150
+    ext = [(60, 210), (150, 300)]
+    assert [lr(s, ext) for s in range(60)] == [lr(s) for s in range(60)]
+    assert lr(60, ext) == pytest.approx(0.55) and lr(135, ext[:1]) == pytest.approx(0.325)
+    assert lr(150, ext) == pytest.approx(lr(150, ext[:1])) and lr(299, ext) == pytest.approx(0.1, abs=1e-4)
+    assert all(a >= b for a, b in zip([lr(s, ext) for s in range(10, 300)], [lr(s, ext) for s in range(11, 300)]))
+    assert lr(150, [(110, 200)]) == pytest.approx(0.1)  # extended after the end: stays at the floor
+    stretched = [lr(s, [(5, 210)]) for s in range(210)]  # extended during the warmup: as if planned
+    planned = [learning_rate(s, peak=1.0, warmup=10, total=210, min_ratio=0.1) for s in range(210)]
+    assert stretched == pytest.approx(planned, rel=1e-12)
 
 
 def test_without_a_terminal_progress_is_printed_as_plain_lines(tmp_path, rows):

@@ -56,6 +56,9 @@ def train(
     elif result["interrupted"]:
         console.print(f"[yellow]interrupted[/] at step {result['steps']}; checkpoint saved in {out}. "
                       "Rerun the same command to resume.")
+    elif result["already_finished"]:  # no step ran: this session measured nothing
+        console.print(f"already finished at step {result['steps']}; model in {result['model_dir']} "
+                      "(raise --steps to train further).")
     else:
         console.print(f"[bold green]done[/] model in {result['model_dir']}: train loss {result['train_loss']:.4f}"
                       + (f", eval ppl {result['eval_perplexity']:.2f}" if result.get("eval_perplexity") else "")

@@ -8,21 +8,33 @@ CPU throughput steady and makes runs bitwise reproducible.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from moekit.data.corpus import Corpus
+from moekit.data.corpus import Corpus, in_batches
 from moekit.errors import MoekitError
 
 
-def tokenize_corpus(corpus: Corpus, tokenizer: PreTrainedTokenizerBase) -> torch.Tensor:
-    """The whole corpus as one stream of token ids [N] (int32), eos after each document."""
+def tokenize_corpus(
+    corpus: Corpus, tokenizer: PreTrainedTokenizerBase, *, on_progress: Callable[[int], None] | None = None
+) -> torch.Tensor:
+    """The whole corpus as one stream of token ids [N] (int32), eos after each document.
+
+    ``on_progress(n)`` is called after each megabyte or so with the UTF-8 bytes just
+    tokenized; the calls add up to ``corpus.num_bytes``.
+    """
     eos = tokenizer.eos_token_id
     if eos is None:
         raise MoekitError("the tokenizer has no eos token; moekit needs one to separate documents.")
-    encoded = tokenizer(corpus.texts(), add_special_tokens=False)["input_ids"]
     separator = torch.tensor([eos], dtype=torch.int32)
-    pieces = [t for ids in encoded for t in (torch.tensor(ids, dtype=torch.int32), separator)]
+    pieces = []
+    for texts, size in in_batches(corpus.texts()):
+        for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]:
+            pieces += [torch.tensor(ids, dtype=torch.int32), separator]
+        if on_progress is not None:
+            on_progress(size)
     return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.int32)
 
 

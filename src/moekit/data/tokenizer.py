@@ -8,12 +8,13 @@ a standard Hugging Face fast tokenizer (``tokenizer.json`` + config) that
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
+from moekit.data.corpus import in_batches
 from moekit.errors import MoekitError
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
@@ -21,11 +22,15 @@ SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
 
 
 def train_tokenizer(
-    texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: int = 2
+    texts: Iterable[str], *, vocab_size: int = 8192, min_frequency: int = 2,
+    on_progress: Callable[[int], None] | None = None,
 ) -> PreTrainedTokenizerFast:
     """Train a byte-level BPE of ``vocab_size`` tokens (specials included) on ``texts``.
 
     The 256 byte symbols are always in the vocabulary, so nothing is ever unknown.
+    ``on_progress(n)`` is called as the trainer reads the texts, with the UTF-8 bytes read
+    since the last call. Reading and counting words is most of the time (10 of 12 s on the
+    stdlib corpus); the merges computed after it report nothing.
     """
     if vocab_size < 256 + len(SPECIAL_TOKENS):
         raise MoekitError(f"vocab_size {vocab_size} is too small for a byte-level BPE; use at least 259.")
@@ -39,8 +44,14 @@ def train_tokenizer(
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    tok.train_from_iterator(texts, trainer=trainer)
+    tok.train_from_iterator(texts if on_progress is None else _reporting(texts, on_progress), trainer=trainer)
     return wrap(tok)
+
+
+def _reporting(texts: Iterable[str], on_progress: Callable[[int], None]) -> Iterator[str]:
+    for batch, size in in_batches(texts):
+        yield from batch
+        on_progress(size)
 
 
 def wrap(tok: Tokenizer) -> PreTrainedTokenizerFast:

@@ -26,6 +26,7 @@ from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 
 from moekit.errors import MoekitError
+from moekit.io.save import _usual_permissions
 
 STATE_FILE = "trainer_state.json"
 
@@ -44,6 +45,7 @@ def save_checkpoint(
     save_file(tensors, str(tmp / "optimizer.safetensors"))
     save_file({"torch_cpu": torch.get_rng_state()}, str(tmp / "rng.safetensors"))
     (tmp / STATE_FILE).write_text(json.dumps({**state, "step": step, "param_groups": groups}))
+    _usual_permissions(tmp)  # safetensors writes 0600
     shutil.rmtree(final, ignore_errors=True)
     tmp.rename(final)
     for old in list_checkpoints(directory)[:-keep] if keep > 0 else []:
@@ -58,10 +60,24 @@ def list_checkpoints(directory: Path) -> list[Path]:
     return sorted(p for p in directory.glob("step-*") if (p / STATE_FILE).is_file())
 
 
+def latest_state(directory: Path) -> dict[str, Any] | None:
+    """The trainer state of the newest complete checkpoint in ``directory`` (None when there
+    is none), read without loading a tensor: enough to check a resume before any work."""
+    checkpoints = list_checkpoints(directory)
+    return _read_state(checkpoints[-1]) if checkpoints else None
+
+
+def _read_state(path: Path) -> dict[str, Any]:
+    try:
+        return json.loads((path / STATE_FILE).read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise MoekitError(f"checkpoint {path} is unreadable ({exc}); delete it to resume from an older one.") from None
+
+
 def load_checkpoint(path: Path, *, model: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
     """Restore model, optimizer and RNG in place from ``path``; return the trainer state."""
+    state = _read_state(path)
     try:
-        state = json.loads((path / STATE_FILE).read_text())
         missing, unexpected = load_model(model, str(path / "model.safetensors"), strict=False)
         if unexpected or [m for m in missing if not _tied(model, m)]:
             raise MoekitError(

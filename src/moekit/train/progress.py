@@ -24,15 +24,14 @@ class TrainProgress:
             TextColumn("[bold]train"),
             BarColumn(),
             MofNCompleteColumn(),
-            TextColumn("{task.fields[tps]:>6.0f} tok/s  loss {task.fields[loss]:.4f}  "
-                       "aux {task.fields[aux]:.4f}  imbalance {task.fields[imb]:.2f}"),
+            TextColumn("{task.fields[figures]}"),
             TimeElapsedColumn(),
             TimeRemainingColumn(),
             console=console,
             enabled=enabled,
         )
-        self._task = self._progress.add_task("train", total=total, completed=start,
-                                             tps=0.0, loss=float("nan"), aux=float("nan"), imb=float("nan"))
+        # empty until a step of this session has run: no "loss nan" for figures not yet known
+        self._task = self._progress.add_task("train", total=total, completed=start, figures="")
 
     def __enter__(self) -> TrainProgress:
         self._progress.__enter__()
@@ -44,14 +43,14 @@ class TrainProgress:
     def advance(self, record: dict[str, Any]) -> None:
         task = self._progress.tasks[0]
         before = task.completed
-        self._progress.update(self._task, advance=1, tps=record["tokens_per_s"], loss=record["loss"],
-                              aux=record["aux_loss"], imb=record["imbalance"])
+        figures = (f"{record['tokens_per_s']:>6.0f} tok/s  loss {record['loss']:.4f}  aux {record['aux_loss']:.4f}  "
+                   f"imbalance {record['imbalance']:.2f}")
+        self._progress.update(self._task, advance=1, figures=figures)
         console = self._progress.console
         if self.enabled and not console.is_terminal and plain_line_due(before, task.completed, task.total, lines=50):
             remaining = f"{task.time_remaining / 60:.0f} min left" if task.time_remaining is not None else ""
-            console.print(f"train {task.completed:.0f}/{task.total:.0f}  {record['tokens_per_s']:.0f} tok/s  "
-                          f"loss {record['loss']:.4f}  aux {record['aux_loss']:.4f}  "
-                          f"imbalance {record['imbalance']:.2f}  {remaining}".rstrip(), highlight=False)
+            console.print(f"train {task.completed:.0f}/{task.total:.0f}  {figures.lstrip()}  {remaining}".rstrip(),
+                          highlight=False)
 
     def note(self, text: str) -> None:
         if self.enabled:

@@ -29,7 +29,9 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
+    from moekit.train.checkpoint import latest_state
     from moekit.train.presets import preset
+    from moekit.train.trainer import check_resumable, first_steps
 
     if init is not None and not (init / "config.json").is_file():
         raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
@@ -38,12 +40,17 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
         bias_rate = 1e-3 if config.model_type == "deepseek_v3" else 0.0
-    warmup = max(0, min(settings.pop("warmup"), settings["steps"] - 1))
+    saved = latest_state(out / "checkpoints")
+    # Clamped to the step count the run started with, so that raising --steps keeps it.
+    warmup = max(0, min(settings.pop("warmup"), (first_steps(saved["log"]) if saved else settings["steps"]) - 1))
     tc = TrainConfig.checked(**settings, warmup_steps=warmup, bias_update_rate=bias_rate)
+    if saved is not None:  # before the data is prepared, which takes most of a minute
+        check_resumable(out, saved, tc)
     if tokenizer is None and init is not None and (init / "tokenizer.json").is_file():
         tokenizer = init
     run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,
-                       vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field)
+                       vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field,
+                       progress=show_progress, console=console)
     if model is None:
         config.vocab_size = len(run.tokenizer)  # from scratch: the model fits the tokenizer exactly
         model = build_model(config, seed=tc.seed)
@@ -64,6 +71,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     history, evals = log["history"], log["evals"]
     return {
         "model_dir": str(model_dir), "steps": len(history), "interrupted": log["interrupted"],
+        "already_finished": log["resumed_from"] >= tc.steps,
         "train_loss": history[-1]["loss"] if history else float("nan"),
         "eval_loss": evals[-1]["loss"] if evals else None,
         "eval_perplexity": evals[-1]["perplexity"] if evals else None,

@@ -9,6 +9,7 @@ permutation and continues at the same row.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 
@@ -50,12 +51,33 @@ class BatchStream:
         self._order = self._permutation(self.epoch)
 
 
-def learning_rate(step: int, *, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+def learning_rate(
+    step: int, *, peak: float, warmup: int, total: int, min_ratio: float,
+    extensions: Sequence[tuple[int, int]] = (),
+) -> float:
     """Linear warmup to ``peak`` over ``warmup`` steps, then cosine decay to
     ``min_ratio · peak`` at ``total``. ``step`` counts from 0 (the first update).
 
-    A pure function of the step, so the schedule has no state to save or restore.
+    ``extensions`` are ``(at, steps)`` pairs, oldest first: the run was resumed at step
+    ``at`` with its step count changed to ``steps``. From ``at`` (or from the end of the
+    warmup, if later) the rate follows a new cosine from the rate the schedule had reached
+    down to ``min_ratio · peak`` at ``steps``, so it never jumps: a run extended before its
+    warmup ended gets the schedule of a run started with ``steps``; one extended
+    after it finished stays at ``min_ratio · peak``.
+
+    A pure function of the step and the run's settings, so the schedule has no state to
+    save or restore.
     """
+    if extensions:
+        *earlier, (at, steps) = extensions
+        begin = max(at, warmup)
+        if step < begin:
+            return learning_rate(step, peak=peak, warmup=warmup, total=total, min_ratio=min_ratio, extensions=earlier)
+        reached = learning_rate(begin, peak=peak, warmup=warmup, total=total, min_ratio=min_ratio,
+                                extensions=earlier)
+        progress = min(1.0, (step - begin) / max(1, steps - begin))
+        floor = peak * min_ratio
+        return floor + (reached - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
     progress = min(1.0, (step - warmup) / max(1, total - warmup))

@@ -92,7 +92,10 @@ def train(
     """Train ``model`` in place on ``train_rows`` [N, L]; resume if ``out_dir`` has checkpoints.
 
     ``on_step(step, record)`` is called after every step (tests use it to interrupt).
-    Returns the log: ``{"config", "meta", "history", "evals", "interrupted", ...}``.
+    A run may be resumed with a different ``steps`` (see `check_resumable`); the schedule
+    then continues as `learning_rate` describes, recorded in the log's ``extensions``.
+    Returns the log: ``{"config", "meta", "history", "evals", "interrupted", "resumed_from",
+    ...}``.
     """
     if train_rows.shape[0] < config.batch_size:
         raise MoekitError(
@@ -113,25 +116,30 @@ def train(
     step = 0
     if checkpoints := list_checkpoints(ckpt_dir):
         state = load_checkpoint(checkpoints[-1], model=model, optimizer=optimizer)
-        if state["log"]["config"] != log["config"]:
-            raise MoekitError(
-                f"{out_dir} holds a run with a different training config; resume with the same "
-                "settings or choose a new --out."
-            )
+        check_resumable(out_dir, state, config)
         stream.load_state_dict(state["stream"])
         log, step = state["log"], state["step"]
+        if log["config"]["steps"] != config.steps:
+            log.setdefault("extensions", []).append({"step": step, "from": log["config"]["steps"],
+                                                     "to": config.steps})
+            log["config"] = config.model_dump(mode="json")
     else:
         torch.manual_seed(config.seed)
+    log["resumed_from"] = step
+    schedule = dict(peak=config.lr, warmup=config.warmup_steps, total=first_steps(log),
+                    min_ratio=config.min_lr_ratio, extensions=[(e["step"], e["to"]) for e in log.get("extensions", [])])
     if eval_rows is not None and eval_rows.shape[0] > config.eval_rows:
         # Evenly spaced rows: a prefix would be the first few files only.
         eval_rows = eval_rows[torch.linspace(0, eval_rows.shape[0] - 1, config.eval_rows).long()]
     stop = _StopFlag()
-    progress = TrainProgress(total=config.steps, start=step, console=console, enabled=show_progress)
+    # a finished run has nothing to show: its bar would hold no figures
+    progress = TrainProgress(total=config.steps, start=step, console=console,
+                             enabled=show_progress and step < config.steps)
     tokens_per_step = config.batch_size * config.grad_accum * train_rows.shape[1]
     with stop, progress, RouterCapture(model) as cap:
         while step < config.steps and not stop.requested:
             t0 = time.perf_counter()
-            record = _train_step(model, optimizer, stream, cap, config, step, biased)
+            record = _train_step(model, optimizer, stream, cap, config, learning_rate(step, **schedule), biased)
             step += 1
             record.update(step=step, seconds=time.perf_counter() - t0)
             record["tokens_per_s"] = tokens_per_step / record["seconds"]
@@ -155,9 +163,28 @@ def train(
     return log
 
 
-def _train_step(model, optimizer, stream, cap, config, step, biased) -> dict[str, Any]:
-    lr = learning_rate(step, peak=config.lr, warmup=config.warmup_steps, total=config.steps,
-                       min_ratio=config.min_lr_ratio)
+def check_resumable(out_dir: Path, state: dict[str, Any], config: TrainConfig) -> None:
+    """Refuse to resume the run whose checkpoint ``state`` holds with ``config`` unless only
+    ``steps`` differs and is not below the checkpoint's step. Anything else would change the
+    optimisation the checkpoint is part of, so the message names every setting that differs."""
+    saved, new = state["log"]["config"], config.model_dump(mode="json")
+    changed = [f"{key} {saved.get(key)} → {new.get(key)}" for key in sorted(set(saved) | set(new))
+               if key != "steps" and saved.get(key) != new.get(key)]
+    if changed:
+        raise MoekitError(f"{out_dir} holds a run with other settings ({', '.join(changed)}); resume with the "
+                          "run's settings (only the step count may change) or choose a new --out.")
+    if config.steps < state["step"]:
+        raise MoekitError(f"{out_dir} holds a run already at step {state['step']}, past --steps {config.steps}; "
+                          f"give at least {state['step']}.")
+
+
+def first_steps(log: dict[str, Any]) -> int:
+    """The step count a run started with: its first cosine schedule ends there."""
+    extensions = log.get("extensions")
+    return extensions[0]["from"] if extensions else log["config"]["steps"]
+
+
+def _train_step(model, optimizer, stream, cap, config, lr, biased) -> dict[str, Any]:
     for group in optimizer.param_groups:
         group["lr"] = lr
     sums = {"loss": 0.0, "aux_loss": 0.0, "z_loss": 0.0}

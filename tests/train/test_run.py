@@ -1,0 +1,54 @@
+"""`moekit train` rerun on an existing run: finished, extended, or refused with every
+setting that differs named."""
+
+import json
+
+import pytest
+from typer.testing import CliRunner
+
+from moekit.cli import app
+
+from .conftest import tiny_spec
+
+
+@pytest.fixture
+def command(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(30):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps(tiny_spec("olmoe", vocab_size=300)))
+    return ["train", "--arch", spec, "--data", corpus, "--vocab-size", 300, "--seq-len", 32, "--batch-size", 4,
+            "--checkpoint-every", 2, "--eval-every", 2, "--threads", 1, "--out", tmp_path / "run"]
+
+
+def _train(command, *args):
+    result = CliRunner().invoke(app, [*map(str, command), *map(str, args)])
+    result.flat = " ".join(result.output.split())  # rich wraps long lines
+    return result
+
+
+def test_a_finished_run_says_so_and_more_steps_continue_it(command, tmp_path):
+    first = _train(command, "--steps", 2)
+    assert first.exit_code == 0 and "done model in" in first.flat
+    again = _train(command, "--steps", 2)
+    assert again.exit_code == 0, again.output
+    assert f"already finished at step 2; model in {tmp_path / 'run' / 'model'}" in again.flat
+    assert "nan" not in again.output
+    more = _train(command, "--steps", 4, "--json")
+    assert more.exit_code == 0, more.output
+    summary = json.loads(more.stdout[more.stdout.index("{"):])
+    assert summary["steps"] == 4 and not summary["already_finished"]
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert [h["step"] for h in log["history"]] == [1, 2, 3, 4] and log["resumed_from"] == 2
+    assert log["extensions"] == [{"step": 2, "from": 2, "to": 4}] and log["config"]["warmup_steps"] == 1
+
+
+def test_other_settings_are_refused_before_any_work(command, tmp_path):
+    assert _train(command, "--steps", 2).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")}
+    refused = _train(command, "--steps", 3, "--lr", 0.01, "--grad-accum", 2)
+    assert refused.exit_code == 2 and "Traceback" not in refused.output
+    assert "other settings (grad_accum 1 → 2, lr 0.002 → 0.01)" in refused.flat
+    assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
