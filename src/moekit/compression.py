@@ -203,6 +203,8 @@ def _evaluate(model: nn.Module, rows: torch.Tensor, batch_size: int, progress: b
 def model_card(report: dict) -> str:
     """A README.md for the output folder: what was done and what it cost."""
     before, after = report["before"], report["after"]
+    # one count per layer: a global budget keeps a different number in each
+    layers = sorted(before["experts_per_layer"].keys() | after["experts_per_layer"].keys(), key=int)
     lines = [
         f"# {Path(report['model']).name} compressed by moekit",
         "",
@@ -221,8 +223,9 @@ def model_card(report: dict) -> str:
         f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
         f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
         f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
-        f"| experts per MoE layer | {sorted(set(before['experts_per_layer'].values()))} | "
-        f"{sorted(set(after['experts_per_layer'].values()))} |",
+        f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
+        f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
+        f"{', '.join(str(after['experts_per_layer'].get(i, '-')) for i in layers)} |",
     ]
     if "eval" in before:
         lines += [
