@@ -233,23 +233,28 @@ def test_bad_inputs_fail_before_work_and_leave_nothing(workspace, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c"]
 
 
-def test_interrupted_compression_leaves_no_output(workspace, tmp_path):
-    """A failure after the work started (here: inside a step) leaves no output folder."""
+def test_interrupted_compression_leaves_no_output_only_its_work_folder(workspace, tmp_path):
+    """A failure after the work started (here: inside a step) leaves no output folder, and
+    the hidden work folder it names can be resumed (tests/test_resume.py kills for real)."""
+    from moekit.io.workdir import work_folder_for
     from moekit.recipe.steps.prune import Prune
 
-    original = Prune.apply
+    original = Prune.apply_layer
 
-    def boom(self, model, stats, **kw):
-        original(self, model, stats, **kw)
-        raise KeyboardInterrupt
+    def boom(self, model, layer, stats, **kw):
+        if layer.index == 1:
+            raise KeyboardInterrupt
+        return original(self, model, layer, stats, **kw)
 
-    Prune.apply = boom
+    Prune.apply_layer = boom
     try:
         with pytest.raises(KeyboardInterrupt):
             _compress(workspace, "mixtral", "prune-50", tmp_path / "out")
     finally:
-        Prune.apply = original
-    assert list(tmp_path.iterdir()) == []
+        Prune.apply_layer = original
+    assert [p.name for p in tmp_path.iterdir()] == [work_folder_for(tmp_path / "out").name]
+    _compress(workspace, "mixtral", "prune-50", tmp_path / "out", resume=True)
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_cli_compress_json(workspace, tmp_path):

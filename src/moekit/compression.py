@@ -1,10 +1,13 @@
 """`moekit.compress`: check the recipe, calibrate once, run the steps, save, report.
 
-Everything a step needs is computed in one layer-streamed calibration (exactly the
-statistics the steps declare). A step that follows a structural change and needs
-statistics gets a fresh calibration of the changed model. The output folder appears
-only when complete: a standard checkpoint (or moekit's non-uniform format), the
-tokenizer, ``recipe.yaml`` as run, ``report.json`` and a model card.
+The model streams one decoder layer at a time (`moekit.recipe.passes`): each layer is
+read, calibrated with exactly the statistics the steps declare, edited, written as its
+own shard and released. A step that follows a structural change and needs statistics
+reads a calibration of the changed model (a second stream of hidden states in the same
+pass). Finished layers are kept in a work folder next to the output, so an interrupted
+run resumes (`moekit.io.workdir`). The output folder appears only when complete: a
+standard sharded checkpoint (or moekit's non-uniform format), the tokenizer,
+``recipe.yaml`` as run, ``report.json`` and a model card.
 """
 
 from __future__ import annotations
@@ -25,7 +28,11 @@ from moekit.arch.adapters import FAMILIES
 from moekit.arch.edit import PER_LAYER_KEY
 from moekit.arch.summary import summarize
 from moekit.errors import MoekitError
+from moekit.io.layered import LayeredModel
+from moekit.io.shards import OUTER, ShardWriter
+from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
+from moekit.recipe.passes import RecipePass, phases_of
 
 
 def model_info(config: Any) -> ModelInfo:
@@ -74,36 +81,59 @@ def compress(
     seq_len: int = 256,
     seed: int = 0,
     tokenizer: str | os.PathLike | None = None,
+    text_field: str = "text",
     evaluate: bool = False,
     eval_data: str = "stdlib:eval",
     eval_max_tokens: int | None = 32768,
     batch_size: int = 8,
     dtype: str = "auto",
+    device: str = "auto",
+    compute_dtype: str = "auto",
+    activation_budget: int | str | None = None,
+    resume: bool = False,
     progress: bool = True,
+    on_start=None,
+    on_event=None,
 ) -> dict:
-    """Compress ``model`` with ``recipe`` into the new folder ``out_dir``.
+    """Compress ``model`` with ``recipe`` into the new folder ``out_dir``, one decoder layer
+    at a time: each layer is read from the checkpoint, calibrated, edited by the recipe's
+    steps, written to the output as its own shard and released, so the memory needed is
+    set by one layer (see README, "Memory"), not by the model.
 
     Args:
         model: checkpoint folder, hub id or shipped reference (None: the default model).
         recipe: a `Recipe`, a preset name (``prune-50``…), a YAML path, or a dict.
         data: calibration corpus; ``n_samples`` sequences of ``seq_len`` tokens.
+        text_field: the field of .jsonl/.parquet/hub rows that holds the text (both corpora).
         evaluate: measure perplexity and accuracy on ``eval_data`` before and after, on
             rows of 256 tokens spread over the whole corpus, ``eval_max_tokens`` in all.
         dtype: what the output stores: ``auto`` (the source checkpoint's dtype), ``bfloat16``,
-            ``float16`` or ``float32``. Work is done in fp32; the "after" evaluation scores the
-            weights rounded to this dtype, exactly as saved.
+            ``float16`` or ``float32``. The "after" evaluation reads the output as saved.
+        device: where layers compute (``auto``: a GPU when there is one).
+        compute_dtype: ``auto`` (fp32 on CPU, bf16 on GPU), or a dtype name.
+        activation_budget: bytes (or ``"4GiB"``) of calibration hidden states held in
+            memory; above it they live in files in the work folder.
+        resume: continue the work folder an interrupted run left next to ``out_dir``
+            (without it, an existing work folder is refused).
+        on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
+        on_event: called with ("layer", index) when a decoder layer is finished and kept
+            in the work folder, and ("saved", n) when the n-th output file is in place.
 
     Returns:
         The report (also written to ``out_dir/report.json``).
 
     Raises:
         MoekitError: before any weights load, for an invalid recipe, an unsupported
-            model, an existing ``out_dir``; before calibration, for unusable data.
+            model, an existing ``out_dir``, a work folder of another run; before
+            calibration, for unusable data.
     """
-    from moekit.calib.calibrate import calibrate
+    from moekit.calib.activations import ActivationBudget
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
-    from moekit.io.load import default_model, load, stored_dtype
-    from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, round_for_storage, write_checkpoint
+    from moekit.devices import parse_bytes, resolve_compute_dtype, resolve_device
+    from moekit.io.layered import open_model
+    from moekit.io.load import default_model, stored_dtype
+    from moekit.io.save import atomic_dir, output_dtype
+    from moekit.io.workdir import WorkFolder, work_folder_for
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
@@ -113,53 +143,124 @@ def compress(
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
+    where = resolve_device(device)
+    compute = resolve_compute_dtype(compute_dtype, where)
+    budget_bytes = parse_bytes(activation_budget)
     tok = tokenizer_for(name, tokenizer)
-    calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed)
+    calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
     notes = _sample_shortfall(recipe, n_samples, seq_len)
     eval_rows = None
     if evaluate:
-        eval_rows = spread_rows(evaluation_stream(eval_data, tok).input_ids, eval_max_tokens,
+        eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids, eval_max_tokens,
                                   min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
-    net = load(name)
-    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": summary(net, source),
-                              "notes": notes}
-    if eval_rows is not None:
-        report["before"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
+    def fresh():
+        return open_model(name, dtype=compute, device=where)
 
-    stats, stale, step_reports = None, True, []
-    for step in recipe.steps:
-        if step.needs() and (stats is None or stale):
-            hidden = max((s.hidden_sample() for s in recipe.steps), default=0)
-            wanted = set().union(*(s.needs() for s in recipe.steps))
-            stats = calibrate(net, calib.input_ids, statistics=wanted, hidden_sample=hidden, seed=seed,
-                              batch_size=batch_size, progress=progress, meta={"model_name": name, **calib.describe()})
-            report.setdefault("calibration", []).append(
-                {"statistics": stats.statistics, "seconds": stats.meta["seconds"],
-                 "model_fingerprint": stats.meta["model_fingerprint"], "data_fingerprint": stats.meta["data_fingerprint"]})
-            stale = False
-        step_start = time.perf_counter()
-        result = step.apply(net, stats, progress=progress)
-        step_reports.append({"type": step.type, "seconds": round(time.perf_counter() - step_start, 3), **result})
-        stale = stale or step.changes_structure
-    report["steps"] = step_reports
-    round_for_storage(net, stored)  # evaluate exactly the weights that are saved
-    report["after"] = summary(net, stored)
+    lent = fresh()  # checks every shard and tensor shape before anything is written
+    work = WorkFolder(work_folder_for(out), _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size,
+                                                        stored=stored, compute=compute, device=where),
+                      resume=resume)
+    if on_start is not None:
+        on_start(work)
+    budget = ActivationBudget(budget_bytes, work.path / "activations")
+    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
+                              "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
+                              "notes": notes, "device": str(where), "compute_dtype": str(compute).removeprefix("torch.")}
     if eval_rows is not None:
-        report["after"]["eval"] = _evaluate(net, eval_rows, batch_size, progress)
-    report["format"] = "moekit-nonuniform" if getattr(net.config, PER_LAYER_KEY, None) else "standard"
-    report["seconds"] = round(time.perf_counter() - start, 2)
-    report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+        report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
+
+    phases = phases_of(recipe)
+    stats_meta = {"model_name": name, **calib.describe()}
+    plans = _plans(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
+                   stats_meta=stats_meta, progress=progress)
+    lent = fresh()
+    native = _needs_native_format(lent.model, recipe, plans)
+    writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
+    runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
+                        budget=budget, stats_meta=stats_meta)
+    total = len(lent) * len(runner.streamer.batches) * len(phases)
+    with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
+        if work.resumed:
+            advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
+        result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
+                            (lambda i: on_event("layer", i)))
+    writer.write_outer(f"{lent.family.layers}.")
+    report["calibration"] = [
+        {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
+         "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"]}
+        for p, phase in enumerate(phases)]
+    report["steps"] = [{"type": step.type, **step.report(result.per_layer.get(position, {}))}
+                       for position, step in enumerate(recipe.steps)]
+    report["after"] = summary(lent.model, stored)
+    report["format"] = "moekit-nonuniform" if native else "standard"
+    report["activations"] = budget.report()
+    budget.close()
 
     with atomic_dir(out) as tmp:
-        write_checkpoint(cast_for_storage(net, stored), tmp)
+        writer.finish(tmp, [*range(len(lent)), OUTER], on_file=on_event and (lambda n: on_event("saved", n)))
         tok.save_pretrained(tmp)
+        if eval_rows is not None:
+            saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
+            report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress)
+        report["seconds"] = round(time.perf_counter() - start, 2)
+        report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
+    work.remove()
     report["out"] = str(out)
     return report
+
+
+def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
+    """Everything a compress's output depends on: a work folder is resumed only when all
+    of it is the same (a checkpoint replaced in place changes its files' sizes and times)."""
+    from moekit import __version__
+
+    checkpoint = lent.checkpoint.fingerprint() if lent.checkpoint is not None else name
+    return {"model": name, "checkpoint": checkpoint, "recipe": recipe.to_dict(),
+            "data": calib.describe()["data_fingerprint"], "moekit": __version__, "torch": torch.__version__,
+            **{k: str(v) for k, v in settings.items()}}
+
+
+def _plans(work, fresh, input_ids, phases, *, batch_size, seed, budget, stats_meta, progress) -> dict[int, Any]:
+    """The cross-layer decisions of the recipe's planning steps, from planning passes (in
+    phase order, since a later phase's pass applies the earlier phases' edits), kept in the
+    work folder so a resumed run takes the same ones."""
+    saved = work.plans()
+    if saved is not None:
+        return {int(pos): {int(i): n for i, n in plan.items()} for pos, plan in saved.items()}
+    plans: dict[int, Any] = {}
+    for p, phase in enumerate(phases):
+        planners = [(pos, step) for pos, step in phase.steps if step.plan_needs()]
+        if not planners:
+            continue
+        needs = frozenset({"frequency"}.union(*(step.plan_needs() for _, step in planners)))
+        lent = fresh()
+        runner = RecipePass(lent, input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
+                            budget=budget, stats_meta=stats_meta)
+        with progress_bar("planning", total=len(lent) * len(runner.streamer.batches) * (p + 1), unit="batch",
+                          enabled=progress) as advance:
+            collected = runner.run(collect=(p, needs), advance=advance).collected
+        for pos, step in planners:
+            plans[pos] = step.plan(lent.model, collected)
+    work.save_plans({str(pos): {str(i): n for i, n in plan.items()} for pos, plan in plans.items()})
+    return plans
+
+
+def _needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any]) -> bool:
+    """Whether the output keeps different expert counts per layer (moekit's format),
+    known before the pass from the steps' counts and the plans."""
+    from moekit.arch.discover import moe_layers
+
+    counts = []
+    for layer in moe_layers(model):
+        count = layer.num_experts
+        for position, step in enumerate(recipe.steps):
+            count = plans[position][layer.index] if position in plans else step.kept_per_layer(count)
+        counts.append(count)
+    return len(set(counts)) > 1
 
 
 def _sample_shortfall(recipe: Recipe, n_samples: int, seq_len: int) -> list[str]:
@@ -190,7 +291,7 @@ def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> to
     return rows
 
 
-def _evaluate(model: nn.Module, rows: torch.Tensor, batch_size: int, progress: bool) -> dict:
+def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool) -> dict:
     """Each row is its own window, so every row contributes length − 1 predictions."""
     from moekit.eval.perplexity import evaluate
 

@@ -108,7 +108,7 @@ class ActivationBudget:
         size = sum(b.numel() * b.element_size() for b in batches)
         if self.budget is None or self.held + size <= self.budget:
             self.held += size
-            return HiddenStates(batches)
+            return HiddenStates(batches, name=name)
         if self.folder is None:
             self._tmp = self._tmp or tempfile.TemporaryDirectory(prefix="moekit-activations-")
             self.folder = Path(self._tmp.name)

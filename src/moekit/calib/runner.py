@@ -90,25 +90,29 @@ class LayerStreamer:
 
     Args:
         lent: the model, lending one decoder layer at a time.
-        input_ids: [N, S] token ids.
+        input_ids: [N, S] token ids, cut into batches of ``batch_size`` rows; or a list of
+            batches [B, S_b] already cut (rows of different widths, padded per batch).
         batch_size: rows per forward of one layer.
-        attention_mask: [N, S] (1 = a real token), for rows padded to one width.
+        attention_mask: like ``input_ids`` (1 = a real token), for padded rows.
         budget: where hidden states live (memory, or files above a size).
     """
 
     def __init__(
         self,
         lent: LayeredModel,
-        input_ids: torch.Tensor,
+        input_ids: torch.Tensor | list[torch.Tensor],
         *,
         batch_size: int = 8,
-        attention_mask: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | list[torch.Tensor] | None = None,
         budget: ActivationBudget | None = None,
     ) -> None:
         self.lent = lent
         self.device = lent.device
-        self.batches = list(input_ids.split(batch_size))
-        self.masks = list(attention_mask.split(batch_size)) if attention_mask is not None else None
+        self.batches = list(input_ids.split(batch_size)) if isinstance(input_ids, torch.Tensor) else list(input_ids)
+        self.masks = None
+        if attention_mask is not None:
+            self.masks = list(attention_mask.split(batch_size)) if isinstance(attention_mask, torch.Tensor) \
+                else list(attention_mask)
         self.budget = budget or ActivationBudget()
         self.calls: list[list[LayerCall]] = []  # [batch][layer], on the CPU
 

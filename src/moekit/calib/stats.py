@@ -25,19 +25,25 @@ _VOLATILE_CONFIG_KEYS = ("_name_or_path", "transformers_version", "dtype", "torc
 
 
 class ModelDigest:
-    """The model fingerprint built up layer by layer, as a streamed pass sees the routers:
-    sha256 of the config (minus paths and versions), then every router's weights in depth
-    order. Cheap to compute on a huge model, and different for any other checkpoint."""
+    """The model fingerprint, built up layer by layer as a streamed pass sees the routers:
+    sha256 of the config (minus paths and versions) and of each router's own digest, in
+    depth order. Cheap to compute on a huge model, different for any other checkpoint, and
+    resumable: the per-router digests (``routers``) are short strings a work folder keeps."""
 
-    def __init__(self, config: Any) -> None:
+    def __init__(self, config: Any, routers: list[str] | None = None) -> None:
         kept = {k: v for k, v in config.to_dict().items() if k not in _VOLATILE_CONFIG_KEYS}
-        self._digest = hashlib.sha256(json.dumps(kept, sort_keys=True, default=str).encode())
+        self.config = json.dumps(kept, sort_keys=True, default=str)
+        self.routers = list(routers or [])
 
     def add_router(self, weight: torch.Tensor) -> None:
-        self._digest.update(weight.detach().float().cpu().contiguous().numpy().tobytes())
+        raw = weight.detach().float().cpu().contiguous().numpy().tobytes()
+        self.routers.append(hashlib.sha256(raw).hexdigest())
 
     def hexdigest(self) -> str:
-        return self._digest.hexdigest()[:16]
+        digest = hashlib.sha256(self.config.encode())
+        for router in self.routers:
+            digest.update(router.encode())
+        return digest.hexdigest()[:16]
 
 
 def model_fingerprint(model: nn.Module) -> str:
@@ -77,6 +83,11 @@ class CalibrationStats:
         ordered by a hash of token positions, so its first m rows are exactly the sample a
         calibration asking for m would have kept."""
         return self.layers[index]["hidden_sample"][:samples]
+
+    def only(self, index: int) -> CalibrationStats:
+        """The statistics of layer ``index`` alone (what a step editing that layer reads)."""
+        return CalibrationStats(layers={index: self.layers[index]}, tokens={index: self.tokens.get(index, 0)},
+                                meta=self.meta)
 
     @property
     def statistics(self) -> list[str]:

@@ -15,9 +15,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 
 import torch
-from torch import nn
 
-from moekit.arch.discover import moe_layers
 from moekit.errors import MoekitError
 from moekit.progress import progress_bar
 
@@ -86,27 +84,27 @@ def windows(length: int, context_length: int, stride: int) -> list[tuple[int, in
 
 
 class _RoutingRecorder:
-    """Accumulates router entropy and expert loads of scored tokens, per MoE layer."""
+    """Accumulates router entropy and expert loads of scored tokens, per MoE layer, as the
+    layers stream by (``masks[b]``: [B, S] scored positions of batch b)."""
 
-    def __init__(self, model: nn.Module) -> None:
-        self.layers = moe_layers(model)
-        self.mask: torch.Tensor | None = None  # [B, S] scored positions of the current batch
-        self.entropy = {layer.index: 0.0 for layer in self.layers}
-        self.load = {layer.index: torch.zeros(layer.num_experts, dtype=torch.long) for layer in self.layers}
-        self.tokens = 0
+    def __init__(self, masks: list[torch.Tensor]) -> None:
+        self.masks = masks
+        self.tokens = sum(int(m.sum()) for m in masks)
+        self.layers: list = []
+        self.entropy: dict[int, float] = {}
+        self.load: dict[int, torch.Tensor] = {}
 
     @contextlib.contextmanager
-    def attached(self) -> Iterator[None]:
-        handles = [layer.block.register_forward_pre_hook(self._hook(layer)) for layer in self.layers]
-        try:
-            yield
-        finally:
-            for handle in handles:
-                handle.remove()
+    def attached(self, layer) -> Iterator[None]:
+        """While open, layer ``layer`` (a `MoELayer` view) records each batch it routes."""
+        self.layers.append(layer)
+        self.entropy[layer.index] = 0.0
+        self.load[layer.index] = torch.zeros(layer.num_experts, dtype=torch.long)
+        batch = iter(range(len(self.masks)))
 
-    def _hook(self, layer):
         def hook(_module, args):
-            hidden = args[0].reshape(-1, args[0].shape[-1])[self.mask.reshape(-1)]
+            mask = self.masks[next(batch)].to(args[0].device)
+            hidden = args[0].reshape(-1, args[0].shape[-1])[mask.reshape(-1)]
             logits = layer.router.logits(hidden)
             probs = layer.router.probabilities(logits)
             probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores -> a distribution
@@ -114,7 +112,11 @@ class _RoutingRecorder:
             index, _ = layer.router.route(logits)
             self.load[layer.index] += torch.bincount(index.flatten().cpu(), minlength=layer.num_experts)
 
-        return hook
+        handle = layer.block.register_forward_pre_hook(hook)
+        try:
+            yield
+        finally:
+            handle.remove()
 
     def summary(self) -> list[LayerRouting]:
         out = []
@@ -165,9 +167,31 @@ def check_scoring(config, tokens: torch.Tensor, *, context_length: int | None = 
     return context_length, stride
 
 
+def _window_batches(tokens: torch.Tensor, context_length: int, stride: int, batch_size: int):
+    """Batches of windows: ids, the positions fed to the model, the positions whose next
+    token is scored (each [B, width], width = the batch's longest window)."""
+    streams = [tokens] if tokens.ndim == 1 else list(tokens)
+    jobs = [(s, w) for s in streams for w in windows(len(s), context_length, stride)]
+    ids_list, masks, scored_list = [], [], []
+    for start in range(0, len(jobs), batch_size):
+        batch = jobs[start : start + batch_size]
+        width = max(end - begin for _, (begin, end, _) in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        mask = torch.zeros(len(batch), width, dtype=torch.bool)
+        scored = torch.zeros(len(batch), width, dtype=torch.bool)
+        for row, (stream, (begin, end, first)) in enumerate(batch):
+            ids[row, : end - begin] = stream[begin:end]
+            mask[row, : end - begin] = True
+            scored[row, first - begin - 1 : end - begin - 1] = True
+        ids_list.append(ids)
+        masks.append(mask)
+        scored_list.append(scored)
+    return ids_list, masks, scored_list
+
+
 @torch.no_grad()
 def evaluate(
-    model: nn.Module,
+    model,
     tokens: torch.Tensor,
     *,
     context_length: int | None = None,
@@ -175,47 +199,54 @@ def evaluate(
     batch_size: int = 8,
     routing: bool = True,
     progress: bool = True,
+    device: torch.device | str | None = None,
+    activations=None,
 ) -> EvalResult:
     """Perplexity, next-token accuracy and per-layer routing on a token stream.
 
+    The windows are pushed through the model one decoder layer at a time (the loop of
+    calibration, `moekit.calib.runner`), then through its final norm and head, so a model
+    read from a checkpoint (`moekit.io.layered.LayeredModel`) needs one layer's weights at
+    a time plus the hidden states of all windows (spilled to files above the
+    ``activations`` budget).
+
     Args:
-        model: a causal LM (routing statistics need a supported MoE family).
+        model: a causal LM in memory (routing statistics need a supported MoE family), or
+            a `LayeredModel`.
         tokens: [L] one token stream, or [N, S] independent sequences (each its own stream).
         context_length: tokens per window (default: min(512, the model's positions)).
         stride: new tokens scored per window, < context_length (default: context_length // 2).
         routing: also measure router entropy and load imbalance per MoE layer.
+        device: where a model in memory computes (a `LayeredModel` has its own).
+        activations: an `ActivationBudget` (default: hidden states in memory).
     """
-    streams = [tokens] if tokens.ndim == 1 else list(tokens)
-    context_length, stride = check_scoring(model.config, tokens, context_length=context_length, stride=stride)
+    from moekit.arch.discover import view_layer
+    from moekit.calib.runner import LayerStreamer
+    from moekit.io.layered import LayeredModel
 
-    jobs = [(s, w) for s in streams for w in windows(len(s), context_length, stride)]
-    recorder = _RoutingRecorder(model) if routing else None
-    device = next(model.parameters()).device
+    lent = model if isinstance(model, LayeredModel) else LayeredModel.in_memory(model, device=device)
+    context_length, stride = check_scoring(lent.model.config, tokens, context_length=context_length, stride=stride)
+    ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size)
+    streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations)
+    recorder = _RoutingRecorder(scored) if routing else None
+    n_layers, n_batches = len(lent), len(ids)
     nll, correct, count = 0.0, 0, 0
-    with recorder.attached() if recorder else contextlib.nullcontext(), progress_bar(
-        "evaluating", total=len(jobs), unit="window", enabled=progress
-    ) as advance:
-        for start in range(0, len(jobs), batch_size):
-            batch = jobs[start : start + batch_size]
-            width = max(end - begin for _, (begin, end, _) in batch)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            mask = torch.zeros(len(batch), width, dtype=torch.bool)  # positions fed to the model
-            scored = torch.zeros(len(batch), width, dtype=torch.bool)  # positions whose next token is scored
-            for row, (stream, (begin, end, first)) in enumerate(batch):
-                ids[row, : end - begin] = stream[begin:end]
-                mask[row, : end - begin] = True
-                scored[row, first - begin - 1 : end - begin - 1] = True
-            if recorder is not None:
-                recorder.mask = scored.to(device)
-                recorder.tokens += int(scored.sum())
-            logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), use_cache=False).logits.float()
-            targets = ids.roll(-1, dims=1).to(device)
+    with progress_bar("evaluating", total=(n_layers + 1) * n_batches, unit="batch", enabled=progress) as advance:
+        hidden = streamer.capture()
+        for index, layer in streamer.layers():
+            view = view_layer(lent.model, index) if recorder is not None else None
+            status = f"layer {index + 1}/{n_layers}"
+            streamer.forward(index, layer, hidden, observe=recorder.attached(view) if view is not None else None,
+                             on_batch=lambda b: advance(1, status))
+        for b in range(n_batches):
+            logits = streamer.logits(hidden, b).float()
+            targets = ids[b].roll(-1, dims=1).to(logits.device)
             log_probs = logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-            keep = scored.to(device)
+            keep = scored[b].to(logits.device)
             nll -= float(log_probs[keep].sum())
             correct += int((logits.argmax(-1) == targets)[keep].sum())
             count += int(keep.sum())
-            advance(len(batch), None)
+            advance(1, "head")
     mean_nll = nll / count
     return EvalResult(
         perplexity=math.exp(mean_nll),

@@ -224,3 +224,17 @@ def _fused_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, 
         return None if fused is None else tuple(fused[1:])
     fused = expected.get(f"{prefix}.gate_up_proj")
     return None if fused is None else (fused[1] // 2, fused[2])
+
+
+def open_model(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               trust_remote_code: bool = False) -> LayeredModel:
+    """A `LayeredModel` for what `moekit.load(name)` names: a checkpoint folder streamed
+    from disk, or (for the built-in tiny models, which have no files) the model in memory.
+    Each call builds a fresh one: a pass that edits a model changes its skeleton."""
+    from moekit.io.load import TINY_PREFIX, _check_checkpoint_dir, load, resolve_folder
+
+    if name.startswith(TINY_PREFIX):
+        return LayeredModel.in_memory(load(name, dtype=dtype, device=device))
+    folder = resolve_folder(name)
+    _check_checkpoint_dir(folder)
+    return LayeredModel.from_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)

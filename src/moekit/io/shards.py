@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import json
 import os
+import struct
 from pathlib import Path
 
 import torch
 from torch import nn
 
 from moekit.arch.storage import storage_dtypes
+from moekit.io.checkpoint import _read_header
 
 OUTER = "outer"
 
@@ -75,33 +77,95 @@ class ShardWriter:
         os.replace(partial, path)
         return path
 
-    def finish(self, out: Path, parts: list[int | str]) -> list[Path]:
-        """Move the shards of ``parts`` (in that order) into ``out`` with transformers'
-        shard names and write the index. Hard links where possible, so that the work
-        folder stays whole until the output is complete (a crash in between can resume)."""
-        from safetensors import safe_open
+    def finish(self, out: Path, parts: list[int | str], *, max_shard_size: int = 5 * 10**9,
+               on_file=None) -> list[Path]:
+        """Put the shards of ``parts`` (in that order) into ``out`` with transformers' names,
+        and write the index and the config (as ``save_pretrained`` does: the stored dtype,
+        the architecture, the generation config).
 
+        Consecutive small shards are joined into files of up to ``max_shard_size`` bytes
+        (a small model becomes one ``model.safetensors``, as transformers writes it) by
+        copying their bytes, never holding their tensors; a shard that is big enough alone
+        is hard-linked, so the work folder stays whole until the output is complete (a
+        crash in between can resume) and nothing is copied."""
+        self._write_config(out)
+        groups: list[list[Path]] = []
+        size = 0
+        for part in parts:
+            path = self.path(part)
+            nbytes = path.stat().st_size
+            if not groups or size + nbytes > max_shard_size:
+                groups.append([])
+                size = 0
+            groups[-1].append(path)
+            size += nbytes
         stem, index_name = ("moekit-model", "moekit-model.safetensors.index.json") if self.native else \
             ("model", "model.safetensors.index.json")
         weight_map, total, written = {}, 0, []
-        for n, part in enumerate(parts, start=1):
-            name = f"{stem}-{n:05d}-of-{len(parts):05d}.safetensors"
-            _link_or_copy(self.path(part), out / name)
-            with safe_open(str(out / name), framework="pt") as f:
-                for key in f.keys():
-                    weight_map[key] = name
-                    piece = f.get_slice(key)
-                    total += _nbytes(piece.get_dtype(), piece.get_shape())
-            written.append(out / name)
-        index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
-        (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
+        for n, group in enumerate(groups, start=1):
+            name = f"{stem}.safetensors" if len(groups) == 1 else f"{stem}-{n:05d}-of-{len(groups):05d}.safetensors"
+            target = out / name
+            if len(group) == 1:
+                _link_or_copy(group[0], target)
+            else:
+                join_safetensors(group, target)
+            for key, entry in _read_header(target).items():
+                weight_map[key] = name
+                total += entry.nbytes
+            written.append(target)
+            if on_file is not None:
+                on_file(n)
+        if len(groups) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
         return written
 
+    def _write_config(self, out: Path) -> None:
+        model = self.model
+        model.config.dtype = str(self.dtype).removeprefix("torch.")
+        model.config.architectures = [type(model).__name__]
+        model.config.save_pretrained(out)
+        if model.can_generate() and getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(out)
+        if self.native:
+            from moekit.io.nonuniform import FORMAT, MARKER
 
-def _nbytes(dtype: str, shape: list[int]) -> int:
-    from moekit.io.checkpoint import TensorEntry
+            (out / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1}, indent=2))
 
-    return TensorEntry(file=Path(), dtype=dtype, shape=tuple(shape)).nbytes
+
+def join_safetensors(sources: list[Path], target: Path, *, chunk: int = 64 * 2**20) -> None:
+    """Write one safetensors file holding every tensor of ``sources``, copying their data
+    bytes in chunks: a safetensors file is a JSON header of offsets followed by the raw
+    data, so joining needs only new offsets, never the tensors in memory."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    layout = []  # (source, data start, data length)
+    offset = 0
+    for source in sources:
+        with open(source, "rb") as f:
+            (length,) = struct.unpack("<Q", f.read(8))
+            own = json.loads(f.read(length))
+        own.pop("__metadata__", None)
+        end = max((info["data_offsets"][1] for info in own.values()), default=0)
+        for name, info in own.items():
+            begin, stop = info["data_offsets"]
+            header[name] = {**info, "data_offsets": [begin + offset, stop + offset]}
+        layout.append((source, 8 + length, end))
+        offset += end
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # the format pads the header to 8 bytes
+    partial = target.with_name(target.name + ".partial")
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for source, start, length in layout:
+            with open(source, "rb") as f:
+                f.seek(start)
+                remaining = length
+                while remaining:
+                    block = f.read(min(chunk, remaining))
+                    out.write(block)
+                    remaining -= len(block)
+    os.replace(partial, target)
 
 
 def _link_or_copy(source: Path, target: Path) -> None:

@@ -1,17 +1,23 @@
 """Recipe steps: pydantic models (unknown fields forbidden), registered by name.
 
 A step declares the calibration statistics it needs, checks itself against the model's
-config before any weights load, and applies itself to a loaded model.
+config before any weights load, and edits one decoder layer at a time (`apply_layer`):
+compression streams the model layer by layer, so a step never sees the whole model's
+weights at once. A step that decides something across layers (a global budget) says
+which statistics that decision needs (`plan_needs`); a first streamed pass collects them
+for every layer and `plan` decides, before the pass that edits.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from moekit.arch.layer import MoELayer
 from moekit.arch.routing import RoutingSpec
 from moekit.errors import MoekitError, validation_problems
 
@@ -61,10 +67,43 @@ class Step(BaseModel):
         total is known in advance)."""
         return True
 
-    def apply(self, model: nn.Module, stats: Any, *, progress: bool = False) -> dict:
-        """Edit ``model`` in place; return what to record in the report. ``progress``
-        draws a bar over layers where a step's per-layer work is slow."""
+    def plan_needs(self) -> set[str]:
+        """Statistics of every layer that `plan` reads (empty: the step decides layer by
+        layer, and no first pass is needed)."""
+        return set()
+
+    def plan(self, model: nn.Module, stats: Any) -> Any:
+        """Decide what needs all layers' statistics at once (``stats`` holds `plan_needs`
+        for every MoE layer; ``model``'s weights may be absent: read shapes and routing
+        only). The result reaches `apply_layer` as ``plan``."""
+        return None
+
+    def apply_layer(self, model: nn.Module, layer: MoELayer, stats: Any, *, plan: Any = None,
+                    on_progress: Callable[[str], None] | None = None) -> dict:
+        """Edit decoder layer ``layer.index`` of ``model`` in place (through `moekit.arch.edit`),
+        from ``stats`` (its layer's statistics); return what to record in the report for
+        this layer. ``on_progress(status)`` reports slow per-layer work."""
         raise NotImplementedError
+
+    def report(self, per_layer: dict[int, dict]) -> dict:
+        """The step's report from each layer's `apply_layer` result: ``{key: {layer: value}}``."""
+        keys = dict.fromkeys(k for result in per_layer.values() for k in result)
+        return {k: {str(i): r[k] for i, r in per_layer.items() if k in r} for k in keys}
+
+    def apply(self, model: nn.Module, stats: Any, *, progress: bool = False) -> dict:
+        """Edit a model held in memory, every MoE layer in turn, from statistics of all of
+        its layers: `plan`, then `apply_layer` per layer, as compression does while streaming."""
+        from moekit.arch.discover import moe_layers
+        from moekit.progress import progress_bar
+
+        decided = self.plan(model, stats) if self.plan_needs() else None
+        layers = moe_layers(model)
+        results = {}
+        with progress_bar(self.type, total=len(layers), unit="layer", enabled=progress) as advance:
+            for layer in layers:
+                results[layer.index] = self.apply_layer(model, layer, stats.only(layer.index), plan=decided)
+                advance(1, f"layer {layer.index}")
+        return self.report(results)
 
     @property
     def changes_structure(self) -> bool:

@@ -9,13 +9,11 @@ import torch
 from pydantic import Field
 from torch import nn
 
-from moekit.arch.discover import moe_layers
 from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
 from moekit.methods.merge.align import match, neuron_features, permute
 from moekit.methods.merge.average import fitted_router_row, weighted_mean
 from moekit.methods.merge.grouping import dominant_groups, hierarchical_groups, per_routing_group
 from moekit.methods.prune.criteria import CRITERIA, score
-from moekit.progress import progress_bar
 from moekit.recipe.step import register_step
 from moekit.recipe.steps import refit
 from moekit.recipe.steps.reduce import ExpertReduction
@@ -75,31 +73,24 @@ class Merge(ExpertReduction):
         return per_routing_group(grouper, spec.n_group, layer.num_experts, self.kept_per_layer(layer.num_experts))
 
     @torch.no_grad()
-    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
+    def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None) -> dict:
         stats.require(self.needs(), f"merge (grouping={self.grouping}, weights={self.weights}, router={self.router})")
-        layers = moe_layers(model)
-        title = f"merge ({self.grouping}{' + refit' if self.refit else ''})"
-        with progress_bar(title, total=len(layers), unit="layer", enabled=progress) as advance:
-            return self._apply(model, stats, layers, advance)
-
-    def _apply(self, model: nn.Module, stats, layers: list, advance) -> dict:
-        groups_report, refits = {}, {}
-        for layer in layers:
-            groups = self.groups(layer, stats)
-            s = stats[layer.index]
-            goal = refit.target(layer, stats, self.refit_samples) if self.refit else None
-            hidden = stats.hidden_inputs(layer.index, self.samples) if self.router == "fit" else None
-            weight_of = {"frequency": s["frequency"], "reap": s.get("reap"),
-                         "uniform": torch.ones_like(s["frequency"])}[self.weights]
-            for group in groups:
-                if len(group) > 1:
-                    self._merge_group(model, layer, group, weight_of, hidden)
-            keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
-            groups_report[str(layer.index)] = groups
-            if goal is not None:
-                refits[str(layer.index)] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
-            advance(1, f"layer {layer.index}")
-        return {"groups": groups_report} | ({"refit": refits} if refits else {})
+        groups = self.groups(layer, stats)
+        s = stats[layer.index]
+        goal = refit.target(layer, stats, self.refit_samples) if self.refit else None
+        hidden = stats.hidden_inputs(layer.index, self.samples) if self.router == "fit" else None
+        weight_of = {"frequency": s["frequency"], "reap": s.get("reap"),
+                     "uniform": torch.ones_like(s["frequency"])}[self.weights]
+        for group in groups:
+            if len(group) > 1:
+                self._merge_group(model, layer, group, weight_of, hidden)
+        keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
+        result = {"groups": groups}
+        if goal is not None:
+            if on_progress is not None:
+                on_progress(f"layer {layer.index}: refit")
+            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
+        return result
 
     def _merge_group(self, model, layer, group, weight_of, hidden: torch.Tensor | None) -> None:
         """Merge ``group`` into its first expert; ``hidden`` [m, H] feeds the fitted router."""

@@ -14,7 +14,6 @@ from moekit.errors import MoekitError
 from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.methods.prune.reconstruction import ReconstructionObjective, count_candidates, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
-from moekit.progress import progress_bar
 from moekit.recipe.step import ModelInfo, register_step
 from moekit.recipe.steps import refit
 from moekit.recipe.steps.reduce import ExpertReduction
@@ -78,59 +77,58 @@ class Prune(ExpertReduction):
                     f"{MAX_EXHAUSTIVE:,}); use search: beam, or auto (exhaustive only where it is small)."
                 )
 
-    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
-        stats.require(self.needs(), f"prune (method={self.method})")
-        layers = {layer.index: layer for layer in moe_layers(model)}
-        slow = (self.method == "reconstruction") + self.refit  # passes over the layers that take time
-        title = f"prune ({self.method}{' + refit' if self.refit else ''})"
-        with progress_bar(title, total=len(layers) * slow, unit="layer", enabled=progress and slow > 0) as advance:
-            return self._apply(model, stats, layers, advance)
+    def plan_needs(self) -> set[str]:
+        """A global budget splits the kept total between layers by their scores."""
+        if self.budget != "global":
+            return set()
+        method = self.seed_criterion if self.method == "reconstruction" else self.method
+        return set(CRITERIA["frequency" if method == "none" else method][1]) | {"frequency"}
 
-    def _apply(self, model: nn.Module, stats, layers: dict, advance) -> dict:
-        counts = {i: self.kept_per_layer(layer.num_experts) for i, layer in layers.items()}
-        if self.budget == "global":
-            counts = global_allocation(
-                {i: self._scores(layer, stats) for i, layer in layers.items()},
-                sum(counts.values()),
-                minimum={i: layer.router.spec.least_kept() for i, layer in layers.items()},
-                n_group={i: layer.router.spec.n_group for i, layer in layers.items()},
+    def plan(self, model: nn.Module, stats) -> dict[int, int]:
+        """{layer: experts kept} for ``budget: global`` (same total as uniform)."""
+        layers = {layer.index: layer for layer in moe_layers(model)}
+        return global_allocation(
+            {i: self._scores(layer, stats) for i, layer in layers.items()},
+            sum(self.kept_per_layer(layer.num_experts) for layer in layers.values()),
+            minimum={i: layer.router.spec.least_kept() for i, layer in layers.items()},
+            n_group={i: layer.router.spec.n_group for i, layer in layers.items()},
+        )
+
+    def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None) -> dict:
+        stats.require(self.needs(), f"prune (method={self.method})")
+        i = layer.index
+        count = plan[i] if plan is not None else self.kept_per_layer(layer.num_experts)
+        protected = super_experts(stats[i]["peak"], factor=self.super_expert_factor) if self.protect_super_experts \
+            else set()
+        n_group = layer.router.spec.n_group
+        if len(protected) > count:
+            raise MoekitError(
+                f"prune: layer {i} has {len(protected)} super experts {sorted(protected)}, more than the {count} "
+                f"kept; keep more experts or raise super_expert_factor."
             )
-        plan, details = {}, {}
-        for i, layer in layers.items():
-            protected = (
-                super_experts(stats[i]["peak"], factor=self.super_expert_factor) if self.protect_super_experts else set()
-            )
-            n_group = layer.router.spec.n_group
-            if len(protected) > counts[i]:
-                raise MoekitError(
-                    f"prune: layer {i} has {len(protected)} super experts {sorted(protected)}, more than the {counts[i]} "
-                    f"kept; keep more experts or raise super_expert_factor."
-                )
-            if self.method == "reconstruction":
-                start = None
-                if self.seed_criterion != "none":
-                    start = top_experts(
-                        score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * counts[i]),
-                        n_group=n_group, protected=protected,
-                    )
-                objective = ReconstructionObjective(layer, stats.hidden_inputs(i, self.samples))
-                result = search(objective, counts[i], method=self.search, n_group=n_group,
-                                beam_width=self.beam_width, start=start, fixed=frozenset(protected))
-                kept = result.kept
-                details[i] = {"search": result.method, "loss": result.loss, "evaluations": result.evaluations}
-                advance(1, f"layer {i}")
-            else:
-                kept = top_experts(self._scores(layer, stats), counts[i], n_group=n_group, protected=protected)
-            plan[i] = kept
-        refits = {}
-        for i, ids in plan.items():
-            goal = refit.target(layers[i], stats, self.refit_samples) if self.refit else None
-            keep_experts(model, {i: ids})
-            if goal is not None:
-                refits[str(i)] = refit.refit_layer(model, layers[i], goal, ridge=self.refit_ridge)
-                advance(1, f"layer {i}")
-        report = {"kept": {str(i): ids for i, ids in plan.items()}, **({"search": details} if details else {})}
-        return report | ({"refit": refits} if refits else {})
+        result = {}
+        if self.method == "reconstruction":
+            if on_progress is not None:
+                on_progress(f"layer {i}: reconstruction search")
+            start = None
+            if self.seed_criterion != "none":
+                start = top_experts(score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * count),
+                                    n_group=n_group, protected=protected)
+            objective = ReconstructionObjective(layer, stats.hidden_inputs(i, self.samples))
+            found = search(objective, count, method=self.search, n_group=n_group, beam_width=self.beam_width,
+                           start=start, fixed=frozenset(protected))
+            kept = found.kept
+            result["search"] = {"search": found.method, "loss": found.loss, "evaluations": found.evaluations}
+        else:
+            kept = top_experts(self._scores(layer, stats), count, n_group=n_group, protected=protected)
+        goal = refit.target(layer, stats, self.refit_samples) if self.refit else None
+        keep_experts(model, {i: kept})
+        result = {"kept": kept, **result}
+        if goal is not None:
+            if on_progress is not None:
+                on_progress(f"layer {i}: refit")
+            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
+        return result
 
     def _scores(self, layer, stats) -> torch.Tensor:
         method = self.seed_criterion if self.method == "reconstruction" else self.method

@@ -1,0 +1,116 @@
+"""The work folder of a long run: what is finished survives a crash, and the run resumes.
+
+A streamed compress keeps, next to its output, a hidden folder ``.<out>.moekit-work/``:
+
+- ``run.json``: the fingerprint of everything the result depends on (the checkpoint's
+  files, the recipe, the data, the settings, moekit's version) — a work folder made by
+  another run is refused;
+- ``plans.json``: decisions taken across layers by a first pass (a global budget);
+- ``layer-NNNNN.safetensors``: each finished decoder layer's output shard;
+- ``done/NNNNN.json``: written last for a layer, it is the commit point: the layer's
+  report, its final expert count and its routers' digests;
+- ``hidden-NNNNN/``: the hidden states leaving the last finished layer, which the next
+  layer needs (older ones are deleted once a newer one is committed).
+
+Every file is written under a temporary name and renamed, so a kill at any moment
+(SIGKILL included) leaves either the old state or the new one. Resuming continues at the
+first layer without a ``done`` record and gives a bitwise-identical result.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from moekit.errors import MoekitError
+
+SUFFIX = ".moekit-work"
+
+
+def work_folder_for(out: Path) -> Path:
+    return out.parent / f".{out.name}{SUFFIX}"
+
+
+def run_fingerprint(facts: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(facts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+class WorkFolder:
+    """The work folder of one run (see the module docstring).
+
+    Args:
+        path: the folder.
+        facts: what the run depends on (JSON-able); its digest must match to resume.
+        resume: continue an existing folder; without it an existing folder is refused.
+    """
+
+    def __init__(self, path: Path, facts: dict[str, Any], *, resume: bool) -> None:
+        self.path = path
+        self.fingerprint = run_fingerprint(facts)
+        record = path / "run.json"
+        if path.exists():
+            if not resume:
+                raise MoekitError(
+                    f"{path} holds an unfinished earlier run of this command ({self._progress()}). "
+                    f"Add --resume to continue it, or delete that folder to start over."
+                )
+            try:
+                earlier = json.loads(record.read_text())["fingerprint"]
+            except (OSError, json.JSONDecodeError, KeyError):
+                earlier = None
+            if earlier != self.fingerprint:
+                raise MoekitError(
+                    f"{path} was made by a run with another model, recipe, data, settings or moekit version; "
+                    f"it cannot be resumed with these. Delete it to start over, or rerun the original command."
+                )
+        else:
+            (path / "done").mkdir(parents=True)
+            _write_json(record, {"fingerprint": self.fingerprint, "facts": facts})
+        self.resumed = resume and self.finished_layers() != []
+
+    def _progress(self) -> str:
+        done = self.finished_layers()
+        return f"layers 0..{done[-1]} finished" if done else "no layer finished yet"
+
+    # -- records ----------------------------------------------------------------------
+    def finished_layers(self) -> list[int]:
+        folder = self.path / "done"
+        if not folder.is_dir():
+            return []
+        return sorted(int(p.stem) for p in folder.glob("*.json"))
+
+    def record(self, index: int) -> dict:
+        return json.loads((self.path / "done" / f"{index:05d}.json").read_text())
+
+    def commit(self, index: int, record: dict) -> None:
+        """Mark layer ``index`` finished (its shard and hidden states written before)."""
+        _write_json(self.path / "done" / f"{index:05d}.json", record)
+        for older in self.path.glob("hidden-*"):
+            if older.name != f"hidden-{index:05d}":
+                shutil.rmtree(older, ignore_errors=True)
+
+    def hidden_folder(self, index: int) -> Path:
+        return self.path / f"hidden-{index:05d}"
+
+    def plans(self) -> dict | None:
+        path = self.path / "plans.json"
+        return json.loads(path.read_text()) if path.is_file() else None
+
+    def save_plans(self, plans: dict) -> None:
+        _write_json(self.path / "plans.json", plans)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def _write_json(path: Path, data: Any) -> None:
+    partial = path.with_name(path.name + ".partial")
+    with open(partial, "w") as f:
+        json.dump(data, f, indent=1, default=str)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)

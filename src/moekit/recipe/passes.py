@@ -1,0 +1,183 @@
+"""A recipe run as streamed passes over the model: one decoder layer at a time.
+
+A recipe's steps fall into *phases*: a phase begins at a step that needs statistics of the
+model as the steps before it left it (the first such step, and any after a structural
+change). Each phase has its own stream of calibration hidden states. For decoder layer i,
+in phase order, stream p runs through the layer as the phases before p left it (its
+statistics accumulating), then phase p's steps edit the layer from those statistics. So
+stream 0 sees the original model, stream 1 the model after phase 0, and so on — exactly
+the calibrations of an in-memory run, computed in one pass with one layer in memory.
+
+A step that decides across layers (a global budget) gets a first *planning* pass that
+collects its `Step.plan_needs` for every layer (applying the earlier phases' edits, not
+writing anything); its `Step.plan` is then fixed before the pass that edits and writes.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from moekit.calib.activations import ActivationBudget, HiddenStates
+from moekit.calib.calibrate import new_accumulator, observing
+from moekit.calib.stats import CalibrationStats, ModelDigest
+from moekit.io.layered import LayeredModel
+from moekit.recipe.recipe import Recipe
+from moekit.recipe.step import Step
+
+
+@dataclass
+class Phase:
+    """Steps (with their positions in the recipe) that read one calibration."""
+
+    steps: list[tuple[int, Step]]
+    wanted: frozenset[str]
+    hidden_sample: int
+
+
+def phases_of(recipe: Recipe) -> list[Phase]:
+    """Split ``recipe`` into phases. Every calibration collects what any step of the
+    recipe needs (as one in-memory calibration always did)."""
+    wanted = frozenset({"frequency"}.union(*(s.needs() for s in recipe.steps)))
+    hidden = max((s.hidden_sample() for s in recipe.steps), default=0)
+    phases: list[Phase] = []
+    stale = True
+    for position, step in enumerate(recipe.steps):
+        if not phases or (step.needs() and stale):
+            phases.append(Phase([], wanted, hidden))
+            stale = False
+        phases[-1].steps.append((position, step))
+        stale = stale or step.changes_structure
+    return phases
+
+
+@dataclass
+class PassResult:
+    """What a pass produced: per step, each layer's report; per phase, the calibration's
+    model fingerprint and seconds; for a planning pass, the collected statistics."""
+
+    per_layer: dict[int, dict[int, dict]] = field(default_factory=dict)  # step position -> layer -> report
+    digests: list[ModelDigest] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    collected: CalibrationStats | None = None
+
+
+class RecipePass:
+    """Runs ``phases`` over ``lent`` layer by layer (see the module docstring).
+
+    Args:
+        lent: the model, lending one decoder layer at a time (a fresh skeleton per pass:
+            a pass changes its structure).
+        input_ids: [N, S] calibration rows.
+        plans: {step position: `Step.plan` result} for the steps that plan.
+        stats_meta: provenance stored in every layer's statistics (the steps check
+            ``statistics`` in it).
+    """
+
+    def __init__(self, lent: LayeredModel, input_ids: torch.Tensor, phases: list[Phase], *, plans: dict[int, Any],
+                 batch_size: int, seed: int, budget: ActivationBudget | None, stats_meta: dict) -> None:
+        from moekit.calib.runner import LayerStreamer
+
+        self.lent = lent
+        self.phases = phases
+        self.plans = plans
+        self.seed = seed
+        self.budget = budget or ActivationBudget()
+        self.stats_meta = stats_meta
+        self.streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=self.budget)
+
+    def run(self, *, writer=None, work=None, collect: tuple[int, frozenset[str]] | None = None,
+            advance=lambda n=1, status=None: None, on_layer=None) -> PassResult:
+        """One pass. ``writer`` (a `ShardWriter`) gets each finished layer; ``work`` (a
+        `WorkFolder`) makes the pass resumable; ``collect=(phase, names)`` makes it a
+        planning pass: phases up to ``phase`` run, that phase's steps do not, and its
+        statistics ``names`` of every layer are returned. ``on_layer(index)`` follows each
+        finished (and, with ``work``, committed) layer."""
+        from moekit.arch.discover import view_layer
+
+        last = len(self.phases) - 1 if collect is None else collect[0]
+        result = PassResult(digests=[ModelDigest(self.lent.model.config) for _ in range(last + 1)],
+                            seconds=[0.0] * (last + 1))
+        collected: dict[int, dict[str, torch.Tensor]] = {}
+        tokens: dict[int, int] = {}
+        first = self._resume(work, result, last) if work is not None else 0
+        streams = self._streams(last + 1, work, first)
+        for index, layer in self.streamer.layers(first):
+            view = view_layer(self.lent.model, index)
+            for p in range(last + 1):
+                start = time.perf_counter()
+                status = f"layer {index + 1}/{len(self.lent)}" + (f", phase {p + 1}" if last else "")
+                if view is None:
+                    self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
+                    continue
+                phase = self.phases[p]
+                wanted = collect[1] if collect is not None and p == last else phase.wanted
+                accumulator = new_accumulator(view, wanted, phase.hidden_sample if collect is None else 0, self.seed)
+                result.digests[p].add_router(view.router.weight)
+                self.streamer.forward(index, layer, streams[p], observe=observing(view, accumulator),
+                                      on_batch=lambda b: advance(1, status))
+                stats = CalibrationStats({index: accumulator.finish()}, {index: accumulator.tokens},
+                                         meta={**self.stats_meta, "statistics": sorted(wanted)})
+                result.seconds[p] += time.perf_counter() - start
+                if collect is not None and p == last:
+                    collected[index], tokens[index] = stats[index], accumulator.tokens
+                    continue
+                for position, step in phase.steps:
+                    report = step.apply_layer(self.lent.model, view, stats, plan=self.plans.get(position),
+                                              on_progress=lambda s: advance(0, s))
+                    result.per_layer.setdefault(position, {})[index] = report
+            if writer is not None:
+                writer.write_layer(index, f"{self.lent.family.layers}.{index}.")
+            if work is not None:
+                self._commit(work, index, view, streams, result)
+            if on_layer is not None:
+                on_layer(index)
+        if collect is not None:
+            result.collected = CalibrationStats(collected, tokens, meta={"statistics": sorted(collect[1])})
+        return result
+
+    # -- streams and resuming ---------------------------------------------------------
+    def _streams(self, count: int, work, first: int) -> list[HiddenStates]:
+        streams = [self.streamer.capture("stream-0")]
+        streams += [self.budget.copy(streams[0], f"stream-{p}") for p in range(1, count)]
+        if first > 0:
+            for p, stream in enumerate(streams):
+                stream.load(work.hidden_folder(first - 1))
+        return streams
+
+    def _commit(self, work, index: int, view, streams: list[HiddenStates], result: PassResult) -> None:
+        folder = work.hidden_folder(index)
+        partial = folder.with_name(folder.name + ".partial")
+        for stream in streams:
+            stream.save(partial)
+        os.replace(partial, folder)
+        work.commit(index, {
+            "reports": {str(pos): layers[index] for pos, layers in result.per_layer.items() if index in layers},
+            "experts": view.num_experts if view is not None else None,
+            "routers": [d.routers[-1] if view is not None else None for d in result.digests],
+            "seconds": result.seconds,
+        })
+
+    def _resume(self, work, result: PassResult, last: int) -> int:
+        """Replay the records of the finished layers: reports, router digests, and the
+        structure of the skeleton (expert counts), so the final config is right. Returns
+        the first layer to run."""
+        from moekit.arch.edit import keep_experts
+
+        done = work.finished_layers()
+        if not done:
+            return 0
+        for index in done:
+            record = work.record(index)
+            for pos, report in record["reports"].items():
+                result.per_layer.setdefault(int(pos), {})[index] = report
+            if record["experts"] is not None:
+                keep_experts(self.lent.model, {index: list(range(record["experts"]))})
+                for p, router in enumerate(record["routers"][: last + 1]):
+                    result.digests[p].routers.append(router)
+            result.seconds = record["seconds"]
+        return done[-1] + 1

@@ -1,0 +1,134 @@
+"""Streaming one decoder layer at a time from the checkpoint gives bitwise what holding the
+whole model in memory gives: statistics, kept experts, saved tensors; broken checkpoints
+are refused in one line before anything is written."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoModelForCausalLM
+
+import moekit
+import moekit.data
+from moekit.recipe import load_recipe
+from moekit.calib.calibrate import calibrate
+from moekit.errors import MoekitError
+from moekit.io.checkpoint import Checkpoint
+from moekit.io.layered import LayeredModel
+from moekit.zoo.tiny import randomize_, tiny_config
+from tests.conftest import FAMILIES
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+
+    root = tmp_path_factory.mktemp("streaming")
+    text = "".join(d.text for d in moekit.data.load_corpus("stdlib:calib").documents[:3])
+    (root / "data").mkdir()
+    (root / "data" / "code.py").write_text(text)
+    tokenizer = train_tokenizer([text], vocab_size=300, min_frequency=1)
+    for family in FAMILIES:
+        config = tiny_config(family)
+        config.vocab_size = len(tokenizer)
+        # small shards: every checkpoint here is sharded, with an index
+        randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family,
+                                                                                      max_shard_size="20KB")
+        save_tokenizer(tokenizer, root / family)
+    return root
+
+
+def _ids(root):
+    from moekit.data.tokens import calibration_tokens, tokenizer_for
+
+    return calibration_tokens(str(root / "data"), tokenizer_for(str(root / "mixtral")), n_samples=6, seq_len=32,
+                              seed=0).input_ids
+
+
+def test_checkpoints_here_are_sharded(checkpoints):
+    assert (checkpoints / "qwen3_moe" / "model.safetensors.index.json").is_file()
+    assert len(list((checkpoints / "qwen3_moe").glob("*.safetensors"))) > 3
+
+
+def test_statistics_streamed_from_disk_equal_those_in_memory(checkpoints, family):
+    ids = _ids(checkpoints)
+    wanted = ["frequency", "reap", "coactivation", "mean_output", "hidden_sample", "logit_similarity"]
+    in_memory = calibrate(moekit.load(checkpoints / family), ids, statistics=wanted, hidden_sample=50,
+                          progress=False)
+    streamed = calibrate(LayeredModel.from_checkpoint(checkpoints / family), ids, statistics=wanted,
+                         hidden_sample=50, progress=False)
+    assert in_memory.layers.keys() == streamed.layers.keys()
+    for i, stats in in_memory.layers.items():
+        for name, tensor in stats.items():
+            assert torch.equal(tensor, streamed[i][name]), (i, name)
+    assert in_memory.meta["model_fingerprint"] == streamed.meta["model_fingerprint"]
+
+
+def test_compress_streamed_equals_editing_the_model_in_memory(checkpoints, family, tmp_path):
+    """prune-50 (REAP + refit) through the streamed compress, against loading the whole model,
+    calibrating it, applying the step to it in memory and saving it with transformers."""
+    recipe = load_recipe("prune-50")
+    report = moekit.compress(str(checkpoints / family), recipe, out_dir=tmp_path / "streamed",
+                             data=str(checkpoints / "data"), n_samples=6, seq_len=32, progress=False)
+    model = moekit.load(checkpoints / family)
+    step = recipe.steps[0]
+    stats = calibrate(model, _ids(checkpoints), statistics=step.needs(), hidden_sample=step.hidden_sample(),
+                      progress=False)
+    applied = step.apply(model, stats)
+    assert applied["kept"] == report["steps"][0]["kept"]
+    moekit.save(model, tmp_path / "in-memory")
+    streamed, whole = _tensors(tmp_path / "streamed"), _tensors(tmp_path / "in-memory")
+    assert streamed.keys() == whole.keys()
+    assert all(torch.equal(streamed[k], whole[k]) for k in whole)
+    config = json.loads((tmp_path / "streamed" / "config.json").read_text())
+    assert config == json.loads((tmp_path / "in-memory" / "config.json").read_text())
+
+
+def _tensors(folder):
+    checkpoint = Checkpoint(folder)
+    return {name: checkpoint.read(name) for name in checkpoint.names()}
+
+
+def _copy(src, dst):
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_a_missing_shard_is_named_before_anything_is_written(checkpoints, tmp_path):
+    broken = _copy(checkpoints / "qwen3_moe", tmp_path / "broken")
+    victim = sorted(broken.glob("model-*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(MoekitError, match=f"names shard {victim.name}.*not in the folder"):
+        moekit.compress(str(broken), "prune-50", out_dir=tmp_path / "out", data=str(checkpoints / "data"),
+                        n_samples=6, seq_len=32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+def test_a_truncated_shard_is_named(checkpoints, tmp_path):
+    broken = _copy(checkpoints / "qwen3_moe", tmp_path / "broken")
+    victim = sorted(broken.glob("model-*.safetensors"))[2]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(MoekitError, match=f"{victim.name} is truncated.*fetch the shard again"):
+        LayeredModel.from_checkpoint(broken)
+    victim.write_bytes(b"\x00" * 4)
+    with pytest.raises(MoekitError, match=f"{victim.name}: not a readable safetensors file"):
+        LayeredModel.from_checkpoint(broken)
+
+
+def test_a_tensor_that_disagrees_with_the_config_is_named(checkpoints, tmp_path):
+    broken = _copy(checkpoints / "qwen3_moe", tmp_path / "broken")
+    index = json.loads((broken / "model.safetensors.index.json").read_text())["weight_map"]
+    name = "model.layers.0.mlp.experts.3.down_proj.weight"
+    shard = broken / index[name]
+    tensors = load_file(shard)
+    tensors[name] = torch.zeros(tensors[name].shape[0], tensors[name].shape[1] + 1)
+    save_file(tensors, shard, metadata={"format": "pt"})
+    with pytest.raises(MoekitError, match=f"{shard.name}: tensor '{name}' has shape .* config says"):
+        moekit.compress(str(broken), "prune-50", out_dir=tmp_path / "out", data=str(checkpoints / "data"),
+                        n_samples=6, seq_len=32, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
