@@ -14,10 +14,31 @@ from moekit.zoo.tiny import tiny_config
 
 
 def test_presets_load_and_round_trip():
-    assert {"prune-25", "prune-50", "reap-25", "reap-50"} <= set(presets())
+    assert {"prune-25", "prune-50", "reap-25", "reap-50", "merge-25", "merge-50"} <= set(presets())
     for name in presets():
         recipe = load_recipe(name)
         assert Recipe.from_yaml(recipe.to_yaml()) == recipe
+
+
+@pytest.mark.parametrize("name", sorted(presets()))
+def test_every_preset_plans_on_the_reference_model(name):
+    """Each preset removes its share (the -NN of its name) of every layer of ref-fine's 32
+    experts, in a standard checkpoint, and says what it does in its first line."""
+    first = presets()[name].read_text().splitlines()[0]
+    assert first.startswith("# ") and len(first) > 40
+    planned = moekit.plan("moekit/ref-fine", name)
+    kept = 32 - 32 * int(name.rsplit("-", 1)[1]) // 100
+    assert planned["exact_per_layer"] and set(planned["after"]["experts_per_layer"].values()) == {kept}
+    assert planned["after"]["routed_params"] * 32 == planned["before"]["routed_params"] * kept
+
+
+def test_merge_presets_are_the_best_merge_measured_on_ref_fine():
+    """HC-SMoE groups, aligned, usage-weighted, mean router rows, refit: BENCHMARKS.md's best
+    merge on ref-fine at 25% and 50%."""
+    for name, remove in (("merge-25", 0.25), ("merge-50", 0.5)):
+        (step,) = load_recipe(name).steps
+        assert (step.type, step.remove, step.grouping, step.align, step.weights, step.router, step.refit) == (
+            "merge", remove, "hcsmoe", True, "frequency", "mean", True)
 
 
 def test_yaml_round_trip_keeps_every_field(tmp_path):
