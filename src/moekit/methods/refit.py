@@ -33,6 +33,8 @@ import torch
 
 from moekit.arch.layer import MoELayer
 
+MAX_SWEEPS = 20  # `refit_down` updates each expert at most this many times: len(features) × MAX_SWEEPS in all
+
 
 @dataclass
 class ExpertFeatures:
@@ -73,7 +75,7 @@ def refit_down(
     down: torch.Tensor,
     *,
     ridge: float = 0.1,
-    max_sweeps: int = 20,
+    max_sweeps: int = MAX_SWEEPS,
     tol: float = 1e-6,
     on_progress: Callable[[int], None] | None = None,
 ) -> RefitResult:
