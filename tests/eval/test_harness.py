@@ -165,3 +165,13 @@ def test_parse_task_list():
     assert parse_task_list(["a,b", "c"]) == ["a", "b", "c"]
     with pytest.raises(MoekitError, match="no task names"):
         parse_task_list(" , ")
+
+
+def test_a_run_outside_a_git_repository_prints_nothing_to_a_redirected_stderr(tiny, tmp_path, monkeypatch, capfd):
+    """lm-eval asks git for a commit hash (``fatal: not a git repository`` outside one) and
+    draws tqdm bars into files; a log holds neither."""
+    model, tokenizer = tiny
+    monkeypatch.chdir(tmp_path)
+    run_tasks(model, tokenizer, TASK_NAME, limit=4, batch_size=4)
+    err = capfd.readouterr().err
+    assert "fatal" not in err and "\r" not in err and "%|" not in err, err

@@ -19,6 +19,8 @@ import functools
 import importlib
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -91,6 +93,51 @@ def _quiet_lm_eval(name: str = "lm_eval", level: int = logging.WARNING) -> Itera
         yield
     finally:
         logger.setLevel(saved)
+
+
+@contextlib.contextmanager
+def _quiet_progress() -> Iterator[None]:
+    """lm-eval and datasets draw tqdm bars even when stderr is a file, where every redraw
+    is a carriage return in the log, and lm-eval runs ``git describe`` for a commit hash
+    with git's stderr open (``fatal: not a git repository`` outside a repository). Here
+    datasets' bars are off, lm-eval's are drawn only on a terminal, and git's complaint
+    is kept out of the output; everything is put back after."""
+    import tqdm
+    from datasets.utils import logging as datasets_logging
+
+    def terminal_only(*args: Any, **kwargs: Any) -> Any:
+        file = kwargs.get("file") or sys.stderr
+        kwargs["disable"] = kwargs.get("disable") or not (hasattr(file, "isatty") and file.isatty())
+        return tqdm.tqdm(*args, **kwargs)
+
+    def commit_hash_quietly() -> str | None:
+        from lm_eval.loggers.utils import get_commit_from_path
+
+        try:  # lm-eval's own call, with git's stderr captured instead of printed
+            return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,  # noqa: S607
+                                  check=True).stdout.strip()
+        except (subprocess.CalledProcessError, FileNotFoundError):
+            return get_commit_from_path(os.getcwd())
+
+    # Imported first: the modules whose names are replaced must be there to be replaced.
+    evaluator = importlib.import_module("lm_eval.evaluator")
+    importlib.import_module("lm_eval.models.huggingface")
+    replaced = [(module, "tqdm", terminal_only) for name, module in list(sys.modules.items())
+                if name.startswith("lm_eval") and getattr(module, "tqdm", None) is tqdm.tqdm]
+    if hasattr(evaluator, "get_git_commit_hash"):
+        replaced.append((evaluator, "get_git_commit_hash", commit_hash_quietly))
+    saved = [(module, name, getattr(module, name)) for module, name, _ in replaced]
+    bars_were_on = datasets_logging.is_progress_bar_enabled()
+    datasets_logging.disable_progress_bar()
+    for module, name, value in replaced:
+        setattr(module, name, value)
+    try:
+        yield
+    finally:
+        for module, name, value in saved:
+            setattr(module, name, value)
+        if bars_were_on:
+            datasets_logging.enable_progress_bar()
 
 
 @dataclass
@@ -172,7 +219,7 @@ def load_tasks(names: str | Sequence[str], *, task_paths: Sequence[str | os.Path
         if not Path(folder).is_dir():
             raise MoekitError(f"--task-path {folder} is not a folder; pass a folder that holds task YAML files.")
     include = (_staged_tasks_dir(), *(str(Path(p).resolve()) for p in task_paths))
-    with offline(), _quiet_lm_eval():
+    with offline(), _quiet_lm_eval(), _quiet_progress():
         manager = _task_manager(include, defaults=False)
         if any(name not in manager.all_tasks for name in names):
             manager = _task_manager(include, defaults=True)
@@ -251,7 +298,7 @@ def run_tasks(
         raise MoekitError(f"--limit must be at least 1 (got {limit}).")
     if not isinstance(tasks, HarnessTasks):
         tasks = load_tasks(tasks)
-    with offline(), _quiet_lm_eval():
+    with offline(), _quiet_lm_eval(), _quiet_progress():
         # HFLM warns that a model object makes its loading arguments moot; none are passed.
         with _quiet_lm_eval("lm_eval.models.huggingface", logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
