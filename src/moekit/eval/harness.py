@@ -14,15 +14,11 @@ tokenizer, tasks)`` scores one model on them.
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import importlib
 import logging
 import os
-import subprocess
-import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,18 +27,10 @@ from torch import nn
 from transformers import PreTrainedTokenizerBase
 
 from moekit.errors import MoekitError
+from moekit.eval.harness_env import offline, quiet_logging, quiet_progress
 from moekit.eval.tasks import shipped_task_names, stage_shipped_tasks
 
 INSTALL_HINT = "pip install 'moekit[lmeval]'"
-# Module-level flags that the hub libraries read once, at import; the environment
-# variables alone would not reach modules that are already imported.
-_OFFLINE_FLAGS = (
-    ("huggingface_hub.constants", "HF_HUB_OFFLINE"),
-    ("datasets.config", "HF_HUB_OFFLINE"),
-    ("datasets.config", "HF_DATASETS_OFFLINE"),
-    ("evaluate.config", "HF_EVALUATE_OFFLINE"),
-)
-_OFFLINE_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "HF_EVALUATE_OFFLINE")
 
 
 def _lm_eval():
@@ -55,89 +43,6 @@ def _lm_eval():
             f"install it with: {INSTALL_HINT}"
         ) from None
     return lm_eval
-
-
-@contextlib.contextmanager
-def offline() -> Iterator[None]:
-    """Hub access off (environment and the libraries' import-time flags), then restored."""
-    saved_env = {name: os.environ.get(name) for name in _OFFLINE_ENV}
-    saved_flags = []
-    os.environ.update({name: "1" for name in _OFFLINE_ENV})
-    try:
-        for module_name, attribute in _OFFLINE_FLAGS:
-            try:
-                module = importlib.import_module(module_name)
-            except ImportError:  # e.g. `evaluate` is optional for lm-eval
-                continue
-            if hasattr(module, attribute):
-                saved_flags.append((module, attribute, getattr(module, attribute)))
-                setattr(module, attribute, True)
-        yield
-    finally:
-        for module, attribute, value in saved_flags:
-            setattr(module, attribute, value)
-        for name, value in saved_env.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
-
-
-@contextlib.contextmanager
-def _quiet_lm_eval(name: str = "lm_eval", level: int = logging.WARNING) -> Iterator[None]:
-    """lm-eval logs every step at INFO; keep its warnings (truncation, say) only."""
-    logger = logging.getLogger(name)
-    saved = logger.level
-    logger.setLevel(level)
-    try:
-        yield
-    finally:
-        logger.setLevel(saved)
-
-
-@contextlib.contextmanager
-def _quiet_progress() -> Iterator[None]:
-    """lm-eval and datasets draw tqdm bars even when stderr is a file, where every redraw
-    is a carriage return in the log, and lm-eval runs ``git describe`` for a commit hash
-    with git's stderr open (``fatal: not a git repository`` outside a repository). Here
-    datasets' bars are off, lm-eval's are drawn only on a terminal, and git's complaint
-    is kept out of the output; everything is put back after."""
-    import tqdm
-    from datasets.utils import logging as datasets_logging
-
-    def terminal_only(*args: Any, **kwargs: Any) -> Any:
-        file = kwargs.get("file") or sys.stderr
-        kwargs["disable"] = kwargs.get("disable") or not (hasattr(file, "isatty") and file.isatty())
-        return tqdm.tqdm(*args, **kwargs)
-
-    def commit_hash_quietly() -> str | None:
-        from lm_eval.loggers.utils import get_commit_from_path
-
-        try:  # lm-eval's own call, with git's stderr captured instead of printed
-            return subprocess.run(["git", "describe", "--always"], capture_output=True, text=True,  # noqa: S607
-                                  check=True).stdout.strip()
-        except (subprocess.CalledProcessError, FileNotFoundError):
-            return get_commit_from_path(os.getcwd())
-
-    # Imported first: the modules whose names are replaced must be there to be replaced.
-    evaluator = importlib.import_module("lm_eval.evaluator")
-    importlib.import_module("lm_eval.models.huggingface")
-    replaced = [(module, "tqdm", terminal_only) for name, module in list(sys.modules.items())
-                if name.startswith("lm_eval") and getattr(module, "tqdm", None) is tqdm.tqdm]
-    if hasattr(evaluator, "get_git_commit_hash"):
-        replaced.append((evaluator, "get_git_commit_hash", commit_hash_quietly))
-    saved = [(module, name, getattr(module, name)) for module, name, _ in replaced]
-    bars_were_on = datasets_logging.is_progress_bar_enabled()
-    datasets_logging.disable_progress_bar()
-    for module, name, value in replaced:
-        setattr(module, name, value)
-    try:
-        yield
-    finally:
-        for module, name, value in saved:
-            setattr(module, name, value)
-        if bars_were_on:
-            datasets_logging.enable_progress_bar()
 
 
 @dataclass
@@ -219,7 +124,7 @@ def load_tasks(names: str | Sequence[str], *, task_paths: Sequence[str | os.Path
         if not Path(folder).is_dir():
             raise MoekitError(f"--task-path {folder} is not a folder; pass a folder that holds task YAML files.")
     include = (_staged_tasks_dir(), *(str(Path(p).resolve()) for p in task_paths))
-    with offline(), _quiet_lm_eval(), _quiet_progress():
+    with offline(), quiet_logging(), quiet_progress():
         manager = _task_manager(include, defaults=False)
         if any(name not in manager.all_tasks for name in names):
             manager = _task_manager(include, defaults=True)
@@ -298,9 +203,9 @@ def run_tasks(
         raise MoekitError(f"--limit must be at least 1 (got {limit}).")
     if not isinstance(tasks, HarnessTasks):
         tasks = load_tasks(tasks)
-    with offline(), _quiet_lm_eval(), _quiet_progress():
+    with offline(), quiet_logging(), quiet_progress():
         # HFLM warns that a model object makes its loading arguments moot; none are passed.
-        with _quiet_lm_eval("lm_eval.models.huggingface", logging.ERROR):
+        with quiet_logging("lm_eval.models.huggingface", logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
         out = lm_eval.simple_evaluate(
             model=lm,
