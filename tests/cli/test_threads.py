@@ -1,0 +1,41 @@
+"""`--threads N` on every command that computes: one definition (cli._common.Threads),
+applied while the command runs and put back after, refused below 1 in one line."""
+
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from moekit.cli import app
+
+runner = CliRunner()
+COMPUTING = ("calibrate", "compress", "eval", "train")
+
+
+@pytest.mark.parametrize("command", COMPUTING)
+def test_every_computing_command_takes_threads_and_refuses_zero(command, tmp_path):
+    assert "--threads" in runner.invoke(app, [command, "--help"]).output
+    writes = [] if command == "eval" else ["-o", str(tmp_path / "out")]
+    result = runner.invoke(app, [command, "--threads", "0", *writes])
+    assert result.exit_code == 2
+    assert result.output.strip() == "error: --threads must be at least 1 (got 0)."
+    assert not (tmp_path / "out").exists()
+
+
+def test_threads_apply_during_the_command_only(tmp_path):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(10):
+        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"family": "olmoe", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
+                                "num_kv_heads": 2, "num_experts": 4, "top_k": 2, "expert_intermediate_size": 16}))
+    before = torch.get_num_threads()
+    wanted = before + 1
+    result = runner.invoke(app, ["train", "--arch", str(spec), "--data", str(corpus), "--vocab-size", "300",
+                                 "--seq-len", "32", "--batch-size", "4", "--steps", "1", "--threads", str(wanted),
+                                 "-o", str(tmp_path / "run"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "run" / "train_log.json").read_text())["meta"]["threads"] == wanted
+    assert torch.get_num_threads() == before
