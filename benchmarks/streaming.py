@@ -11,10 +11,10 @@ checkpoint first evicted from the page cache (see measure.py for what every numb
 A failing or killed command is recorded (exit code, last stderr line) and the rest go on.
 Results merge into benchmarks/results/streaming-<date>.json; --render prints the tables.
 
-    python benchmarks/streaming.py --preset s24                    # after the pipeline lands
-    python benchmarks/streaming.py --checkpoint /tmp/small         # any existing checkpoint
-    python benchmarks/streaming.py --preset s24 --contrast         # the in-memory code (b265a9f)
-    python benchmarks/streaming.py --render                        # today's results as markdown
+    python benchmarks/streaming.py --preset s24 --code current,contrast   # streamed and in-memory (b265a9f)
+    python benchmarks/streaming.py --preset s48 --preset big              # after the pipeline lands
+    python benchmarks/streaming.py --checkpoint s24=/tmp/my-s24           # an existing checkpoint, kept
+    python benchmarks/streaming.py --render                               # today's results as markdown
 """
 
 from __future__ import annotations
@@ -36,6 +36,7 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 import measure  # noqa: E402
 import streaming_report  # noqa: E402
+import synthetic  # noqa: E402
 
 SAMPLES, SEQ_LEN = 8, 128
 RUNS = {
@@ -180,13 +181,43 @@ def save(records: list[dict], checkpoints: dict, path: Path) -> None:
     path.write_text(json.dumps(data, indent=2) + "\n")
 
 
+def measure_all(ckpt: Path, name: str, args, codes: dict) -> list[dict]:
+    """The floors once (they do not depend on moekit's code), then the runs for each code."""
+    records, limit = [], int(args.mem_limit_gib * GIB)
+    for i, (code, env) in enumerate(codes.items()):
+        records += measure_checkpoint(ckpt, name, code, args.runs, env, limit, args.timeout,
+                                      floors=i == 0 and not args.no_floors)
+    return records
+
+
+def measure_preset(preset: str, sizes: dict, args, codes: dict) -> None:
+    """Write the preset under /tmp, measure everything on it, always delete it."""
+    ckpt = Path(tempfile.gettempdir()) / f"moekit-bench-{preset}"
+    shutil.rmtree(ckpt, ignore_errors=True)
+    # Explicit sizes rather than --preset, so the writer writes exactly the sizes this process knows.
+    flags = [x for k, v in sizes.items() for x in (f"--{k.replace('_', '-')}", str(v))]
+    written = measure.run([sys.executable, str(HERE / "synthetic.py"), str(ckpt), *flags])
+    try:
+        records = [_record(preset, "synthetic.py", "write", written)]
+        ok = records[0]["exit_code"] == 0
+        if ok:
+            records += measure_all(ckpt, preset, args, codes)
+        save(records, {preset: checkpoint_info(ckpt)} if ok else {}, args.results)
+    finally:
+        shutil.rmtree(ckpt, ignore_errors=True)
+        shutil.rmtree(str(ckpt) + ".partial", ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--preset", action="append", default=[], help="synthetic preset to write, measure and delete")
-    p.add_argument("--checkpoint", action="append", default=[], help="existing checkpoint folder (kept)")
+    p.add_argument("--preset", action="append", default=[], choices=sorted(synthetic.PRESETS),
+                   help="synthetic preset to write under /tmp, measure and delete (repeatable)")
+    p.add_argument("--checkpoint", action="append", default=[], metavar="[NAME=]PATH",
+                   help="existing checkpoint, kept; NAME (default: the folder's name) is what the goals look up")
     p.add_argument("--runs", default=",".join(RUNS), help="comma-separated subset of: " + ", ".join(RUNS))
-    p.add_argument("--contrast", action="store_true", help="run the in-memory code of --commit instead")
-    p.add_argument("--commit", default=CONTRAST_COMMIT)
+    p.add_argument("--code", default="current", help="current, contrast or current,contrast (one write serves both)")
+    p.add_argument("--contrast", action="store_true", help="same as --code contrast")
+    p.add_argument("--commit", default=CONTRAST_COMMIT, help="the contrast's commit (default: before streaming)")
     p.add_argument("--no-floors", action="store_true", help="skip the read-once and forward references")
     p.add_argument("--mem-limit-gib", type=float, default=16.0, help="SIGKILL a run whose RSS passes this")
     p.add_argument("--timeout", type=float, default=4 * 3600)
@@ -201,34 +232,32 @@ def main(argv: list[str] | None = None) -> None:
         return forward_one_layer(args.forward_one_layer)
     if args.render is not None:
         return print(streaming_report.render(json.loads(Path(args.render or args.results).read_text())))
-    runs = [r for r in args.runs.split(",") if r]
-    if unknown := set(runs) - set(RUNS):
+    args.runs = [r for r in args.runs.split(",") if r]
+    if unknown := set(args.runs) - set(RUNS):
         raise SystemExit(f"unknown runs {sorted(unknown)}; known: {list(RUNS)}")
-    env, tree = contrast_env(args.commit) if args.contrast else (None, None)
-    code = code_label(args.contrast, args.commit)
+    kinds = ["contrast"] if args.contrast else [k for k in args.code.split(",") if k]
+    if not kinds or set(kinds) - {"current", "contrast"}:
+        raise SystemExit("--code takes current, contrast or both")
+    tree, codes = None, {}
     try:
-        for ckpt in args.checkpoint:
-            ckpt = Path(ckpt).resolve()
-            records = measure_checkpoint(ckpt, ckpt.name, code, runs, env, int(args.mem_limit_gib * GIB),
-                                         args.timeout, floors=not args.no_floors)
-            save(records, {ckpt.name: checkpoint_info(ckpt)}, args.results)
+        for kind in kinds:
+            if kind == "contrast":
+                env, tree = contrast_env(args.commit)
+                codes[code_label(True, args.commit)] = env
+            else:
+                codes[code_label(False)] = None
+        for spec in args.checkpoint:
+            name, _, path = spec.rpartition("=")
+            ckpt = Path(path).resolve()
+            save(measure_all(ckpt, name or ckpt.name, args, codes), {name or ckpt.name: checkpoint_info(ckpt)},
+                 args.results)
         for preset in args.preset:
-            ckpt = Path(tempfile.gettempdir()) / f"moekit-bench-{preset}"
-            shutil.rmtree(ckpt, ignore_errors=True)
-            written = measure.run([sys.executable, str(HERE / "synthetic.py"), str(ckpt), "--preset", preset])
-            try:
-                records = [_record(preset, "synthetic.py", "write", written)]
-                if records[0]["exit_code"] == 0:
-                    records += measure_checkpoint(ckpt, preset, code, runs, env, int(args.mem_limit_gib * GIB),
-                                                  args.timeout, floors=not args.no_floors)
-                save(records, {preset: checkpoint_info(ckpt)} if records[0]["exit_code"] == 0 else {}, args.results)
-            finally:
-                shutil.rmtree(ckpt, ignore_errors=True)
-                shutil.rmtree(str(ckpt) + ".partial", ignore_errors=True)
+            measure_preset(preset, synthetic.PRESETS[preset], args, codes)
     finally:
         if tree is not None:
             subprocess.run(["git", "-C", str(REPO), "worktree", "remove", "--force", str(tree)], capture_output=True)
-    print(streaming_report.render(json.loads(args.results.read_text())))
+    if args.results.exists():
+        print(streaming_report.render(json.loads(args.results.read_text())))
 
 
 if __name__ == "__main__":

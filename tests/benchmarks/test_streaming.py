@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 import sys
 from pathlib import Path
 
@@ -58,31 +59,34 @@ def test_disk_reads_are_counted_after_eviction_and_not_from_the_cache(tmp_path):
         assert cold["disk_read_bytes"] >= 32 * MIB
 
 
-def test_harness_end_to_end_on_a_tiny_checkpoint(tmp_path):
-    """read once, the forward floor and one moekit run recorded, merged into a file, rendered."""
-    ckpt = tmp_path / "tiny"
-    config = synthetic.make_config("qwen3_moe", layers=2, hidden=64, experts=4, expert_width=32, top_k=2)
-    synthetic.write(ckpt, config)
+def test_harness_end_to_end_on_a_tiny_preset(tmp_path):
+    """Written, read once, the forward floor, a failing moekit run recorded, merged, rendered, deleted."""
+    from argparse import Namespace
+
+    sizes = dict(layers=2, hidden=64, experts=4, expert_width=32, top_k=2)
+    args = Namespace(runs=["missing"], no_floors=False, mem_limit_gib=4.0, timeout=600, results=tmp_path / "r.json")
     streaming.RUNS["missing"] = ["eval", str(tmp_path / "no-such-model"), "--json"]
     try:
-        records = streaming.measure_checkpoint(ckpt, "tiny", "current @ test", ["missing"], mem_limit=4 * 2**30)
+        streaming.measure_preset("tiny-test", sizes, args, {"current @ test": None})
     finally:
         del streaming.RUNS["missing"]
-    by_run = {r["run"]: r for r in records}
-    assert by_run["read once"]["exit_code"] == 0
-    assert by_run["read once"]["report"]["elements"] == synthetic.meta_model(config).num_parameters()
+    assert not (Path(tempfile.gettempdir()) / "moekit-bench-tiny-test").exists()  # never left behind
+
+    data = json.loads(args.results.read_text())
+    by_run = {r["run"]: r for r in data["runs"]}
+    params = synthetic.meta_model(synthetic.make_config("qwen3_moe", **sizes)).num_parameters()
+    assert by_run["write"]["exit_code"] == 0 and by_run["write"]["report"]["parameters"] == params
+    assert by_run["read once"]["exit_code"] == 0 and by_run["read once"]["report"]["elements"] == params
     fwd = by_run["forward one layer"]["report"]
     assert fwd["layers"] == 2 and fwd["layer_s"] > 0
     failed = by_run["missing"]
     assert failed["exit_code"] not in (0, None) and failed["last_stderr_line"]  # recorded, not raised
+    assert data["checkpoints"]["tiny-test"]["layers"] == 2
 
-    results = tmp_path / "results.json"
-    streaming.save(records, {"tiny": streaming.checkpoint_info(ckpt)}, results)
-    streaming.save(records[:1], {}, results)  # a rerun replaces, never duplicates
-    data = json.loads(results.read_text())
-    assert len(data["runs"]) == 3 and data["checkpoints"]["tiny"]["layers"] == 2
-    table = streaming_report.render(data)
-    assert "| tiny | current @ test | read once | 0 |" in table
-    assert streaming_report.floor_seconds(data, "tiny") == pytest.approx(
+    streaming.save(data["runs"][:1], {}, args.results)  # a rerun replaces, never duplicates
+    data = json.loads(args.results.read_text())
+    assert len(data["runs"]) == 4
+    assert "| tiny-test | current @ test | read once | 0 |" in streaming_report.render(data)
+    assert streaming_report.floor_seconds(data, "tiny-test") == pytest.approx(
         by_run["read once"]["wall_s"] + fwd["layer_s"] * 2)
     assert all(status == "not measured" for goal, status, _ in streaming_report.goals(data) if "s24" in goal)
