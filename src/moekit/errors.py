@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import json
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from pydantic import ValidationError
@@ -32,3 +34,14 @@ def validation_problems(exc: ValidationError, *, default_field: str = "") -> str
             got = f" (got {value if len(value) <= 60 else value[:57] + '...'})"
         problems.append(f"{where}: {err['msg']}{got}")
     return "; ".join(problems)
+
+
+def read_json(file: Path, *, fix: str) -> Any:
+    """The JSON in ``file``, or a one-line `MoekitError` naming it, where it broke, and
+    ``fix`` (what to do about it)."""
+    try:
+        return json.loads(Path(file).read_bytes().decode("utf-8"))
+    except json.JSONDecodeError as exc:
+        raise MoekitError(f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}") from None
+    except UnicodeDecodeError:
+        raise MoekitError(f"{file} is not UTF-8 text, so not JSON; {fix}") from None

@@ -152,7 +152,7 @@ def test_only_requested_statistics_are_computed():
     "ids, message",
     [
         (torch.zeros(0, 16, dtype=torch.long), "non-empty"),
-        (torch.randint(3, 128, (2, 129)), "beyond the model's 128 positions"),
+        (torch.randint(3, 128, (2, 257)), "beyond the model's 256 positions"),
         (torch.full((2, 8), 500), "vocabulary"),
     ],
 )

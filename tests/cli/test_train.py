@@ -60,9 +60,9 @@ def test_tiny_run_writes_a_loadable_model_and_resumes(tmp_path, corpus):
         (["--data", "/no/such/dir"], "no such file or directory"),
         (["--arch", "transformer-xl"], "unknown architecture"),
         (["--seq-len", 100000], "fewer than one sequence"),
-        (["--steps", 0], "steps: Input should be greater than or equal to 1 (got 0)"),
-        (["--lr", -1], "lr: Input should be greater than 0 (got -1.0)"),
-        (["--aux-loss-coef", -0.1], "aux_loss_coef: Input should be greater than or equal to 0 (got -0.1)"),
+        (["--steps", 0], "Invalid value for '--steps': Input should be greater than or equal to 1"),
+        (["--lr", -1], "Invalid value for '--lr': must be a finite number greater than 0 (got -1)"),
+        (["--aux-loss-coef", -0.1], "Invalid value for '--aux-loss-coef': must be a finite number at least 0 (got -0.1)"),
         (["--threads", 0], "--threads must be at least 1 (got 0)"),
     ],
 )

@@ -70,7 +70,7 @@ def test_independent_rows_and_bad_settings():
     rows = STREAM[:40].view(2, 20)
     result = evaluate(model, rows, context_length=20, stride=10, progress=False)
     assert result.tokens == 2 * 19
-    with pytest.raises(MoekitError, match="beyond the model's 128 positions"):
+    with pytest.raises(MoekitError, match="beyond the model's 256 positions"):
         evaluate(model, STREAM, context_length=500, progress=False)
     with pytest.raises(MoekitError, match="stride"):
         evaluate(model, STREAM, context_length=16, stride=16, progress=False)

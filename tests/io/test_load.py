@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import save_file
 
 import moekit
 from moekit.errors import MoekitError
@@ -90,7 +91,7 @@ def test_remote_code_is_not_run_unless_asked(tmp_path):
     code = f"open({str(marker)!r}, 'w').write('ran')\n"
     (tmp_path / "configuration_mystery.py").write_text(code)
     (tmp_path / "modeling_mystery.py").write_text(code)
-    (tmp_path / "model.safetensors").write_bytes(b"")
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
     with pytest.raises(MoekitError, match="--trust-remote-code"):
         moekit.load(tmp_path)
     assert not marker.exists()

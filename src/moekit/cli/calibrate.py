@@ -8,6 +8,7 @@ import typer
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._options import SEED_MAX
 
 
 @app.command("calibrate")
@@ -15,13 +16,14 @@ def calibrate_command(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint folder, hub id, or shipped reference.")] = None,
     out: Annotated[str, typer.Option("--out", "-o", help="New folder for the statistics.")] = "stats",
     data: Annotated[str, typer.Option(help="Corpus: stdlib:calib, files, a folder, a glob, hf:NAME.")] = "stdlib:calib",
-    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per sequence.")] = 256,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 256,
     stats: Annotated[str, typer.Option(help="Comma-separated statistics (see --list-stats).")] = "frequency,soft_frequency,reap,ean,man,msan,peak,coactivation,logit_similarity",
-    hidden_sample: Annotated[int, typer.Option(help="Input hidden states kept per layer (adds hidden_sample).")] = 0,
-    batch_size: Annotated[int, typer.Option(help="Sequences per forward.")] = 8,
-    seed: Annotated[int, typer.Option(help="Seed for choosing sequences and sampling states.")] = 0,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
+    hidden_sample: Annotated[int, typer.Option(min=0, help="Input hidden states kept per layer (adds hidden_sample).")] = 0,
+    batch_size: Annotated[int, typer.Option(min=1, help="Sequences per forward.")] = 8,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for choosing sequences and sampling states.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
     list_stats: Annotated[bool, typer.Option("--list-stats", help="List the statistics and exit.")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
@@ -35,17 +37,19 @@ def calibrate_command(
         return
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, tokenizer_for
-    from moekit.io.load import default_model, load
+    from moekit.io.load import check_model, default_model, load
 
     with user_errors():
         name = model or default_model()
+        check_model(name)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         unknown = sorted(set(wanted) - set(STATISTICS))
         if unknown:
             from moekit.errors import MoekitError
 
             raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
-        tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed)
+        tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed,
+                                    text_field=text_field)
         result = calibrate(
             load(name), tokens.input_ids, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,
             seed=seed, progress=not json_out, meta={"model_name": name, **tokens.describe()},

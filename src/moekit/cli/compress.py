@@ -9,6 +9,7 @@ from rich.table import Table
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._options import SEED_MAX
 
 
 @app.command("compress")
@@ -17,10 +18,11 @@ def compress_command(
     recipe: Annotated[str, typer.Option("--recipe", "-r", help="Preset name or recipe YAML file.")] = "prune-50",
     out: Annotated[Optional[str], typer.Option("--out", "-o", help="New folder for the result.")] = None,
     data: Annotated[str, typer.Option(help="Calibration corpus.")] = "stdlib:calib",
-    samples: Annotated[int, typer.Option(help="Calibration sequences.")] = 64,
-    seq_len: Annotated[int, typer.Option(help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed for calibration data and random steps.")] = 0,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")] = None,
+    samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 64,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for calibration data and random steps.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: the model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
     eval_: Annotated[bool, typer.Option("--eval", help="Evaluate before and after.")] = False,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source checkpoint's), bfloat16, float16, "
                                             "float32.")] = "auto",
@@ -40,9 +42,11 @@ def compress_command(
         return
     from moekit.compression import compress
     from moekit.errors import MoekitError
+    from moekit.io.load import check_model
     from moekit.planning import plan
 
     with user_errors():
+        check_model(model)
         if plan_only:
             report = plan(model, recipe, dtype=dtype)
             if json_out:
@@ -57,7 +61,7 @@ def compress_command(
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
-                          tokenizer=tokenizer, evaluate=eval_, dtype=dtype, progress=not json_out)
+                          tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out)
         if json_out:
             print_json(report)
             return

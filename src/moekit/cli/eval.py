@@ -16,15 +16,16 @@ from moekit.cli._common import Threads, console, print_json, user_errors
 def eval_command(
     models: Annotated[Optional[list[str]], typer.Argument(help="Models to compare (default: the reference).")] = None,
     data: Annotated[str, typer.Option(help="Corpus: stdlib:eval, files, a folder, a glob, hf:NAME.")] = "stdlib:eval",
-    context_length: Annotated[int, typer.Option(help="Tokens per window.")] = 256,
-    stride: Annotated[int, typer.Option(help="New tokens scored per window (< context length).")] = 128,
-    max_tokens: Annotated[Optional[int], typer.Option(help="Evaluate only the first N tokens.")] = None,
-    batch_size: Annotated[int, typer.Option(help="Windows per forward.")] = 8,
-    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: each model's).")] = None,
+    context_length: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 256,
+    stride: Annotated[int, typer.Option(min=1, help="New tokens scored per window (< context length).")] = 128,
+    max_tokens: Annotated[Optional[int], typer.Option(min=2, help="Evaluate only the first N tokens.")] = None,
+    batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward.")] = 8,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: each model's).")] = None,
+    text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
     tasks: Annotated[Optional[str], typer.Option(
         help="lm-eval tasks, comma-separated (offline; shipped: moekit_stdlib_nexttoken; needs the lmeval extra).",
     )] = None,
-    limit: Annotated[Optional[int], typer.Option(help="Score only the first N items of each task.")] = None,
+    limit: Annotated[Optional[int], typer.Option(min=1, help="Score only the first N items of each task.")] = None,
     task_path: Annotated[Optional[list[str]], typer.Option(
         help="Folder of your own lm-eval task YAMLs with local data (repeatable).",
     )] = None,
@@ -35,10 +36,15 @@ def eval_command(
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import evaluate
-    from moekit.io.load import default_model, load
+    from moekit.io.load import check_model, default_model, load
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))  # a model named twice is scored once
+        for name in names:
+            check_model(name)
+        if stride >= context_length:
+            raise MoekitError(f"--stride {stride} must be below --context-length {context_length}, so that each "
+                              "window keeps left context.")
         if tasks is None and (limit is not None or task_path):
             raise MoekitError("--limit and --task-path apply to lm-eval tasks; add --tasks NAME[,NAME].")
         harness, tokenizers = None, {}
@@ -50,7 +56,7 @@ def eval_command(
             tokenizers = {name: tokenizer_for(name, tokenizer) for name in names}
         # Every model is scored on the first model's tokenization, so the numbers compare.
         first_tokenizer = tokenizer_for(names[0], tokenizer)
-        stream = evaluation_stream(data, first_tokenizer).input_ids
+        stream = evaluation_stream(data, first_tokenizer, text_field=text_field).input_ids
         if max_tokens is not None:
             stream = stream[:max_tokens]
         _check_all_before_scoring(names, stream, first_tokenizer, forced_tokenizer=tokenizer is not None,

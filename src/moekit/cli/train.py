@@ -9,32 +9,36 @@ import typer
 
 from moekit.cli import INTERRUPTED, app
 from moekit.cli._common import Threads, console, err_console, print_json, user_errors
+from moekit.cli._options import SEED_MAX, real
 
 
 @app.command()
 def train(
     arch: str = typer.Option("qwen3_moe", help="Family name (qwen3_moe, mixtral, olmoe, deepseek_v3), "
                              "reference preset (ref-fine, ref-coarse), or a YAML/JSON model config file."),
-    init: Path = typer.Option(None, help="Continue training this HF model folder instead of starting from scratch."),
+    init: Path = typer.Option(None, help="Continue training this model (an HF model folder or a shipped name such "
+                              "as moekit/ref-fine) instead of starting from scratch."),
     data: str = typer.Option("stdlib", help="Corpus: 'stdlib', file, directory, glob, or 'hf:NAME[:SPLIT]'."),
     eval_data: str = typer.Option(None, help="Evaluation corpus (default: stdlib:eval for stdlib)."),
     text_field: str = typer.Option("text", help="Text field of .jsonl/.parquet/hub rows."),
-    tokenizer: Path = typer.Option(None, help="Tokenizer folder (default: the --init model's, else train one)."),
-    vocab_size: int = typer.Option(8192, help="Vocabulary of a newly trained tokenizer."),
-    seq_len: int = typer.Option(256, help="Tokens per training sequence."),
+    tokenizer: Path = typer.Option(None, help="Tokenizer folder or model name (default: the --init model's, else "
+                                   "train one)."),
+    vocab_size: int = typer.Option(8192, min=259, help="Vocabulary of a newly trained tokenizer (a byte-level BPE: "
+                                   "at least 259)."),
+    seq_len: int = typer.Option(256, min=2, help="Tokens per training sequence."),
     out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (rerun to resume)."),
-    steps: int = typer.Option(200, help="Optimizer steps."),
-    batch_size: int = typer.Option(8, help="Sequences per micro-batch."),
-    grad_accum: int = typer.Option(1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-3, help="Peak learning rate (AdamW)."),
-    warmup: int = typer.Option(20, help="Linear warmup steps, then cosine decay."),
-    aux_loss_coef: float = typer.Option(0.01, help="Weight of the load-balancing loss."),
-    z_loss_coef: float = typer.Option(1e-3, help="Weight of the router z-loss."),
-    bias_update_rate: float = typer.Option(None, help="Aux-loss-free bias step γ (default 1e-3 where routers "
-                                           "have a correction bias, else 0)."),
-    checkpoint_every: int = typer.Option(100, help="Steps between checkpoints."),
-    eval_every: int = typer.Option(100, help="Steps between evaluations."),
-    seed: int = typer.Option(0, help="Seed of weights and data order."),
+    steps: int = typer.Option(200, min=1, help="Optimizer steps."),
+    batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch."),
+    grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
+    lr: float = typer.Option(2e-3, parser=real(0, above=True), help="Peak learning rate (AdamW)."),
+    warmup: int = typer.Option(20, min=0, help="Linear warmup steps, then cosine decay."),
+    aux_loss_coef: float = typer.Option(0.01, parser=real(0), help="Weight of the load-balancing loss."),
+    z_loss_coef: float = typer.Option(1e-3, parser=real(0), help="Weight of the router z-loss."),
+    bias_update_rate: float = typer.Option(None, parser=real(0), help="Aux-loss-free bias step γ (default 1e-3 "
+                                           "where routers have a correction bias, else 0)."),
+    checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints."),
+    eval_every: int = typer.Option(100, min=1, help="Steps between evaluations."),
+    seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seed of weights and data order."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
                               "float32 from scratch), bfloat16, float16, float32. Training is fp32."),

@@ -118,9 +118,13 @@ def _files_corpus(spec: str, text_field: str) -> Corpus:
     docs: list[Document] = []
     skipped: dict[str, int] = {}
     root = Path(spec) if Path(spec).is_dir() else None
+    # A file named on its own is what the user means to read: refuse it rather than skip it.
+    single = Path(spec).expanduser().is_file()
     for path in _expand(spec):
         name = str(path.relative_to(root)) if root else str(path)
         if path.suffix not in SUFFIXES:
+            if single:
+                raise MoekitError(f"{path}: moekit reads {' '.join(SUFFIXES)} files; convert it or give a folder.")
             skipped["unsupported suffix"] = skipped.get("unsupported suffix", 0) + 1
             continue
         try:
@@ -131,6 +135,8 @@ def _files_corpus(spec: str, text_field: str) -> Corpus:
             else:
                 docs.append(Document(name, path.read_bytes().decode("utf-8")))
         except UnicodeDecodeError:
+            if single:
+                raise MoekitError(f"{path} is not UTF-8 text; moekit reads text files as UTF-8 only.") from None
             skipped["not utf-8"] = skipped.get("not utf-8", 0) + 1
     return Corpus([d for d in docs if d.text], source=spec, skipped=skipped)
 
@@ -146,21 +152,31 @@ def _read_jsonl(path: Path, name: str, text_field: str) -> list[Document]:
             raise MoekitError(f"{path}:{lineno} is not valid JSON ({exc.msg}); fix or remove the line.") from None
         if not isinstance(row, dict) or text_field not in row:
             raise MoekitError(f"{path}:{lineno} has no {text_field!r} field; pass --text-field with the right key.")
-        docs.append(Document(f"{name}#{lineno}", str(row[text_field])))
+        if not isinstance(row[text_field], str):
+            raise MoekitError(f"{path}:{lineno}: {text_field!r} is not a string; pass --text-field with the text's key.")
+        docs.append(Document(f"{name}#{lineno}", row[text_field]))
     return docs
 
 
 def _read_parquet(path: Path, name: str, text_field: str) -> list[Document]:
     try:
+        import pyarrow as pa
         import pyarrow.parquet as pq
     except ImportError:
         raise MoekitError("reading .parquet needs pyarrow: pip install pyarrow") from None
-    columns = pq.read_schema(path).names
-    if text_field not in columns:
-        raise MoekitError(f"{path} has no column {text_field!r} (has {columns}); pass --text-field.")
-    # Only the text column: the others (ids, metadata, embeddings) can be most of the file.
-    texts = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
-    return [Document(f"{name}#{i}", str(t)) for i, t in enumerate(texts) if t]
+    try:
+        schema = pq.read_schema(path)
+        if text_field not in schema.names:
+            raise MoekitError(f"{path} has no column {text_field!r} (has {schema.names}); pass --text-field.")
+        kind = schema.field(text_field).type
+        if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
+            raise MoekitError(f"{path}: column {text_field!r} holds {kind}, not text; pass --text-field.")
+        # Only the text column: the others (ids, metadata, embeddings) can be most of the file.
+        texts = pq.read_table(path, columns=[text_field]).column(text_field).to_pylist()
+    except (pa.ArrowException, OSError) as exc:
+        detail = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise MoekitError(f"{path} is not a readable parquet file ({detail}); write it again.") from None
+    return [Document(f"{name}#{i}", t) for i, t in enumerate(texts) if t]
 
 
 def _hub_corpus(spec: str, text_field: str) -> Corpus:

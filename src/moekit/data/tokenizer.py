@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
 from moekit.data.corpus import in_batches
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, read_json
 
 BOS, EOS, PAD = "<|bos|>", "<|eos|>", "<|pad|>"
 SPECIAL_TOKENS = [PAD, BOS, EOS]  # ids 0, 1, 2
@@ -78,7 +78,16 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     path = Path(path)
     if not (path / "tokenizer.json").is_file():
         raise MoekitError(f"no tokenizer.json in {path}; train one with `moekit train` or point at a model folder.")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    for file in (path / "tokenizer.json", path / "tokenizer_config.json"):
+        if file.is_file():
+            read_json(file, fix="save the tokenizer again or point at another folder.")
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as exc:  # tokenizers raises a bare Exception for JSON that is no tokenizer
+        raise MoekitError(
+            f"{path / 'tokenizer.json'} is not a tokenizer transformers can read ({str(exc).splitlines()[0]}); "
+            "save the tokenizer again or point at another folder."
+        ) from None
     if tokenizer.eos_token_id is None:
         raise MoekitError(f"the tokenizer in {path} has no eos token; moekit needs one to separate documents.")
     return tokenizer

@@ -35,9 +35,11 @@ class TokenData:
 
 
 def calibration_tokens(
-    source: str, tokenizer: PreTrainedTokenizerBase, *, n_samples: int, seq_len: int, seed: int = 0
+    source: str, tokenizer: PreTrainedTokenizerBase, *, n_samples: int, seq_len: int, seed: int = 0,
+    text_field: str = "text",
 ) -> TokenData:
-    """``n_samples`` sequences of ``seq_len`` tokens drawn (seeded) from the packed corpus.
+    """``n_samples`` sequences of ``seq_len`` tokens drawn (seeded) from the packed corpus
+    (``text_field``: the field of .jsonl/.parquet/hub rows that holds the text).
 
     Raises:
         MoekitError: the corpus is empty, shorter than one sequence, or holds fewer than
@@ -45,7 +47,7 @@ def calibration_tokens(
     """
     if n_samples < 1:
         raise MoekitError(f"n_samples must be at least 1 (got {n_samples}).")
-    rows = pack(tokenize_corpus(load_corpus(source), tokenizer), seq_len, name=source)
+    rows = pack(tokenize_corpus(load_corpus(source, text_field=text_field), tokenizer), seq_len, name=source)
     if n_samples > rows.shape[0]:
         raise MoekitError(
             f"{source} holds {rows.shape[0]} sequences of {seq_len} tokens, fewer than the {n_samples} "
@@ -55,28 +57,54 @@ def calibration_tokens(
     return TokenData(rows[order.sort().values], source)
 
 
-def evaluation_stream(source: str, tokenizer: PreTrainedTokenizerBase) -> TokenData:
+def evaluation_stream(source: str, tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text") -> TokenData:
     """The whole corpus as one token stream [L]."""
-    stream = tokenize_corpus(load_corpus(source), tokenizer).long()
+    stream = tokenize_corpus(load_corpus(source, text_field=text_field), tokenizer).long()
     if stream.numel() < 2:
         raise MoekitError(f"{source} has fewer than 2 tokens; nothing to evaluate.")
     return TokenData(stream, source)
 
 
 def tokenizer_for(model_name: str, tokenizer: str | os.PathLike | None = None) -> PreTrainedTokenizerBase:
-    """The tokenizer given, else the one saved with the model.
+    """The tokenizer given (see `tokenizer_path`), else the model's own.
 
     Raises:
-        MoekitError: neither exists (the tiny built-in models have none).
+        MoekitError: the model is refused (see `moekit.io.load.check_model`), or it has no
+            tokenizer saved with it and none is given.
     """
     from moekit.data.tokenizer import load_tokenizer
-    from moekit.io.load import resolve_folder
 
     if tokenizer is not None:
-        return load_tokenizer(tokenizer)
-    folder = resolve_folder(model_name)
-    if folder is None or not (Path(folder) / "tokenizer.json").is_file():
+        return load_tokenizer(tokenizer_path(tokenizer))
+    folder = own_tokenizer_folder(model_name)
+    if folder is None:
         raise MoekitError(
-            f"{model_name} has no tokenizer saved with it; pass --tokenizer FOLDER (a folder with tokenizer.json)."
+            f"{model_name} has no tokenizer saved with it; pass --tokenizer FOLDER (a folder with tokenizer.json) "
+            "or the name of a model whose tokenizer it uses."
         )
     return load_tokenizer(folder)
+
+
+def tokenizer_path(tokenizer: str | os.PathLike) -> Path:
+    """The folder a ``--tokenizer`` value names: a folder, or a shipped model's name
+    (``moekit/ref-fine``, ``moekit/tiny-mixtral``) for that model's own tokenizer."""
+    from moekit.io.load import REFERENCE_PREFIX
+
+    spec = str(tokenizer)
+    if spec.startswith(REFERENCE_PREFIX) and not Path(spec).expanduser().exists():
+        folder = own_tokenizer_folder(spec)
+        if folder is not None:
+            return folder
+    return Path(spec).expanduser()
+
+
+def own_tokenizer_folder(model_name: str) -> Path | None:
+    """Where ``model_name``'s own tokenizer is: beside its weights, or for the built-in tiny
+    models the one they share. None when it has none. The model is checked first."""
+    from moekit.io.load import check_model
+    from moekit.zoo.tiny import TINY_TOKENIZER_DIR
+
+    folder = check_model(model_name)
+    if folder is None:
+        return TINY_TOKENIZER_DIR
+    return folder if (folder / "tokenizer.json").is_file() else None

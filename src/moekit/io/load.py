@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, read_json
 from moekit.progress import silence_transformers_bars
 
 REFERENCE_PREFIX = "moekit/"
@@ -61,14 +61,13 @@ def load(
     """
     name = str(name_or_path) if name_or_path is not None else default_model()
     silence_transformers_bars()
-    if name.startswith(TINY_PREFIX):
+    path = check_model(name)
+    if path is None:
         return _tiny(name).to(device=device, dtype=dtype)
-    path = _resolve(name)
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
 
     if is_nonuniform(path):
         return load_nonuniform(path, dtype=dtype).to(device)
-    _check_checkpoint_dir(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
@@ -88,22 +87,36 @@ def load_config(name_or_path: str | os.PathLike | None = None, *, trust_remote_c
     from transformers import AutoConfig
 
     name = str(name_or_path) if name_or_path is not None else default_model()
-    if name.startswith(TINY_PREFIX):
-        from moekit.zoo.tiny import TINY_CONFIGS, tiny_config
+    path = check_model(name)
+    if path is None:
+        from moekit.zoo.tiny import tiny_config
 
-        family = name[len(TINY_PREFIX) :]
-        if family not in TINY_CONFIGS:
-            raise MoekitError(f"no tiny model {name!r}; choose one of: {', '.join(reference_names())}.")
-        return tiny_config(family)
-    path = _resolve(name)
-    if not (path / "config.json").is_file():
-        _check_checkpoint_dir(path)
+        return tiny_config(_tiny_family(name))
     return AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
 
 
+def check_model(name_or_path: str | os.PathLike | None = None) -> Path | None:
+    """The check every command runs on a model before anything else, so that the first
+    problem reported is the real one (a pickle-only folder is refused as such, not later
+    for a missing tokenizer or dtype). Reads config.json and the safetensors headers,
+    never the weights. Returns the folder `load` reads, None for a built-in tiny model.
+
+    Raises:
+        MoekitError: an unknown shipped name, a missing folder, a folder that is not a
+            safetensors checkpoint, or an unreadable config.json or weights file.
+    """
+    name = str(name_or_path) if name_or_path is not None else default_model()
+    if name.startswith(TINY_PREFIX):
+        _tiny_family(name)
+        return None
+    path = _resolve(name)
+    _check_checkpoint_dir(path)
+    return path
+
+
 def resolve_folder(name: str) -> Path | None:
-    """The local folder ``moekit.load(name)`` reads (None for built-in tiny models)."""
-    return None if name.startswith(TINY_PREFIX) else _resolve(name)
+    """The local folder ``moekit.load(name)`` reads, checked (None for built-in tiny models)."""
+    return check_model(name)
 
 
 _SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
@@ -134,12 +147,18 @@ def stored_dtype(name_or_path: str | os.PathLike | None = None) -> torch.dtype:
 
 
 def _tiny(name: str) -> PreTrainedModel:
-    from moekit.zoo.tiny import TINY_CONFIGS, tiny_model
+    from moekit.zoo.tiny import tiny_model
+
+    return tiny_model(_tiny_family(name))
+
+
+def _tiny_family(name: str) -> str:
+    from moekit.zoo.tiny import TINY_CONFIGS
 
     family = name[len(TINY_PREFIX) :]
     if family not in TINY_CONFIGS:
         raise MoekitError(f"no tiny model {name!r}; choose one of: {', '.join(reference_names())}.")
-    return tiny_model(family)
+    return family
 
 
 def _resolve(name: str) -> Path:
@@ -167,8 +186,12 @@ def _check_checkpoint_dir(path: Path) -> None:
             f"{path} has no config.json, so it is not a Hugging Face checkpoint folder. "
             f"Pass the folder that save_pretrained wrote."
         )
+    _check_config_file(path / "config.json")
     files = [p.name for p in path.iterdir()]
-    if any(f.endswith(".safetensors") for f in files):
+    weights = sorted(path / f for f in files if f.endswith(".safetensors"))
+    if weights:
+        for file in weights:
+            _check_safetensors_header(file)
         return
     pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
     if pickles:
@@ -178,6 +201,36 @@ def _check_checkpoint_dir(path: Path) -> None:
             f"trust, load it once with transformers and save_pretrained(...) it, which writes safetensors."
         )
     raise MoekitError(f"{path} has config.json but no *.safetensors weights.")
+
+
+def _check_config_file(file: Path) -> None:
+    """config.json is a JSON object naming a model type transformers knows (or code of
+    its own, which `load` refuses to run unless asked)."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
+
+    config = read_json(file, fix="restore the file save_pretrained wrote.")
+    if not isinstance(config, dict):
+        raise MoekitError(f"{file} does not hold a JSON object of config fields; restore the file save_pretrained wrote.")
+    model_type = config.get("model_type")
+    if "auto_map" in config or model_type in CONFIG_MAPPING_NAMES:
+        return
+    raise MoekitError(
+        f"{file} has no model_type; restore the file save_pretrained wrote." if model_type is None else
+        f"{file} has model_type {model_type!r}, which this transformers does not know; upgrade transformers "
+        f"or fix the file."
+    )
+
+
+def _check_safetensors_header(file: Path) -> None:
+    """Headers only (a few kilobytes): a truncated or garbled file is named here instead of
+    failing with a traceback halfway through a load."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(file, framework="pt"):
+            pass
+    except (SafetensorError, OSError) as exc:
+        raise MoekitError(f"{file} is not a readable safetensors file ({exc}); download or save it again.") from None
 
 
 def _hub_snapshot(repo_id: str) -> Path:

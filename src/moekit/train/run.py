@@ -25,7 +25,8 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     ``dtype`` is what ``out/model`` stores: ``auto`` keeps the ``init`` checkpoint's dtype
     (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
-    from moekit.io.load import stored_dtype
+    from moekit.data.tokens import own_tokenizer_folder, tokenizer_path
+    from moekit.io.load import check_model, stored_dtype
     from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
@@ -33,10 +34,10 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     from moekit.train.presets import preset
     from moekit.train.trainer import check_resumable, first_steps
 
-    if init is not None and not (init / "config.json").is_file():
-        raise MoekitError(f"--init {init} is not a model folder (no config.json); give a saved HF model folder.")
-    stored = output_dtype(dtype, stored_dtype(init) if init is not None else torch.float32)
-    config, model = _model_config(arch, init)
+    # --init is a folder or any name moekit.load takes; None: a built-in tiny model (no files)
+    folder = check_model(str(init)) if init is not None else None
+    stored = output_dtype(dtype, stored_dtype(str(init)) if init is not None else torch.float32)
+    config, model = _model_config(arch, init, folder)
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
         bias_rate = 1e-3 if config.model_type == "deepseek_v3" else 0.0
@@ -46,8 +47,10 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     tc = TrainConfig.checked(**settings, warmup_steps=warmup, bias_update_rate=bias_rate)
     if saved is not None:  # before the data is prepared, which takes most of a minute
         check_resumable(out, saved, tc)
-    if tokenizer is None and init is not None and (init / "tokenizer.json").is_file():
-        tokenizer = init
+    if tokenizer is not None:
+        tokenizer = tokenizer_path(tokenizer)
+    elif init is not None:
+        tokenizer = own_tokenizer_folder(str(init))
     run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,
                        vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field,
                        progress=show_progress, console=console)
@@ -81,19 +84,26 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     }
 
 
-def _model_config(arch: str, init: Path | None):
+def _model_config(arch: str, init: Path | None, folder: Path | None):
     from transformers import AutoModelForCausalLM
 
+    from moekit.io.load import load, load_config
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
-    from moekit.train import check_config, load_model_config
+    from moekit.train import FAMILIES, check_config, load_model_config
     from moekit.train.presets import preset
 
     if init is not None:
-        if is_nonuniform(init):  # e.g. healing a model pruned with a global budget
-            model = load_nonuniform(init, experts_implementation="grouped_mm")
+        model_type = load_config(str(init)).model_type
+        if model_type not in FAMILIES:  # before its weights load
+            raise MoekitError(f"--init {init} is a {model_type} model; moekit trains {', '.join(FAMILIES)} models.")
+        if folder is None:
+            model = load(str(init))
             return check_config(model.config), model
-        config = load_model_config(json.loads((init / "config.json").read_text()))
-        model = AutoModelForCausalLM.from_pretrained(init, config=config, dtype=torch.float32,
+        if is_nonuniform(folder):  # e.g. healing a model pruned with a global budget
+            model = load_nonuniform(folder, experts_implementation="grouped_mm")
+            return check_config(model.config), model
+        config = load_model_config(json.loads((folder / "config.json").read_text()))
+        model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
                                                      use_safetensors=True, experts_implementation="grouped_mm")
         return check_config(model.config), model
     spec = preset(arch)

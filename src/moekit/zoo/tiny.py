@@ -4,22 +4,32 @@ They exercise every structural feature moekit must handle (shared experts and th
 gates, dense first layers, group-limited routing, correction biases, transposed and
 interleaved experts) in a few hundred kilobytes, with no download. Tests use them, and
 ``moekit.load("moekit/tiny-<family>")`` builds one.
+
+So that every command runs on them with its defaults, they share one small tokenizer
+shipped beside this file (`TINY_TOKENIZER_DIR`, written by `make_tiny_tokenizer`) whose
+vocabulary is exactly theirs, and have the 256 positions the commands' default sequence
+length needs. A byte-level BPE cannot be smaller than 259 tokens (256 bytes and three
+specials); 384 leaves room for common merges and costs 8 K parameters per matrix.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
+TINY_VOCAB = 384
+TINY_TOKENIZER_DIR = Path(__file__).resolve().parent / "tiny-tokenizer"
+
 _COMMON: dict[str, Any] = dict(
-    vocab_size=128,
+    vocab_size=TINY_VOCAB,
     hidden_size=32,
     num_hidden_layers=3,
     num_attention_heads=4,
     num_key_value_heads=2,
-    max_position_embeddings=128,
+    max_position_embeddings=256,
     tie_word_embeddings=False,
     pad_token_id=0,
     bos_token_id=1,
@@ -123,3 +133,13 @@ def tiny_model(family: str, seed: int = 0) -> PreTrainedModel:
     """A tiny random causal LM of ``family``, fp32, in eval mode."""
     model = AutoModelForCausalLM.from_config(tiny_config(family), dtype=torch.float32)
     return randomize_(model, seed).eval()
+
+
+def make_tiny_tokenizer(directory: Path = TINY_TOKENIZER_DIR) -> Path:
+    """Train the tiny models' tokenizer on the shipped ``stdlib:calib`` split and save it
+    (done once, by maintainers: ``python scripts/make_tiny_tokenizer.py``). The split is
+    fixed text and BPE training is deterministic, so the result is the same everywhere."""
+    from moekit.data.stdlib import stdlib_corpus
+    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+
+    return save_tokenizer(train_tokenizer(stdlib_corpus("calib").texts(), vocab_size=TINY_VOCAB), directory)

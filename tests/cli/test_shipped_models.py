@@ -1,0 +1,90 @@
+"""Every model that ships with moekit works with every command, by the name the README and
+the error messages give it, with no --tokenizer: the tiny models share a shipped tokenizer
+whose vocabulary is theirs, and have the positions the commands' defaults need."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+import moekit
+from moekit.cli import app
+from moekit.data.tokens import tokenizer_for
+from moekit.io.load import load_config, reference_names
+from moekit.train import FAMILIES as TRAINABLE
+
+runner = CliRunner()
+NAMES = reference_names()
+README = Path(__file__).resolve().parents[2] / "README.md"
+EVALUATED = {"moekit/tiny-deepseek_v3", "moekit/tiny-gpt_oss"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus: a whole shipped split would be tokenized once per command and model."""
+    root = tmp_path_factory.mktemp("corpus")
+    (root / "code.py").write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" for i in range(300)))
+    return root / "code.py"
+
+
+def _run(*args) -> dict:
+    result = runner.invoke(app, [*map(str, args), "--json"])
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout[result.stdout.index("{"):])
+
+
+def test_every_name_is_listed_and_loads_with_its_own_tokenizer():
+    assert {"moekit/ref-fine", "moekit/ref-coarse"} <= set(NAMES)
+    assert len([n for n in NAMES if n.startswith("moekit/tiny-")]) == 14
+    for name in NAMES:
+        config = load_config(name)
+        tokenizer = tokenizer_for(name)
+        assert len(tokenizer) == config.vocab_size, name  # every id it makes has an embedding
+        assert config.max_position_embeddings >= 256, name  # the commands' default sequence length
+
+
+def test_every_moekit_name_in_the_readme_loads():
+    named = set(re.findall(r"(?<![\w/.])moekit/[\w.<>-]*[\w>]", README.read_text()))  # not src/moekit/eval
+    assert "moekit/tiny-deepseek_v3" in named
+    for name in named - {"moekit/tiny-<family>"}:
+        assert name in NAMES, f"README names {name}, which does not load"
+    assert all(f"`{name}`" in README.read_text() for name in NAMES if name.startswith("moekit/tiny-"))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_every_command_runs_on_every_shipped_model(name, corpus, tmp_path):
+    few = ["--data", corpus, "--samples", 2, "--seq-len", 16]
+    summary = _run("inspect", name)
+    assert summary["model"] == name and summary["total_params"] > 0
+
+    stats = _run("calibrate", name, "-o", tmp_path / "stats", *few, "--stats", "frequency")
+    assert stats["tokens"] == 2 * 16
+
+    scores = _run("eval", name, "--data", corpus, "--context-length", 32, "--stride", 16, "--max-tokens", 64)
+    assert scores["models"][name]["tokens"] == 63
+
+    planned = _run("compress", name, "--plan")
+    # --eval tokenizes all of stdlib:eval and scores 32,768 tokens twice, whatever the model:
+    # 5 s on a tiny model, a minute on a reference; two families (dense first layers and
+    # groups; transposed experts) show the path, which holds nothing family-specific.
+    evaluate = name in EVALUATED
+    report = _run("compress", name, "-o", tmp_path / "out", *few, *(["--eval"] if evaluate else []))
+    assert report["after"]["bytes"] == planned["after"]["bytes"] < report["before"]["bytes"]
+    assert ("eval" in report["after"]) == evaluate
+    assert moekit.load(tmp_path / "out").config.vocab_size == load_config(name).vocab_size
+    assert (tmp_path / "out" / "tokenizer.json").is_file()
+
+    train = ["train", "--init", name, "--data", corpus, "--steps", 1, "--seq-len", 16, "--batch-size", 2,
+             "-o", tmp_path / "run"]
+    if load_config(name).model_type in TRAINABLE:
+        assert _run(*train)["steps"] == 1
+        assert (tmp_path / "run" / "model" / "tokenizer.json").read_text() == (
+            Path(tokenizer_for(name).name_or_path) / "tokenizer.json").read_text()
+    else:
+        result = runner.invoke(app, list(map(str, train)))
+        assert result.exit_code == 2 and "moekit trains" in result.output and len(result.output.splitlines()) == 1
+        assert not (tmp_path / "run").exists()
