@@ -89,7 +89,7 @@ def test_compress_streamed_equals_editing_the_model_in_memory(checkpoints, famil
 
 def _tensors(folder):
     checkpoint = Checkpoint(folder)
-    return {name: checkpoint.read(name) for name in checkpoint.names()}
+    return checkpoint.read(checkpoint.names())
 
 
 def _copy(src, dst):
@@ -132,3 +132,36 @@ def test_a_tensor_that_disagrees_with_the_config_is_named(checkpoints, tmp_path)
         moekit.compress(str(broken), "prune-50", out_dir=tmp_path / "out", data=str(checkpoints / "data"),
                         n_samples=6, seq_len=32, progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken"]
+
+
+_PEAK = """
+import resource, sys, moekit
+moekit.compress(sys.argv[1], "reap-50", out_dir=sys.argv[2], data=sys.argv[3], n_samples=4, seq_len=32,
+                progress=False)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+"""
+
+
+def test_peak_memory_of_a_streamed_compress_does_not_grow_with_depth(checkpoints, tmp_path):
+    """12 layers of ~13 MB (fp32) each against 2: holding the model would add ~130 MB."""
+    import os
+    import subprocess
+    import sys
+
+    from moekit.data.tokenizer import load_tokenizer
+
+    tokenizer_folder = checkpoints / "mixtral"
+    peaks = {}
+    for depth in (2, 12):
+        config = tiny_config("qwen3_moe")
+        config.update(dict(vocab_size=300, num_hidden_layers=depth, hidden_size=256, moe_intermediate_size=256,
+                           num_experts=16, mlp_only_layers=[], head_dim=32))
+        folder = tmp_path / f"depth-{depth}"
+        randomize_(AutoModelForCausalLM.from_config(config)).save_pretrained(folder)
+        load_tokenizer(tokenizer_folder).save_pretrained(folder)
+        done = subprocess.run([sys.executable, "-c", _PEAK, str(folder), str(tmp_path / f"out-{depth}"),
+                               str(checkpoints / "data")], capture_output=True, text=True, check=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+        peaks[depth] = int(done.stdout.split()[-1]) / 1024  # MiB
+    layer_mib = 16 * 3 * 256 * 256 * 4 / 2**20
+    assert peaks[12] - peaks[2] < 3 * layer_mib, peaks  # far below the 10 layers (125 MiB) more

@@ -9,6 +9,7 @@ import typer
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX
+from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
 @app.command("calibrate")
@@ -25,10 +26,15 @@ def calibrate_command(
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: the model's).")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
     list_stats: Annotated[bool, typer.Option("--list-stats", help="List the statistics and exit.")] = False,
+    device: Device = "auto",
+    compute_dtype: ComputeDtype = "auto",
+    activation_budget: ActivationBudget = None,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
-    """Collect the statistics compression methods read, and save them for reuse."""
+    """Collect the statistics compression methods read, and save them for reuse.
+
+    The model streams from its checkpoint one decoder layer at a time."""
     from moekit.calib.observers import STATISTICS
 
     if list_stats:
@@ -37,7 +43,7 @@ def calibrate_command(
         return
     from moekit.calib.calibrate import calibrate
     from moekit.data.tokens import calibration_tokens, tokenizer_for
-    from moekit.io.load import check_model, default_model, load
+    from moekit.io.load import check_model, default_model
 
     with user_errors():
         name = model or default_model()
@@ -50,10 +56,12 @@ def calibrate_command(
             raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
         tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed,
                                     text_field=text_field)
+        spill = budget(activation_budget)
         result = calibrate(
-            load(name), tokens.input_ids, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,
+            open_streamed(name, device, compute_dtype), tokens.input_ids, activations=spill, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,
             seed=seed, progress=not json_out, meta={"model_name": name, **tokens.describe()},
         )
+        spill.close()
         folder = result.save(out)
         summary = {"out": str(folder), "layers": len(result.layers), "tokens": next(iter(result.tokens.values())),
                    "statistics": result.statistics, "seconds": result.meta["seconds"],

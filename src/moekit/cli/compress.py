@@ -10,6 +10,7 @@ from rich.table import Table
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX
+from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device
 
 
 @app.command("compress")
@@ -29,6 +30,11 @@ def compress_command(
     list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
     plan_only: Annotated[bool, typer.Option("--plan", help="Show the sizes the recipe will give, from the config "
                                                            "alone (no weights read, nothing written), and exit.")] = False,
+    device: Device = "auto",
+    compute_dtype: ComputeDtype = "auto",
+    activation_budget: ActivationBudget = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the run an interruption left in the hidden work "
+                                                          "folder next to --out (starts afresh if there is none).")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -61,7 +67,10 @@ def compress_command(
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
-                          tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out)
+                          tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
+                          device=device, compute_dtype=compute_dtype,
+                          activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume,
+                          on_start=None if json_out else _announce)
         if json_out:
             print_json(report)
             return
@@ -77,6 +86,12 @@ def compress_command(
             console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
                           "load it with moekit.load(folder), not plain transformers.[/]")
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
+
+
+def _announce(work) -> None:
+    """The first lines of a long run say where its resumable state is."""
+    verb = "resuming from" if work.resumed else "work folder (finished layers; rerun with --resume after an interruption):"
+    console.print(f"[dim]{verb} {work.path}[/]", highlight=False)
 
 
 def _size_table(title: str, report: dict) -> Table:

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
 @app.command("eval")
@@ -29,6 +30,9 @@ def eval_command(
     task_path: Annotated[Optional[list[str]], typer.Option(
         help="Folder of your own lm-eval task YAMLs with local data (repeatable).",
     )] = None,
+    device: Device = "auto",
+    compute_dtype: ComputeDtype = "auto",
+    activation_budget: ActivationBudget = None,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -63,12 +67,15 @@ def eval_command(
                                   context_length=context_length, stride=stride)
         results, task_results = {}, {}
         for name in names:
-            model = load(name)
-            results[name] = evaluate(model, stream, context_length=context_length, stride=stride,
-                                     batch_size=batch_size, progress=not json_out)
-            if harness is not None:
+            spill = budget(activation_budget)
+            results[name] = evaluate(open_streamed(name, device, compute_dtype), stream,
+                                     context_length=context_length, stride=stride, batch_size=batch_size,
+                                     progress=not json_out, activations=spill)
+            spill.close()
+            if harness is not None:  # lm-eval runs the whole model's forward: it needs the model in memory
+                model = load(name)
                 task_results[name] = run_tasks(model, tokenizers[name], harness, limit=limit, batch_size=batch_size)
-            del model
+                del model
         if json_out:
             payload = {"data": data, "models": {n: r.to_dict() for n, r in results.items()}}
             if harness is not None:

@@ -7,8 +7,8 @@ checkpoint (an index naming a missing shard, a truncated shard, a tensor whose s
 disagrees with the config) is reported in one line naming the file and the tensor before
 any work starts or any output is written.
 
-Weights are then read tensor by tensor (`read`), memory-mapped by safetensors, so reading
-one decoder layer touches only that layer's bytes on disk.
+Weights are then read a group at a time (`read`: one decoder layer's tensors), so reading
+a layer touches only that layer's bytes on disk.
 """
 
 from __future__ import annotations
@@ -66,7 +66,6 @@ class Checkpoint:
                     raise MoekitError(f"{file}: tensor {name!r} is also stored in {self.tensors[name].file.name}; "
                                       "a checkpoint holds each tensor once. Re-save it.")
                 self.tensors[name] = entry
-        self._open: dict[Path, object] = {}
 
     def _shards(self, files: Iterable[str] | None) -> list[Path]:
         if files is not None:
@@ -89,19 +88,23 @@ class Checkpoint:
         return sorted(self.folder.glob("*.safetensors"))
 
     # -- reading ----------------------------------------------------------------------
-    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
-        """One tensor, in ``dtype`` if given (a fresh tensor, not a view of the file)."""
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (fresh tensors, not views of the files).
+
+        Each shard is opened for this call only: safetensors maps a file into memory, and
+        mapped pages that were read count as the process's resident memory for as long as
+        the map is open — kept open, every layer read would stay "resident" until the end."""
         from safetensors import safe_open
 
-        entry = self.tensors[name]
-        handle = self._open.get(entry.file)
-        if handle is None:
-            handle = self._open[entry.file] = safe_open(str(entry.file), framework="pt")
-        tensor = handle.get_tensor(name)
-        return tensor.to(dtype) if dtype is not None and tensor.is_floating_point() else tensor
-
-    def close(self) -> None:
-        self._open.clear()
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        out = {}
+        for file, wanted in by_file.items():
+            with safe_open(str(file), framework="pt") as handle:
+                for name in wanted:
+                    out[name] = handle.get_tensor(name).clone()
+        return out
 
     # -- describing -------------------------------------------------------------------
     def names(self, prefix: str = "") -> list[str]:

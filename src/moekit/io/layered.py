@@ -124,7 +124,7 @@ class LayeredModel:
     def _read(self, names: list[str], *, what: str) -> None:
         if not names:
             return
-        state = {name: self.checkpoint.read(name) for name in names}
+        state = self.checkpoint.read(names)
         if self._native:
             _assign(self.model, state, self.dtype, self.device)
             return

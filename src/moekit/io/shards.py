@@ -133,7 +133,7 @@ class ShardWriter:
             (out / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1}, indent=2))
 
 
-def join_safetensors(sources: list[Path], target: Path, *, chunk: int = 64 * 2**20) -> None:
+def join_safetensors(sources: list[Path], target: Path, *, chunk: int = 16 * 2**20) -> None:
     """Write one safetensors file holding every tensor of ``sources``, copying their data
     bytes in chunks: a safetensors file is a JSON header of offsets followed by the raw
     data, so joining needs only new offsets, never the tensors in memory."""

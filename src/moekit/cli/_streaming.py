@@ -1,0 +1,35 @@
+"""The options of every command that streams a model layer by layer (calibrate, compress,
+eval), declared once, and the one place that turns them into a `LayeredModel`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+Device = Annotated[str, typer.Option(
+    help="Where each layer computes: auto (a GPU when there is one), cpu, cuda, cuda:N, mps.")]
+ComputeDtype = Annotated[str, typer.Option(
+    help="Compute precision: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
+ActivationBudget = Annotated[Optional[str], typer.Option(
+    help="Hidden states of all rows kept in memory up to this size (e.g. 4GiB); above it they go to files "
+         "(compress: in its work folder). Default: 2GiB.")]
+
+DEFAULT_ACTIVATION_BUDGET = "2GiB"
+
+
+def open_streamed(name: str, device: str, compute_dtype: str):
+    """The model ``name`` lent one decoder layer at a time on ``device``."""
+    from moekit.devices import resolve_compute_dtype, resolve_device
+    from moekit.io.layered import open_model
+
+    where = resolve_device(device)
+    return open_model(name, dtype=resolve_compute_dtype(compute_dtype, where), device=where)
+
+
+def budget(value: str | None, folder=None):
+    """An `ActivationBudget` from the option's value."""
+    from moekit.calib.activations import ActivationBudget as Budget
+    from moekit.devices import parse_bytes
+
+    return Budget(parse_bytes(value or DEFAULT_ACTIVATION_BUDGET), folder)
