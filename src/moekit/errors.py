@@ -40,8 +40,31 @@ def read_json(file: Path, *, fix: str) -> Any:
     """The JSON in ``file``, or a one-line `MoekitError` naming it, where it broke, and
     ``fix`` (what to do about it)."""
     try:
-        return json.loads(Path(file).read_bytes().decode("utf-8"))
+        return json.loads(_utf8(file, "JSON", fix))
     except json.JSONDecodeError as exc:
         raise MoekitError(f"{file} is not valid JSON (line {exc.lineno}, column {exc.colno}: {exc.msg}); {fix}") from None
+
+
+def read_yaml(file: Path, *, fix: str) -> Any:
+    """The YAML in ``file``, or a one-line `MoekitError` as for `read_json`."""
+    import yaml
+
+    try:
+        return yaml.safe_load(_utf8(file, "YAML", fix))
+    except yaml.YAMLError as exc:
+        raise MoekitError(f"{file} is not valid YAML ({yaml_problem(exc)}); {fix}") from None
+
+
+def yaml_problem(exc: Exception) -> str:
+    """A YAML parser error in one line: where and what (its own message spans several,
+    quoting the offending lines)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark is not None else ""
+    return where + " ".join(str(getattr(exc, "problem", None) or exc).split())
+
+
+def _utf8(file: Path, kind: str, fix: str) -> str:
+    try:
+        return Path(file).read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        raise MoekitError(f"{file} is not UTF-8 text, so not JSON; {fix}") from None
+        raise MoekitError(f"{file} is not UTF-8 text, so not {kind}; {fix}") from None

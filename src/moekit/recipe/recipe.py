@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, read_yaml, yaml_problem
 from moekit.recipe.step import Step, step_from_dict
 
 PRESETS_DIR = Path(__file__).parent / "presets"
@@ -44,7 +44,7 @@ class Recipe(BaseModel):
         try:
             data = yaml.safe_load(text)
         except yaml.YAMLError as exc:
-            raise MoekitError(f"{source} is not valid YAML: {exc}") from None
+            raise MoekitError(f"{source} is not valid YAML ({yaml_problem(exc)}); fix the recipe.") from None
         return cls.from_dict(data, source=source)
 
     def to_dict(self) -> dict:
@@ -72,5 +72,5 @@ def load_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
         return Recipe.from_yaml(presets()[name].read_text(), source=f"preset {name}")
     path = Path(name).expanduser()
     if path.is_file():
-        return Recipe.from_yaml(path.read_text(), source=str(path))
+        return Recipe.from_dict(read_yaml(path, fix="fix the recipe."), source=str(path))
     raise MoekitError(f"no recipe {name!r}: not a preset ({', '.join(presets())}) and not a file.")

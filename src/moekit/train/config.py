@@ -9,16 +9,14 @@ too. Both are checked before a model is built, so a bad config fails in a second
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
 
-from moekit.errors import MoekitError, validation_problems
+from moekit.errors import MoekitError, read_json, read_yaml, validation_problems
 
 FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
 
@@ -162,8 +160,8 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise MoekitError(f"model config {str(path)!r} does not exist; pass a YAML/JSON file or a family name.")
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    fix = "fix the model config file."
+    data = read_json(path, fix=fix) if path.suffix == ".json" else read_yaml(path, fix=fix)
     if not isinstance(data, dict):
         raise MoekitError(f"{path} does not hold a mapping of config fields.")
     return data

@@ -1,0 +1,198 @@
+"""Every user error of every command, as a separate process sees it: exit code 2, one line
+on stderr that starts with "error:" and names the flag or the file, no traceback, nothing
+on stdout, nothing written. The first problem reported is the real one: a model folder
+that is not a safetensors checkpoint is refused as such before a tokenizer is asked for.
+
+Each case runs in its own process, forked from a server that imported moekit's command
+line (torch, transformers) once: a fresh interpreter per case would spend 4-12 s on
+imports alone, for 30 cases, where the check itself takes milliseconds. The child exits
+through the same `moekit.cli.main` as the installed `moekit` script, with its own stdout
+and stderr, so a traceback, a stray print or a wrong exit code shows as it would in a shell.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from moekit.zoo.tiny import tiny_config
+
+SERVER = textwrap.dedent('''
+    import json, os, sys, traceback
+    import moekit.cli, moekit.io.load  # what every command imports: torch, transformers
+    for line in sys.stdin:
+        case = json.loads(line)
+        pid = os.fork()
+        if pid == 0:
+            os.chdir(case["cwd"])
+            for fd, path in ((1, case["stdout"]), (2, case["stderr"])):
+                os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
+            sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
+            sys.argv = ["moekit", *case["args"]]
+            code = 0
+            try:
+                moekit.cli.main()
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+            except BaseException:
+                traceback.print_exc()  # what the interpreter prints for an uncaught exception
+                code = 1
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        print(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]), flush=True)
+''')
+
+
+class Moekit:
+    """``moekit ARGS`` in a forked process: (exit code, stdout, stderr)."""
+
+    def __init__(self, workdir: Path):
+        self.workdir = workdir
+        self.server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
+                                       stdout=subprocess.PIPE, text=True)
+
+    def __call__(self, *args) -> tuple[int, str, str]:
+        out, err = self.workdir / "stdout", self.workdir / "stderr"
+        case = {"args": [str(a) for a in args], "cwd": str(self.workdir), "stdout": str(out), "stderr": str(err)}
+        self.server.stdin.write(json.dumps(case) + "\n")
+        self.server.stdin.flush()
+        code = int(self.server.stdout.readline())
+        return code, out.read_text(), err.read_text()
+
+    def close(self) -> None:
+        self.server.kill()  # no state worth a clean exit, which takes torch seconds
+        self.server.wait(timeout=60)
+
+
+@pytest.fixture(scope="module")
+def moekit(tmp_path_factory):
+    runner = Moekit(tmp_path_factory.mktemp("cwd"))
+    yield runner
+    runner.close()
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory) -> Path:
+    """One broken input of every kind moekit reads, and the good ones around it."""
+    root = tmp_path_factory.mktemp("inputs")
+    (root / "pickle-only").mkdir()
+    tiny_config("mixtral").save_pretrained(root / "pickle-only")
+    torch.save({"w": torch.zeros(2)}, root / "pickle-only" / "pytorch_model.bin")  # a pickle, written by the test
+    (root / "no-config").mkdir()
+    save_file({"w": torch.zeros(2)}, str(root / "no-config" / "model.safetensors"))
+    for name in ("truncated-weights", "bad-config"):
+        tiny_config("mixtral").save_pretrained(root / name)
+        save_file({"w": torch.zeros(64)}, str(root / name / "model.safetensors"))
+    weights = root / "truncated-weights" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    (root / "bad-config" / "config.json").write_text('{"model_type": "mixtral",')
+    for suffix in (".txt", ".py", ".md"):
+        (root / f"latin1{suffix}").write_bytes("caf\xe9 = 1\n".encode("latin-1") * 50)
+    (root / "rows.jsonl").write_text('{"text": "a = 1"}\n{"text": "b = 2"\n')
+    (root / "rows.parquet").write_bytes(b"PAR1 this is not a parquet file")
+    (root / "recipe.yaml").write_text("steps:\n  - type: prune\n   method: [reap\n")
+    (root / "arch.yaml").write_text("family: [olmoe\n")
+    (root / "tokenizer").mkdir()
+    (root / "tokenizer" / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    return root
+
+
+def _refused(result: tuple[int, str, str], *names: object) -> str:
+    code, out, err = result
+    lines = err.strip().splitlines()
+    assert code == 2, err
+    assert "Traceback" not in err and out == ""
+    # train reports what it is doing before it reads a corpus; the error is its last line
+    assert lines and [line for line in lines if line.startswith("error:")] == lines[-1:], err
+    for name in names:
+        assert str(name) in lines[-1], lines[-1]
+    return lines[-1]
+
+
+COMMANDS = {  # every command, as it would read MODEL, writing into OUT
+    "inspect": ["inspect", "{model}"],
+    "calibrate": ["calibrate", "{model}", "-o", "{out}", "--samples", "2", "--seq-len", "16"],
+    "eval": ["eval", "{model}", "--max-tokens", "64", "--context-length", "32", "--stride", "16"],
+    "compress": ["compress", "{model}", "-o", "{out}", "--samples", "2", "--seq-len", "16"],
+    "compress --plan": ["compress", "{model}", "--plan"],
+    "train --init": ["train", "--init", "{model}", "-o", "{out}", "--steps", "1", "--seq-len", "16"],
+}
+
+
+def _args(command: str, model: object, out: Path) -> list[str]:
+    return [a.format(model=model, out=out) for a in COMMANDS[command]]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+@pytest.mark.parametrize("folder, says", [("pickle-only", "pytorch_model.bin"), ("no-config", "no config.json")])
+def test_a_folder_that_is_no_checkpoint_is_refused_first(moekit, files, tmp_path, command, folder, says):
+    message = _refused(moekit(*_args(command, files / folder, tmp_path / "out")), files / folder, says)
+    if folder == "pickle-only":
+        assert "safetensors only" in message and "dtype" not in message and "tokenizer" not in message
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("folder, file", [("truncated-weights", "model.safetensors"), ("bad-config", "config.json")])
+@pytest.mark.parametrize("command", ["inspect", "compress", "train --init"])
+def test_an_unreadable_checkpoint_file_is_named(moekit, files, tmp_path, command, folder, file):
+    _refused(moekit(*_args(command, files / folder, tmp_path / "out")), files / folder / file)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, flag",
+    [
+        (["calibrate", "--samples", "0"], "--samples"),
+        (["calibrate", "--batch-size", "many"], "--batch-size"),
+        (["eval", "--stride", "0"], "--stride"),
+        (["eval", "--max-tokens", "-5"], "--max-tokens"),
+        (["eval", "--context-length", "64", "--stride", "64"], "--stride 64 must be below --context-length 64"),
+        (["compress", "--seq-len", "1"], "--seq-len"),
+        (["compress", "--seed", "-1"], "--seed"),
+        (["train", "--lr", "nan"], "--lr"),
+        (["train", "--warmup", "-1"], "--warmup"),
+    ],
+)
+def test_a_numeric_flag_out_of_range_is_refused_before_any_work(moekit, tmp_path, args, flag):
+    writes = [] if args[0] == "eval" else ["-o", tmp_path / "out"]
+    _refused(moekit(*args, *writes), flag)
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(
+    "args, file",
+    [
+        (["calibrate", "moekit/tiny-mixtral", "--data", "{files}/latin1.txt"], "latin1.txt"),
+        (["eval", "moekit/tiny-mixtral", "--data", "{files}/latin1.py"], "latin1.py"),
+        (["compress", "moekit/tiny-mixtral", "--data", "{files}/latin1.md"], "latin1.md"),
+        (["calibrate", "moekit/tiny-mixtral", "--data", "{files}/rows.jsonl"], "rows.jsonl:2"),
+        (["eval", "moekit/tiny-mixtral", "--data", "{files}/rows.parquet"], "rows.parquet"),
+        (["train", "--data", "{files}/rows.parquet"], "rows.parquet"),
+        (["compress", "moekit/tiny-mixtral", "--recipe", "{files}/recipe.yaml"], "recipe.yaml"),
+        (["compress", "moekit/tiny-mixtral", "--plan", "--recipe", "{files}/recipe.yaml"], "recipe.yaml"),
+        (["calibrate", "moekit/tiny-mixtral", "--tokenizer", "{files}/tokenizer"], "tokenizer/tokenizer.json"),
+        (["train", "--arch", "{files}/arch.yaml"], "arch.yaml"),
+    ],
+)
+def test_a_corrupt_input_file_is_named(moekit, files, tmp_path, args, file):
+    writes = [] if args[0] == "eval" or "--plan" in args else ["-o", tmp_path / "out"]
+    _refused(moekit(*[a.format(files=files) for a in args], *writes), files / file.partition(":")[0], file)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_jsonl_field_that_is_missing_points_at_a_flag_the_command_has(moekit, files, tmp_path):
+    (tmp_path / "rows.jsonl").write_text('{"content": "a = 1"}\n')
+    for command in ("calibrate", "eval", "compress", "train"):
+        model = [] if command == "train" else ["moekit/tiny-mixtral"]
+        writes = [] if command == "eval" else ["-o", tmp_path / "out"]
+        _refused(moekit(command, *model, "--data", tmp_path / "rows.jsonl", *writes), "--text-field")
+        code, help_text, _ = moekit(command, "--help")
+        assert code == 0 and "--text-field" in help_text, command
