@@ -72,3 +72,33 @@ def test_parquet_reads_its_text_column_and_names_the_fix_when_missing(tmp_path):
 def test_hub_names_fail_clearly_without_the_hub():
     with pytest.raises(MoekitError, match="datasets|could not load"):
         load_corpus("hf:some/dataset-that-is-not-here")
+
+
+def test_a_file_named_on_its_own_is_refused_not_skipped(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("café".encode("latin-1"))
+    (tmp_path / "table.csv").write_text("text\nx\n")
+    with pytest.raises(MoekitError, match=r"latin1.txt is not UTF-8 text"):
+        load_corpus(tmp_path / "latin1.txt")
+    with pytest.raises(MoekitError, match=r"table.csv: moekit reads .txt .py .md .jsonl .parquet files"):
+        load_corpus(tmp_path / "table.csv")
+
+
+def test_jsonl_text_that_is_not_a_string_is_refused(tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"text": "x"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(MoekitError, match=r"rows.jsonl:2: 'text' is not a string"):
+        load_corpus(tmp_path / "rows.jsonl")
+
+
+def test_parquet_that_is_corrupt_or_has_no_text_column_is_named(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    pq.write_table(pa.table({"text": ["a row"] * 50, "n": list(range(50))}), tmp_path / "good.parquet")
+    data = (tmp_path / "good.parquet").read_bytes()
+    (tmp_path / "truncated.parquet").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.parquet").write_bytes(b"PAR1 not really")
+    for name in ("truncated.parquet", "garbage.parquet"):
+        with pytest.raises(MoekitError, match=rf"{name} is not a readable parquet file \(.+\); write it again"):
+            load_corpus(tmp_path / name)
+    with pytest.raises(MoekitError, match=r"good.parquet: column 'n' holds int64, not text"):
+        load_corpus(tmp_path / "good.parquet", text_field="n")

@@ -34,3 +34,32 @@ def test_training_is_deterministic():
     a = train_tokenizer(TEXTS, vocab_size=300)
     b = train_tokenizer(TEXTS, vocab_size=300)
     assert a.get_vocab() == b.get_vocab()
+
+
+def test_a_corrupt_tokenizer_file_is_named(tmp_path):
+    import pytest
+
+    from moekit.errors import MoekitError
+
+    save_tokenizer(train_tokenizer(TEXTS, vocab_size=300), tmp_path)
+    good = (tmp_path / "tokenizer.json").read_text()
+    (tmp_path / "tokenizer.json").write_text(good[: len(good) // 2])
+    with pytest.raises(MoekitError, match=r"tokenizer.json is not valid JSON \(line \d+, column \d+"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text('{"model": {"type": "nothing-known"}}')
+    with pytest.raises(MoekitError, match=r"tokenizer.json is not a tokenizer transformers can read"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(good)
+    (tmp_path / "tokenizer_config.json").write_bytes(b"\xff\xfe")
+    with pytest.raises(MoekitError, match=r"tokenizer_config.json is not UTF-8 text"):
+        load_tokenizer(tmp_path)
+
+
+def test_a_tokenizer_is_named_by_folder_or_by_model():
+    from moekit.data.tokens import tokenizer_for
+    from moekit.io.load import ZOO_DIR
+
+    fine = tokenizer_for("moekit/tiny-mixtral", "moekit/ref-fine")  # the name, not a folder of that name
+    assert fine.get_vocab() == load_tokenizer(ZOO_DIR / "ref-fine").get_vocab()
+    assert tokenizer_for("moekit/tiny-mixtral", ZOO_DIR / "ref-fine").get_vocab() == fine.get_vocab()
+    assert len(tokenizer_for("moekit/tiny-olmoe")) == len(tokenizer_for("x", "moekit/tiny-mixtral")) == 384

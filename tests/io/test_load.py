@@ -133,3 +133,44 @@ def test_save_in_bf16_keeps_the_model_computing_in_fp32_with_the_saved_values(tm
     ids = torch.randint(3, 100, (1, 12))
     with torch.no_grad():
         assert torch.equal(model(ids).logits, plain(ids).logits)
+
+
+def test_every_entry_point_reports_a_pickle_only_folder_as_such(tmp_path):
+    from moekit.io.load import check_model, load_config, resolve_folder, stored_dtype
+
+    moekit.load("moekit/tiny-olmoe").config.save_pretrained(tmp_path)
+    torch.save({"w": torch.zeros(2)}, tmp_path / "pytorch_model.bin")  # a pickle, written by the test
+    for entry in (check_model, load_config, resolve_folder, stored_dtype, moekit.load):
+        with pytest.raises(MoekitError, match="pickle format \\(pytorch_model.bin\\)"):
+            entry(tmp_path)
+
+
+@pytest.mark.parametrize(
+    "config, message",
+    [
+        ('{"model_type": "olmoe",', r"config.json is not valid JSON \(line 1, column 24"),
+        ('["olmoe"]', r"config.json does not hold a JSON object"),
+        ('{"hidden_size": 8}', r"config.json has no model_type"),
+        ('{"model_type": "olmoe-9000"}', r"config.json has model_type 'olmoe-9000', which this transformers does not"),
+    ],
+)
+def test_an_unreadable_config_is_named(tmp_path, config, message):
+    from moekit.io.load import load_config
+
+    save_file({"w": torch.zeros(2)}, str(tmp_path / "model.safetensors"))
+    (tmp_path / "config.json").write_text(config)
+    for entry in (load_config, moekit.load):
+        with pytest.raises(MoekitError, match=message):
+            entry(tmp_path)
+
+
+def test_a_truncated_weights_file_is_named_before_anything_is_read(tmp_path):
+    from moekit.io.load import check_model, stored_dtype
+
+    moekit.save(moekit.load("moekit/tiny-olmoe"), tmp_path / "m")
+    weights = tmp_path / "m" / "model.safetensors"
+    assert check_model(tmp_path / "m") == tmp_path / "m" and check_model("moekit/tiny-olmoe") is None
+    weights.write_bytes(weights.read_bytes()[:-1000])
+    for entry in (check_model, stored_dtype, moekit.load):
+        with pytest.raises(MoekitError, match=r"model.safetensors is not a readable safetensors file \(.*\); download"):
+            entry(tmp_path / "m")
