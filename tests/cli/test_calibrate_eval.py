@@ -59,7 +59,7 @@ def test_calibrate_writes_reusable_statistics(workspace):
     "args, message",
     [
         (["--samples", "100000"], "fewer than the 100000"),
-        (["--seq-len", "100000"], "fewer than one sequence"),
+        (["--seq-len", "100000"], "--seq-len 100000 is beyond the 256 positions of"),
         (["--stats", "vibes"], "unknown statistics"),
     ],
 )
@@ -110,7 +110,7 @@ def _second_model(workspace, name, *, tokenizer_text=None, **config_changes):
     [
         (dict(name="other-tokenizer", tokenizer_text="SELECT name FROM users WHERE id = 1;\n" * 80),
          "uses a different tokenizer from"),
-        (dict(name="short-positions", max_position_embeddings=32), "context_length 64 is beyond the model's 32 positions"),
+        (dict(name="short-positions", max_position_embeddings=32), "--context-length 64 is beyond the 32 positions of"),
         (dict(name="small-vocab", vocab_size=40), "is outside the model's vocabulary of 40"),
     ],
 )

@@ -159,6 +159,10 @@ def test_an_unreadable_checkpoint_file_is_named(moekit, files, tmp_path, command
         (["compress", "--seed", "-1"], "--seed"),
         (["train", "--lr", "nan"], "--lr"),
         (["train", "--warmup", "-1"], "--warmup"),
+        # lengths the model has no positions for, from its config, before any data is read
+        (["calibrate", "moekit/tiny-mixtral", "--seq-len", "512"], "--seq-len 512 is beyond the 256 positions"),
+        (["eval", "moekit/tiny-mixtral", "--context-length", "512"], "--context-length 512 is beyond the 256"),
+        (["compress", "moekit/tiny-mixtral", "--seq-len", "300"], "--seq-len 300 is beyond the 256 positions"),
     ],
 )
 def test_a_numeric_flag_out_of_range_is_refused_before_any_work(moekit, tmp_path, args, flag):

@@ -69,3 +69,16 @@ def real(low: float, *, above: bool = False) -> Callable[[Any], float]:
         return number
 
     return parse
+
+
+def within_positions(model: str | None, flag: str, length: int) -> None:
+    """Refuse a sequence length the model has no positions for, naming the flag that set
+    it, from the config alone: before any data is read (the same check deeper down names
+    the API's parameter, and runs after tokenizing)."""
+    from moekit.errors import MoekitError
+    from moekit.io.load import default_model, load_config
+
+    positions = getattr(load_config(model), "max_position_embeddings", None)
+    if positions and length > positions:
+        raise MoekitError(f"{flag} {length} is beyond the {positions} positions of {model or default_model()}; "
+                          f"use at most {positions}.")

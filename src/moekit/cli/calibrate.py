@@ -8,7 +8,7 @@ import typer
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
-from moekit.cli._options import SEED_MAX
+from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
@@ -48,6 +48,7 @@ def calibrate_command(
     with user_errors():
         name = model or default_model()
         check_model(name)
+        within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         unknown = sorted(set(wanted) - set(STATISTICS))
         if unknown:

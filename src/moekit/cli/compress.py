@@ -9,7 +9,7 @@ from rich.table import Table
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
-from moekit.cli._options import SEED_MAX
+from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device
 
 
@@ -66,6 +66,7 @@ def compress_command(
             return
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
+        within_positions(model, "--seq-len", seq_len)
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,

@@ -10,6 +10,7 @@ from rich.table import Table
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._options import within_positions
 from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
@@ -49,6 +50,8 @@ def eval_command(
         if stride >= context_length:
             raise MoekitError(f"--stride {stride} must be below --context-length {context_length}, so that each "
                               "window keeps left context.")
+        for name in names:
+            within_positions(name, "--context-length", context_length)
         if tasks is None and (limit is not None or task_path):
             raise MoekitError("--limit and --task-path apply to lm-eval tasks; add --tasks NAME[,NAME].")
         harness, tokenizers = None, {}
