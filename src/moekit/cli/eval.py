@@ -130,7 +130,7 @@ def _check_all_before_scoring(names: list[str], stream, first_tokenizer, *, forc
         try:
             own = tokenizer_for(name)
         except MoekitError:
-            continue  # no tokenizer saved with it (tiny models): the vocabulary check above is all we can do
+            continue  # a folder saved without a tokenizer: the vocabulary check above is all we can do
         if own.get_vocab() != first_tokenizer.get_vocab():
             raise MoekitError(
                 f"{name} uses a different tokenizer from {names[0]}, so their perplexities on one tokenization "

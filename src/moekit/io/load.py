@@ -6,6 +6,7 @@ runs arbitrary code from the file. ``trust_remote_code`` stays off unless asked 
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import re
@@ -222,8 +223,15 @@ def _check_config_file(file: Path) -> None:
 
 
 def _check_safetensors_header(file: Path) -> None:
-    """Headers only (a few kilobytes): a truncated or garbled file is named here instead of
-    failing with a traceback halfway through a load."""
+    """Headers only: a truncated or garbled file is named here instead of failing with a
+    traceback halfway through a load. A command checks its model several times (every
+    entry point does) and a big one has hundreds of shards, so an unchanged file is read once."""
+    stat = file.stat()
+    _readable_safetensors(str(file), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _readable_safetensors(file: str, size: int, mtime_ns: int) -> None:
     from safetensors import SafetensorError, safe_open
 
     try:
