@@ -68,5 +68,30 @@ def test_a_command_with_stderr_in_a_file_writes_plain_lines(tmp_path):
         )
     text = log.read_text()
     assert done.returncode == 0, text
-    assert re.findall(r"^evaluating \d+/3\b", text, flags=re.M) == ["evaluating 1/3", "evaluating 2/3", "evaluating 3/3"]
+    # 3 windows (batches of 1) through 4 streamed layers and the head: 15 units of work
+    counts = [int(n) for n in re.findall(r"^evaluating (\d+)/15\b", text, flags=re.M)]
+    assert counts == sorted(set(counts)) and counts[-1] == 15 and len(counts) >= 5, text
     assert not REDRAWN.search(text), text
+
+
+def test_work_inside_one_unit_is_reported_as_a_status(monkeypatch):
+    """A long unit (one layer's search or refit) reports its own counts; in a log file a
+    plain line at most every STATUS_EVERY seconds."""
+    import io
+
+    from rich.console import Console
+
+    import moekit.progress as progress
+
+    seen = []
+    add = progress.counting_status(seen.append, "layer 3: search", "set", bound=100)
+    add(16)
+    add(16)
+    assert seen == ["layer 3: search: 16/≤100 set", "layer 3: search: 32/≤100 set"]
+    assert progress.counting_status(None, "x", "y") is None
+    out = io.StringIO()
+    with progress.progress_bar("compressing", total=4, console=Console(file=out)) as advance:
+        advance(0, "layer 0: refit: 1 expert")  # within STATUS_EVERY of the start: no line
+        monkeypatch.setattr(progress, "STATUS_EVERY", 0.0)
+        advance(0, "layer 0: refit: 2 expert")
+    assert out.getvalue().splitlines() == ["compressing 0/4 layer 0: refit: 2 expert"]

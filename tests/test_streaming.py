@@ -165,3 +165,40 @@ def test_peak_memory_of_a_streamed_compress_does_not_grow_with_depth(checkpoints
         peaks[depth] = int(done.stdout.split()[-1]) / 1024  # MiB
     layer_mib = 16 * 3 * 256 * 256 * 4 / 2**20
     assert peaks[12] - peaks[2] < 3 * layer_mib, peaks  # far below the 10 layers (125 MiB) more
+
+
+def test_compress_with_saved_statistics_equals_calibrating(checkpoints, tmp_path):
+    """`moekit calibrate` then `compress --stats` gives the bytes a compress that calibrates
+    gives; statistics of another model, other data or missing a statistic are refused."""
+    from moekit.cli import app
+    from typer.testing import CliRunner
+
+    data, model = str(checkpoints / "data"), str(checkpoints / "qwen3_moe")
+    common = ["--data", data, "--samples", "6", "--seq-len", "32"]
+    cli = CliRunner()
+    made = cli.invoke(app, ["calibrate", model, "-o", str(tmp_path / "stats"), "--stats", "frequency,reap",
+                            "--hidden-sample", "8192", *common, "--json"])
+    assert made.exit_code == 0, made.output
+    kw = dict(data=data, n_samples=6, seq_len=32, progress=False)
+    reused = moekit.compress(model, "prune-50", out_dir=tmp_path / "reused", stats=tmp_path / "stats", **kw)
+    fresh = moekit.compress(model, "prune-50", out_dir=tmp_path / "fresh", **kw)
+    assert reused["steps"] == fresh["steps"]
+    assert _tensors(tmp_path / "reused").keys() == _tensors(tmp_path / "fresh").keys()
+    assert all(torch.equal(a, b) for a, b in zip(_tensors(tmp_path / "reused").values(),
+                                                 _tensors(tmp_path / "fresh").values()))
+    assert reused["calibration"][0]["read_from"] == str((tmp_path / "stats").resolve())
+    with pytest.raises(MoekitError, match="other calibration data"):
+        moekit.compress(model, "prune-50", out_dir=tmp_path / "a", stats=tmp_path / "stats", **{**kw, "seq_len": 16})
+    with pytest.raises(MoekitError, match="another model"):
+        moekit.compress(str(checkpoints / "mixtral"), "prune-50", out_dir=tmp_path / "b", stats=tmp_path / "stats",
+                        **kw)
+    with pytest.raises(MoekitError, match=r"needs the statistics \['mean_output'\].*moekit calibrate MODEL --stats"):
+        moekit.compress(model, "merge-50", out_dir=tmp_path / "c", stats=tmp_path / "stats", **kw)
+    other = _copy(checkpoints / "qwen3_moe", tmp_path / "other")  # same config, other router weights
+    shard = json.loads((other / "model.safetensors.index.json").read_text())["weight_map"]["model.layers.0.mlp.gate.weight"]
+    tensors = load_file(other / shard)
+    tensors["model.layers.0.mlp.gate.weight"] = tensors["model.layers.0.mlp.gate.weight"] * 2
+    save_file(tensors, other / shard, metadata={"format": "pt"})
+    with pytest.raises(MoekitError, match="layer 0's router differs"):
+        moekit.compress(str(other), "prune-50", out_dir=tmp_path / "d", stats=tmp_path / "stats", **kw)
+    assert not any((tmp_path / n).exists() for n in "abcd")

@@ -32,7 +32,7 @@ from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
-from moekit.recipe.passes import RecipePass, phases_of
+from moekit.recipe.passes import Phase, RecipePass, phases_of
 
 
 def model_info(config: Any) -> ModelInfo:
@@ -91,6 +91,7 @@ def compress(
     compute_dtype: str = "auto",
     activation_budget: int | str | None = None,
     resume: bool = False,
+    stats: str | os.PathLike | None = None,
     progress: bool = True,
     on_start=None,
     on_event=None,
@@ -115,6 +116,10 @@ def compress(
             memory; above it they live in files in the work folder.
         resume: continue the work folder an interrupted run left next to ``out_dir``
             (without it, an existing work folder is refused).
+        stats: a folder `moekit calibrate` wrote, for this model and this data (the same
+            ``data``, ``n_samples``, ``seq_len`` and ``seed``): the first calibration is
+            read from it instead of computed. Refused, naming what differs, when it was
+            made for another model or data or lacks a statistic the recipe needs.
         on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
         on_event: called with ("layer", index) when a decoder layer is finished and kept
             in the work folder, and ("saved", n) when the n-th output file is in place.
@@ -158,8 +163,11 @@ def compress(
         return open_model(name, dtype=compute, device=where)
 
     lent = fresh()  # checks every shard and tensor shape before anything is written
+    phases = phases_of(recipe)
+    given = _given_stats(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
     work = WorkFolder(work_folder_for(out), _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size,
-                                                        stored=stored, compute=compute, device=where),
+                                                        stored=stored, compute=compute, device=where,
+                                                        stats=given and given.meta["model_fingerprint"]),
                       resume=resume)
     if on_start is not None:
         on_start(work)
@@ -170,15 +178,14 @@ def compress(
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
 
-    phases = phases_of(recipe)
     stats_meta = {"model_name": name, **calib.describe()}
     plans = _plans(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
-                   stats_meta=stats_meta, progress=progress)
+                   stats_meta=stats_meta, progress=progress, given=given)
     lent = fresh()
     native = _needs_native_format(lent.model, recipe, plans)
     writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
     runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
-                        budget=budget, stats_meta=stats_meta)
+                        budget=budget, stats_meta=stats_meta, given=given)
     total = len(lent) * len(runner.streamer.batches) * len(phases)
     with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
         if work.resumed:
@@ -188,7 +195,8 @@ def compress(
     writer.write_outer(f"{lent.family.layers}.")
     report["calibration"] = [
         {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
-         "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"]}
+         "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
+         **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
         for p, phase in enumerate(phases)]
     report["steps"] = [{"type": step.type, **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
@@ -224,7 +232,30 @@ def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
             **{k: str(v) for k, v in settings.items()}}
 
 
-def _plans(work, fresh, input_ids, phases, *, batch_size, seed, budget, stats_meta, progress) -> dict[int, Any]:
+def _given_stats(folder, lent, input_ids: torch.Tensor, first: Phase):
+    """Statistics `moekit calibrate` saved, checked against this compress before any work:
+    the model's config (its routers are checked layer by layer as the pass reads them),
+    the calibration rows, and every statistic the recipe's first calibration needs."""
+    from moekit.calib.stats import CalibrationStats, ModelDigest
+
+    given = CalibrationStats.load(folder, input_ids=input_ids)
+    if given.meta.get("config_fingerprint") != ModelDigest(lent.model.config).config_fingerprint():
+        raise MoekitError(f"the statistics in {folder} were computed on another model "
+                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop --stats.")
+    missing = sorted(first.wanted - set(given.statistics))
+    short = "hidden_sample" in first.wanted and given.meta.get("hidden_sample", 0) < first.hidden_sample
+    if missing or short:
+        wanted = ",".join(sorted(first.wanted - {"hidden_sample"}))
+        sample = f" --hidden-sample {first.hidden_sample}" if "hidden_sample" in first.wanted else ""
+        what = f"the statistics {missing}" if missing else \
+            f"a hidden sample of {first.hidden_sample} (it has {given.meta.get('hidden_sample', 0)})"
+        raise MoekitError(f"the recipe needs {what}, which {folder} does not hold; make them with "
+                          f"moekit calibrate MODEL --stats {wanted}{sample} (same data options), or drop --stats.")
+    return given
+
+
+def _plans(work, fresh, input_ids, phases, *, batch_size, seed, budget, stats_meta, progress,
+           given=None) -> dict[int, Any]:
     """The cross-layer decisions of the recipe's planning steps, from planning passes (in
     phase order, since a later phase's pass applies the earlier phases' edits), kept in the
     work folder so a resumed run takes the same ones."""
@@ -238,8 +269,12 @@ def _plans(work, fresh, input_ids, phases, *, batch_size, seed, budget, stats_me
             continue
         needs = frozenset({"frequency"}.union(*(step.plan_needs() for _, step in planners)))
         lent = fresh()
+        if p == 0 and given is not None:  # the statistics are all there: no planning pass
+            for pos, step in planners:
+                plans[pos] = step.plan(lent.model, given)
+            continue
         runner = RecipePass(lent, input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
-                            budget=budget, stats_meta=stats_meta)
+                            budget=budget, stats_meta=stats_meta, given=given)
         with progress_bar("planning", total=len(lent) * len(runner.streamer.batches) * (p + 1), unit="batch",
                           enabled=progress) as advance:
             collected = runner.run(collect=(p, needs), advance=advance).collected

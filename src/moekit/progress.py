@@ -8,6 +8,7 @@ the same figures are printed as plain lines (`plain_line_due`).
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable, Iterator
 
 from rich.console import Console
@@ -36,11 +37,18 @@ def plain_line_due(before: float, done: float, total: float, *, lines: int = 10)
     return done // every > before // every or done >= total
 
 
+STATUS_EVERY = 5.0  # seconds between plain status lines within one unit of work
+
+
 @contextlib.contextmanager
 def progress_bar(
     title: str, *, total: int, unit: str = "it", enabled: bool = True, console: Console | None = None
 ) -> Iterator[Callable[[int, str | None], None]]:
-    """Yield ``advance(n, status=None)``; draws nothing when ``enabled`` is False."""
+    """Yield ``advance(n, status=None)``; draws nothing when ``enabled`` is False.
+
+    ``advance(0, status)`` reports work inside one unit (a layer's search, its refit): the
+    bar's status changes, and where no bar is drawn a plain line is printed at most every
+    ``STATUS_EVERY`` seconds, so long units are not silent in a log file either."""
     if not enabled:
         yield lambda n=1, status=None: None
         return
@@ -56,8 +64,16 @@ def progress_bar(
     console = console or Console(stderr=True)
     with live_progress(*columns, console=console) as progress:
         task = progress.add_task(title, total=total, status="", rate="")
+        last_line = [time.monotonic()]
 
         def advance(n: int = 1, status: str | None = None) -> None:
+            if n == 0 and status:
+                progress.update(task, status=status)
+                if not console.is_terminal and time.monotonic() - last_line[0] >= STATUS_EVERY:
+                    last_line[0] = time.monotonic()
+                    done = progress.tasks[task].completed
+                    console.print(f"{title} {done:.0f}/{total} {status}", highlight=False)
+                return
             before = progress.tasks[task].completed
             progress.advance(task, n)
             speed = progress.tasks[task].speed
@@ -65,7 +81,27 @@ def progress_bar(
             progress.update(task, status=status or "", rate=rate)
             done = progress.tasks[task].completed
             if not console.is_terminal and plain_line_due(before, done, total):
+                last_line[0] = time.monotonic()
                 console.print(f"{title} {done:.0f}/{total} {status or ''} {rate}".replace("  ", " ").rstrip(),
                               highlight=False)
 
         yield advance
+
+
+def counting_status(report: Callable[[str], None] | None, what: str, unit: str,
+                    bound: int | None = None) -> Callable[[int], None] | None:
+    """A callback for work counted inside one unit (candidate sets searched, experts
+    refitted): each call adds its ``n`` and reports ``"<what>: done/≤bound unit, rate unit/s"``
+    through ``report`` (e.g. ``lambda s: advance(0, s)``). None when ``report`` is None."""
+    if report is None:
+        return None
+    start, done = time.monotonic(), [0]
+
+    def add(n: int = 1) -> None:
+        done[0] += n
+        elapsed = time.monotonic() - start
+        rate = f", {done[0] / elapsed:.0f} {unit}/s" if elapsed > 0.5 else ""
+        limit = f"/≤{bound:,}" if bound else ""
+        report(f"{what}: {done[0]:,}{limit} {unit}{rate}")
+
+    return add

@@ -110,7 +110,7 @@ def calibrate(
     start = time.perf_counter()
     streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=activations)
     digest = ModelDigest(lent.model.config)
-    layers, tokens = {}, {}
+    layers, tokens, routers = {}, {}, {}
     n_layers, n_batches = len(lent), len(streamer.batches)
     with progress_bar("calibrating", total=n_layers * n_batches, unit="batch", enabled=progress) as advance:
         hidden = streamer.capture()
@@ -121,6 +121,7 @@ def calibrate(
                 streamer.forward(index, layer, hidden, on_batch=lambda b: advance(1, status))
                 continue
             digest.add_router(view.router.weight)
+            routers[str(index)] = digest.routers[-1]
             accumulator = new_accumulator(view, wanted, hidden_sample, seed)
             streamer.forward(index, layer, hidden, observe=observing(view, accumulator),
                              on_batch=lambda b: advance(1, status))
@@ -132,6 +133,8 @@ def calibrate(
             **(meta or {}),
             "model_name": str(getattr(lent.model, "name_or_path", "") or type(lent.model).__name__),
             "model_fingerprint": digest.hexdigest(),
+            "config_fingerprint": digest.config_fingerprint(),
+            "routers": routers,  # per MoE layer: a compress reusing these statistics checks each layer's router
             "data_fingerprint": data_fingerprint(input_ids),
             "statistics": sorted(wanted),
             "n_samples": int(input_ids.shape[0]),

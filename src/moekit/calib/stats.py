@@ -36,8 +36,15 @@ class ModelDigest:
         self.routers = list(routers or [])
 
     def add_router(self, weight: torch.Tensor) -> None:
-        raw = weight.detach().float().cpu().contiguous().numpy().tobytes()
-        self.routers.append(hashlib.sha256(raw).hexdigest())
+        self.routers.append(self.of_router(weight))
+
+    @staticmethod
+    def of_router(weight: torch.Tensor) -> str:
+        return hashlib.sha256(weight.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+    def config_fingerprint(self) -> str:
+        """The config's part alone: checkable before any weight is read."""
+        return hashlib.sha256(self.config.encode()).hexdigest()[:16]
 
     def hexdigest(self) -> str:
         digest = hashlib.sha256(self.config.encode())
@@ -133,7 +140,9 @@ class CalibrationStats:
                 f"({meta.get('model_name', 'unknown')}); calibrate this model instead."
             )
         if input_ids is not None and meta.get("data_fingerprint") != data_fingerprint(input_ids):
-            raise MoekitError(f"the statistics in {folder} were computed on other calibration data.")
+            raise MoekitError(f"the statistics in {folder} were computed on other calibration data "
+                              f"({meta.get('data_source', 'unknown')}, {meta.get('n_samples')} sequences of "
+                              f"{meta.get('seq_len')} tokens, seed {meta.get('seed')}); pass the same data options.")
         layers: dict[int, dict[str, torch.Tensor]] = {}
         for key, tensor in load_file(folder / "stats.safetensors").items():
             _, index, name = key.split(".", 2)

@@ -35,6 +35,8 @@ def compress_command(
     activation_budget: ActivationBudget = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run an interruption left in the hidden work "
                                                           "folder next to --out (starts afresh if there is none).")] = False,
+    stats: Annotated[Optional[str], typer.Option("--stats", help="Statistics folder `moekit calibrate` wrote for this "
+                                                                 "model and data: used instead of calibrating.")] = None,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -70,7 +72,7 @@ def compress_command(
         report = compress(model, recipe, out_dir=out, data=data, n_samples=samples, seq_len=seq_len, seed=seed,
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,
-                          activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume,
+                          activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
                           on_start=None if json_out else _announce)
         if json_out:
             print_json(report)

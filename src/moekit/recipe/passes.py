@@ -76,10 +76,14 @@ class RecipePass:
         plans: {step position: `Step.plan` result} for the steps that plan.
         stats_meta: provenance stored in every layer's statistics (the steps check
             ``statistics`` in it).
+        given: statistics `moekit calibrate` saved, used for the first phase instead of
+            calibrating (checked by `check_given` before the pass); each layer's router
+            must match the one they were computed on.
     """
 
     def __init__(self, lent: LayeredModel, input_ids: torch.Tensor, phases: list[Phase], *, plans: dict[int, Any],
-                 batch_size: int, seed: int, budget: ActivationBudget | None, stats_meta: dict) -> None:
+                 batch_size: int, seed: int, budget: ActivationBudget | None, stats_meta: dict,
+                 given: CalibrationStats | None = None) -> None:
         from moekit.calib.runner import LayerStreamer
 
         self.lent = lent
@@ -88,6 +92,7 @@ class RecipePass:
         self.seed = seed
         self.budget = budget or ActivationBudget()
         self.stats_meta = stats_meta
+        self.given = given
         self.streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=self.budget)
 
     def run(self, *, writer=None, work=None, collect: tuple[int, frozenset[str]] | None = None,
@@ -115,6 +120,15 @@ class RecipePass:
                     self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
                     continue
                 phase = self.phases[p]
+                if p == 0 and self.given is not None:
+                    result.digests[p].add_router(view.router.weight)
+                    self._check_router(index, result.digests[p].routers[-1])
+                    stats = self.given.only(index)
+                    if collect is not None and p == last:
+                        collected[index], tokens[index] = stats[index], stats.tokens[index]
+                        continue
+                    self._apply(phase, index, view, stats, result, advance)
+                    continue
                 wanted = collect[1] if collect is not None and p == last else phase.wanted
                 accumulator = new_accumulator(view, wanted, phase.hidden_sample if collect is None else 0, self.seed)
                 result.digests[p].add_router(view.router.weight)
@@ -126,10 +140,7 @@ class RecipePass:
                 if collect is not None and p == last:
                     collected[index], tokens[index] = stats[index], accumulator.tokens
                     continue
-                for position, step in phase.steps:
-                    report = step.apply_layer(self.lent.model, view, stats, plan=self.plans.get(position),
-                                              on_progress=lambda s: advance(0, s))
-                    result.per_layer.setdefault(position, {})[index] = report
+                self._apply(phase, index, view, stats, result, advance)
             if writer is not None:
                 writer.write_layer(index, f"{self.lent.family.layers}.{index}.")
             if work is not None:
@@ -139,6 +150,19 @@ class RecipePass:
         if collect is not None:
             result.collected = CalibrationStats(collected, tokens, meta={"statistics": sorted(collect[1])})
         return result
+
+    def _apply(self, phase: Phase, index: int, view, stats: CalibrationStats, result: PassResult, advance) -> None:
+        for position, step in phase.steps:
+            report = step.apply_layer(self.lent.model, view, stats, plan=self.plans.get(position),
+                                      on_progress=lambda s: advance(0, s))
+            result.per_layer.setdefault(position, {})[index] = report
+
+    def _check_router(self, index: int, digest: str) -> None:
+        from moekit.errors import MoekitError
+
+        if self.given.meta.get("routers", {}).get(str(index)) != digest:
+            raise MoekitError(f"the statistics given with --stats were computed on another model: layer {index}'s "
+                              "router differs from theirs. Calibrate this model, or drop --stats.")
 
     # -- streams and resuming ---------------------------------------------------------
     def _streams(self, count: int, work, first: int) -> list[HiddenStates]:

@@ -87,9 +87,7 @@ class Merge(ExpertReduction):
         keep_experts(model, {layer.index: sorted(g[0] for g in groups)})
         result = {"groups": groups}
         if goal is not None:
-            if on_progress is not None:
-                on_progress(f"layer {layer.index}: refit")
-            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
+            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge, on_progress=on_progress)
         return result
 
     def _merge_group(self, model, layer, group, weight_of, hidden: torch.Tensor | None) -> None:

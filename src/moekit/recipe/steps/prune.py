@@ -12,7 +12,8 @@ from moekit.arch.discover import moe_layers
 from moekit.arch.edit import keep_experts
 from moekit.errors import MoekitError
 from moekit.methods.prune.criteria import CRITERIA, score
-from moekit.methods.prune.reconstruction import ReconstructionObjective, count_candidates, search
+from moekit.methods.prune.reconstruction import ReconstructionObjective, count_candidates, most_evaluations, search
+from moekit.progress import counting_status
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.recipe.step import ModelInfo, register_step
 from moekit.recipe.steps import refit
@@ -108,15 +109,17 @@ class Prune(ExpertReduction):
             )
         result = {}
         if self.method == "reconstruction":
-            if on_progress is not None:
-                on_progress(f"layer {i}: reconstruction search")
             start = None
             if self.seed_criterion != "none":
                 start = top_experts(score(self.seed_criterion, stats[i]), min(layer.num_experts, 2 * count),
                                     n_group=n_group, protected=protected)
             objective = ReconstructionObjective(layer, stats.hidden_inputs(i, self.samples))
+            bound = most_evaluations(layer.num_experts, count, method=self.search, n_group=n_group,
+                                     beam_width=self.beam_width,
+                                     start_size=len(set(start) | protected) if start is not None else None)
             found = search(objective, count, method=self.search, n_group=n_group, beam_width=self.beam_width,
-                           start=start, fixed=frozenset(protected))
+                           start=start, fixed=frozenset(protected),
+                           on_progress=counting_status(on_progress, f"layer {i}: search", "set", bound=bound))
             kept = found.kept
             result["search"] = {"search": found.method, "loss": found.loss, "evaluations": found.evaluations}
         else:
@@ -125,9 +128,7 @@ class Prune(ExpertReduction):
         keep_experts(model, {i: kept})
         result = {"kept": kept, **result}
         if goal is not None:
-            if on_progress is not None:
-                on_progress(f"layer {i}: refit")
-            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge)
+            result["refit"] = refit.refit_layer(model, layer, goal, ridge=self.refit_ridge, on_progress=on_progress)
         return result
 
     def _scores(self, layer, stats) -> torch.Tensor:

@@ -34,11 +34,18 @@ def target(layer: MoELayer, stats, samples: int) -> Target:
 
 
 @torch.no_grad()
-def refit_layer(model: nn.Module, layer: MoELayer, goal: Target, *, ridge: float) -> dict:
+def refit_layer(model: nn.Module, layer: MoELayer, goal: Target, *, ridge: float, on_progress=None) -> dict:
     """Re-fit ``layer``'s down projections towards ``goal`` (from `target`, taken before the
-    edit); returns the relative squared error on the calibration inputs before and after."""
+    edit); returns the relative squared error on the calibration inputs before and after.
+    ``on_progress(status)`` hears the experts refitted so far (a status line)."""
+    from moekit.methods.refit import MAX_SWEEPS
+    from moekit.progress import counting_status
+
     features, constant = layer_features(layer, goal.inputs)
-    result = refit_down(features, goal.output - constant, layer.experts.down.detach(), ridge=ridge)
+    counter = counting_status(on_progress, f"layer {layer.index}: refit", "expert",
+                              bound=layer.num_experts * MAX_SWEEPS)
+    result = refit_down(features, goal.output - constant, layer.experts.down.detach(), ridge=ridge,
+                        on_progress=counter)
     for j in range(layer.num_experts):
         set_expert_weights(model, layer.index, j, down=result.down[j])
     return {"error_before": round(result.error_before, 6), "error_after": round(result.error_after, 6),
