@@ -71,6 +71,20 @@ def memory_row(name: str, config: PretrainedConfig) -> dict:
     }
 
 
+RUNTIME_BYTES = 0.5 * GB  # Python, torch and transformers themselves (measured: ~0.45 GB RSS before work)
+
+
+def estimated_peak(row: dict, *, rows: int = 64, seq_len: int = 256) -> dict:
+    """README's memory formula for a streamed compress with the default calibration
+    (``rows`` x ``seq_len`` tokens, one phase): on the CPU in fp32, the embeddings and head,
+    the largest layer twice (the layer, and its copy while it is read and written), the
+    rows' hidden states and the runtime; on a GPU in bf16, the layer twice and one batch."""
+    hidden = rows * seq_len * row["hidden_bytes_per_token"]
+    cpu = row["embed_head_fp32_bytes"] + 2 * row["largest_layer_fp32_bytes"] + hidden + RUNTIME_BYTES
+    gpu = row["embed_head_bf16_bytes"] + 2 * row["largest_layer_bf16_bytes"]
+    return {"cpu_fp32_bytes": cpu, "gpu_bf16_bytes": gpu, "hidden_states_bytes": hidden}
+
+
 def rows() -> list[dict]:
     out = [memory_row(path.stem, config_from_json(path)) for path in sorted(HERE.glob("configs/*.json"))]
     for preset, sizes in synthetic.PRESETS.items():
@@ -83,18 +97,23 @@ def render(table: list[dict]) -> str:
         return f"{x / GB:.2f}" if x < 10 * GB else f"{x / GB:.0f}"
 
     lines = ["| model | params (B) | bf16 size (GB) | layers | largest layer (M params) | largest layer fp32 / bf16 "
-             "(GB) | embeddings + head fp32 / bf16 (GB) | hidden state per calibration token (KiB, fp32) |",
-             "|---|---|---|---|---|---|---|---|"]
+             "(GB) | embeddings + head fp32 / bf16 (GB) | hidden state per calibration token (KiB, fp32) "
+             "| compress needs, CPU fp32: RAM (GB) | GPU bf16: GPU memory (GB) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in table:
+        peak = estimated_peak(r)
         lines.append(f"| {r['model']} | {r['total_params'] / 1e9:.1f} | {gb(r['bf16_bytes'])} | {r['layers']} | "
                      f"{r['largest_layer_params'] / 1e6:.0f} | {gb(r['largest_layer_fp32_bytes'])} / "
                      f"{gb(r['largest_layer_bf16_bytes'])} | {gb(r['embed_head_fp32_bytes'])} / "
-                     f"{gb(r['embed_head_bf16_bytes'])} | {r['hidden_bytes_per_token'] / 1024:.0f} |")
+                     f"{gb(r['embed_head_bf16_bytes'])} | {r['hidden_bytes_per_token'] / 1024:.0f} | "
+                     f"{gb(peak['cpu_fp32_bytes'])} | {gb(peak['gpu_bf16_bytes'])} |")
     return "\n".join(lines)
 
 
 def main() -> None:
     table = rows()
+    for row in table:
+        row["estimated_compress_peak"] = estimated_peak(row)
     result = {"machine": f"{platform.machine()}, config-only (meta device)", "date": str(date.today()),
               "transformers": __import__("transformers").__version__, "rows": table}
     (HERE / "results" / "memory_table.json").write_text(json.dumps(result, indent=2) + "\n")

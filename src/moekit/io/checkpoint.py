@@ -13,11 +13,12 @@ a layer touches only that layer's bytes on disk.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import struct
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,6 +106,24 @@ class Checkpoint:
                 for name in wanted:
                     out[name] = handle.get_tensor(name).clone()
         return out
+
+    @contextlib.contextmanager
+    def slices(self, names: Iterable[str]) -> Iterator[dict[str, object]]:
+        """Lazy handles (safetensors slices) of ``names``, valid inside the block: a reader
+        that converts tensor by tensor (transformers' loading) then holds only what it has
+        converted, not a second copy of the whole group. The files are closed on exit, for
+        the reason `read` gives."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            by_file.setdefault(self.tensors[name].file, []).append(name)
+        with contextlib.ExitStack() as stack:
+            out = {}
+            for file, wanted in by_file.items():
+                handle = stack.enter_context(safe_open(str(file), framework="pt"))
+                out.update({name: handle.get_slice(name) for name in wanted})
+            yield out
 
     # -- describing -------------------------------------------------------------------
     def names(self, prefix: str = "") -> list[str]:

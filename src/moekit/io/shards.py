@@ -59,22 +59,18 @@ class ShardWriter:
         return self._write(self.path(OUTER), lambda name: not name.startswith(layers_prefix))
 
     def _write(self, path: Path, wanted) -> Path:
-        from safetensors.torch import save_file
-
+        """Cast to the storage dtypes (one copy of the layer in the output dtype, none for an
+        fp32 output), rename to the checkpoint layout (views) and write tensor by tensor
+        (safetensors' ``save_file`` would hold all their bytes as one more copy)."""
         from moekit.arch.storage import saved_tensors
 
-        state = {}
-        for name, tensor in saved_tensors(self.model):
-            if wanted(name):
-                state[name] = tensor.detach().to(self.plan.get(name, tensor.dtype))
+        state = {name: tensor.detach().to(self.plan.get(name, tensor.dtype))
+                 for name, tensor in saved_tensors(self.model) if wanted(name)}
         if not self.native:
             from transformers.core_model_loading import revert_weight_conversion
 
             state = revert_weight_conversion(self.model, state)
-        state = {name: t.to("cpu").contiguous().clone() for name, t in state.items()}
-        partial = path.with_suffix(".partial")
-        save_file(state, str(partial), metadata={"format": "pt"})
-        os.replace(partial, path)
+        write_safetensors(path, state)
         return path
 
     def finish(self, out: Path, parts: list[int | str], *, max_shard_size: int = 5 * 10**9,
@@ -131,6 +127,36 @@ class ShardWriter:
             from moekit.io.nonuniform import FORMAT, MARKER
 
             (out / MARKER).write_text(json.dumps({"format": FORMAT, "version": 1}, indent=2))
+
+
+_SAFETENSORS_NAMES = {torch.float64: "F64", torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16",
+                      torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8",
+                      torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """Write ``tensors`` as one safetensors file without copying them all: the header is
+    known from shapes and dtypes alone, then each tensor's bytes follow (a non-contiguous
+    view is made contiguous one tensor at a time)."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for name in sorted(tensors):
+        dtype = tensors[name].dtype
+        size = tensors[name].numel() * tensors[name].element_size()
+        header[name] = {"dtype": _SAFETENSORS_NAMES[dtype], "shape": list(tensors[name].shape),
+                        "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    partial = path.with_suffix(".partial")
+    with open(partial, "wb") as out:
+        out.write(struct.pack("<Q", len(raw)))
+        out.write(raw)
+        for name in sorted(tensors):
+            tensor = tensors[name].to("cpu").contiguous()
+            out.write(tensor.reshape(-1).view(torch.uint8).numpy().data if tensor.numel() else b"")
+            del tensor
+    os.replace(partial, path)
 
 
 def join_safetensors(sources: list[Path], target: Path, *, chunk: int = 16 * 2**20) -> None:
