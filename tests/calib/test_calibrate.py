@@ -112,6 +112,12 @@ def test_stats_round_trip_and_refuse_other_model_or_data(case, tmp_path):
         CalibrationStats.load(tmp_path / "stats", input_ids=IDS[:3])
     with pytest.raises(MoekitError, match="already exists"):
         stats.save(tmp_path / "stats")
+    (tmp_path / "stats" / "stats.safetensors").write_bytes(b"\x00" * 5)
+    with pytest.raises(MoekitError, match=r"stats\.safetensors is not readable.*calibrate again"):
+        CalibrationStats.load(tmp_path / "stats")
+    (tmp_path / "stats" / "stats.json").write_text("{ nope")
+    with pytest.raises(MoekitError, match=r"stats\.json is not valid JSON"):
+        CalibrationStats.load(tmp_path / "stats")
 
 
 def test_unrouted_experts_get_zeros_not_nan():

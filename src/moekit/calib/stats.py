@@ -133,7 +133,11 @@ class CalibrationStats:
         folder = Path(folder)
         if not (folder / "stats.json").is_file() or not (folder / "stats.safetensors").is_file():
             raise MoekitError(f"{folder} is not a moekit statistics folder (stats.json + stats.safetensors).")
-        meta = json.loads((folder / "stats.json").read_text())
+        from moekit.errors import read_json
+
+        meta = read_json(folder / "stats.json", fix="calibrate again to rewrite the folder.")
+        if not isinstance(meta, dict):
+            raise MoekitError(f"{folder / 'stats.json'} is not a moekit statistics record; calibrate again.")
         if model is not None and meta.get("model_fingerprint") != model_fingerprint(model):
             raise MoekitError(
                 f"the statistics in {folder} were computed on another model "
@@ -143,8 +147,14 @@ class CalibrationStats:
             raise MoekitError(f"the statistics in {folder} were computed on other calibration data "
                               f"({meta.get('data_source', 'unknown')}, {meta.get('n_samples')} sequences of "
                               f"{meta.get('seq_len')} tokens, seed {meta.get('seed')}); pass the same data options.")
+        from safetensors import SafetensorError
+
         layers: dict[int, dict[str, torch.Tensor]] = {}
-        for key, tensor in load_file(folder / "stats.safetensors").items():
+        try:
+            stored = load_file(folder / "stats.safetensors")
+        except (SafetensorError, OSError) as exc:
+            raise MoekitError(f"{folder / 'stats.safetensors'} is not readable ({exc}); calibrate again.") from None
+        for key, tensor in stored.items():
             _, index, name = key.split(".", 2)
             layers.setdefault(int(index), {})[name] = tensor
         tokens = {int(i): n for i, n in meta.pop("tokens", {}).items()}

@@ -11,9 +11,23 @@ Device = Annotated[str, typer.Option(
     help="Where each layer computes: auto (a GPU when there is one), cpu, cuda, cuda:N, mps.")]
 ComputeDtype = Annotated[str, typer.Option(
     help="Compute precision: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
+def _size(value: str | None) -> str | None:
+    """Checked while the command line is parsed (one line naming the flag), kept as text."""
+    if value is None:
+        return None
+    from moekit.devices import parse_bytes
+    from moekit.errors import MoekitError
+
+    try:
+        parse_bytes(value)
+    except MoekitError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
+
+
 ActivationBudget = Annotated[Optional[str], typer.Option(
-    help="Hidden states of all rows kept in memory up to this size (e.g. 4GiB); above it they go to files "
-         "(compress: in its work folder). Default: 2GiB.")]
+    parser=_size, metavar="SIZE", help="Hidden states of all rows kept in memory up to this size (e.g. 4GiB); above it they go to files "
+         "(compress: in its work folder); 0 keeps none in memory. Default: 2GiB.")]
 
 DEFAULT_ACTIVATION_BUDGET = "2GiB"
 

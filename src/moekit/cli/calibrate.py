@@ -48,6 +48,13 @@ def calibrate_command(
     with user_errors():
         name = model or default_model()
         check_model(name)
+        from pathlib import Path
+
+        if Path(out).expanduser().exists():
+            from moekit.errors import MoekitError
+
+            raise MoekitError(f"{Path(out).expanduser().resolve()} already exists; moekit never writes into an "
+                              "existing folder. Choose a new one with -o.")
         within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         unknown = sorted(set(wanted) - set(STATISTICS))
