@@ -25,7 +25,6 @@ import torch
 from torch import nn
 
 from moekit.arch.adapters import FAMILIES
-from moekit.arch.edit import PER_LAYER_KEY
 from moekit.arch.summary import summarize
 from moekit.errors import MoekitError
 from moekit.io.layered import LayeredModel

@@ -68,11 +68,13 @@ class LayeredModel:
 
     @classmethod
     def from_checkpoint(cls, folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32,
-                        device: torch.device | str = "cpu", trust_remote_code: bool = False) -> LayeredModel:
+                        device: torch.device | str = "cpu", trust_remote_code: bool = False,
+                        **from_config) -> LayeredModel:
         """The skeleton of the checkpoint in ``folder`` with its non-layer weights read;
         layers are read when lent. Every tensor of the checkpoint is checked against the
         skeleton's shapes first, so a checkpoint that disagrees with its config fails here,
-        naming the file and the tensor, before any work."""
+        naming the file and the tensor, before any work. ``from_config`` goes to
+        transformers' ``from_config`` (e.g. ``experts_implementation``)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -84,7 +86,9 @@ class LayeredModel:
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         checkpoint = Checkpoint(folder)
         with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
+                                                     **from_config)
+        model.tie_weights()  # before the checks: a tied head is not stored under its own name
         per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
         if per_layer:  # moekit's non-uniform format: cut each layer's skeleton to its count
             keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
@@ -119,10 +123,6 @@ class LayeredModel:
         to_meta(module)
         _return_freed_memory()
 
-    @property
-    def streams_from_disk(self) -> bool:
-        return self.checkpoint is not None
-
     # -- reading ----------------------------------------------------------------------
     def _read(self, names: list[str], *, what: str, modules: nn.Module | None = None) -> None:
         """Read ``names`` into the model, then cast ``modules`` (default: the whole model; its
@@ -138,7 +138,12 @@ class LayeredModel:
         load_dtype = self.checkpoint.floating_dtype() or self.dtype
         self._load_in_stored_dtypes(modules, load_dtype)
         if self._native:
-            _assign(self.model, self.checkpoint.read(names), self.dtype, self.device)
+            state = self.checkpoint.read(names)
+            for group in _tied_groups(self.model):  # safetensors' save_model keeps one name of each
+                present = [name for name in group if name in state]
+                if present:
+                    state.update({name: state[present[0]] for name in group})
+            _assign(self.model, state, self.dtype, self.device)
             modules.to(self.dtype)
             return
         from transformers.conversion_mapping import get_model_conversion_mapping
@@ -180,7 +185,7 @@ class LayeredModel:
                     entry = self.checkpoint.tensors.get(f"{owner}.{name}" if owner else name)
                     dtype = _DTYPES.get(entry.dtype, default) if entry is not None else default
                     if tensor.dtype != dtype:
-                        store[name] = (nn.Parameter(tensor.to(dtype), requires_grad=False)
+                        store[name] = (nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad)
                                        if isinstance(tensor, nn.Parameter) else tensor.to(dtype))
 
     def _check_shapes(self) -> None:
@@ -200,7 +205,9 @@ class LayeredModel:
                     raise MoekitError(f"{entry.file}: tensor {name!r} has shape {entry.shape} but the config says "
                                       f"{fused}; the config.json does not describe these weights.")
         if self._native:
-            missing = sorted(set(expected) - set(self.checkpoint.tensors) - _tied_names(self.model))
+            stored = set(self.checkpoint.tensors)
+            tied = {name for group in _tied_groups(self.model) if stored & set(group) for name in group}
+            missing = sorted(set(expected) - stored - tied)
             if missing:
                 raise MoekitError(f"{self.checkpoint.folder} has no tensor {missing[0]!r}"
                                   f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; "
@@ -275,20 +282,18 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype
         owner = model.get_submodule(owner_path) if owner_path else model
         value = tensor.to(device=device, dtype=dtype if tensor.is_floating_point() else tensor.dtype)
         if attr in owner._parameters:
-            owner._parameters[attr] = nn.Parameter(value, requires_grad=False)
+            old = owner._parameters[attr]
+            owner._parameters[attr] = nn.Parameter(value, requires_grad=old is None or old.requires_grad)
         else:
             owner._buffers[attr] = value
 
 
-def _tied_names(model: nn.Module) -> set[str]:
-    """Names a checkpoint leaves out because they are tied to another tensor."""
-    seen: dict[int, str] = {}
-    tied = set()
+def _tied_groups(model: nn.Module) -> list[list[str]]:
+    """Names that share one tensor (a head tied to the embeddings), each group in order."""
+    groups: dict[int, list[str]] = {}
     for name, tensor in model.state_dict(keep_vars=True).items():
-        if id(tensor) in seen:
-            tied.add(name)
-        seen.setdefault(id(tensor), name)
-    return tied
+        groups.setdefault(id(tensor), []).append(name)
+    return [names for names in groups.values() if len(names) > 1]
 
 
 _PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")

@@ -5,7 +5,9 @@ cannot express a per-layer count. This format keeps everything else standard:
 
 - ``config.json``: the family's config, ``num_experts`` = the largest count, plus
   ``moekit_num_experts_per_layer`` = {layer index: count};
-- ``moekit-model.safetensors``: the state dict in transformers' in-memory (fused) names;
+- ``moekit-model.safetensors`` (or ``moekit-model-0000k-of-0000n.safetensors`` with
+  ``moekit-model.safetensors.index.json``, as a streamed compress writes a big model):
+  the state dict in transformers' in-memory (fused) names;
 - ``moekit.json``: ``{"format": "moekit-nonuniform-experts", "version": 1}``.
 
 There is deliberately no ``model.safetensors``, so plain transformers fails loudly
@@ -19,10 +21,9 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_model, save_model
+from safetensors.torch import save_model
 from torch import nn
 
-from moekit.arch.edit import PER_LAYER_KEY, keep_experts
 
 FORMAT = "moekit-nonuniform-experts"
 WEIGHTS = "moekit-model.safetensors"
@@ -41,13 +42,12 @@ def is_nonuniform(folder: Path) -> bool:
 
 
 def load_nonuniform(folder: Path, *, dtype: torch.dtype = torch.float32, **from_config) -> nn.Module:
-    """Build, cut and load a non-uniform model; ``from_config`` goes to transformers'
-    ``from_config`` (e.g. ``experts_implementation``)."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Build, cut and load a non-uniform model (one ``moekit-model.safetensors`` or the
+    shards and index a streamed compress writes), every layer read and kept;
+    ``from_config`` goes to transformers' ``from_config`` (e.g. ``experts_implementation``)."""
+    from moekit.io.layered import LayeredModel
 
-    config = AutoConfig.from_pretrained(folder)
-    per_layer = {int(i): n for i, n in getattr(config, PER_LAYER_KEY, {}).items()}
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype, **from_config)
-    keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
-    load_model(model, str(folder / WEIGHTS), strict=True)
-    return model.eval()
+    lent = LayeredModel.from_checkpoint(folder, dtype=dtype, **from_config)
+    for index in range(len(lent)):
+        lent.layer(index)
+    return lent.model.eval()
