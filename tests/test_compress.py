@@ -22,7 +22,8 @@ import moekit.data
 from moekit.cli import app
 from moekit.errors import MoekitError
 from moekit.recipe import presets
-from moekit.zoo.tiny import randomize_, tiny_config
+from moekit.zoo.tiny import tiny_config
+from tests.checkpoints import write_checkpoints
 from tests.conftest import FAMILIES
 
 runner = CliRunner()
@@ -30,23 +31,13 @@ runner = CliRunner()
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    from moekit.data.tokenizer import load_tokenizer, save_tokenizer
 
-    root = tmp_path_factory.mktemp("compress")
-    # Fixed text (the shipped, hash-checked calibration split): outcomes such as the global
-    # budget's allocation depend on the data, so it must not change when moekit's code does.
-    text = "".join(d.text for d in moekit.data.load_corpus("stdlib:calib").documents[:6])
-    (root / "data").mkdir()
-    (root / "data" / "code.py").write_text(text)
-    tokenizer = train_tokenizer([text], vocab_size=400, min_frequency=1)
-    for family in FAMILIES:
-        config = tiny_config(family)
-        config.vocab_size = len(tokenizer)
-        randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family)
-        save_tokenizer(tokenizer, root / family)
+    # Fixed text: outcomes such as the global budget's allocation depend on the data.
+    root = write_checkpoints(tmp_path_factory.mktemp("compress"), FAMILIES, documents=6, vocab_size=400)
     for family in ("mixtral", "deepseek_v3"):  # bf16 checkpoints; DeepSeek-V3 keeps its router in fp32
         AutoModelForCausalLM.from_pretrained(root / family, dtype=torch.bfloat16).save_pretrained(root / f"{family}-bf16")
-        save_tokenizer(tokenizer, root / f"{family}-bf16")
+        save_tokenizer(load_tokenizer(root / family), root / f"{family}-bf16")
     return root
 
 

@@ -9,14 +9,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from transformers import AutoModelForCausalLM
 
 import moekit
 import moekit.data
 from moekit.recipe import load_recipe
 from moekit.errors import MoekitError
 from moekit.io.workdir import work_folder_for
-from moekit.zoo.tiny import randomize_, tiny_config
+from tests.checkpoints import write_checkpoints
 
 GLOBAL = {"steps": [{"type": "prune", "method": "frequency", "keep": 4, "budget": "global"},
                     {"type": "merge", "keep": 3}]}
@@ -37,17 +36,11 @@ moekit.compress(model, json.loads(recipe), out_dir=out, data=data, n_samples=6, 
 
 @pytest.fixture(scope="module")
 def source(tmp_path_factory):
-    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
+    def five_layers(config):
+        config.num_hidden_layers = 5
 
-    root = tmp_path_factory.mktemp("resume")
-    text = "".join(d.text for d in moekit.data.load_corpus("stdlib:calib").documents[:4])
-    (root / "data").mkdir()
-    (root / "data" / "code.py").write_text(text)
-    tokenizer = train_tokenizer([text], vocab_size=300, min_frequency=1)
-    config = tiny_config("mixtral")
-    config.vocab_size, config.num_hidden_layers = len(tokenizer), 5
-    randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / "model")
-    save_tokenizer(tokenizer, root / "model")
+    root = write_checkpoints(tmp_path_factory.mktemp("resume"), ["mixtral"], documents=4, edit=five_layers)
+    (root / "mixtral").rename(root / "model")
     return root
 
 

@@ -20,26 +20,14 @@ from moekit.errors import MoekitError
 from moekit.io.checkpoint import Checkpoint
 from moekit.io.layered import LayeredModel
 from moekit.zoo.tiny import randomize_, tiny_config
+from tests.checkpoints import write_checkpoints
 from tests.conftest import FAMILIES
 
 
 @pytest.fixture(scope="module")
 def checkpoints(tmp_path_factory):
-    from moekit.data.tokenizer import save_tokenizer, train_tokenizer
-
-    root = tmp_path_factory.mktemp("streaming")
-    text = "".join(d.text for d in moekit.data.load_corpus("stdlib:calib").documents[:3])
-    (root / "data").mkdir()
-    (root / "data" / "code.py").write_text(text)
-    tokenizer = train_tokenizer([text], vocab_size=300, min_frequency=1)
-    for family in FAMILIES:
-        config = tiny_config(family)
-        config.vocab_size = len(tokenizer)
-        # small shards: every checkpoint here is sharded, with an index
-        randomize_(AutoModelForCausalLM.from_config(config)).eval().save_pretrained(root / family,
-                                                                                      max_shard_size="20KB")
-        save_tokenizer(tokenizer, root / family)
-    return root
+    # small shards: every checkpoint here is sharded, with an index
+    return write_checkpoints(tmp_path_factory.mktemp("streaming"), FAMILIES, max_shard_size="20KB")
 
 
 def _ids(root):
