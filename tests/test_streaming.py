@@ -61,7 +61,9 @@ def test_compress_streamed_equals_editing_the_model_in_memory(checkpoints, famil
     calibrating it, applying the step to it in memory and saving it with transformers."""
     recipe = load_recipe("prune-50")
     report = moekit.compress(str(checkpoints / family), recipe, out_dir=tmp_path / "streamed",
-                             data=str(checkpoints / "data"), n_samples=6, seq_len=32, progress=False)
+                             data=str(checkpoints / "data"), n_samples=6, seq_len=32, progress=False,
+                             max_shard_size="1KB")  # one shard per decoder layer, and an index
+    assert (tmp_path / "streamed" / "model.safetensors.index.json").is_file()
     model = moekit.load(checkpoints / family)
     step = recipe.steps[0]
     stats = calibrate(model, _ids(checkpoints), statistics=step.needs(), hidden_sample=step.hidden_sample(),
@@ -74,6 +76,20 @@ def test_compress_streamed_equals_editing_the_model_in_memory(checkpoints, famil
     assert all(torch.equal(streamed[k], whole[k]) for k in whole)
     config = json.loads((tmp_path / "streamed" / "config.json").read_text())
     assert config == json.loads((tmp_path / "in-memory" / "config.json").read_text())
+
+
+def test_a_sharded_output_loads_in_plain_transformers(checkpoints, tmp_path):
+    kw = dict(data=str(checkpoints / "data"), n_samples=6, seq_len=32, progress=False)
+    moekit.compress(str(checkpoints / "qwen3_moe"), "prune-50", out_dir=tmp_path / "one", **kw)
+    moekit.compress(str(checkpoints / "qwen3_moe"), "prune-50", out_dir=tmp_path / "sharded", max_shard_size=1, **kw)
+    shards = sorted(p.name for p in (tmp_path / "sharded").glob("model-*.safetensors"))
+    assert shards == [f"model-{n:05d}-of-00004.safetensors" for n in range(1, 5)]  # 3 layers and the rest
+    assert [p.name for p in (tmp_path / "one").glob("*.safetensors")] == ["model.safetensors"]
+    ids = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        one = AutoModelForCausalLM.from_pretrained(tmp_path / "one")(ids).logits
+        sharded = AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")(ids).logits
+    assert torch.equal(one, sharded)
 
 
 def _tensors(folder):

@@ -91,6 +91,7 @@ def compress(
     activation_budget: int | str | None = None,
     resume: bool = False,
     stats: str | os.PathLike | None = None,
+    max_shard_size: int | str = "5GB",
     progress: bool = True,
     on_start=None,
     on_event=None,
@@ -119,6 +120,8 @@ def compress(
             ``data``, ``n_samples``, ``seq_len`` and ``seed``): the first calibration is
             read from it instead of computed. Refused, naming what differs, when it was
             made for another model or data or lacks a statistic the recipe needs.
+        max_shard_size: an output up to this size is one ``model.safetensors``; a bigger
+            one is written as one shard per decoder layer with an index.
         on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
         on_event: called with ("layer", index) when a decoder layer is finished and kept
             in the work folder, and ("saved", n) when the n-th output file is in place.
@@ -205,7 +208,8 @@ def compress(
     budget.close()
 
     with atomic_dir(out) as tmp:
-        writer.finish(tmp, [*range(len(lent)), OUTER], on_file=on_event and (lambda n: on_event("saved", n)))
+        writer.finish(tmp, [*range(len(lent)), OUTER], max_shard_size=parse_bytes(max_shard_size),
+                      on_file=on_event and (lambda n: on_event("saved", n)))
         tok.save_pretrained(tmp)
         if eval_rows is not None:
             saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)

@@ -11,7 +11,7 @@ Device = Annotated[str, typer.Option(
     help="Where each layer computes: auto (a GPU when there is one), cpu, cuda, cuda:N, mps.")]
 ComputeDtype = Annotated[str, typer.Option(
     help="Compute precision: auto (float32 on CPU, bfloat16 on GPU), float32, bfloat16, float16.")]
-def _size(value: str | None) -> str | None:
+def size_option(value: str | None) -> str | None:
     """Checked while the command line is parsed (one line naming the flag), kept as text."""
     if value is None:
         return None
@@ -26,7 +26,7 @@ def _size(value: str | None) -> str | None:
 
 
 ActivationBudget = Annotated[Optional[str], typer.Option(
-    parser=_size, metavar="SIZE", help="Hidden states of all rows kept in memory up to this size (e.g. 4GiB); above it they go to files "
+    parser=size_option, metavar="SIZE", help="Hidden states of all rows kept in memory up to this size (e.g. 4GiB); above it they go to files "
          "(compress: in its work folder); 0 keeps none in memory. Default: 2GiB.")]
 
 DEFAULT_ACTIVATION_BUDGET = "2GiB"

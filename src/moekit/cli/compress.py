@@ -10,7 +10,7 @@ from rich.table import Table
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
-from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device
+from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device, size_option
 
 
 @app.command("compress")
@@ -37,6 +37,8 @@ def compress_command(
                                                           "folder next to --out (starts afresh if there is none).")] = False,
     stats: Annotated[Optional[str], typer.Option("--stats", help="Statistics folder `moekit calibrate` wrote for this "
                                                                  "model and data: used instead of calibrating.")] = None,
+    max_shard_size: Annotated[str, typer.Option(parser=size_option, metavar="SIZE", help="An output up to this size is one "
+                                                "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -73,6 +75,7 @@ def compress_command(
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,
                           activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
+                          max_shard_size=max_shard_size,
                           on_start=None if json_out else _announce)
         if json_out:
             print_json(report)

@@ -79,22 +79,17 @@ class ShardWriter:
         and write the index and the config (as ``save_pretrained`` does: the stored dtype,
         the architecture, the generation config).
 
-        Consecutive small shards are joined into files of up to ``max_shard_size`` bytes
-        (a small model becomes one ``model.safetensors``, as transformers writes it) by
-        copying their bytes, never holding their tensors; a shard that is big enough alone
-        is hard-linked, so the work folder stays whole until the output is complete (a
-        crash in between can resume) and nothing is copied."""
+        A model of at most ``max_shard_size`` bytes becomes one ``model.safetensors``, as
+        transformers writes it, joined by copying bytes, never holding tensors. A bigger one
+        keeps one shard per decoder layer (plus one for the rest), hard-linked from the work
+        folder: nothing is copied, and the work folder stays whole until the output is
+        complete (a crash in between can resume)."""
         self._write_config(out)
-        groups: list[list[Path]] = []
-        size = 0
-        for part in parts:
-            path = self.path(part)
-            nbytes = path.stat().st_size
-            if not groups or size + nbytes > max_shard_size:
-                groups.append([])
-                size = 0
-            groups[-1].append(path)
-            size += nbytes
+        paths = [self.path(part) for part in parts]
+        total_size = sum(path.stat().st_size for path in paths)
+        # A small model becomes one file, as save_pretrained writes it; a big one keeps a shard
+        # per layer, linked, so its bytes are neither read back nor written twice.
+        groups = [paths] if total_size <= max_shard_size else [[path] for path in paths]
         stem, index_name = ("moekit-model", "moekit-model.safetensors.index.json") if self.native else \
             ("model", "model.safetensors.index.json")
         weight_map, total, written = {}, 0, []
