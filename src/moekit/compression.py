@@ -31,7 +31,7 @@ from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
-from moekit.recipe.passes import Phase, RecipePass, phases_of
+from moekit.recipe.passes import RecipePass, check_given, needs_native_format, phases_of, plan_passes
 
 
 def model_info(config: Any) -> ModelInfo:
@@ -166,7 +166,7 @@ def compress(
 
     lent = fresh()  # checks every shard and tensor shape before anything is written
     phases = phases_of(recipe)
-    given = _given_stats(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
+    given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
     work = WorkFolder(work_folder_for(out), _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size,
                                                         stored=stored, compute=compute, device=where,
                                                         stats=given and given.meta["model_fingerprint"]),
@@ -176,15 +176,16 @@ def compress(
     budget = ActivationBudget(budget_bytes, work.path / "activations")
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
                               "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
-                              "notes": notes, "device": str(where), "compute_dtype": str(compute).removeprefix("torch.")}
+                              "notes": notes, "device": str(where),
+                              "compute_dtype": str(compute).removeprefix("torch.")}
     if eval_rows is not None:
         report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
 
     stats_meta = {"model_name": name, **calib.describe()}
-    plans = _plans(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
+    plans = plan_passes(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
                    stats_meta=stats_meta, progress=progress, given=given)
     lent = fresh()
-    native = _needs_native_format(lent.model, recipe, plans)
+    native = needs_native_format(lent.model, recipe, plans)
     writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
     runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
                         budget=budget, stats_meta=stats_meta, given=given)
@@ -233,72 +234,6 @@ def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
     return {"model": name, "checkpoint": checkpoint, "recipe": recipe.to_dict(),
             "data": calib.describe()["data_fingerprint"], "moekit": __version__, "torch": torch.__version__,
             **{k: str(v) for k, v in settings.items()}}
-
-
-def _given_stats(folder, lent, input_ids: torch.Tensor, first: Phase):
-    """Statistics `moekit calibrate` saved, checked against this compress before any work:
-    the model's config (its routers are checked layer by layer as the pass reads them),
-    the calibration rows, and every statistic the recipe's first calibration needs."""
-    from moekit.calib.stats import CalibrationStats, ModelDigest
-
-    given = CalibrationStats.load(folder, input_ids=input_ids)
-    if given.meta.get("config_fingerprint") != ModelDigest(lent.model.config).config_fingerprint():
-        raise MoekitError(f"the statistics in {folder} were computed on another model "
-                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop --stats.")
-    missing = sorted(first.wanted - set(given.statistics))
-    short = "hidden_sample" in first.wanted and given.meta.get("hidden_sample", 0) < first.hidden_sample
-    if missing or short:
-        wanted = ",".join(sorted(first.wanted - {"hidden_sample"}))
-        sample = f" --hidden-sample {first.hidden_sample}" if "hidden_sample" in first.wanted else ""
-        what = f"the statistics {missing}" if missing else \
-            f"a hidden sample of {first.hidden_sample} (it has {given.meta.get('hidden_sample', 0)})"
-        raise MoekitError(f"the recipe needs {what}, which {folder} does not hold; make them with "
-                          f"moekit calibrate MODEL --stats {wanted}{sample} (same data options), or drop --stats.")
-    return given
-
-
-def _plans(work, fresh, input_ids, phases, *, batch_size, seed, budget, stats_meta, progress,
-           given=None) -> dict[int, Any]:
-    """The cross-layer decisions of the recipe's planning steps, from planning passes (in
-    phase order, since a later phase's pass applies the earlier phases' edits), kept in the
-    work folder so a resumed run takes the same ones."""
-    saved = work.plans()
-    if saved is not None:
-        return {int(pos): {int(i): n for i, n in plan.items()} for pos, plan in saved.items()}
-    plans: dict[int, Any] = {}
-    for p, phase in enumerate(phases):
-        planners = [(pos, step) for pos, step in phase.steps if step.plan_needs()]
-        if not planners:
-            continue
-        needs = frozenset({"frequency"}.union(*(step.plan_needs() for _, step in planners)))
-        lent = fresh()
-        if p == 0 and given is not None:  # the statistics are all there: no planning pass
-            for pos, step in planners:
-                plans[pos] = step.plan(lent.model, given)
-            continue
-        runner = RecipePass(lent, input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
-                            budget=budget, stats_meta=stats_meta, given=given)
-        with progress_bar("planning", total=len(lent) * len(runner.streamer.batches) * (p + 1), unit="batch",
-                          enabled=progress) as advance:
-            collected = runner.run(collect=(p, needs), advance=advance).collected
-        for pos, step in planners:
-            plans[pos] = step.plan(lent.model, collected)
-    work.save_plans({str(pos): {str(i): n for i, n in plan.items()} for pos, plan in plans.items()})
-    return plans
-
-
-def _needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any]) -> bool:
-    """Whether the output keeps different expert counts per layer (moekit's format),
-    known before the pass from the steps' counts and the plans."""
-    from moekit.arch.discover import moe_layers
-
-    counts = []
-    for layer in moe_layers(model):
-        count = layer.num_experts
-        for position, step in enumerate(recipe.steps):
-            count = plans[position][layer.index] if position in plans else step.kept_per_layer(count)
-        counts.append(count)
-    return len(set(counts)) > 1
 
 
 def _sample_shortfall(recipe: Recipe, n_samples: int, seq_len: int) -> list[str]:
