@@ -8,7 +8,8 @@ ru_maxrss (peak RSS of the largest process, exact, not sampled) and ru_inblock (
 blocks read from storage, exact).
 
 What each number means:
-- ``peak_rss_mib``: ru_maxrss from wait4. What the goals use.
+- ``peak_rss_mib``: the command's VmHWM, its own peak, sampled until it exits (wait4's
+  ru_maxrss, also recorded, carries a big forking parent's peak across exec). What the goals use.
 - ``peak_tree_rss_mib``: the largest sum of VmRSS over the tree seen by the sampler; equals
   peak_rss_mib for a single process, catches memory split over several.
 - ``peak_anon_mib`` / ``peak_file_mib``: RSS split into anonymous memory (tensors) and file
@@ -155,7 +156,11 @@ def run(cmd: list[str], *, env: dict | None = None, cwd: str | None = None, time
         "cmd": cmd, "exit_code": proc.returncode, "killed": killed,
         "killed_at_rss_mib": round(killed_at / MIB, 1) if killed_at else None,
         "wall_s": round(wall, 2),
-        "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        # The command's own high-water mark (VmHWM, sampled until it exits). Not wait4's
+        # ru_maxrss alone: Linux carries the forking parent's peak into it across exec, so a
+        # small command started from a big parent (a test runner) reports the parent's memory.
+        "peak_rss_mib": round((peak["hwm"] / MIB) if peak["hwm"] else usage.ru_maxrss / 1024, 1),
+        "ru_maxrss_mib": round(usage.ru_maxrss / 1024, 1),
         "peak_tree_rss_mib": round(peak["tree"] / MIB, 1), "peak_hwm_mib": round(peak["hwm"] / MIB, 1),
         "peak_anon_mib": round(peak["anon"] / MIB, 1), "peak_file_mib": round(peak["file"] / MIB, 1),
         "disk_read_bytes": usage.ru_inblock * 512,
