@@ -47,10 +47,6 @@ class HiddenStates:
     def nbytes(self) -> int:
         return sum(int(np.prod(s)) for s in self.shapes) * torch.empty((), dtype=self.dtype).element_size()
 
-    @property
-    def on_disk(self) -> bool:
-        return self.folder is not None
-
     def _path(self, b: int) -> Path:
         return self.folder / f"{self.name}-{b:05d}.bin"
 
@@ -69,10 +65,6 @@ class HiddenStates:
         tensor.contiguous().numpy().tofile(partial)
         os.replace(partial, self._path(b))
         self.bytes_written += tensor.numel() * tensor.element_size()
-
-    def copy(self, name: str) -> HiddenStates:
-        """An independent stream with the same states (a second phase of a recipe)."""
-        return HiddenStates([self[b].clone() for b in range(len(self))], folder=self.folder, name=name)
 
     def save(self, folder: Path) -> None:
         """Write every batch into ``folder`` (a checkpoint a resumed run reads back)."""

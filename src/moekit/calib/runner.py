@@ -116,10 +116,6 @@ class LayerStreamer:
         self.budget = budget or ActivationBudget()
         self.calls: list[list[LayerCall]] = []  # [batch][layer], on the CPU
 
-    @property
-    def num_tokens(self) -> int:
-        return sum(b.numel() for b in self.batches)
-
     def _base_inputs(self, b: int) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.batches[b].to(self.device)}
         if self.masks is not None:
