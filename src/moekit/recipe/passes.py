@@ -123,7 +123,8 @@ class RecipePass:
                     self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
                     continue
                 phase = self.phases[p]
-                if p == 0 and self.given is not None:
+                if p == 0 and self.given is not None:  # statistics read, not computed: stream 0 idles
+                    advance(len(streams[p]), status)
                     result.digests[p].add_router(view.router.weight)
                     self._check_router(index, result.digests[p].routers[-1])
                     stats = self.given.only(index)
