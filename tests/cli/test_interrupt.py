@@ -4,13 +4,13 @@
 
 from __future__ import annotations
 
-import json
 import signal
 import subprocess
 import time
 from pathlib import Path
 
 from tests.cli.test_startup import moekit_command
+from tests.training_inputs import write_corpus, write_spec
 
 INTERRUPTED = 130
 
@@ -57,13 +57,8 @@ def test_during_calibration(tmp_path):
 
 
 def test_interrupted_training_checkpoints_and_exits_130(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"family": "olmoe", "hidden_size": 32, "num_layers": 2, "num_heads": 4,
-                                "num_kv_heads": 2, "num_experts": 4, "top_k": 2, "expert_intermediate_size": 16}))
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = write_spec(tmp_path / "spec.json")
     process = start("train", "--arch", spec, "--data", corpus, "--vocab-size", 300, "--seq-len", 32,
                     "--batch-size", 4, "--steps", 5000, "--checkpoint-every", 5000, "--eval-every", 5000,
                     "--threads", 1, "-o", "run", cwd=tmp_path)

@@ -8,6 +8,7 @@ import torch
 from typer.testing import CliRunner
 
 from moekit.cli import app
+from tests.training_inputs import write_corpus, write_spec
 
 runner = CliRunner()
 COMPUTING = ("calibrate", "compress", "eval", "train")
@@ -24,13 +25,8 @@ def test_every_computing_command_takes_threads_and_refuses_zero(command, tmp_pat
 
 
 def test_threads_apply_during_the_command_only(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(10):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps({"family": "olmoe", "hidden_size": 32, "num_layers": 1, "num_heads": 4,
-                                "num_kv_heads": 2, "num_experts": 4, "top_k": 2, "expert_intermediate_size": 16}))
+    corpus = write_corpus(tmp_path / "corpus", files=10)
+    spec = write_spec(tmp_path / "spec.json", num_layers=1)
     before = torch.get_num_threads()
     wanted = before + 1
     result = runner.invoke(app, ["train", "--arch", str(spec), "--data", str(corpus), "--vocab-size", "300",

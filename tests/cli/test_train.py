@@ -9,19 +9,15 @@ from typer.testing import CliRunner
 torch.set_num_threads(1)
 import moekit  # noqa: E402
 from moekit.cli import app  # noqa: E402
+from tests.training_inputs import TINY_SPEC, write_corpus
 
 runner = CliRunner()
-TINY = {"family": "olmoe", "hidden_size": 32, "num_layers": 2, "num_heads": 4, "num_kv_heads": 2,
-        "num_experts": 4, "top_k": 2, "expert_intermediate_size": 16}
+TINY = TINY_SPEC
 
 
 @pytest.fixture
 def corpus(tmp_path):
-    root = tmp_path / "corpus"
-    root.mkdir()
-    for i in range(30):
-        (root / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    return root
+    return write_corpus(tmp_path / "corpus")
 
 
 def _invoke(*args):

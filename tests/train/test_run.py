@@ -9,16 +9,13 @@ from typer.testing import CliRunner
 from moekit.cli import app
 
 from .conftest import tiny_spec
+from tests.training_inputs import write_corpus, write_spec
 
 
 @pytest.fixture
 def command(tmp_path):
-    corpus = tmp_path / "corpus"
-    corpus.mkdir()
-    for i in range(30):
-        (corpus / f"m{i}.py").write_text(f"def f{i}(x):\n    return x * {i} + {i % 7}\n" * 20)
-    spec = tmp_path / "spec.json"
-    spec.write_text(json.dumps(tiny_spec("olmoe", vocab_size=300)))
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = write_spec(tmp_path / "spec.json", tiny_spec("olmoe", vocab_size=300))
     return ["train", "--arch", spec, "--data", corpus, "--vocab-size", 300, "--seq-len", 32, "--batch-size", 4,
             "--checkpoint-every", 2, "--eval-every", 2, "--threads", 1, "--out", tmp_path / "run"]
 
