@@ -14,6 +14,7 @@ a layer touches only that layer's bytes on disk.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import os
@@ -129,6 +130,7 @@ class Checkpoint:
     def names(self, prefix: str = "") -> list[str]:
         return [n for n in self.tensors if n.startswith(prefix)]
 
+    @functools.cache  # noqa: B019 - one Checkpoint per folder, asked once per layer read
     def floating_dtype(self) -> torch.dtype | None:
         """The floating-point dtype holding most of the weights (None: no float tensor)."""
         counts: dict[torch.dtype, int] = {}

@@ -7,7 +7,6 @@ runs arbitrary code from the file. ``trust_remote_code`` stays off unless asked 
 from __future__ import annotations
 
 import functools
-import math
 import os
 import re
 import socket
@@ -120,7 +119,6 @@ def resolve_folder(name: str) -> Path | None:
     return check_model(name)
 
 
-_SAFETENSORS_FLOATS = {"F64": torch.float64, "F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
 
 
 def stored_dtype(name_or_path: str | os.PathLike | None = None) -> torch.dtype:
@@ -128,23 +126,16 @@ def stored_dtype(name_or_path: str | os.PathLike | None = None) -> torch.dtype:
     them), read from the safetensors headers alone. Models compute in fp32 on CPU; outputs
     are written back in this dtype, so compressing a bf16 model never doubles its size.
     Built-in tiny models are fp32."""
-    from safetensors import safe_open
+    from moekit.io.checkpoint import Checkpoint
 
     name = str(name_or_path) if name_or_path is not None else default_model()
     folder = resolve_folder(name)
     if folder is None:
         return torch.float32
-    counts: dict[torch.dtype, int] = {}
-    for file in sorted(folder.glob("*.safetensors")):
-        with safe_open(file, framework="pt") as f:
-            for key in f.keys():
-                piece = f.get_slice(key)
-                dtype = _SAFETENSORS_FLOATS.get(piece.get_dtype())
-                if dtype is not None:
-                    counts[dtype] = counts.get(dtype, 0) + math.prod(piece.get_shape())
-    if not counts:
+    dtype = Checkpoint(folder).floating_dtype()
+    if dtype is None:
         raise MoekitError(f"{folder} has no floating-point safetensors weights to read a dtype from.")
-    return max(counts, key=counts.__getitem__)
+    return dtype
 
 
 def _tiny(name: str) -> PreTrainedModel:
