@@ -113,7 +113,8 @@ def quantize_gptq(
     - ``act_order``: columns go by descending diag H, with "static groups" (llm-
       compressor's actorder="weight"): groups stay contiguous in the original order and
       their scales come from the original weight, so the result needs no g_idx.
-      Per-channel scales are always computed from the original weight.
+      Per-channel scales are always computed from the original weight (after the dead
+      inputs are zeroed; the reference measures them before, which only widens them).
 
     An all-zero Hessian (an expert no calibration token reached) is replaced by the
     identity, which makes GPTQ exactly round-to-nearest.

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from numbers import Integral
 
 import torch
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
@@ -66,7 +67,7 @@ class QuantScheme:
     def check(self, in_features: int, where: str) -> None:
         """Raise `MoekitError` (one line: the problem and the fix) unless this scheme can
         quantize a Linear with ``in_features`` inputs; ``where`` names that Linear."""
-        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, Integral) or not MIN_BITS <= self.bits <= MAX_BITS:
             raise MoekitError(
                 f"{where}: {self.bits!r} bits is not supported; "
                 f"choose an integer number of bits from {MIN_BITS} to {MAX_BITS}"
@@ -74,7 +75,7 @@ class QuantScheme:
         g = self.group_size
         if g is None:
             return
-        if isinstance(g, bool) or not isinstance(g, int) or g <= 0:
+        if isinstance(g, bool) or not isinstance(g, Integral) or g <= 0:
             raise MoekitError(f"{where}: group size {g!r} is not a positive integer; use e.g. 128, or none for one scale per output channel")
         if in_features % g:
             divisors = [d for d in (32, 64, 128, 256) if in_features % d == 0]
