@@ -27,6 +27,7 @@ from torch import nn
 from moekit.arch.adapters import FAMILIES
 from moekit.arch.summary import summarize
 from moekit.errors import MoekitError
+from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
@@ -45,7 +46,7 @@ def model_info(config: Any) -> ModelInfo:
     top_k = int(getattr(config, family.top_k_key))
     spec = family.routing.resolve(config, top_k)
     return ModelInfo(family=family.name, num_experts=int(getattr(config, family.num_experts_key)),
-                     top_k=top_k, routing=spec)
+                     top_k=top_k, routing=spec, config=config)
 
 
 def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
@@ -186,6 +187,10 @@ def compress(
                    stats_meta=stats_meta, progress=progress, given=given)
     lent = fresh()
     native = needs_native_format(lent.model, recipe, plans)
+    if native and any(step.type == "quantize" for step in recipe.steps):
+        raise MoekitError("this recipe leaves layers with different expert counts (moekit's own format), which "
+                          "cannot also be quantized yet; use budget: uniform before quantize.")
+    ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
     writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
     runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
                         budget=budget, stats_meta=stats_meta, given=given)

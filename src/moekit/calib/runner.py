@@ -164,14 +164,18 @@ class LayerStreamer:
         *,
         observe: AbstractContextManager | None = None,
         on_batch: Callable[[int], None] | None = None,
+        store: bool = True,
     ) -> None:
         """Replace every batch of ``hidden`` by ``layer``'s output on it. ``observe`` (e.g.
-        forward hooks) stays open while the layer runs; ``on_batch(b)`` follows each batch."""
+        forward hooks) stays open while the layer runs; ``on_batch(b)`` follows each batch.
+        ``store=False`` runs the layer for what ``observe`` sees and leaves ``hidden`` as it
+        was (a step that reads a layer's inputs runs it several times before it advances)."""
         with observe if observe is not None else nullcontext():
             for b in range(len(hidden)):
                 call = self.calls[b][index]
                 out = layer(hidden[b].to(self.device), *_to(call.args, self.device), **_to(call.kwargs, self.device))
-                hidden[b] = out[0] if isinstance(out, tuple) else out
+                if store:
+                    hidden[b] = out[0] if isinstance(out, tuple) else out
                 if on_batch is not None:
                     on_batch(b)
 
@@ -188,3 +192,34 @@ class LayerStreamer:
         finally:
             for i, layer in enumerate(originals):
                 decoder[i] = layer
+
+
+@dataclass
+class LayerInputs:
+    """The calibration inputs of one decoder layer, for a step that runs the layer itself
+    (GPTQ quantizes a layer's sub-modules in turn, each from inputs that went through the
+    already quantized ones, so it runs the layer once per stage).
+
+    Attributes:
+        layer: the decoder layer, lent.
+        prefix: its parameters' names in the model (``model.layers.3.``).
+    """
+
+    streamer: LayerStreamer
+    index: int
+    layer: nn.Module
+    prefix: str
+    hidden: HiddenStates
+    on_batch: Callable[[int], None] | None = None
+
+    def run(self, observe: AbstractContextManager, *, first_batch_only: bool = False) -> None:
+        """Run the layer on every batch (or the first) while ``observe`` is open; the
+        stream of hidden states is left as it was."""
+        if first_batch_only:
+            with observe, torch.no_grad():
+                call = self.streamer.calls[0][self.index]
+                device = self.streamer.device
+                self.layer(self.hidden[0].to(device), *_to(call.args, device), **_to(call.kwargs, device))
+            return
+        self.streamer.forward(self.index, self.layer, self.hidden, observe=observe, on_batch=self.on_batch,
+                              store=False)

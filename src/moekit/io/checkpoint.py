@@ -68,6 +68,23 @@ class Checkpoint:
                     raise MoekitError(f"{file}: tensor {name!r} is also stored in {self.tensors[name].file.name}; "
                                       "a checkpoint holds each tensor once. Re-save it.")
                 self.tensors[name] = entry
+        self._unpack_entries()
+
+    def _unpack_entries(self) -> None:
+        """A compressed-tensors checkpoint lists, for each packed Linear, the dense weight
+        it decompresses to (``X.weight``, in its scales' dtype) instead of its parts, so
+        every reader sees ordinary weights; `read` decompresses them."""
+        from moekit.io.compressed import packed_modules, unpacked_shape
+
+        self.packed = {f"{module}.weight": found for module, found in packed_modules(self.folder, self.tensors).items()}
+        self._parts: dict[str, TensorEntry] = {}
+        shapes = {name: entry.shape for name, entry in self.tensors.items()}
+        for name, found in self.packed.items():
+            for part in found.parts.values():
+                self._parts[part] = self.tensors.pop(part)
+            scale = self._parts[found.parts["weight_scale"]]
+            shape = unpacked_shape(found, shapes, lambda n: self._read_stored([n])[n])
+            self.tensors[name] = TensorEntry(file=scale.file, dtype=scale.dtype, shape=shape)
 
     def _shards(self, files: Iterable[str] | None) -> list[Path]:
         if files is not None:
@@ -91,16 +108,26 @@ class Checkpoint:
 
     # -- reading ----------------------------------------------------------------------
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` (fresh tensors, not views of the files).
+        """The tensors ``names`` (fresh tensors, not views of the files); packed weights
+        decompressed.
 
         Each shard is opened for this call only: safetensors maps a file into memory, and
         mapped pages that were read count as the process's resident memory for as long as
         the map is open — kept open, every layer read would stay "resident" until the end."""
+        from moekit.io.compressed import decompress
+
+        names = list(names)
+        out = self._read_stored([n for n in names if n not in self.packed])
+        for name in (n for n in names if n in self.packed):
+            out[name] = decompress(self.packed[name], self._read_stored(self.packed[name].parts.values()))
+        return out
+
+    def _read_stored(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
         from safetensors import safe_open
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
+            by_file.setdefault((self.tensors.get(name) or self._parts[name]).file, []).append(name)
         out = {}
         for file, wanted in by_file.items():
             with safe_open(str(file), framework="pt") as handle:
@@ -116,11 +143,16 @@ class Checkpoint:
         the reason `read` gives."""
         from safetensors import safe_open
 
+        names = list(names)
         by_file: dict[Path, list[str]] = {}
         for name in names:
-            by_file.setdefault(self.tensors[name].file, []).append(name)
+            if name not in self.packed:
+                by_file.setdefault(self.tensors[name].file, []).append(name)
         with contextlib.ExitStack() as stack:
             out = {}
+            packed = [n for n in names if n in self.packed]
+            if packed:  # small next to what they decompress to: read whole
+                out.update(self.read(packed))
             for file, wanted in by_file.items():
                 handle = stack.enter_context(safe_open(str(file), framework="pt"))
                 out.update({name: handle.get_slice(name) for name in wanted})

@@ -85,6 +85,9 @@ class LayeredModel:
         _allocate_big_blocks_by_mmap()
         config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
         checkpoint = Checkpoint(folder)
+        if checkpoint.packed:  # read decompressed (`Checkpoint`): the skeleton is the dense model
+            config.quantization_config = None
+            del config.quantization_config
         with init_empty_weights(include_buffers=False):
             model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
                                                      **from_config)

@@ -64,10 +64,13 @@ def load(
     path = check_model(name)
     if path is None:
         return _tiny(name).to(device=device, dtype=dtype)
+    from moekit.io.compressed import is_packed, load_packed
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
 
     if is_nonuniform(path):
         return load_nonuniform(path, dtype=dtype).to(device)
+    if is_packed(path):
+        return load_packed(path, dtype=dtype, device=device)
     try:
         model = AutoModelForCausalLM.from_pretrained(
             path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code

@@ -64,12 +64,20 @@ class ShardWriter:
         (safetensors' ``save_file`` would hold all their bytes as one more copy)."""
         from moekit.arch.storage import saved_tensors
 
+        from moekit.io import compressed
+
         state = {name: tensor.detach().to(self.plan.get(name, tensor.dtype))
                  for name, tensor in saved_tensors(self.model) if wanted(name)}
         if not self.native:
             from transformers.core_model_loading import revert_weight_conversion
 
             state = revert_weight_conversion(self.model, state)
+        book = compressed.ledger(self.model)
+        quantized = [name for name in book.params if wanted(name)]
+        schemes = {}
+        if quantized:
+            state, schemes = compressed.pack_state(self.model, state, quantized, book.scale_dtype)
+        compressed.write_sidecar(path, schemes)
         write_safetensors(path, state)
         return path
 
@@ -84,8 +92,8 @@ class ShardWriter:
         keeps one shard per decoder layer (plus one for the rest), hard-linked from the work
         folder: nothing is copied, and the work folder stays whole until the output is
         complete (a crash in between can resume)."""
-        self._write_config(out)
         paths = [self.path(part) for part in parts]
+        self._write_config(out, paths)
         total_size = sum(path.stat().st_size for path in paths)
         # A small model becomes one file, as save_pretrained writes it; a big one keeps a shard
         # per layer, linked, so its bytes are neither read back nor written twice.
@@ -111,11 +119,18 @@ class ShardWriter:
             (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
         return written
 
-    def _write_config(self, out: Path) -> None:
+    def _write_config(self, out: Path, paths: list[Path]) -> None:
+        from moekit.io.compressed import quantization_config, read_schemes
+
         model = self.model
         model.config.dtype = str(self.dtype).removeprefix("torch.")
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
+        schemes = read_schemes(paths)
+        if schemes:  # config.json gains the compressed-tensors description of what is packed
+            config = json.loads((out / "config.json").read_text())
+            config["quantization_config"] = quantization_config(schemes)
+            (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if model.can_generate() and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)
         if self.native:

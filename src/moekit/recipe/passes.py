@@ -27,6 +27,7 @@ from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.calib.calibrate import new_accumulator, observing
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.errors import MoekitError
+from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.progress import progress_bar
 from moekit.recipe.recipe import Recipe
@@ -41,6 +42,11 @@ class Phase:
     wanted: frozenset[str]
     hidden_sample: int
 
+    @property
+    def reads_inputs(self) -> bool:
+        """Its steps run each decoder layer themselves (`Step.reads_inputs`)."""
+        return any(step.reads_inputs for _, step in self.steps)
+
 
 def phases_of(recipe: Recipe) -> list[Phase]:
     """Split ``recipe`` into phases. Every calibration collects what any step of the
@@ -50,7 +56,10 @@ def phases_of(recipe: Recipe) -> list[Phase]:
     phases: list[Phase] = []
     stale = True
     for position, step in enumerate(recipe.steps):
-        if not phases or (step.needs() and stale):
+        # a step that runs the layer on its inputs gets a stream of its own, in which no
+        # step reads statistics (they would be measured on the layer it is changing)
+        after_inputs = bool(phases) and phases[-1].reads_inputs and bool(step.needs())
+        if not phases or (step.needs() and stale) or (step.reads_inputs and phases[-1].steps) or after_inputs:
             phases.append(Phase([], wanted, hidden))
             stale = False
         phases[-1].steps.append((position, step))
@@ -119,10 +128,17 @@ class RecipePass:
             for p in range(last + 1):
                 start = time.perf_counter()
                 status = f"layer {index + 1}/{len(self.lent)}" + (f", phase {p + 1}" if last else "")
+                phase = self.phases[p]
+                if phase.reads_inputs:  # the steps run the layer, then the stream goes through it
+                    if view is not None:
+                        result.digests[p].add_router(view.router.weight)
+                    self._apply_on_inputs(phase, index, layer, view, streams[p], result, advance, status)
+                    self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
+                    result.seconds[p] += time.perf_counter() - start
+                    continue
                 if view is None:
                     self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
                     continue
-                phase = self.phases[p]
                 if p == 0 and self.given is not None:  # statistics read, not computed: stream 0 idles
                     advance(len(streams[p]), status)
                     result.digests[p].add_router(view.router.weight)
@@ -147,6 +163,8 @@ class RecipePass:
                 self._apply(phase, index, view, stats, result, advance)
             if writer is not None:
                 writer.write_layer(index, f"{self.lent.family.layers}.{index}.")
+            else:  # a planning pass writes nothing: what a step left for the writer goes
+                ledger(self.lent.model).discard(f"{self.lent.family.layers}.{index}.")
             if work is not None:
                 self._commit(work, index, view, streams, result)
             if on_layer is not None:
@@ -159,6 +177,17 @@ class RecipePass:
         for position, step in phase.steps:
             report = step.apply_layer(self.lent.model, view, stats, plan=self.plans.get(position),
                                       on_progress=lambda s: advance(0, s))
+            result.per_layer.setdefault(position, {})[index] = report
+
+    def _apply_on_inputs(self, phase: Phase, index: int, layer: nn.Module, view, hidden: HiddenStates,
+                         result: PassResult, advance, status: str) -> None:
+        from moekit.calib.runner import LayerInputs
+
+        inputs = LayerInputs(self.streamer, index, layer, f"{self.lent.family.layers}.{index}.", hidden,
+                             on_batch=lambda b: advance(0, status))
+        for position, step in phase.steps:
+            report = step.apply_layer(self.lent.model, view, None, plan=self.plans.get(position),
+                                      on_progress=lambda s: advance(0, f"{status}: {s}"), inputs=inputs)
             result.per_layer.setdefault(position, {})[index] = report
 
     def _check_router(self, index: int, digest: str) -> None:

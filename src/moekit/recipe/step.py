@@ -32,6 +32,7 @@ class ModelInfo:
     num_experts: int
     top_k: int
     routing: RoutingSpec
+    config: Any = None  # the model's config, for checks that need widths
 
     @property
     def n_group(self) -> int:
@@ -52,6 +53,14 @@ class Step(BaseModel):
     def hidden_sample(self) -> int:
         """Input hidden states per layer this step reads (0: none)."""
         return 0
+
+    @property
+    def reads_inputs(self) -> bool:
+        """True for a step that runs each whole decoder layer (dense ones too) on its
+        calibration inputs itself: `apply_layer` then gets ``inputs`` (a
+        `moekit.calib.runner.LayerInputs`) before the stream goes through the layer, and no
+        statistics."""
+        return False
 
     def check(self, info: ModelInfo) -> None:
         """Raise MoekitError if the step cannot apply to this model."""

@@ -2,5 +2,6 @@
 
 from moekit.recipe.steps.merge import Merge
 from moekit.recipe.steps.prune import Prune
+from moekit.recipe.steps.quantize import Quantize
 
-__all__ = ["Merge", "Prune"]
+__all__ = ["Merge", "Prune", "Quantize"]

@@ -1,0 +1,292 @@
+"""Quantized checkpoints in compressed-tensors' ``pack-quantized`` format.
+
+This is what llm-compressor writes and what vLLM, SGLang and transformers (with the
+``compressed-tensors`` package) load: every quantized Linear ``X`` is stored as
+``X.weight_packed`` (int32, b-bit integers packed densely), ``X.weight_scale``,
+``X.weight_shape`` (and ``X.weight_zero_point`` when asymmetric), and config.json's
+``quantization_config`` lists ``config_groups``: a scheme (bits, group size, symmetry)
+and the module names it applies to. Routed experts are written per expert
+(``...experts.7.gate_proj.weight_packed``), the layout transformers' own reverse weight
+conversion gives fused experts, so the names are exactly those ``save_pretrained``
+writes for the unquantized model.
+
+While a layer is being compressed, a quantize step records the integers and scales of
+what it quantized in the model's `Ledger`, keyed by parameter name in the model's own
+(fused) layout; `ShardWriter` packs them when it writes the layer, passing integers,
+scales and bit widths through the same reverse conversion as the weights, so moekit
+never spells a family's checkpoint names. Which scheme each written module got is kept
+beside the layer's shard (``layer-NNNNN.quant.json``), so a resumed run builds the same
+config.
+
+Only one thing here is moekit's own: transformers 5 decompresses fused experts with
+*one* scheme for all of them (``get_experts_scheme``), so a checkpoint whose experts have
+different bit widths (mixed precision) loads correctly only through `moekit.load`; the
+config says so in ``moekit_note``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import weakref
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from moekit.methods.quantize.scheme import QuantScheme
+
+
+@dataclass
+class QuantizedParam:
+    """One model parameter's quantization, in the parameter's own layout.
+
+    Shapes for a Linear weight [out, in]: ``values`` int8 [out, in], ``scale`` [out, G],
+    ``zero_point`` int8 [out, G] or None, ``bits`` int8 [out, 1]. A fused experts tensor
+    [E, out, in] has the same with a leading E (each expert may have its own bits).
+    """
+
+    values: torch.Tensor
+    scale: torch.Tensor
+    zero_point: torch.Tensor | None
+    bits: torch.Tensor
+    group_size: int | None
+    symmetric: bool
+
+
+@dataclass
+class Ledger:
+    """What has been quantized in one model and not yet written."""
+
+    scale_dtype: torch.dtype = torch.float32
+    params: dict[str, QuantizedParam] = field(default_factory=dict)
+
+    def discard(self, prefix: str) -> None:
+        """Forget what was recorded under ``prefix`` (a pass that does not write)."""
+        for name in [n for n in self.params if n.startswith(prefix)]:
+            del self.params[name]
+
+
+_LEDGERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def ledger(model: nn.Module, *, scale_dtype: torch.dtype | None = None) -> Ledger:
+    """The model's ledger (made on first use; ``scale_dtype`` sets the dtype scales are
+    saved in, the output checkpoint's)."""
+    found = _LEDGERS.get(model)
+    if found is None:
+        found = _LEDGERS[model] = Ledger()
+    if scale_dtype is not None:
+        found.scale_dtype = scale_dtype
+    return found
+
+
+def stacked(weights: list) -> QuantizedParam:
+    """The `QuantizedParam` of a fused experts tensor from each expert's `QuantizedWeight`
+    (all with the same group size and symmetry; bits may differ)."""
+    first = weights[0].scheme
+    zero = None if first.symmetric else torch.stack([w.zero_point for w in weights])
+    bits = torch.stack([torch.full((w.values.shape[0], 1), w.scheme.bits, dtype=torch.int8) for w in weights])
+    return QuantizedParam(torch.stack([w.values for w in weights]), torch.stack([w.scale for w in weights]), zero,
+                          bits, first.group_size, first.symmetric)
+
+
+def single(weight) -> QuantizedParam:
+    """The `QuantizedParam` of a Linear's weight from its `QuantizedWeight`."""
+    bits = torch.full((weight.values.shape[0], 1), weight.scheme.bits, dtype=torch.int8)
+    return QuantizedParam(weight.values, weight.scale, weight.zero_point, bits, weight.scheme.group_size,
+                          weight.scheme.symmetric)
+
+
+def pack_state(model: nn.Module, state: dict[str, torch.Tensor], names: list[str],
+               scale_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Replace, in ``state`` (checkpoint names, after the reverse conversion), every weight
+    that came from one of the ledger's parameters ``names`` by its packed tensors. Returns
+    the new state and {module name: scheme key} (see `scheme_key`)."""
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+    from transformers.core_model_loading import revert_weight_conversion
+
+    book = ledger(model)
+    entries = {name: book.params.pop(name) for name in names}
+
+    def reverted(attr: str) -> dict[str, torch.Tensor]:
+        return revert_weight_conversion(model, {n: getattr(e, attr) for n, e in entries.items()})
+
+    values, scales, bits = reverted("values"), reverted("scale"), reverted("bits")
+    zeros = reverted("zero_point") if any(e.zero_point is not None for e in entries.values()) else {}
+    layout = {n: (e.group_size, e.symmetric) for n, e in entries.items()}
+    if len({*layout.values()}) > 1:
+        raise ValueError("one layer's quantized tensors must share group size and symmetry")
+    group_size, symmetric = next(iter(layout.values()))
+    out = dict(state)
+    schemes: dict[str, str] = {}
+    for key, ints in values.items():
+        if not key.endswith(".weight") or key not in out:
+            raise ValueError(f"quantized {key} has no weight of that name in the checkpoint layout")
+        module = key[: -len(".weight")]
+        b = int(bits[key].reshape(-1)[0])
+        del out[key]
+        out[f"{module}.weight_packed"] = pack_to_int32(ints.contiguous(), b)
+        out[f"{module}.weight_scale"] = scales[key].to(scale_dtype).contiguous()
+        out[f"{module}.weight_shape"] = torch.tensor(ints.shape)
+        if not symmetric:
+            out[f"{module}.weight_zero_point"] = pack_to_int32(zeros[key].contiguous(), b, packed_dim=0).contiguous()
+        schemes[module] = scheme_key(QuantScheme(b, group_size, symmetric))
+    return out, schemes
+
+
+def scheme_key(scheme: QuantScheme) -> str:
+    return f"{scheme.bits}/{scheme.group_size or 'channel'}/{'sym' if scheme.symmetric else 'asym'}"
+
+
+def scheme_of(key: str) -> QuantScheme:
+    bits, group, symmetry = key.split("/")
+    return QuantScheme(int(bits), None if group == "channel" else int(group), symmetry == "sym")
+
+
+def sidecar(shard: Path) -> Path:
+    return shard.with_name(shard.name.removesuffix(".safetensors") + ".quant.json")
+
+
+def write_sidecar(shard: Path, schemes: dict[str, str]) -> None:
+    path = sidecar(shard)
+    if schemes:
+        path.write_text(json.dumps(schemes, indent=1, sort_keys=True))
+    elif path.exists():
+        path.unlink()
+
+
+def read_schemes(shards: list[Path]) -> dict[str, str]:
+    """{module: scheme key} over the shards' sidecars."""
+    schemes: dict[str, str] = {}
+    for shard in shards:
+        if sidecar(shard).exists():
+            schemes.update(json.loads(sidecar(shard).read_text()))
+    return schemes
+
+
+_INDEXED = re.compile(r"(layers|experts)\.\d+\.")
+
+
+def _pattern(module: str) -> str:
+    """The module's name with layer and expert numbers generalised, as a target regex."""
+    out, start = "", 0
+    for match in _INDEXED.finditer(module):
+        out += re.escape(module[start:match.start()]) + match.group(1) + r"\.\d+\."
+        start = match.end()
+    return "re:^" + out + re.escape(module[start:]) + "$"
+
+
+def quantization_config(schemes: dict[str, str]) -> dict:
+    """config.json's ``quantization_config`` for {module: scheme key}: one config group
+    per scheme. A group's targets generalise layer and expert numbers when that matches
+    no module of another scheme (so a uniform model needs a handful of regexes); otherwise
+    they list its modules by name."""
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
+
+    patterns: dict[str, set[str]] = {}
+    for module, key in schemes.items():
+        patterns.setdefault(_pattern(module), set()).add(key)
+    by_scheme: dict[str, list[str]] = {}
+    for module, key in sorted(schemes.items()):
+        pattern = _pattern(module)
+        target = pattern if len(patterns[pattern]) == 1 else module
+        if target not in by_scheme.setdefault(key, []):
+            by_scheme[key].append(target)
+    # transformers decompresses all fused experts with the first group whose regex targets
+    # mention experts: put the most common expert scheme first
+    order = sorted(by_scheme, key=lambda k: -sum(1 for m, s in schemes.items() if s == k and ".experts." in m))
+    groups = {f"group_{n}": QuantizationScheme(targets=by_scheme[key], weights=scheme_of(key).args(),
+                                               format="pack-quantized")
+              for n, key in enumerate(order)}
+    config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
+                                ignore=["lm_head"])
+    out = {"quant_method": "compressed-tensors", **config.model_dump(exclude_none=True)}
+    expert_schemes = {s for m, s in schemes.items() if ".experts." in m}
+    if len(expert_schemes) > 1:
+        out["moekit_note"] = ("routed experts have different bit widths: load with moekit.load (transformers "
+                              "decompresses every fused expert with one scheme)")
+    return out
+
+
+# -- reading ------------------------------------------------------------------------------
+_PARTS = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point")
+
+
+@dataclass(frozen=True)
+class PackedModule:
+    """One pack-quantized Linear of a checkpoint: its scheme (a compressed-tensors
+    ``QuantizationScheme``) and the checkpoint names of its parts."""
+
+    scheme: object
+    parts: dict[str, str]
+
+
+def packed_modules(folder: Path, names) -> dict[str, PackedModule]:
+    """{module: `PackedModule`} for a compressed-tensors ``pack-quantized`` checkpoint in
+    ``folder`` whose tensors are ``names`` (empty for any other checkpoint)."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return {}
+    config = json.loads(config_file.read_text()).get("quantization_config") or {}
+    if config.get("quant_method") != "compressed-tensors":
+        return {}
+    from compressed_tensors.quantization import QuantizationConfig
+    from compressed_tensors.utils.match import match_name
+
+    from moekit.errors import MoekitError
+
+    parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k != "moekit_note"})
+    modules: dict[str, PackedModule] = {}
+    names = set(names)
+    for name in sorted(n for n in names if n.endswith(".weight_packed")):
+        module = name.removesuffix(".weight_packed")
+        scheme = next((group for group in parsed.config_groups.values()
+                       if any(match_name(module, target) for target in group.targets)), None)
+        if scheme is None or (scheme.format or parsed.format) != "pack-quantized":
+            raise MoekitError(f"{folder}: {module} is packed but no pack-quantized config group of config.json "
+                              "targets it; the quantization_config does not describe these weights.")
+        parts = {part: f"{module}.{part}" for part in _PARTS if f"{module}.{part}" in names}
+        modules[module] = PackedModule(scheme, parts)
+    return modules
+
+
+def unpacked_shape(module: PackedModule, shapes: dict[str, tuple[int, ...]], read) -> tuple[int, int]:
+    """[out, in] of a packed Linear: from its scales for grouped schemes, else its stored
+    ``weight_shape`` (``read(name)`` reads one small tensor)."""
+    weights = module.scheme.weights
+    out = shapes[module.parts["weight_packed"]][0]
+    if weights.strategy == "group":
+        return out, shapes[module.parts["weight_scale"]][-1] * weights.group_size
+    return tuple(int(v) for v in read(module.parts["weight_shape"]).tolist())
+
+
+def decompress(module: PackedModule, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The dense weight [out, in] (in the scale's dtype) from the module's parts
+    ``tensors`` ({part name: tensor}), with compressed-tensors' own decompressor."""
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
+
+    state = {part: tensors[name] for part, name in module.parts.items()}
+    return PackedQuantizationCompressor.decompress(state, module.scheme)["weight"]
+
+
+def is_packed(folder: Path) -> bool:
+    """Whether ``folder`` holds a compressed-tensors checkpoint."""
+    config_file = Path(folder) / "config.json"
+    if not config_file.is_file():
+        return False
+    config = json.loads(config_file.read_text()).get("quantization_config") or {}
+    return config.get("quant_method") == "compressed-tensors"
+
+
+def load_packed(folder: Path, *, dtype: torch.dtype, device) -> nn.Module:
+    """A compressed-tensors checkpoint as a dense model in ``dtype``, each Linear
+    decompressed by its own config group's scheme (transformers applies one scheme to all
+    fused experts, so a mixed-precision checkpoint loads correctly only this way)."""
+    from moekit.io.layered import LayeredModel
+
+    lent = LayeredModel.from_checkpoint(folder, dtype=dtype, device=device)
+    for index in range(len(lent)):
+        lent.layer(index)
+    return lent.model.eval()

@@ -1,0 +1,167 @@
+"""The ``quantize`` step: integer weights for every Linear of the decoder and every routed
+expert, saved as a compressed-tensors ``pack-quantized`` checkpoint (`moekit.io.compressed`).
+
+GPTQ (Frantar et al. 2022, arXiv 2210.17323) runs inside the layer-streamed loop: a
+decoder layer's sub-modules are quantized in call order, each from the calibration
+inputs that went through the already quantized ones (`moekit.methods.quantize.sequential`),
+and the next layer reads what the quantized layer outputs. Routed experts get a Hessian
+each, from their routed tokens, gate-weighted tokens (MoEQuant, arXiv 2505.03804) or all
+tokens, falling back to all tokens when too few were routed, so no expert is left
+unquantized or quantized blind. Routers, norms, biases, embeddings and the head keep the
+source dtype.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+from torch import nn
+
+from moekit.errors import MoekitError
+from moekit.methods.quantize.scheme import QuantScheme
+from moekit.recipe.step import ModelInfo, Step, register_step
+
+Target = Literal["linear", "experts"]
+
+
+@register_step
+class Quantize(Step):
+    """Quantize weights to ``bits`` (routed experts to ``expert_bits`` when set) with
+    ``method`` (``rtn`` round to nearest, ``gptq``), ``group_size`` input columns per scale
+    (``null``: one scale per output channel), symmetric or not. ``targets`` chooses what:
+    ``linear`` (attention, dense MLPs, shared experts) and ``experts`` (routed experts)."""
+
+    name = "quantize"
+    type: Literal["quantize"] = "quantize"
+    method: Literal["rtn", "gptq"] = "gptq"
+    bits: int = 4
+    expert_bits: int | None = None
+    group_size: int | None = 128
+    symmetric: bool = True
+    targets: list[Target] = Field(default_factory=lambda: ["linear", "experts"], min_length=1)
+    act_order: bool = False
+    damp: float = Field(default=0.01, ge=0)
+    block_size: int = Field(default=128, ge=1)
+    expert_calibration: Literal["routed", "all", "gate_weighted"] = "routed"
+    min_tokens: int = Field(default=16, ge=0, description="routed tokens below which an expert's Hessian uses all tokens")
+
+    @property
+    def reads_inputs(self) -> bool:
+        return True  # every decoder layer, dense ones too; round to nearest just never runs it
+
+    @property
+    def changes_structure(self) -> bool:
+        return True  # not the shapes, but every later measurement: a later step recalibrates
+
+    def scheme(self) -> QuantScheme:
+        return QuantScheme(self.bits, self.group_size, self.symmetric)
+
+    def expert_scheme(self) -> QuantScheme:
+        return QuantScheme(self.expert_bits or self.bits, self.group_size, self.symmetric)
+
+    def check(self, info: ModelInfo) -> None:
+        for bits, what in ((self.bits, "bits"), (self.expert_bits, "expert_bits")):
+            if bits is not None:
+                QuantScheme(bits, None).check(1, f"quantize: {what}")
+        if info.config is None:
+            return
+        skeleton = _skeleton(info.config)
+        if "experts" in self.targets and not _experts_saved_per_expert(skeleton):
+            raise MoekitError(
+                f"quantize: {info.family} checkpoints store routed experts as fused 3-D tensors, which "
+                "compressed-tensors (one Linear at a time) cannot describe; quantize its other Linears with "
+                "targets: [linear].")
+        for where, in_features in _in_features(skeleton, self.targets):
+            QuantScheme(self.bits, self.group_size).check(in_features, f"quantize: {where}")
+
+    def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None, inputs=None) -> dict:
+        """Quantize the decoder layer ``inputs`` lends (``layer``: its MoE view, None when
+        dense), running it on its calibration inputs for GPTQ."""
+        if inputs is None:
+            raise MoekitError("quantize works on a whole decoder layer with its calibration inputs: run it through "
+                              "moekit.compress.")
+        return self._quantize(model, inputs.layer, inputs.prefix, layer, run=inputs.run, on_progress=on_progress)
+
+    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
+        """A model held in memory, round to nearest only (GPTQ reads the inputs a streamed
+        pass provides)."""
+        if self.method == "gptq":
+            raise MoekitError("quantize with method gptq reads each layer's calibration inputs: run it through "
+                              "moekit.compress (or use method: rtn).")
+        from moekit.arch.discover import family_of, view_layer
+
+        prefixes = {id(module): name + "." for name, module in model.named_modules()}
+        return self.report({
+            index: self._quantize(model, decoder, prefixes[id(decoder)], view_layer(model, index), run=None)
+            for index, decoder in enumerate(family_of(model).decoder_layers(model))})
+
+    def _quantize(self, model: nn.Module, decoder: nn.Module, prefix: str, view, *, run, on_progress=None) -> dict:
+        from moekit.io import compressed
+        from moekit.methods.quantize.sequential import LayerQuantization, quantize_layer
+
+        book = compressed.ledger(model)
+        expert_scheme = self.expert_scheme()
+        spec = LayerQuantization(
+            method=self.method, linear=self.scheme() if "linear" in self.targets else None,
+            experts=(lambda j: expert_scheme) if "experts" in self.targets else None,
+            expert_calibration=self.expert_calibration, min_tokens=self.min_tokens, damp=self.damp,
+            act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype)
+        result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress)
+        for name, weight in result.linears.items():
+            book.params[f"{prefix}{name}.weight"] = compressed.single(weight)
+        report: dict = {"linears": len(result.linears)}
+        if result.experts:
+            experts_path = next(n for n, m in decoder.named_modules() if m is view.experts.module)
+            book.params[f"{prefix}{experts_path}.gate_up_proj"] = compressed.stacked([g for g, _ in result.experts])
+            book.params[f"{prefix}{experts_path}.down_proj"] = compressed.stacked([d for _, d in result.experts])
+            report["experts"] = len(result.experts)
+            if result.tokens:
+                report["tokens"] = result.tokens
+                report["fallback"] = result.fallback
+        notes = sorted({note for w in [*result.linears.values(), *(x for pair in result.experts for x in pair)]
+                        for note in w.notes})
+        if notes:
+            report["notes"] = notes
+        return report
+
+
+def _skeleton(config) -> nn.Module:
+    """The model built on the meta device from its config (no weights), for checks."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    with init_empty_weights():
+        return AutoModelForCausalLM.from_config(config)
+
+
+def _experts_saved_per_expert(skeleton: nn.Module) -> bool:
+    """Whether the family's checkpoints store each routed expert's projections as 2-D
+    Linear weights (what transformers' reverse conversion writes), not one fused tensor."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from moekit.arch.discover import moe_layers
+
+    layers = moe_layers(skeleton)
+    if not layers:
+        return True
+    module = layers[0].experts.module
+    fused = {name: p for name, p in skeleton.named_parameters() if p is module.gate_up_proj or p is module.down_proj}
+    return all(t.dim() == 2 for t in revert_weight_conversion(skeleton, fused).values())
+
+
+def _in_features(skeleton: nn.Module, targets: list[str]) -> list[tuple[str, int]]:
+    """(what, input width) of every Linear the step would quantize."""
+    from moekit.arch.discover import family_of, view_layer
+    from moekit.methods.quantize.sequential import target_linears
+
+    found: dict[tuple[str, int], None] = {}
+    for index, decoder in enumerate(family_of(skeleton).decoder_layers(skeleton)):
+        view = view_layer(skeleton, index)
+        if "linear" in targets:
+            for name, module in target_linears(decoder, view).items():
+                found[(name, module.in_features)] = None
+        if "experts" in targets and view is not None:
+            found[("experts gate/up", view.experts.hidden_size)] = None
+            found[("experts down", view.experts.intermediate_size)] = None
+    return list(found)
