@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -104,8 +105,11 @@ def test_plan_gives_the_sizes_compress_reports(family, workspace, recommended_on
 @pytest.mark.parametrize("preset", sorted(presets()))
 def test_every_preset_runs(workspace, tmp_path, preset):
     report = _compress(workspace, "qwen2_moe", preset, tmp_path / "out")
-    kept = 8 - round(8 * float(preset.rsplit("-", 1)[1]) / 100)
+    share = re.search(r"-(\d\d)", preset)  # prune-50-w4 removes half; w4a16 removes none
+    kept = 8 - round(8 * float(share.group(1)) / 100) if share else 8
     assert set(report["after"]["experts_per_layer"].values()) == {kept}
+    quantizes = any(step["type"] == "quantize" for step in report["recipe"]["steps"])
+    assert ("quantization_config" in json.loads((tmp_path / "out" / "config.json").read_text())) == quantizes
 
 
 def test_too_few_calibration_tokens_for_the_recipe_is_noted_with_the_fix(workspace, tmp_path):

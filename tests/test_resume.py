@@ -19,6 +19,8 @@ from tests.checkpoints import write_checkpoints
 
 GLOBAL = {"steps": [{"type": "prune", "method": "frequency", "keep": 4, "budget": "global"},
                     {"type": "merge", "keep": 3}]}
+PRUNE_QUANTIZE = {"steps": [{"type": "prune", "method": "reap", "keep": 4},
+                            {"type": "quantize", "bits": 4, "group_size": 8}]}
 
 # Runs a compress in a child process that SIGKILLs itself at one event ("layer" k finished,
 # or the n-th output file "saved"): a real kill -9 at a known point, not an exception.
@@ -54,7 +56,8 @@ def _files(folder: Path) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.name != "report.json"}
 
 
-@pytest.mark.parametrize("recipe", ["prune-50", GLOBAL], ids=["prune-50", "global-then-merge"])
+@pytest.mark.parametrize("recipe", ["prune-50", GLOBAL, PRUNE_QUANTIZE],
+                         ids=["prune-50", "global-then-merge", "prune-then-gptq"])
 def test_killed_anywhere_then_resumed_gives_the_same_bytes(source, tmp_path, recipe):
     recipe = {"steps": moekit.Recipe.from_dict(recipe).to_dict()["steps"]} if isinstance(recipe, dict) else \
         load_recipe(recipe).to_dict()

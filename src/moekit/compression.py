@@ -214,8 +214,12 @@ def compress(
     budget.close()
 
     with atomic_dir(out) as tmp:
-        writer.finish(tmp, [*range(len(lent)), OUTER], max_shard_size=parse_bytes(max_shard_size),
-                      on_file=on_event and (lambda n: on_event("saved", n)))
+        written = writer.finish(tmp, [*range(len(lent)), OUTER], max_shard_size=parse_bytes(max_shard_size),
+                                on_file=on_event and (lambda n: on_event("saved", n)))
+        if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
+            from moekit.io.checkpoint import Checkpoint
+
+            report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
         tok.save_pretrained(tmp)
         if eval_rows is not None:
             saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)

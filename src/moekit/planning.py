@@ -57,16 +57,23 @@ def plan(
     skeleton = _skeleton(config)
     before = summary(skeleton, source)
     exact = True
+    quantized = []
     for step in recipe.steps:
         keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.kept_per_layer(layer.num_experts),
                                                          layer.router.spec.n_group)
                                 for layer in moe_layers(skeleton)})
         exact = exact and step.counts_known_in_advance
+        if hasattr(step, "planned"):
+            quantized.append(step.planned(skeleton, stored))
     notes = [] if exact else [
         "budget: global lets calibration decide how many experts each layer keeps; parameters and bytes are "
         "exact, per-layer counts and active parameters per token are shown for an even split."]
+    after = summary(skeleton, stored)
+    if quantized:  # packed integers and scales replace the weights they quantize
+        after["bytes"] += sum(q["bytes_after"] - q["bytes_before"] for q in quantized)
+        after["quantization"] = quantized
     return {"model": name, "recipe": recipe.to_dict(), "dtype": str(stored).removeprefix("torch."),
-            "before": before, "after": summary(skeleton, stored), "exact_per_layer": exact, "notes": notes}
+            "before": before, "after": after, "exact_per_layer": exact, "notes": notes}
 
 
 def _skeleton(config: Any) -> nn.Module:

@@ -196,3 +196,14 @@ def test_the_packed_bytes_are_what_the_scheme_says(sources, tmp_path):
                          for part, size in (("weight_packed", 4), ("weight_scale", 2), ("weight_shape", 8)))
             assert f.get_tensor(f"{module}.weight_scale").dtype == torch.bfloat16
             assert stored == scheme.packed_bytes(*shape, scale_bytes=2), module
+
+
+@pytest.mark.parametrize("preset", ["w4a16", "prune-50-w4"])
+def test_the_plan_gives_the_bytes_the_checkpoint_has(sources, tmp_path, preset):
+    """`moekit.plan` counts the packed checkpoint exactly, before any weight is read."""
+    planned = moekit.plan(str(sources / "qwen3_moe"), preset, dtype="bfloat16")
+    report = moekit.compress(str(sources / "qwen3_moe"), preset, out_dir=tmp_path / "out", dtype="bfloat16",
+                             data=str(sources / "data"), n_samples=4, seq_len=32, progress=False)
+    stored = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
+    assert planned["after"]["bytes"] == report["after"]["bytes"] <= stored < report["after"]["bytes"] + 65536
+    assert planned["after"]["quantization"][0]["group_size"] == 16  # 128 halved until it divides 16 and 32

@@ -174,7 +174,14 @@ class Checkpoint:
 
     @property
     def nbytes(self) -> int:
+        """Bytes of the weights as read (packed weights decompressed)."""
         return sum(e.nbytes for e in self.tensors.values())
+
+    @property
+    def stored_bytes(self) -> int:
+        """Bytes of the tensors as stored (packed weights packed)."""
+        dense = sum(e.nbytes for name, e in self.tensors.items() if name not in self.packed)
+        return dense + sum(e.nbytes for e in self._parts.values())
 
     def fingerprint(self) -> str:
         """A digest of names, dtypes, shapes, file sizes and modification times: it changes

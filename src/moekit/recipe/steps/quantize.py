@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from pydantic import Field
 from torch import nn
 
@@ -38,6 +39,8 @@ class Quantize(Step):
     bits: int = 4
     expert_bits: int | None = None
     group_size: int | None = 128
+    fit_group_size: bool = Field(default=False, description="use the largest of group_size, group_size/2, ... "
+                                 "(at least 16) that divides every quantized width; else one scale per channel")
     symmetric: bool = True
     targets: list[Target] = Field(default_factory=lambda: ["linear", "experts"], min_length=1)
     act_order: bool = False
@@ -54,11 +57,56 @@ class Quantize(Step):
     def changes_structure(self) -> bool:
         return True  # not the shapes, but every later measurement: a later step recalibrates
 
-    def scheme(self) -> QuantScheme:
-        return QuantScheme(self.bits, self.group_size, self.symmetric)
+    def scheme(self, group_size: int | None) -> QuantScheme:
+        return QuantScheme(self.bits, group_size, self.symmetric)
 
-    def expert_scheme(self) -> QuantScheme:
-        return QuantScheme(self.expert_bits or self.bits, self.group_size, self.symmetric)
+    def expert_scheme(self, group_size: int | None) -> QuantScheme:
+        return QuantScheme(self.expert_bits or self.bits, group_size, self.symmetric)
+
+    def group_size_for(self, skeleton: nn.Module) -> int | None:
+        """The group size used on this model: ``group_size``, or with ``fit_group_size`` the
+        largest halving of it that divides every width quantized (one size for the whole
+        model: transformers decompresses all experts with one scheme)."""
+        if not self.fit_group_size or self.group_size is None:
+            return self.group_size
+        widths = {width for _, width in _in_features(skeleton, self.targets)}
+        size = self.group_size
+        while size >= 16:
+            if all(width % size == 0 for width in widths):
+                return size
+            size //= 2
+        return None
+
+    def planned(self, skeleton: nn.Module, stored: torch.dtype) -> dict:
+        """What this step makes of ``skeleton`` (shapes only), exactly as saved: the Linears
+        and expert projections it quantizes, their bytes before (in ``stored``) and after
+        (packed integers, scales in ``stored``), and the average bits per weight after."""
+        from moekit.arch.discover import family_of, view_layer
+        from moekit.methods.quantize.sequential import target_linears
+
+        group_size = self.group_size_for(skeleton)
+        size = stored.itemsize
+        weights = before = after = modules = 0
+
+        def add(scheme: QuantScheme, out_features: int, in_features: int, count: int = 1) -> None:
+            nonlocal weights, before, after, modules
+            weights += count * out_features * in_features
+            before += count * out_features * in_features * size
+            after += count * scheme.packed_bytes(out_features, in_features, scale_bytes=size)
+            modules += count
+
+        for index, decoder in enumerate(family_of(skeleton).decoder_layers(skeleton)):
+            view = view_layer(skeleton, index)
+            if "linear" in self.targets:
+                for module in target_linears(decoder, view).values():
+                    add(self.scheme(group_size), module.out_features, module.in_features)
+            if "experts" in self.targets and view is not None:
+                e, hidden, inner = view.num_experts, view.experts.hidden_size, view.experts.intermediate_size
+                add(self.expert_scheme(group_size), inner, hidden, 2 * e)  # gate, up
+                add(self.expert_scheme(group_size), hidden, inner, e)  # down
+        return {"bits": self.bits, "expert_bits": self.expert_bits or self.bits, "group_size": group_size,
+                "modules": modules, "bytes_before": before, "bytes_after": after,
+                "average_bits": round(8 * after / max(weights, 1), 3)}
 
     def check(self, info: ModelInfo) -> None:
         for bits, what in ((self.bits, "bits"), (self.expert_bits, "expert_bits")):
@@ -72,8 +120,9 @@ class Quantize(Step):
                 f"quantize: {info.family} checkpoints store routed experts as fused 3-D tensors, which "
                 "compressed-tensors (one Linear at a time) cannot describe; quantize its other Linears with "
                 "targets: [linear].")
+        group_size = self.group_size_for(skeleton)
         for where, in_features in _in_features(skeleton, self.targets):
-            QuantScheme(self.bits, self.group_size).check(in_features, f"quantize: {where}")
+            QuantScheme(self.bits, group_size).check(in_features, f"quantize: {where}")
 
     def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None, inputs=None) -> dict:
         """Quantize the decoder layer ``inputs`` lends (``layer``: its MoE view, None when
@@ -101,16 +150,17 @@ class Quantize(Step):
         from moekit.methods.quantize.sequential import LayerQuantization, quantize_layer
 
         book = compressed.ledger(model)
-        expert_scheme = self.expert_scheme()
+        group_size = self.group_size_for(model)  # the skeleton's shapes are enough
+        expert_scheme = self.expert_scheme(group_size)
         spec = LayerQuantization(
-            method=self.method, linear=self.scheme() if "linear" in self.targets else None,
+            method=self.method, linear=self.scheme(group_size) if "linear" in self.targets else None,
             experts=(lambda j: expert_scheme) if "experts" in self.targets else None,
             expert_calibration=self.expert_calibration, min_tokens=self.min_tokens, damp=self.damp,
             act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype)
         result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress)
         for name, weight in result.linears.items():
             book.params[f"{prefix}{name}.weight"] = compressed.single(weight)
-        report: dict = {"linears": len(result.linears)}
+        report: dict = {"linears": len(result.linears), "group_size": group_size}
         if result.experts:
             experts_path = next(n for n, m in decoder.named_modules() if m is view.experts.module)
             book.params[f"{prefix}{experts_path}.gate_up_proj"] = compressed.stacked([g for g, _ in result.experts])
