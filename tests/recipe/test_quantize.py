@@ -207,3 +207,42 @@ def test_the_plan_gives_the_bytes_the_checkpoint_has(sources, tmp_path, preset):
     stored = sum(f.stat().st_size for f in (tmp_path / "out").glob("*.safetensors"))
     assert planned["after"]["bytes"] == report["after"]["bytes"] <= stored < report["after"]["bytes"] + 65536
     assert planned["after"]["quantization"][0]["group_size"] == 16  # 128 halved until it divides 16 and 32
+
+
+def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(sources, tmp_path):
+    """average_bits 3: the experts' bits (chosen across all layers by the MILP) fit the bytes
+    of every expert at 3 bits; each expert is packed at its own width and `moekit.load`
+    decompresses it with its own scheme (at most 2**bits values per scale group)."""
+    from moekit.io.load import load_config
+    from moekit.methods.quantize.allocate import budget_for_average_bits
+    from moekit.planning import _skeleton
+    from moekit.recipe.steps.quantize import Quantize
+
+    step = {**W4, "average_bits": 3.0}
+    report = _compress(sources, "qwen3_moe", tmp_path / "out", step)["steps"][0]
+    bits = {(int(i), j): b for i, layer in report["bits"].items() for j, b in enumerate(layer)}
+    assert set(bits.values()) <= {2, 3, 4, 8} and len(set(bits.values())) > 1
+    quantize = Quantize.model_validate(step)
+    costs = quantize.expert_costs(_skeleton(load_config(str(sources / "qwen3_moe"))))
+    assert sum(costs[key][b] for key, b in bits.items()) <= budget_for_average_bits(costs, 3.0)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert "moekit.load" in config["moekit_note"]
+    model = moekit.load(tmp_path / "out")
+    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+        for (i, j), b in bits.items():
+            packed = f.get_slice(f"model.layers.{i}.mlp.experts.{j}.down_proj.weight_packed").get_shape()
+            assert packed[1] == math.ceil(16 * b / 32)  # down: 16 inputs per row
+    for layer in moekit.moe_layers(model):
+        for j in range(layer.num_experts):
+            groups = layer.experts.down[j].reshape(-1, 8)  # one row's group of 8 columns shares a scale
+            most = max(len(set(g.tolist())) for g in groups)
+            assert most <= 2 ** bits[layer.index, j], (layer.index, j)
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"average_bits": 1.5}, "outside bit_options"),
+    ({"average_bits": 3.0, "expert_bits": 4}, "drop expert_bits"),
+])
+def test_bad_mixed_precision_budgets_are_refused_before_weights_load(sources, tmp_path, step, message):
+    with pytest.raises(MoekitError, match=message):
+        _compress(sources, "qwen3_moe", tmp_path / "out", {**W4, **step})

@@ -134,6 +134,16 @@ class Experts:
             up = up + self.up_bias[expert]
         return self.glu(gate, up)
 
+    def forward_with(self, expert: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
+        """f_j(x) with expert ``expert``'s weights replaced by ``gate_up`` [2I, H] and ``down``
+        [H, I] (canonical orientation; biases kept): what a changed expert would output."""
+        halves = self._half(gate_up[None], 0)[0], self._half(gate_up[None], 1)[0]
+        gate, up = x @ halves[0].T, x @ halves[1].T
+        if self.gate_up_bias is not None:
+            gate, up = gate + self.gate_bias[expert], up + self.up_bias[expert]
+        out = self.glu(gate, up) @ down.T
+        return out + self.down_bias[expert] if self.down_bias is not None else out
+
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """f_j(x): expert ``expert`` applied to x [N, H] -> [N, H], unweighted."""
         out = self.intermediate(expert, x) @ self.down[expert].T

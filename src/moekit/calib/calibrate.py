@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moekit.arch.layer import MoELayer
-from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator
+from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator, known_statistic
 from moekit.calib.stats import CalibrationStats, ModelDigest, data_fingerprint
 from moekit.errors import MoekitError
 from moekit.io.layered import LayeredModel
@@ -36,7 +36,7 @@ def check_input_ids(config, vocab_size: int, input_ids: torch.Tensor) -> None:
 def check_statistics(statistics: Iterable[str], hidden_sample: int) -> frozenset[str]:
     """The statistics to collect (``frequency`` always), checked by name."""
     wanted = frozenset({"frequency", *statistics})
-    unknown = sorted(wanted - set(STATISTICS))
+    unknown = sorted(name for name in wanted if not known_statistic(name))
     if unknown:
         raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
     if "hidden_sample" in wanted and hidden_sample <= 0:

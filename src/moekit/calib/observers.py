@@ -33,7 +33,31 @@ STATISTICS: dict[str, str] = {
     "logit_similarity": "[E, E] cosine between experts' router-logit columns over all tokens",
     "mean_output": "[E, H] mean of f_j(x) over ALL tokens (HC-SMoE); runs every expert on every token",
     "hidden_sample": "[n, H] a seeded, bounded uniform sample of the layer's input hidden states",
+    "quant_error_g<G>": "[E, 4] Σ over X_j of ‖g_j(x)(f_j(x) − f̂_j(x))‖² / Σ_x ‖routed output‖², f̂_j with the "
+                        "expert rounded to nearest at 2, 3, 4, 8 bits, groups of G (0: per channel); "
+                        "for mixed precision (MC-MoE)",
 }
+QUANT_BITS = (2, 3, 4, 8)
+QUANT_ERROR = "quant_error_g"
+
+
+def quant_error_name(group_size: int | None, *, fit: bool = False) -> str:
+    """The statistic of expert quantization errors with groups of ``group_size`` (``fit``:
+    halved until it divides the experts' widths, `fitted_group_size`)."""
+    return f"{QUANT_ERROR}{group_size or 0}{'_fit' if fit else ''}"
+
+
+def _quant_error_group(name: str, widths: tuple[int, int]) -> int | None:
+    from moekit.methods.quantize.scheme import fitted_group_size
+
+    size, _, fit = name.removeprefix(QUANT_ERROR).partition("_")
+    group = int(size) or None
+    return fitted_group_size(group, widths) if fit else group
+
+
+def known_statistic(name: str) -> bool:
+    size, _, fit = name.removeprefix(QUANT_ERROR).partition("_")
+    return name in STATISTICS or (name.startswith(QUANT_ERROR) and size.isdigit() and fit in ("", "fit"))
 _ROUTED_OUTPUTS = {"reap", "ean", "man", "msan", "peak"}
 
 
@@ -109,6 +133,36 @@ class LayerAccumulator:
             self._add("output_sum", outputs)
         if "hidden_sample" in wanted and self.sample_size > 0:
             self._update_sample(ctx.hidden)
+        for name in (n for n in wanted if n.startswith(QUANT_ERROR)):
+            self._update_quant_error(ctx, name)
+
+    def _update_quant_error(self, ctx: BatchContext, name: str) -> None:
+        """Per routed expert and width: the squared error its rounding adds to the block's
+        output on this batch (each expert re-quantized per batch: holding 4 quantized
+        copies of a layer's experts would cost 4 layers of memory)."""
+        from moekit.methods.quantize.rtn import quantize_rtn
+        from moekit.methods.quantize.scheme import QuantScheme
+
+        experts = ctx.layer.experts
+        group = _quant_error_group(name, (experts.hidden_size, experts.intermediate_size))
+        index, weights = ctx.routing
+        errors = torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64)
+        routed = torch.zeros_like(ctx.hidden, dtype=torch.float64)
+        on_input = ctx.layer.router.spec.weight_on_input
+        for expert, weight, f in ctx.routed:
+            token, _ = torch.where(index == expert)
+            x = ctx.hidden[token] * weight[:, None].to(ctx.hidden.dtype) if on_input else ctx.hidden[token]
+            scale = torch.ones_like(weight) if on_input else weight
+            exact = (f * scale[:, None]).double()
+            routed.index_add_(0, token, exact)
+            for column, bits in enumerate(QUANT_BITS):
+                scheme = QuantScheme(bits, group)
+                gate_up = quantize_rtn(experts.gate_up[expert], scheme).dequantized
+                down = quantize_rtn(experts.down[expert], scheme).dequantized
+                approx = experts.forward_with(expert, x, gate_up.to(x.dtype), down.to(x.dtype)).double()
+                errors[expert, column] = ((approx * scale[:, None].double() - exact) ** 2).sum()
+        self._add(name, errors)
+        self._add("routed_energy", (routed**2).sum().reshape(1))
 
     def _update_routed(self, ctx: BatchContext) -> None:
         E = self.num_experts
@@ -162,6 +216,10 @@ class LayerAccumulator:
             out["mean_output"] = s["output_sum"] / max(self.tokens, 1)
         if "hidden_sample" in self.wanted and self._sample is not None:
             out["hidden_sample"] = self._sample
+        for name in (n for n in self.wanted if n.startswith(QUANT_ERROR)):
+            energy = s["routed_energy"] if "routed_energy" in s else torch.ones(1, dtype=torch.float64)
+            out[name] = s.get(name, torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64)) \
+                / energy.clamp(min=1e-300)
         return {k: v.float() for k, v in out.items()}
 
 

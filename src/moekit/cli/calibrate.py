@@ -41,7 +41,7 @@ def calibrate_command(
         for name, what in STATISTICS.items():
             console.print(f"[bold]{name}[/]: {what}", highlight=False)
         return
-    from moekit.calib.calibrate import calibrate
+    from moekit.calib.calibrate import calibrate, check_statistics
     from moekit.data.tokens import calibration_tokens, tokenizer_for
     from moekit.io.load import check_model, default_model
 
@@ -57,11 +57,7 @@ def calibrate_command(
                               "existing folder. Choose a new one with -o.")
         within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
-        unknown = sorted(set(wanted) - set(STATISTICS))
-        if unknown:
-            from moekit.errors import MoekitError
-
-            raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
+        check_statistics(wanted, hidden_sample or 0)
         tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed,
                                     text_field=text_field)
         spill = budget(activation_budget)

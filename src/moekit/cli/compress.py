@@ -64,6 +64,12 @@ def compress_command(
                 return
             table = _size_table(f"{report['model']}: what {recipe} will give (planned, no weights read)", report)
             table.add_row("experts per MoE layer", _counts(report["before"]), _counts(report["after"]))
+            for q in report["after"].get("quantization", []):
+                group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per channel"
+                table.add_row("quantized weights", f"{q['bytes_before']:,} bytes",
+                              f"{q['bytes_after']:,} bytes: {q['bits']} bits"
+                              + (f" (experts {q['expert_bits']})" if q["expert_bits"] != q["bits"] else "")
+                              + f", {group}, {q['average_bits']:.2f} bits/weight with scales")
             console.print(table)
             for note in report["notes"]:
                 console.print(f"[yellow]note:[/] {note}", highlight=False)

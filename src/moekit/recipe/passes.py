@@ -129,7 +129,8 @@ class RecipePass:
                 start = time.perf_counter()
                 status = f"layer {index + 1}/{len(self.lent)}" + (f", phase {p + 1}" if last else "")
                 phase = self.phases[p]
-                if phase.reads_inputs:  # the steps run the layer, then the stream goes through it
+                planning = collect is not None and p == last  # this phase's statistics are collected, not applied
+                if phase.reads_inputs and not planning:  # the steps run the layer, then the stream goes through it
                     if view is not None:
                         result.digests[p].add_router(view.router.weight)
                     self._apply_on_inputs(phase, index, layer, view, streams[p], result, advance, status)
@@ -298,6 +299,7 @@ def needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any])
     for layer in moe_layers(model):
         count = layer.num_experts
         for position, step in enumerate(recipe.steps):
-            count = plans[position][layer.index] if position in plans else step.kept_per_layer(count)
+            decided = position in plans and not step.counts_known_in_advance  # its plan is the counts
+            count = plans[position][layer.index] if decided else step.kept_per_layer(count)
         counts.append(count)
     return len(set(counts)) > 1

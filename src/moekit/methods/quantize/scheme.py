@@ -155,3 +155,15 @@ class QuantizedWeight:
         if self.zero_point is not None:
             out["weight_zero_point"] = pack_to_int32(self.zero_point, bits, packed_dim=0).contiguous()
         return out
+
+
+def fitted_group_size(group_size: int | None, widths) -> int | None:
+    """The largest of ``group_size``, its half, its quarter... (at least 16) that divides every
+    input width in ``widths``; None (one scale per channel) when none does. Models' widths
+    are rarely all multiples of 128 (a reference model's experts are 96 wide)."""
+    size = group_size
+    while size is not None and size >= 16:
+        if all(width % size == 0 for width in widths):
+            return size
+        size //= 2
+    return None

@@ -20,7 +20,7 @@ from pydantic import Field
 from torch import nn
 
 from moekit.errors import MoekitError
-from moekit.methods.quantize.scheme import QuantScheme
+from moekit.methods.quantize.scheme import QuantScheme, fitted_group_size
 from moekit.recipe.step import ModelInfo, Step, register_step
 
 Target = Literal["linear", "experts"]
@@ -48,6 +48,9 @@ class Quantize(Step):
     block_size: int = Field(default=128, ge=1)
     expert_calibration: Literal["routed", "all", "gate_weighted"] = "routed"
     min_tokens: int = Field(default=16, ge=0, description="routed tokens below which an expert's Hessian uses all tokens")
+    average_bits: float | None = Field(default=None, description="mixed precision: each routed expert's bits chosen "
+                                       "from bit_options, at most this average over the model's experts")
+    bit_options: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=2)
 
     @property
     def reads_inputs(self) -> bool:
@@ -63,19 +66,49 @@ class Quantize(Step):
     def expert_scheme(self, group_size: int | None) -> QuantScheme:
         return QuantScheme(self.expert_bits or self.bits, group_size, self.symmetric)
 
-    def group_size_for(self, skeleton: nn.Module) -> int | None:
-        """The group size used on this model: ``group_size``, or with ``fit_group_size`` the
-        largest halving of it that divides every width quantized (one size for the whole
-        model: transformers decompresses all experts with one scheme)."""
-        if not self.fit_group_size or self.group_size is None:
+    def group_size_for(self, skeleton: nn.Module, what: Target) -> int | None:
+        """The group size used on ``what`` (``linear`` or ``experts``) of this model:
+        ``group_size``, or with ``fit_group_size`` the largest halving of it that divides
+        every width of that kind (one size for all experts: transformers decompresses them
+        all with one scheme)."""
+        if not self.fit_group_size:
             return self.group_size
-        widths = {width for _, width in _in_features(skeleton, self.targets)}
-        size = self.group_size
-        while size >= 16:
-            if all(width % size == 0 for width in widths):
-                return size
-            size //= 2
-        return None
+        return fitted_group_size(self.group_size, {width for _, width in _in_features(skeleton, [what])})
+
+    # -- mixed precision (MC-MoE): the bits of every expert decided across the model -----
+    def plan_needs(self) -> set[str]:
+        from moekit.calib.observers import quant_error_name
+
+        return {quant_error_name(self.group_size, fit=self.fit_group_size)} if self.average_bits is not None else set()
+
+    def expert_costs(self, skeleton: nn.Module) -> dict[tuple[int, int], dict[int, int]]:
+        """{(layer, expert): {bits: bytes}} of every routed expert packed (bf16 scales: the
+        allocation does not depend on the scales' dtype, as every option has the same scales)."""
+        from moekit.arch.discover import moe_layers
+
+        group = self.group_size_for(skeleton, "experts")
+        costs = {}
+        for layer in moe_layers(skeleton):
+            hidden, inner = layer.experts.hidden_size, layer.experts.intermediate_size
+            for j in range(layer.num_experts):
+                costs[layer.index, j] = {b: 2 * QuantScheme(b, group, self.symmetric).packed_bytes(inner, hidden)
+                                         + QuantScheme(b, group, self.symmetric).packed_bytes(hidden, inner)
+                                         for b in self.bit_options}
+        return costs
+
+    def plan(self, model: nn.Module, stats) -> dict[int, list[int]]:
+        """{layer: bits of each expert}: the allocation of least total output error within
+        the byte budget of every expert at ``average_bits`` (`allocate_bits`, exact MILP)."""
+        from moekit.calib.observers import QUANT_BITS, quant_error_name
+        from moekit.methods.quantize.allocate import allocate_bits, budget_for_average_bits
+
+        name = quant_error_name(self.group_size, fit=self.fit_group_size)
+        costs = self.expert_costs(model)
+        errors = {(i, j): {b: float(stats[i][name][j, QUANT_BITS.index(b)]) for b in self.bit_options}
+                  for i, j in costs}
+        allocation = allocate_bits(errors, costs, budget_for_average_bits(costs, self.average_bits))
+        layers = sorted({i for i, _ in costs})
+        return {i: [allocation.bits[i, j] for j in range(sum(1 for k, _ in costs if k == i))] for i in layers}
 
     def planned(self, skeleton: nn.Module, stored: torch.dtype) -> dict:
         """What this step makes of ``skeleton`` (shapes only), exactly as saved: the Linears
@@ -84,7 +117,7 @@ class Quantize(Step):
         from moekit.arch.discover import family_of, view_layer
         from moekit.methods.quantize.sequential import target_linears
 
-        group_size = self.group_size_for(skeleton)
+        linear_group, expert_group = self.group_size_for(skeleton, "linear"), self.group_size_for(skeleton, "experts")
         size = stored.itemsize
         weights = before = after = modules = 0
 
@@ -99,19 +132,40 @@ class Quantize(Step):
             view = view_layer(skeleton, index)
             if "linear" in self.targets:
                 for module in target_linears(decoder, view).values():
-                    add(self.scheme(group_size), module.out_features, module.in_features)
-            if "experts" in self.targets and view is not None:
+                    add(self.scheme(linear_group), module.out_features, module.in_features)
+            if "experts" in self.targets and view is not None and self.average_bits is None:
                 e, hidden, inner = view.num_experts, view.experts.hidden_size, view.experts.intermediate_size
-                add(self.expert_scheme(group_size), inner, hidden, 2 * e)  # gate, up
-                add(self.expert_scheme(group_size), hidden, inner, e)  # down
-        return {"bits": self.bits, "expert_bits": self.expert_bits or self.bits, "group_size": group_size,
-                "modules": modules, "bytes_before": before, "bytes_after": after,
-                "average_bits": round(8 * after / max(weights, 1), 3)}
+                add(self.expert_scheme(expert_group), inner, hidden, 2 * e)  # gate, up
+                add(self.expert_scheme(expert_group), hidden, inner, e)  # down
+        if "experts" in self.targets and self.average_bits is not None:
+            # calibration decides each expert's bits; their bytes are at most the budget
+            from moekit.methods.quantize.allocate import budget_for_average_bits
+
+            costs = self.expert_costs(skeleton)
+            scales = (size - 2) * sum(QuantScheme(2, expert_group).groups(w) * rows
+                                      for layer in _moe(skeleton) for rows, w in _expert_linears(layer))
+            experts = sum(3 * layer.num_experts * layer.experts.hidden_size * layer.experts.intermediate_size
+                          for layer in _moe(skeleton))
+            weights += experts
+            before += experts * size
+            after += budget_for_average_bits(costs, self.average_bits) + scales
+            modules += 3 * len(costs)
+        return {"bits": self.bits, "expert_bits": self.average_bits or self.expert_bits or self.bits,
+                "group_size": linear_group, "expert_group_size": expert_group, "modules": modules, "bytes_before": before, "bytes_after": after,
+                "average_bits": round(8 * after / max(weights, 1), 3), "exact": self.average_bits is None}
 
     def check(self, info: ModelInfo) -> None:
         for bits, what in ((self.bits, "bits"), (self.expert_bits, "expert_bits")):
             if bits is not None:
                 QuantScheme(bits, None).check(1, f"quantize: {what}")
+        if self.average_bits is not None:
+            low, high = min(self.bit_options), max(self.bit_options)
+            if self.expert_bits is not None or "experts" not in self.targets:
+                raise MoekitError("quantize: average_bits chooses the routed experts' bits itself; drop expert_bits "
+                                  "and keep targets: experts.")
+            if not low <= self.average_bits <= high:
+                raise MoekitError(f"quantize: average_bits {self.average_bits} is outside bit_options {low}..{high}; "
+                                  f"choose an average between them (at least 2 bits).")
         if info.config is None:
             return
         skeleton = _skeleton(info.config)
@@ -120,9 +174,10 @@ class Quantize(Step):
                 f"quantize: {info.family} checkpoints store routed experts as fused 3-D tensors, which "
                 "compressed-tensors (one Linear at a time) cannot describe; quantize its other Linears with "
                 "targets: [linear].")
-        group_size = self.group_size_for(skeleton)
-        for where, in_features in _in_features(skeleton, self.targets):
-            QuantScheme(self.bits, group_size).check(in_features, f"quantize: {where}")
+        for what in self.targets:
+            group_size = self.group_size_for(skeleton, what)
+            for where, in_features in _in_features(skeleton, [what]):
+                QuantScheme(self.bits, group_size).check(in_features, f"quantize: {where}")
 
     def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None, inputs=None) -> dict:
         """Quantize the decoder layer ``inputs`` lends (``layer``: its MoE view, None when
@@ -130,7 +185,8 @@ class Quantize(Step):
         if inputs is None:
             raise MoekitError("quantize works on a whole decoder layer with its calibration inputs: run it through "
                               "moekit.compress.")
-        return self._quantize(model, inputs.layer, inputs.prefix, layer, run=inputs.run, on_progress=on_progress)
+        return self._quantize(model, inputs.layer, inputs.prefix, layer, run=inputs.run, on_progress=on_progress,
+                              plan=plan)
 
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         """A model held in memory, round to nearest only (GPTQ reads the inputs a streamed
@@ -145,27 +201,36 @@ class Quantize(Step):
             index: self._quantize(model, decoder, prefixes[id(decoder)], view_layer(model, index), run=None)
             for index, decoder in enumerate(family_of(model).decoder_layers(model))})
 
-    def _quantize(self, model: nn.Module, decoder: nn.Module, prefix: str, view, *, run, on_progress=None) -> dict:
+    def _quantize(self, model: nn.Module, decoder: nn.Module, prefix: str, view, *, run, on_progress=None,
+                  plan=None) -> dict:
         from moekit.io import compressed
         from moekit.methods.quantize.sequential import LayerQuantization, quantize_layer
 
         book = compressed.ledger(model)
-        group_size = self.group_size_for(model)  # the skeleton's shapes are enough
-        expert_scheme = self.expert_scheme(group_size)
+        # the skeleton's shapes are enough
+        linear_group, expert_group = self.group_size_for(model, "linear"), self.group_size_for(model, "experts")
+        expert_scheme = self.expert_scheme(expert_group)
+        chosen = plan.get(view.index) if plan is not None and view is not None else None
+
+        def experts(j: int) -> QuantScheme:
+            return expert_scheme if chosen is None else QuantScheme(chosen[j], expert_group, self.symmetric)
+
         spec = LayerQuantization(
-            method=self.method, linear=self.scheme(group_size) if "linear" in self.targets else None,
-            experts=(lambda j: expert_scheme) if "experts" in self.targets else None,
+            method=self.method, linear=self.scheme(linear_group) if "linear" in self.targets else None,
+            experts=experts if "experts" in self.targets else None,
             expert_calibration=self.expert_calibration, min_tokens=self.min_tokens, damp=self.damp,
             act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype)
         result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress)
         for name, weight in result.linears.items():
             book.params[f"{prefix}{name}.weight"] = compressed.single(weight)
-        report: dict = {"linears": len(result.linears), "group_size": group_size}
+        report: dict = {"linears": len(result.linears), "group_size": linear_group, "expert_group_size": expert_group}
         if result.experts:
             experts_path = next(n for n, m in decoder.named_modules() if m is view.experts.module)
             book.params[f"{prefix}{experts_path}.gate_up_proj"] = compressed.stacked([g for g, _ in result.experts])
             book.params[f"{prefix}{experts_path}.down_proj"] = compressed.stacked([d for _, d in result.experts])
             report["experts"] = len(result.experts)
+            if chosen is not None:
+                report["bits"] = list(chosen)
             if result.tokens:
                 report["tokens"] = result.tokens
                 report["fallback"] = result.fallback
@@ -215,3 +280,15 @@ def _in_features(skeleton: nn.Module, targets: list[str]) -> list[tuple[str, int
             found[("experts gate/up", view.experts.hidden_size)] = None
             found[("experts down", view.experts.intermediate_size)] = None
     return list(found)
+
+
+def _moe(skeleton: nn.Module):
+    from moekit.arch.discover import moe_layers
+
+    return moe_layers(skeleton)
+
+
+def _expert_linears(layer) -> list[tuple[int, int]]:
+    """(rows, input width) of all of a layer's expert projections: gate and up [I, H], down [H, I]."""
+    e, hidden, inner = layer.num_experts, layer.experts.hidden_size, layer.experts.intermediate_size
+    return [(2 * e * inner, hidden), (e * hidden, inner)]
