@@ -30,15 +30,22 @@ from pathlib import Path
 
 def configs() -> list[tuple[str, dict | str]]:
     """(label, recipe): the recipes to measure."""
+    fit = {"type": "quantize", "group_size": 128, "fit_group_size": True}
     out: list[tuple[str, dict | str]] = []
     for method in ("rtn", "gptq"):
         for bits in (8, 4, 3, 2):
-            out.append((f"{method} w{bits}", {"steps": [{"type": "quantize", "method": method, "bits": bits,
-                                                         "group_size": 128, "fit_group_size": True}]}))
+            out.append((f"{method} w{bits}", {"steps": [{**fit, "method": method, "bits": bits}]}))
     for calibration in ("all", "gate_weighted"):
         out.append((f"gptq w3, experts calibrated on {calibration.replace('_', '-')} tokens",
-                    {"steps": [{"type": "quantize", "bits": 3, "group_size": 128, "fit_group_size": True,
-                                "expert_calibration": calibration}]}))
+                    {"steps": [{**fit, "bits": 3, "expert_calibration": calibration}]}))
+    for bits in (3, 2):
+        out.append((f"gptq w{bits} + router repair", {"steps": [{**fit, "bits": bits, "router_repair": True}]}))
+    # the same byte budgets as the mixed-precision runs: Linears 4-bit, experts uniform
+    for bits in (3, 2):
+        out.append((f"gptq w4, experts w{bits}", {"steps": [{**fit, "bits": 4, "expert_bits": bits}]}))
+    for average in (3.0, 2.5):
+        out.append((f"gptq w4, experts mixed {average} bits", {"steps": [{**fit, "bits": 4, "average_bits": average}]}))
+        out.append((f"moe-{average:g}bit (mixed {average} + router repair)", f"moe-{average:g}bit"))
     out.append(("prune-50-w4 (REAP + refit, then gptq w4)", "prune-50-w4"))
     return out
 
@@ -49,16 +56,19 @@ def measure(model: str, label: str, recipe, rows, work: Path) -> dict:
     from moekit.io.layered import LayeredModel
 
     out = work / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "")
-    planned = moekit.plan(model, recipe)["after"]["bytes"]
+    plan = moekit.plan(model, recipe)
+    planned = plan["after"]["bytes"] if all(q["exact"] for q in plan["after"]["quantization"]) else None
     start = time.perf_counter()
-    moekit.compress(model, recipe, out_dir=out, n_samples=32, seq_len=256, progress=False)
+    report = moekit.compress(model, recipe, out_dir=out, n_samples=32, seq_len=256, progress=False)
     seconds = time.perf_counter() - start
     result = _evaluate(LayeredModel.from_checkpoint(out), rows, 8, False)
     from moekit.io.checkpoint import Checkpoint
 
     stored = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    step = next(s for s in report["steps"] if s["type"] == "quantize")
     return {"label": label, "seconds": round(seconds, 1), "bytes": stored, "tensor_bytes": Checkpoint(out).stored_bytes,
-            "planned_bytes": planned, **result}
+            "planned_bytes": planned, **result, "topk_agreement": step.get("topk_agreement"),
+            "expert_bits": step.get("bits")}
 
 
 def main() -> None:
@@ -101,13 +111,19 @@ def render(results: dict) -> str:
         base = entry["original"]
         lines += [f"**{model}** (bf16: perplexity {base['perplexity']:.3f}, accuracy {base['accuracy']:.2%}, "
                   f"{base['bytes'] / 2**20:.1f} MiB)", "",
-                  "| recipe | perplexity | Δ over bf16 | accuracy | checkpoint MiB | tensor bytes = plan | compress s |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| recipe | perplexity | Δ over bf16 | accuracy | checkpoint MiB | tensor bytes = plan | compress s "
+                  "| top-k agreement (before → after repair) |",
+                  "|---|---|---|---|---|---|---|---|"]
         for run in entry["runs"]:
-            same = "yes" if run["tensor_bytes"] == run["planned_bytes"] else \
-                f"{run['planned_bytes']:,} vs {run['tensor_bytes']:,}"
+            same = "yes" if run["tensor_bytes"] == run["planned_bytes"] else "(decided by calibration)" \
+                if run["planned_bytes"] is None else f"{run['planned_bytes']:,} vs {run['tensor_bytes']:,}"
+            agreement = run.get("topk_agreement") or {}
+            pairs = list(agreement.values())
+            agree = f"{sum(a for a, _ in pairs) / len(pairs):.3f} → {sum(b for _, b in pairs) / len(pairs):.3f}" \
+                if pairs else "-"
             lines.append(f"| {run['label']} | {run['perplexity']:.3f} | {run['delta_perplexity']:+.3f} | "
-                         f"{run['accuracy']:.2%} | {run['bytes'] / 2**20:.1f} | {same} | {run['seconds']:.0f} |")
+                         f"{run['accuracy']:.2%} | {run['bytes'] / 2**20:.1f} | {same} | {run['seconds']:.0f} "
+                         f"| {agree} |")
         lines.append("")
     return "\n".join(lines)
 

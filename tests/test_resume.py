@@ -20,7 +20,7 @@ from tests.checkpoints import write_checkpoints
 GLOBAL = {"steps": [{"type": "prune", "method": "frequency", "keep": 4, "budget": "global"},
                     {"type": "merge", "keep": 3}]}
 PRUNE_QUANTIZE = {"steps": [{"type": "prune", "method": "reap", "keep": 4},
-                            {"type": "quantize", "bits": 4, "group_size": 8}]}
+                            {"type": "quantize", "bits": 4, "group_size": 8, "router_repair": True}]}
 
 # Runs a compress in a child process that SIGKILLs itself at one event ("layer" k finished,
 # or the n-th output file "saved"): a real kill -9 at a known point, not an exception.

@@ -246,3 +246,20 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
 def test_bad_mixed_precision_budgets_are_refused_before_weights_load(sources, tmp_path, step, message):
     with pytest.raises(MoekitError, match=message):
         _compress(sources, "qwen3_moe", tmp_path / "out", {**W4, **step})
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "qwen3_moe"])
+def test_router_repair_never_lowers_the_topk_agreement_and_saves_the_refitted_router(sources, tmp_path, family):
+    """At 2 bits the quantized inputs flip routing choices; the re-fitted router agrees with
+    the original model's choices at least as often (on the calibration tokens), and the
+    checkpoint holds it."""
+    step = {**W4, "bits": 2, "router_repair": True}
+    report = _compress(sources, family, tmp_path / "out", step)["steps"][0]
+    agreement = report["topk_agreement"]
+    assert agreement and all(0 < before <= after <= 1 for before, after in agreement.values())
+    assert any(after > before for before, after in agreement.values())
+    original, repaired = moekit.load(sources / family), moekit.load(tmp_path / "out")
+    changed = [i for i, (before, after) in agreement.items() if after > before]
+    routers = {layer.index: layer.router.weight for layer in moekit.moe_layers(repaired)}
+    for layer in moekit.moe_layers(original):
+        assert torch.equal(layer.router.weight, routers[layer.index]) != (str(layer.index) in changed)

@@ -211,6 +211,7 @@ class LayerInputs:
     prefix: str
     hidden: HiddenStates
     on_batch: Callable[[int], None] | None = None
+    reference_logits: torch.Tensor | None = None  # [N, E], see `Step.reads_reference`
 
     def run(self, observe: AbstractContextManager, *, first_batch_only: bool = False) -> None:
         """Run the layer on every batch (or the first) while ``observe`` is open; the

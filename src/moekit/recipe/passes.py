@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -46,6 +47,11 @@ class Phase:
     def reads_inputs(self) -> bool:
         """Its steps run each decoder layer themselves (`Step.reads_inputs`)."""
         return any(step.reads_inputs for _, step in self.steps)
+
+    @property
+    def reads_reference(self) -> bool:
+        """Its steps compare with the layers as they were before the phase (`Step.reads_reference`)."""
+        return any(step.reads_reference for _, step in self.steps)
 
 
 def phases_of(recipe: Recipe) -> list[Phase]:
@@ -122,7 +128,7 @@ class RecipePass:
         collected: dict[int, dict[str, torch.Tensor]] = {}
         tokens: dict[int, int] = {}
         first = self._resume(work, result, last) if work is not None else 0
-        streams = self._streams(last + 1, work, first)
+        streams, references = self._streams(last + 1, work, first)
         for index, layer in self.streamer.layers(first):
             view = view_layer(self.lent.model, index)
             for p in range(last + 1):
@@ -133,7 +139,10 @@ class RecipePass:
                 if phase.reads_inputs and not planning:  # the steps run the layer, then the stream goes through it
                     if view is not None:
                         result.digests[p].add_router(view.router.weight)
-                    self._apply_on_inputs(phase, index, layer, view, streams[p], result, advance, status)
+                    reference = None
+                    if p in references:  # the layer before this phase's edits, on a stream that never had them
+                        reference = self._router_logits(index, layer, view, references[p])
+                    self._apply_on_inputs(phase, index, layer, view, streams[p], result, advance, status, reference)
                     self.streamer.forward(index, layer, streams[p], on_batch=lambda b: advance(1, status))
                     result.seconds[p] += time.perf_counter() - start
                     continue
@@ -167,7 +176,7 @@ class RecipePass:
             else:  # a planning pass writes nothing: what a step left for the writer goes
                 ledger(self.lent.model).discard(f"{self.lent.family.layers}.{index}.")
             if work is not None:
-                self._commit(work, index, view, streams, result)
+                self._commit(work, index, view, [*streams, *references.values()], result)
             if on_layer is not None:
                 on_layer(index)
         if collect is not None:
@@ -181,15 +190,26 @@ class RecipePass:
             result.per_layer.setdefault(position, {})[index] = report
 
     def _apply_on_inputs(self, phase: Phase, index: int, layer: nn.Module, view, hidden: HiddenStates,
-                         result: PassResult, advance, status: str) -> None:
+                         result: PassResult, advance, status: str, reference: torch.Tensor | None) -> None:
         from moekit.calib.runner import LayerInputs
 
         inputs = LayerInputs(self.streamer, index, layer, f"{self.lent.family.layers}.{index}.", hidden,
-                             on_batch=lambda b: advance(0, status))
+                             on_batch=lambda b: advance(0, status), reference_logits=reference)
         for position, step in phase.steps:
             report = step.apply_layer(self.lent.model, view, None, plan=self.plans.get(position),
                                       on_progress=lambda s: advance(0, f"{status}: {s}"), inputs=inputs)
             result.per_layer.setdefault(position, {})[index] = report
+
+    def _router_logits(self, index: int, layer: nn.Module, view, reference: HiddenStates) -> torch.Tensor | None:
+        """Advance ``reference`` through the layer as it is now, returning its router's
+        logits [N, E] on every token (None for a dense layer)."""
+        logits: list[torch.Tensor] = []
+        observe = nullcontext()
+        if view is not None:
+            observe = _hooked(view.block, lambda x: logits.append(view.router.logits(x.reshape(-1, x.shape[-1]))
+                                                                  .float().cpu()))
+        self.streamer.forward(index, layer, reference, observe=observe)
+        return torch.cat(logits) if logits else None
 
     def _check_router(self, index: int, digest: str) -> None:
         if self.given.meta.get("routers", {}).get(str(index)) != digest:
@@ -197,13 +217,16 @@ class RecipePass:
                               "router differs from theirs. Calibrate this model, or drop --stats.")
 
     # -- streams and resuming ---------------------------------------------------------
-    def _streams(self, count: int, work, first: int) -> list[HiddenStates]:
+    def _streams(self, count: int, work, first: int) -> tuple[list[HiddenStates], dict[int, HiddenStates]]:
+        """The phases' streams, and a reference stream for each phase that reads one."""
         streams = [self.streamer.capture("stream-0")]
         streams += [self.budget.copy(streams[0], f"stream-{p}") for p in range(1, count)]
+        references = {p: self.budget.copy(streams[0], f"reference-{p}") for p, phase in enumerate(self.phases[:count])
+                      if phase.reads_reference}
         if first > 0:
-            for p, stream in enumerate(streams):
+            for stream in [*streams, *references.values()]:
                 stream.load(work.hidden_folder(first - 1))
-        return streams
+        return streams, references
 
     def _commit(self, work, index: int, view, streams: list[HiddenStates], result: PassResult) -> None:
         folder = work.hidden_folder(index)
@@ -237,6 +260,15 @@ class RecipePass:
                     result.digests[p].routers.append(router)
             result.seconds = record["seconds"]
         return done[-1] + 1
+
+
+@contextmanager
+def _hooked(module: nn.Module, see):
+    handle = module.register_forward_pre_hook(lambda _m, args: see(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 # -- what a compress decides before its pass --------------------------------------------

@@ -62,6 +62,13 @@ class Step(BaseModel):
         statistics."""
         return False
 
+    @property
+    def reads_reference(self) -> bool:
+        """True for a `reads_inputs` step that also compares with the layer as the steps
+        before it left it: ``inputs.reference_logits`` then holds that layer's router logits
+        on the hidden states of a stream that never went through this step's edits."""
+        return False
+
     def check(self, info: ModelInfo) -> None:
         """Raise MoekitError if the step cannot apply to this model."""
 

@@ -55,6 +55,8 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from moekit.errors import MoekitError
 
 MAX_FILL_MOVES = 1000  # `_fill_slack` is a heuristic: bounded work, the solver does the rest
+import os
+PRESOLVE=os.environ.get('PRE')=='1'
 MIN_AVERAGE_BITS = 2  # moekit's packed formats start at 2 bits; a lower average has no format to reach it
 
 
@@ -217,7 +219,12 @@ def _solve(items: list[_Item], budget: int, time_limit: float | None,
         matrix = sparse.vstack([one_hot, sparse.csr_array(weights[free[item_of], option_of][None, :])], format="csr")
         bounds_low = np.concatenate([np.ones(len(free)), [-np.inf]])
         bounds_high = np.concatenate([np.ones(len(free)), [room - fixed_weight]])
-        options = {"disp": False, "mip_rel_gap": mip_rel_gap, "presolve": False}  # presolve only slows this structure
+        # HiGHS measures its gap against the free items' error alone; scale it so the gap
+        # is relative to the whole Σ e_i(b_i), as `mip_rel_gap` is documented.
+        free_error = errors[free, incumbent[free]].sum()
+        whole_error = offsets.sum() / scale + upper
+        options = {"disp": False, "presolve": PRESOLVE,
+                   "mip_rel_gap": mip_rel_gap * whole_error / free_error if free_error > 0 else mip_rel_gap}
         if time_limit is not None:
             options["time_limit"] = float(time_limit)
         result = milp(errors[free[item_of], option_of], integrality=np.ones(len(item_of)), bounds=Bounds(0, 1),

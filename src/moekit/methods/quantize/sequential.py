@@ -66,6 +66,8 @@ class LayerQuantization:
     act_order: bool = False
     block_size: int = 128
     scale_dtype: torch.dtype = torch.float32
+    router_repair: bool = False
+    router_ridge: float = 1e-2
 
     def quantize(self, weight: torch.Tensor, hessian: torch.Tensor | None, scheme: QuantScheme,
                  where: str) -> QuantizedWeight:
@@ -94,6 +96,7 @@ class LayerResult:
     experts: list[tuple[QuantizedWeight, QuantizedWeight]] = field(default_factory=list)
     tokens: list[int] = field(default_factory=list)
     fallback: list[int] = field(default_factory=list)
+    agreement: tuple[float, float] | None = None  # top-k agreement with the reference, before/after repair
 
 
 _MOE = "moe block"
@@ -169,7 +172,8 @@ def _keeping_inputs(view: MoELayer, kept: list[torch.Tensor]):
 
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantization, *,
-                   run: Callable[..., None], on_progress: Callable[[str], None] | None = None) -> LayerResult:
+                   run: Callable[..., None], on_progress: Callable[[str], None] | None = None,
+                   reference_logits: torch.Tensor | None = None) -> LayerResult:
     """Quantize decoder layer ``layer`` (whose MoE block ``view`` shows, None for a dense
     layer) in place: its weights become the dequantized values, and the integers and scales
     are returned for the checkpoint.
@@ -177,6 +181,9 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
     Args:
         run: ``run(observe, first_batch_only=False)`` runs the layer on the calibration
             batches while the context manager ``observe`` is open (`LayerInputs.run`).
+        reference_logits: [N, E] the router's logits on the same tokens in the model before
+            quantization; with ``spec.router_repair`` the router is re-fitted towards them
+            (`repair_router`).
     """
     say = on_progress or (lambda status: None)
     linears = target_linears(layer, view) if spec.linear is not None else {}
@@ -203,8 +210,54 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
         for name in names:
             _quantize_linear(name, linears[name], hessian.finish(), spec, result)
         if _MOE in stage:
-            _quantize_experts(moe, torch.cat(kept), spec, result, say)
+            hidden = torch.cat(kept)
+            _quantize_experts(moe, hidden, spec, result, say)
+            if reference_logits is not None:
+                result.agreement = repair_router(moe, hidden, reference_logits, ridge=spec.router_ridge,
+                                                 refit=spec.router_repair)
     return result
+
+
+def topk_agreement(index: torch.Tensor, reference: torch.Tensor, num_experts: int) -> float:
+    """Mean over tokens of |chosen ∩ chosen by the reference| / k; index, reference [N, k]."""
+    if not index.numel():
+        return 1.0
+    chosen = torch.zeros(index.shape[0], num_experts).scatter_(1, index.cpu(), 1.0)
+    wanted = torch.zeros(index.shape[0], num_experts).scatter_(1, reference.cpu(), 1.0)
+    return float((chosen * wanted).sum() / index.numel())
+
+
+@torch.no_grad()
+def repair_router(view: MoELayer, hidden: torch.Tensor, reference_logits: torch.Tensor, *, ridge: float,
+                  refit: bool = True) -> tuple[float, float]:
+    """Re-fit the router so that, on the quantized model's block inputs ``hidden`` [N, H],
+    its logits match the original model's ``reference_logits`` [N, E] on the same tokens:
+    quantization moves the inputs, and a router that stays put flips top-k choices
+    (EAC-MoE's QESC re-calibrates the router for this reason). Ridge
+    least squares, W = argmin ‖X Wᵀ + b − L‖² + λ‖W‖², λ = ridge · mean diag XᵀX; kept only
+    if the top-k agreement with the original choices improves. Returns the agreement
+    before and after."""
+    router = view.router
+    x = hidden.to(router.weight.device, router.weight.dtype)
+    target = router.route(reference_logits.to(x))[0]
+    before = topk_agreement(router.route(router.logits(x))[0], target, view.num_experts)
+    if not refit or not x.shape[0]:
+        return before, before
+    goal = reference_logits.double().to(x.device)
+    if router.bias is not None:
+        goal = goal - router.bias.double()
+    features = x.double()
+    gram = features.T @ features
+    gram += ridge * gram.diagonal().mean().clamp(min=1e-12) * torch.eye(gram.shape[0], dtype=gram.dtype,
+                                                                           device=gram.device)
+    fitted = torch.linalg.solve(gram, features.T @ goal).T  # [E, H]
+    original = router.weight.data.clone()
+    router.weight.data.copy_(fitted.to(original.dtype))
+    after = topk_agreement(router.route(router.logits(x))[0], target, view.num_experts)
+    if after < before:  # least squares on logits is a proxy for the choices: keep what selects better
+        router.weight.data.copy_(original)
+        after = before
+    return before, after
 
 
 def _quantize_linear(name: str, module: nn.Linear, hessian: torch.Tensor | None, spec: LayerQuantization,

@@ -51,10 +51,17 @@ class Quantize(Step):
     average_bits: float | None = Field(default=None, description="mixed precision: each routed expert's bits chosen "
                                        "from bit_options, at most this average over the model's experts")
     bit_options: list[Literal[2, 3, 4, 8]] = Field(default_factory=lambda: [2, 3, 4, 8], min_length=2)
+    router_repair: bool = Field(default=False, description="re-fit each router to the original model's logits "
+                                "on the quantized inputs (reports top-k agreement before and after)")
+    router_ridge: float = Field(default=1e-2, ge=0)
 
     @property
     def reads_inputs(self) -> bool:
         return True  # every decoder layer, dense ones too; round to nearest just never runs it
+
+    @property
+    def reads_reference(self) -> bool:
+        return self.router_repair
 
     @property
     def changes_structure(self) -> bool:
@@ -166,6 +173,9 @@ class Quantize(Step):
             if not low <= self.average_bits <= high:
                 raise MoekitError(f"quantize: average_bits {self.average_bits} is outside bit_options {low}..{high}; "
                                   f"choose an average between them (at least 2 bits).")
+        if self.router_repair and self.method != "gptq":
+            raise MoekitError("quantize: router_repair re-fits routers on calibration inputs, which method rtn does "
+                              "not read; use method: gptq.")
         if info.config is None:
             return
         skeleton = _skeleton(info.config)
@@ -186,7 +196,7 @@ class Quantize(Step):
             raise MoekitError("quantize works on a whole decoder layer with its calibration inputs: run it through "
                               "moekit.compress.")
         return self._quantize(model, inputs.layer, inputs.prefix, layer, run=inputs.run, on_progress=on_progress,
-                              plan=plan)
+                              plan=plan, reference=inputs.reference_logits)
 
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         """A model held in memory, round to nearest only (GPTQ reads the inputs a streamed
@@ -202,7 +212,7 @@ class Quantize(Step):
             for index, decoder in enumerate(family_of(model).decoder_layers(model))})
 
     def _quantize(self, model: nn.Module, decoder: nn.Module, prefix: str, view, *, run, on_progress=None,
-                  plan=None) -> dict:
+                  plan=None, reference=None) -> dict:
         from moekit.io import compressed
         from moekit.methods.quantize.sequential import LayerQuantization, quantize_layer
 
@@ -219,8 +229,9 @@ class Quantize(Step):
             method=self.method, linear=self.scheme(linear_group) if "linear" in self.targets else None,
             experts=experts if "experts" in self.targets else None,
             expert_calibration=self.expert_calibration, min_tokens=self.min_tokens, damp=self.damp,
-            act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype)
-        result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress)
+            act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype,
+            router_repair=self.router_repair, router_ridge=self.router_ridge)
+        result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress, reference_logits=reference)
         for name, weight in result.linears.items():
             book.params[f"{prefix}{name}.weight"] = compressed.single(weight)
         report: dict = {"linears": len(result.linears), "group_size": linear_group, "expert_group_size": expert_group}
@@ -231,6 +242,8 @@ class Quantize(Step):
             report["experts"] = len(result.experts)
             if chosen is not None:
                 report["bits"] = list(chosen)
+            if result.agreement is not None:
+                report["topk_agreement"] = [round(a, 6) for a in result.agreement]
             if result.tokens:
                 report["tokens"] = result.tokens
                 report["fallback"] = result.fallback
