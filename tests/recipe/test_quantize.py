@@ -54,15 +54,17 @@ def _logits(model, ids):
 
 
 def test_every_family_saves_a_checkpoint_plain_transformers_loads_as_moekit_does(sources, tmp_path):
-    """GPTQ of every family: the output is pack-quantized (int32 weights, per-expert names),
-    plain transformers + compressed-tensors and `moekit.load` give equal logits; at 8 bits
-    those are within 5% of the original model's, at 4 bits further off."""
+    """GPTQ of every family (groups of 128 halved to fit the widths): the output is
+    pack-quantized (int32 weights, per-expert names), plain transformers + compressed-tensors
+    and `moekit.load` give equal logits, closer to the original model's at 8 bits than at 4."""
     ids = torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(0))
     outs = {}
     for family in QUANTIZABLE:
         for bits in (4, 8):
             outs[family, bits] = tmp_path / f"{family}-{bits}"
-            report = _compress(sources, family, outs[family, bits], {**W4, "bits": bits})
+            # groups of 128 fitted to the widths: Linears and experts often get different sizes
+            step = {**W4, "bits": bits, "group_size": 128, "fit_group_size": True}
+            report = _compress(sources, family, outs[family, bits], step)
             assert report["steps"][0]["experts"], family
     plain = _plain_logits(tmp_path, list(outs.values()), ids)
     errors = {}

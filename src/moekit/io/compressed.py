@@ -108,31 +108,27 @@ def pack_state(model: nn.Module, state: dict[str, torch.Tensor], names: list[str
     from transformers.core_model_loading import revert_weight_conversion
 
     book = ledger(model)
-    entries = {name: book.params.pop(name) for name in names}
-
-    def reverted(attr: str) -> dict[str, torch.Tensor]:
-        return revert_weight_conversion(model, {n: getattr(e, attr) for n, e in entries.items()})
-
-    values, scales, bits = reverted("values"), reverted("scale"), reverted("bits")
-    zeros = reverted("zero_point") if any(e.zero_point is not None for e in entries.values()) else {}
-    layout = {n: (e.group_size, e.symmetric) for n, e in entries.items()}
-    if len({*layout.values()}) > 1:
-        raise ValueError("one layer's quantized tensors must share group size and symmetry")
-    group_size, symmetric = next(iter(layout.values()))
     out = dict(state)
     schemes: dict[str, str] = {}
-    for key, ints in values.items():
-        if not key.endswith(".weight") or key not in out:
-            raise ValueError(f"quantized {key} has no weight of that name in the checkpoint layout")
-        module = key[: -len(".weight")]
-        b = int(bits[key].reshape(-1)[0])
-        del out[key]
-        out[f"{module}.weight_packed"] = pack_to_int32(ints.contiguous(), b)
-        out[f"{module}.weight_scale"] = scales[key].to(scale_dtype).contiguous()
-        out[f"{module}.weight_shape"] = torch.tensor(ints.shape)
-        if not symmetric:
-            out[f"{module}.weight_zero_point"] = pack_to_int32(zeros[key].contiguous(), b, packed_dim=0).contiguous()
-        schemes[module] = scheme_key(QuantScheme(b, group_size, symmetric))
+    for name in names:
+        entry = book.params.pop(name)
+
+        def reverted(value: torch.Tensor | None, name: str = name) -> dict[str, torch.Tensor]:
+            return {} if value is None else revert_weight_conversion(model, {name: value})
+
+        values, scales, bits, zeros = (reverted(t) for t in (entry.values, entry.scale, entry.bits, entry.zero_point))
+        for key, ints in values.items():
+            if not key.endswith(".weight") or key not in out:
+                raise ValueError(f"quantized {key} has no weight of that name in the checkpoint layout")
+            module = key[: -len(".weight")]
+            b = int(bits[key].reshape(-1)[0])
+            del out[key]
+            out[f"{module}.weight_packed"] = pack_to_int32(ints.contiguous(), b)
+            out[f"{module}.weight_scale"] = scales[key].to(scale_dtype).contiguous()
+            out[f"{module}.weight_shape"] = torch.tensor(ints.shape)
+            if not entry.symmetric:
+                out[f"{module}.weight_zero_point"] = pack_to_int32(zeros[key].contiguous(), b, packed_dim=0).contiguous()
+            schemes[module] = scheme_key(QuantScheme(b, entry.group_size, entry.symmetric))
     return out, schemes
 
 

@@ -5,38 +5,44 @@ More", arXiv 2410.06270).
 Each item i (one routed expert of one decoder layer; a whole model's experts are
 allocated together, so bits move between layers as well as between experts) stores its
 weights at one width b from its options B_i. Width b costs c_i(b) bytes (the packed
-expert, scales and zero points included, exact) and incurs an error e_i(b) ≥ 0 (in
-MC-MoE the expert's importance, from its activation frequency and gate weights, times
-its measured quantization error). The allocation is the multiple-choice knapsack
+expert, scales included, exact) and incurs an error e_i(b) ≥ 0 (in MC-MoE the expert's
+importance, from its activation frequency and gate weights, times its measured
+quantization error). The allocation is the multiple-choice knapsack
 
     min_x  Σ_i Σ_{b∈B_i} e_i(b) · x_{i,b}
     s.t.   Σ_{b∈B_i} x_{i,b} = 1                 for every item i (one width each)
            Σ_i Σ_{b∈B_i} c_i(b) · x_{i,b} ≤ C    (the byte budget)
            x_{i,b} ∈ {0, 1},
 
-solved exactly as an integer program by `scipy.optimize.milp` (HiGHS branch and bound).
-Why an exact solver: the problem is small for it (48 layers × 128 experts × 4 widths is
-24,576 binaries and 6,145 sparse rows; the LP relaxation of a multiple-choice knapsack has
-at most one fractional item, so the root bound is already tight), a greedy by error per
-byte can be far from the optimum on a knapsack, and scipy is already a dependency.
+solved as an integer program by `scipy.optimize.milp` (HiGHS branch and bound): exact,
+where a greedy by error per byte can be far from the optimum on a knapsack, and scipy is
+already a dependency. The one-hot rows are a sparse matrix.
 
-Two exact rewrites keep the budget row in small integers, so that HiGHS' floating-point
-tolerances cannot let bytes slip: each item's cheapest cost is moved into the budget
-(coefficients c_i(b) − min_b c_i(b)), and those are divided by their greatest common
-divisor g, with the remaining budget rounded down to a multiple of g
-(Σ g·k_i ≤ R ⇔ Σ k_i ≤ ⌊R/g⌋ for integers k_i). For packed weights, whose bytes grow as
-b·n/8 plus width-independent scales, the coefficients become the width differences
-themselves. The solution is rounded (each item takes its largest x_{i,b}) and checked
-against C in integer arithmetic; should a tolerance still let it exceed C, the cheapest
-repairs bring it back under and the result is marked as not proven optimal.
+Exact rewrites make it small and well conditioned before HiGHS sees it:
+- Each item's cheapest cost moves into the budget and the rest is divided by the greatest
+  common divisor g of all cost differences, the budget rounded down to a multiple of g
+  (Σ g·k_i ≤ R ⇔ Σ k_i ≤ ⌊R/g⌋ for integers k_i). When bytes grow as b·n/8 plus fixed
+  scales the weights become the width differences, and tolerances cannot let bytes slip.
+- Errors are shifted per item and scaled to [0, 1] (neither changes the argmin).
+- Lagrangian reduced-cost fixing: for λ ≥ 0, every allocation x that fits has
+  Σ e(x) ≥ L(λ) + Σ_i r_i(b_i), with L(λ) = Σ_i min_b (e_i(b) + λ·w_i(b)) − λ·R and
+  r_i(b) ≥ 0 the excess of e_i(b) + λ·w_i(b) over that minimum. With λ the smallest
+  multiplier whose per-item minimisers fit (found by bisection) and an incumbent U
+  (those minimisers, then improved greedily with the room left), an option with
+  r_i(b) > U − L(λ) cannot be in a better allocation and is dropped; an item left with
+  one option is fixed. On 6144 experts of one shape only a handful stay free.
+The solution is rounded (each item takes its largest x_{i,b}) and checked against C in
+integer arithmetic; if a tolerance still let it exceed C, the cheapest repairs bring it
+back under and the result is marked as not proven optimal. Experts of many different
+sizes make the budget row a knapsack in raw bytes whose optimum can take HiGHS long to
+prove; `time_limit` then returns the best allocation found with its proven gap.
 
 Average-bit budgets (`budget_for_average_bits`): "a bits on average" is the bytes of every
 expert stored at a bits. When a is one of item i's widths that is exactly c_i(a); between
 its two nearest widths lo < a < hi it is the linear interpolation
 c_i(lo) + (a − lo)/(hi − lo) · (c_i(hi) − c_i(lo)): exact for formats whose bytes are
-affine in the width (same group size, so the same scales), and the bytes of storing a
-share (a − lo)/(hi − lo) of equal-sized experts at hi and the rest at lo. The budget is
-⌊Σ_i budget_i⌋, summed exactly in rationals.
+affine in the width, and the bytes of storing a share (a − lo)/(hi − lo) of equal-sized
+experts at hi and the rest at lo. The budget is ⌊Σ_i budget_i⌋, summed in rationals.
 """
 
 from __future__ import annotations
@@ -55,8 +61,6 @@ from scipy.optimize import Bounds, LinearConstraint, milp
 from moekit.errors import MoekitError
 
 MAX_FILL_MOVES = 1000  # `_fill_slack` is a heuristic: bounded work, the solver does the rest
-import os
-PRESOLVE=os.environ.get('PRE')=='1'
 MIN_AVERAGE_BITS = 2  # moekit's packed formats start at 2 bits; a lower average has no format to reach it
 
 
@@ -69,9 +73,10 @@ class Allocation:
         total_bytes: Σ c_i(b_i), exact; never above `budget_bytes`.
         total_error: Σ e_i(b_i).
         budget_bytes: the budget C it was solved for.
-        proven_optimal: the solver proved the optimum (within `mip_gap`); False when a
-            time limit stopped it or a repair was needed.
-        mip_gap: the solver's relative gap between the allocation and its lower bound.
+        proven_optimal: the optimum was proven (within `mip_rel_gap`); False when the time
+            limit stopped the solver or a repair was needed.
+        mip_gap: (total_error − proven lower bound) / total_error: how far above the optimum
+            total_error can at most be.
         solve_seconds: wall time of the solve.
     """
 
@@ -102,8 +107,8 @@ def allocate_bits(
     costs: Mapping[Hashable, Mapping[int, int]],
     budget_bytes: int,
     *,
-    time_limit: float | None = None,
-    mip_rel_gap: float = 1e-9,
+    time_limit: float | None = 60.0,
+    mip_rel_gap: float = 1e-6,
 ) -> Allocation:
     """The widths b_i minimising Σ e_i(b_i) subject to Σ c_i(b_i) ≤ `budget_bytes`.
 
@@ -112,9 +117,9 @@ def allocate_bits(
             (layer, expert).
         costs: {key: {width: c_i(width)}}, positive integer bytes, same keys and widths.
         budget_bytes: C, an integer (see `budget_for_average_bits`).
-        time_limit: seconds for the branch and bound; on expiry the best allocation found
-            is returned with `proven_optimal` False.
-        mip_rel_gap: relative gap at which the branch and bound stops.
+        time_limit: seconds for the branch and bound (None: no limit); on expiry the
+            best allocation found is returned with `proven_optimal` False.
+        mip_rel_gap: stop once Σ e_i(b_i) is proven within this fraction of the optimum.
 
     Raises:
         MoekitError: invalid inputs, or a budget below the cheapest allocation.
@@ -123,6 +128,8 @@ def allocate_bits(
     budget = _whole_bytes(budget_bytes)
     if time_limit is not None and (isinstance(time_limit, bool) or not isinstance(time_limit, Real) or time_limit <= 0):
         raise MoekitError(f"time_limit {time_limit!r} is not a positive number of seconds; pass one, or None for no limit.")
+    if isinstance(mip_rel_gap, bool) or not isinstance(mip_rel_gap, Real) or not 0 <= mip_rel_gap < 1:
+        raise MoekitError(f"mip_rel_gap {mip_rel_gap!r} is not a fraction in [0, 1); pass e.g. 1e-6 (0: prove the optimum).")
     smallest = sum(it.costs[0] for it in items)
     if budget < smallest:
         raise MoekitError(f"the byte budget {budget:,} cannot be met: the smallest allocation needs {smallest:,} bytes "
@@ -223,7 +230,7 @@ def _solve(items: list[_Item], budget: int, time_limit: float | None,
         # is relative to the whole Σ e_i(b_i), as `mip_rel_gap` is documented.
         free_error = errors[free, incumbent[free]].sum()
         whole_error = offsets.sum() / scale + upper
-        options = {"disp": False, "presolve": PRESOLVE,
+        options = {"disp": False,
                    "mip_rel_gap": mip_rel_gap * whole_error / free_error if free_error > 0 else mip_rel_gap}
         if time_limit is not None:
             options["time_limit"] = float(time_limit)
@@ -241,7 +248,7 @@ def _solve(items: list[_Item], budget: int, time_limit: float | None,
                 choice = np.array(candidate)
         dual_bound = getattr(result, "mip_dual_bound", None)
         if dual_bound is not None and np.isfinite(dual_bound):
-            lower = max(lower, upper - errors[free, incumbent[free]].sum() + dual_bound)
+            lower = max(lower, upper - free_error + dual_bound)
     else:
         lower = upper
     return choice.tolist(), proven, math.fsum(offsets) + scale * lower
