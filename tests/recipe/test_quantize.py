@@ -265,3 +265,23 @@ def test_router_repair_never_lowers_the_topk_agreement_and_saves_the_refitted_ro
     routers = {layer.index: layer.router.weight for layer in moekit.moe_layers(repaired)}
     for layer in moekit.moe_layers(original):
         assert torch.equal(layer.router.weight, routers[layer.index]) != (str(layer.index) in changed)
+
+
+def test_moekit_eval_reads_a_quantized_checkpoint_as_moekit_load_does(sources, tmp_path):
+    """`moekit eval` streams the packed checkpoint (decompressed layer by layer) to the same
+    perplexity as the model `moekit.load` builds whole."""
+    from typer.testing import CliRunner
+
+    from moekit.cli import app
+
+    out = tmp_path / "out"
+    _compress(sources, "qwen3_moe", out, W4)
+    result = CliRunner().invoke(app, ["eval", str(out), "--data", str(sources / "data"), "--context-length", "32",
+                                      "--stride", "16", "--max-tokens", "300", "--json"])
+    assert result.exit_code == 0, result.output
+    (streamed,) = json.loads(result.stdout)["models"].values()
+    from moekit.data.tokens import evaluation_stream, tokenizer_for
+
+    ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids[:300]
+    whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, progress=False)
+    assert streamed["perplexity"] == pytest.approx(whole.perplexity, rel=1e-5)
