@@ -243,6 +243,7 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
 
 @pytest.mark.parametrize(("step", "message"), [
     ({"average_bits": 1.5}, "outside bit_options"),
+    ({"average_bits": 2.5, "bit_options": [3, 8]}, "outside bit_options"),
     ({"average_bits": 3.0, "expert_bits": 4}, "drop expert_bits"),
 ])
 def test_bad_mixed_precision_budgets_are_refused_before_weights_load(sources, tmp_path, step, message):
@@ -285,3 +286,13 @@ def test_moekit_eval_reads_a_quantized_checkpoint_as_moekit_load_does(sources, t
     ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids[:300]
     whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, progress=False)
     assert streamed["perplexity"] == pytest.approx(whole.perplexity, rel=1e-5)
+
+
+def test_merge_then_quantize_composes_into_a_checkpoint_plain_transformers_loads(sources, tmp_path):
+    ids = torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(1))
+    out = tmp_path / "out"
+    report = moekit.compress(str(sources / "qwen3_moe"), {"steps": [{"type": "merge", "keep": 6}, W4]}, out_dir=out,
+                             data=str(sources / "data"), n_samples=4, seq_len=32, progress=False)
+    assert set(report["after"]["experts_per_layer"].values()) == {6}
+    (theirs,) = _plain_logits(tmp_path, [out], ids)
+    torch.testing.assert_close(_logits(moekit.load(out), ids), theirs, rtol=0, atol=1e-5)
