@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from moekit.errors import MoekitError
-from moekit.methods.quantize.allocate import _repair_to_budget, _validated_items, allocate_bits, budget_for_average_bits
+from moekit.methods.quantize.allocate import allocate_bits, budget_for_average_bits
 
 WIDTHS = (2, 3, 4, 8)
 
@@ -40,27 +40,37 @@ def _checked_totals(allocation, errors, costs) -> None:
 
 
 def _brute_force(errors, costs, budget) -> float:
+    """The least total error over every allocation that fits (each item's own options)."""
     keys = list(errors)
-    err = np.array([[errors[k][b] for b in WIDTHS] for k in keys])
-    cost = np.array([[costs[k][b] for b in WIDTHS] for k in keys])
-    combos = np.array(list(itertools.product(range(len(WIDTHS)), repeat=len(keys))))
-    rows = np.arange(len(keys))
-    total_cost = cost[rows, combos].sum(axis=1)
-    return float(err[rows, combos].sum(axis=1)[total_cost <= budget].min())
+    options = [sorted(errors[k]) for k in keys]
+    combos = list(itertools.product(*options))
+    total_cost = np.array([sum(costs[k][b] for k, b in zip(keys, combo)) for combo in combos])
+    total_error = np.array([math.fsum(errors[k][b] for k, b in zip(keys, combo)) for combo in combos])
+    return float(total_error[total_cost <= budget].min())
 
 
 @pytest.mark.parametrize("seed", range(6))
 def test_optimal_by_brute_force(seed):
-    """6 items × 4 widths = 4096 allocations: the solver's total error is the least among
-    those that fit, for budgets from the smallest allocation to the largest."""
+    """6 items × 4 widths = 4096 allocations (odd seeds: arbitrary errors with ties, and two
+    items offering only 4 and 8 bits): at gap 0 the solver's total error is the least among
+    those that fit, for budgets from the smallest allocation to the largest; at the default
+    gap it is within its reported gap of that least."""
     errors, costs = _random_case(seed, 6, monotone=seed % 2 == 0)
+    if seed % 2:
+        for key in [(0, 0), (0, 3)]:
+            errors[key] = {b: errors[key][b] for b in (4, 8)}
+            costs[key] = {b: costs[key][b] for b in (4, 8)}
     smallest = sum(min(c.values()) for c in costs.values())
     largest = sum(max(c.values()) for c in costs.values())
     for budget in np.linspace(smallest, largest, 7).astype(int).tolist():
-        allocation = allocate_bits(errors, costs, budget, mip_rel_gap=0)
-        _checked_totals(allocation, errors, costs)
-        assert allocation.proven_optimal
-        assert allocation.total_error == pytest.approx(_brute_force(errors, costs, budget), rel=1e-9, abs=1e-12)
+        best = _brute_force(errors, costs, budget)
+        exact = allocate_bits(errors, costs, budget, mip_rel_gap=0)
+        _checked_totals(exact, errors, costs)
+        assert exact.proven_optimal
+        assert exact.total_error == pytest.approx(best, rel=1e-9, abs=1e-12)
+        default = allocate_bits(errors, costs, budget)
+        _checked_totals(default, errors, costs)
+        assert best - 1e-12 <= default.total_error <= best * (1 + default.mip_gap) + 1e-12
 
 
 def test_optimal_by_dynamic_program():
@@ -116,22 +126,8 @@ def test_average_bit_budget_interpolates_between_the_nearest_widths():
     assert budget_for_average_bits(costs, 4) == math.floor(141 + (400 - 141) / 5 + 15 + (40 - 15) / 5)  # 207
 
 
-def test_a_budget_overshoot_is_repaired():
-    """Tolerances could let the rounded solution exceed the budget by a few bytes; the
-    repair makes it fit with the least error added when one move suffices."""
-    errors, costs = _random_case(4, 10)
-    items = _validated_items(errors, costs)
-    widest = [len(it.costs) - 1 for it in items]
-    budget = sum(it.costs[-1] for it in items) - 5
-    repaired = _repair_to_budget(items, widest, budget)
-    assert sum(it.costs[j] for it, j in zip(items, repaired)) <= budget
-    least_added = min(it.errors[j] - it.errors[-1] for it in items for j in range(len(it.costs) - 1))
-    added = sum(it.errors[j] - it.errors[-1] for it, j in zip(items, repaired))
-    assert added == pytest.approx(least_added)
-
-
 @pytest.mark.parametrize(("call", "message"), [
-    (lambda e, c: allocate_bits(e, c, 1_000), r"the byte budget 1,000 cannot be met: the smallest allocation needs 1,[0-9]{3} bytes"),
+    (lambda e, c: allocate_bits(e, c, 1_000), r"the byte budget 1,000 cannot be met: the smallest allocation needs 2,142 bytes"),
     (lambda e, c: budget_for_average_bits(c, 1.5), "average_bits 1.5 is below 2 bits"),
     (lambda e, c: budget_for_average_bits(c, 9), "outside expert"),
     (lambda e, c: allocate_bits({**e, (0, 9): {}}, {**c, (0, 9): {}}, 10**6), r"expert \(0, 9\) has no bit widths"),
@@ -157,31 +153,49 @@ def _packed_bytes(rows: int, cols: int, bits: int, group: int = 128) -> int:
     return rows * math.ceil(cols / (32 // bits)) * 4 + rows * math.ceil(cols / group) * 2
 
 
-def test_a_whole_model_is_allocated_in_seconds():
-    """48 layers × 128 experts of Qwen3-30B-A3B's shape, widths {2, 3, 4, 8}: 24,576
-    binaries. Solved to proven optimality well within a generous bound (about 0.1 s
-    measured on the 2-core development machine)."""
+def _whole_model(cost_noise: int = 0):
+    """48 layers × 128 experts of Qwen3-30B-A3B's shape at widths {2, 3, 4, 8}: 24,576
+    binaries. `cost_noise` adds up to that many bytes per expert and width (experts of
+    many sizes); importances are log-normal, errors fall as 4^-b."""
     rng = np.random.default_rng(0)
     shapes = [(768, 2048), (768, 2048), (2048, 768)]  # gate, up, down
     expert_bytes = {b: sum(_packed_bytes(r, c, b) for r, c in shapes) for b in WIDTHS}
     keys = [(layer, expert) for layer in range(48) for expert in range(128)]
     importance = rng.lognormal(0, 1, len(keys))
     errors = {k: {b: float(importance[i] * 4.0 ** -b * rng.uniform(0.5, 1.5)) for b in WIDTHS} for i, k in enumerate(keys)}
-    costs = {k: dict(expert_bytes) for k in keys}
+    noise = rng.integers(0, cost_noise + 1, (len(keys), len(WIDTHS)))
+    costs = {k: {b: expert_bytes[b] + int(noise[i, j]) for j, b in enumerate(WIDTHS)} for i, k in enumerate(keys)}
+    return errors, costs
+
+
+def test_a_whole_model_is_allocated_in_seconds():
+    """Experts of one shape: the default gap (1e-4) is reached, and the exact optimum
+    (gap 0) proven, well within a generous bound (measured on the 2-core development
+    machine: 0.2 s and 0.6 s at the defaults, about 1 s exact at 3 bits). The default
+    allocation lies between the exact optimum and that optimum plus its reported gap."""
+    errors, costs = _whole_model()
     for average in (2.5, 3.0):
         start = time.perf_counter()
         allocation = allocate_bits(errors, costs, budget_for_average_bits(costs, average))
         assert time.perf_counter() - start < 30
         _checked_totals(allocation, errors, costs)
-        assert allocation.proven_optimal and allocation.mip_gap <= 1e-6
-
-
-def test_experts_of_many_sizes_stop_at_the_time_limit_with_a_small_gap():
-    """Costs that differ by a few bytes between experts make a knapsack in raw bytes whose
-    optimum is slow to prove; the time limit returns an allocation that fits, with its gap."""
-    errors, costs = _random_case(5, 2000)
+        assert allocation.proven_optimal and allocation.mip_gap <= 1e-4
     start = time.perf_counter()
-    allocation = allocate_bits(errors, costs, budget_for_average_bits(costs, 3.3), time_limit=1.0)
+    exact = allocate_bits(errors, costs, allocation.budget_bytes, mip_rel_gap=0)
+    assert time.perf_counter() - start < 30
+    _checked_totals(exact, errors, costs)
+    assert exact.proven_optimal and exact.mip_gap <= 1e-9
+    assert exact.total_error <= allocation.total_error <= exact.total_error * (1 + allocation.mip_gap) + 1e-12
+
+
+def test_experts_of_many_sizes_stop_at_the_time_limit():
+    """Costs that differ by up to 1000 bytes between experts make a knapsack in raw bytes
+    whose exact optimum HiGHS takes minutes to prove; the time limit returns an allocation
+    that fits, with an honest gap."""
+    errors, costs = _whole_model(cost_noise=1000)
+    start = time.perf_counter()
+    allocation = allocate_bits(errors, costs, budget_for_average_bits(costs, 3.3), mip_rel_gap=0, time_limit=1.0)
     assert time.perf_counter() - start < 10
     _checked_totals(allocation, errors, costs)
     assert allocation.mip_gap < 1e-3
+    assert allocation.proven_optimal or allocation.mip_gap > 0
