@@ -33,9 +33,10 @@ STATISTICS: dict[str, str] = {
     "logit_similarity": "[E, E] cosine between experts' router-logit columns over all tokens",
     "mean_output": "[E, H] mean of f_j(x) over ALL tokens (HC-SMoE); runs every expert on every token",
     "hidden_sample": "[n, H] a seeded, bounded uniform sample of the layer's input hidden states",
-    "quant_error_g<G>": "[E, 4] Σ over X_j of ‖g_j(x)(f_j(x) − f̂_j(x))‖² / Σ_x ‖routed output‖², f̂_j with the "
-                        "expert rounded to nearest at 2, 3, 4, 8 bits, groups of G (0: per channel); "
-                        "for mixed precision (MC-MoE)",
+    "quant_error_g128_fit": "[E, 4] Σ over X_j of ‖g_j(x)(f_j(x) − f̂_j(x))‖², the squared error expert j's "
+                            "rounding adds to the block's output, f̂_j rounded to nearest at 2, 3, 4, 8 bits in "
+                            "groups of 128 halved to fit the widths (quant_error_g<G>: groups of G, 0 per channel; "
+                            "for mixed precision, MC-MoE)",
 }
 QUANT_BITS = (2, 3, 4, 8)
 QUANT_ERROR = "quant_error_g"
@@ -147,14 +148,12 @@ class LayerAccumulator:
         group = _quant_error_group(name, (experts.hidden_size, experts.intermediate_size))
         index, weights = ctx.routing
         errors = torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64)
-        routed = torch.zeros_like(ctx.hidden, dtype=torch.float64)
         on_input = ctx.layer.router.spec.weight_on_input
         for expert, weight, f in ctx.routed:
             token, _ = torch.where(index == expert)
             x = ctx.hidden[token] * weight[:, None].to(ctx.hidden.dtype) if on_input else ctx.hidden[token]
             scale = torch.ones_like(weight) if on_input else weight
             exact = (f * scale[:, None]).double()
-            routed.index_add_(0, token, exact)
             for column, bits in enumerate(QUANT_BITS):
                 scheme = QuantScheme(bits, group)
                 gate_up = quantize_rtn(experts.gate_up[expert], scheme).dequantized
@@ -162,7 +161,6 @@ class LayerAccumulator:
                 approx = experts.forward_with(expert, x, gate_up.to(x.dtype), down.to(x.dtype)).double()
                 errors[expert, column] = ((approx * scale[:, None].double() - exact) ** 2).sum()
         self._add(name, errors)
-        self._add("routed_energy", (routed**2).sum().reshape(1))
 
     def _update_routed(self, ctx: BatchContext) -> None:
         E = self.num_experts
@@ -217,9 +215,7 @@ class LayerAccumulator:
         if "hidden_sample" in self.wanted and self._sample is not None:
             out["hidden_sample"] = self._sample
         for name in (n for n in self.wanted if n.startswith(QUANT_ERROR)):
-            energy = s["routed_energy"] if "routed_energy" in s else torch.ones(1, dtype=torch.float64)
-            out[name] = s.get(name, torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64)) \
-                / energy.clamp(min=1e-300)
+            out[name] = s.get(name, torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64))
         return {k: v.float() for k, v in out.items()}
 
 
