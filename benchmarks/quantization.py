@@ -11,6 +11,7 @@ the ones `moekit.plan` predicted, and the
 compress wall time.
 
     python benchmarks/quantization.py [--models moekit/ref-fine moekit/ref-coarse] [--eval-tokens 32768]
+    python benchmarks/quantization.py --render benchmarks/results/quantization.json
 
 Writes ``benchmarks/results/quantization.json`` (``--out``) and prints the Markdown table.
 """
@@ -76,7 +77,11 @@ def main() -> None:
     parser.add_argument("--models", nargs="+", default=["moekit/ref-fine", "moekit/ref-coarse"])
     parser.add_argument("--eval-tokens", type=int, default=32768)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "quantization.json")
+    parser.add_argument("--render", type=Path, help="print the tables of a results file and stop")
     args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
 
     import torch
 
@@ -124,6 +129,11 @@ def render(results: dict) -> str:
             lines.append(f"| {run['label']} | {run['perplexity']:.3f} | {run['delta_perplexity']:+.3f} | "
                          f"{run['accuracy']:.2%} | {run['bytes'] / 2**20:.1f} | {same} | {run['seconds']:.0f} "
                          f"| {agree} |")
+        for name, run in sorted(results.get("anchor", {}).get(model, {}).items()):
+            if isinstance(run, dict):  # llm-compressor's runs (benchmarks/llmcompressor_anchor.py)
+                lines.append(f"| llm-compressor GPTQ {name.upper()} (its own run) | {run['perplexity']:.3f} | "
+                             f"{run['perplexity'] - base['perplexity']:+.3f} | {run['accuracy']:.2%} | "
+                             f"{run['bytes'] / 2**20:.1f} (fp32 rest) | - | {run['seconds']:.0f} | - |")
         lines.append("")
     return "\n".join(lines)
 

@@ -45,7 +45,7 @@ def refit_layer(model: nn.Module, layer: MoELayer, goal: Target, *, ridge: float
     counter = counting_status(on_progress, f"layer {layer.index}: refit", "expert",
                               bound=layer.num_experts * MAX_SWEEPS)
     result = refit_down(features, goal.output - constant, layer.experts.down.detach(), ridge=ridge,
-                        on_progress=counter)
+                        on_progress=counter, dtype=torch.float32)
     for j in range(layer.num_experts):
         set_expert_weights(model, layer.index, j, down=result.down[j])
     return {"error_before": round(result.error_before, 6), "error_after": round(result.error_after, 6),
