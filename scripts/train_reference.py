@@ -2,6 +2,7 @@
 
     python scripts/train_reference.py ref-fine  --threads 2            # full recipe
     python scripts/train_reference.py ref-coarse --threads 2
+    python scripts/train_reference.py ref-dense --threads 1            # dense Qwen3, ref-fine's tokenizer
     python scripts/train_reference.py ref-fine --steps 300 --work runs/try  # a short trial (every stage)
     python scripts/train_reference.py ref-fine --until-stage 2             # report on stage 2 only
 
@@ -77,6 +78,12 @@ RECIPES: dict[str, list[dict]] = {
         dict(_COMMON, steps=1200, lr=1e-3, warmup=100, checkpoint_every=150, eval_every=150, seed=1),
         dict(_COMMON, steps=5000, lr=1e-3, warmup=100, checkpoint_every=125, eval_every=250, seed=2),
     ],
+    # the dense reference trains on ref-fine's schedule (same tokens), so the two compare
+    "ref-dense": [
+        dict(_COMMON, steps=1500, lr=3e-3, warmup=150, checkpoint_every=187, eval_every=187, seed=0),
+        dict(_COMMON, steps=1200, lr=1e-3, warmup=100, checkpoint_every=150, eval_every=150, seed=1),
+        dict(_COMMON, steps=5000, lr=1e-3, warmup=100, checkpoint_every=125, eval_every=250, seed=2),
+    ],
     "ref-coarse": [
         dict(_COMMON, steps=2000, lr=3e-3, warmup=200, checkpoint_every=250, eval_every=250, seed=0),
         dict(_COMMON, steps=1200, lr=1e-3, warmup=100, checkpoint_every=150, eval_every=150, seed=1),
@@ -112,9 +119,11 @@ def main() -> None:
     work.mkdir(parents=True, exist_ok=True)
     spec_path = work / "model_spec.json"
     spec_path.write_text(REFERENCE[args.name].model_dump_json(indent=1))
+    # the dense reference shares ref-fine's tokenizer, so upcycled models compare with it
+    tokenizer = args.tokenizer or (REPO / "src" / "moekit" / "zoo" / "ref-fine" if args.name == "ref-dense" else None)
     results = []
     for k, recipe in enumerate(stages, start=1):
-        result = run_stage(k, recipe, work, spec_path, args.tokenizer)
+        result = run_stage(k, recipe, work, spec_path, tokenizer)
         if result is None:
             print(f"interrupted in stage {k}; rerun the same command to resume")
             return

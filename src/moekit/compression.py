@@ -200,7 +200,7 @@ def compress(
             advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
         result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
                             (lambda i: on_event("layer", i)))
-    writer.write_outer(f"{lent.family.layers}.")
+    writer.write_outer(f"{lent.layers_path}.")
     report["calibration"] = [
         {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
          "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],

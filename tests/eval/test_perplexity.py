@@ -24,8 +24,20 @@ def test_windows_score_every_token_once(length, context, stride):
     assert scored == list(range(1, length))
 
 
-def test_perplexity_equals_hand_computation():
-    model = tiny_model("qwen3_moe")
+def _dense_qwen3():
+    """A tiny dense Qwen3, the family of the dense reference (no MoE view, no routing)."""
+    from transformers import AutoModelForCausalLM, Qwen3Config
+
+    from moekit.zoo.tiny import randomize_
+
+    config = Qwen3Config(vocab_size=384, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=8, intermediate_size=48, max_position_embeddings=256)
+    return randomize_(AutoModelForCausalLM.from_config(config)).eval()
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_model("qwen3_moe"), _dense_qwen3], ids=["moe", "dense"])
+def test_perplexity_equals_hand_computation(make):
+    model = make()
     result = evaluate(model, STREAM, context_length=16, stride=8, batch_size=3, progress=False)
     nll, correct, n = 0.0, 0, 0
     for begin, end, first in windows(len(STREAM), 16, 8):

@@ -49,3 +49,35 @@ def test_other_settings_are_refused_before_any_work(command, tmp_path):
     assert refused.exit_code == 2 and "Traceback" not in refused.output
     assert "other settings (grad_accum 1 → 2, lr 0.002 → 0.01)" in refused.flat
     assert {p: p.stat().st_mtime_ns for p in (tmp_path / "run").rglob("*")} == before
+
+
+def test_a_dense_model_trains_with_no_router_losses_and_continues_from_its_own_checkpoint(tmp_path):
+    """The dense reference's family (Qwen3): router losses are zero, the load columns say
+    balanced, and a finished model is a valid --init."""
+    from moekit.train.config import ModelSpec
+
+    corpus = write_corpus(tmp_path / "corpus")
+    spec = ModelSpec(family="qwen3", vocab_size=300, hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                     intermediate_size=64, max_position_embeddings=64)
+    arch = write_spec(tmp_path / "dense.json", spec.model_dump())
+    common = ["--data", corpus, "--vocab-size", 300, "--seq-len", 32, "--batch-size", 4, "--checkpoint-every", 2,
+              "--eval-every", 2, "--threads", 1, "--steps", 2]
+    first = _train(["train", "--arch", arch, *common, "--out", tmp_path / "run"])
+    assert first.exit_code == 0, first.output
+    log = json.loads((tmp_path / "run" / "train_log.json").read_text())
+    assert all(h["aux_loss"] == 0 and h["z_loss"] == 0 and h["imbalance"] == 1 for h in log["history"])
+    config = json.loads((tmp_path / "run" / "model" / "config.json").read_text())
+    assert config["model_type"] == "qwen3" and config["intermediate_size"] == 64
+    again = _train(["train", "--init", tmp_path / "run" / "model", *common, "--out", tmp_path / "more"])
+    assert again.exit_code == 0, again.output
+
+
+def test_intermediate_size_belongs_to_dense_families_only():
+    from pydantic import ValidationError
+
+    from moekit.train.config import ModelSpec
+
+    with pytest.raises(ValidationError, match="dense family"):
+        ModelSpec(family="qwen3")
+    with pytest.raises(ValidationError, match="dense family"):
+        ModelSpec(family="qwen3_moe", intermediate_size=64)

@@ -60,11 +60,12 @@ class EvalResult:
         return {l.index: [n / max(sum(l.load), 1) for n in l.load] for l in self.layers}
 
     def min_load_ratio(self) -> float:
-        """min over layers and experts of share · E: 1 when balanced, 0 for a dead expert."""
-        return min(min(v) * len(v) for v in self.load.values())
+        """min over layers and experts of share · E: 1 when balanced, 0 for a dead expert
+        (1 for a dense model: no expert can starve)."""
+        return min((min(v) * len(v) for v in self.load.values()), default=1.0)
 
     def max_load_ratio(self) -> float:
-        return max(max(v) * len(v) for v in self.load.values())
+        return max((max(v) * len(v) for v in self.load.values()), default=1.0)
 
 
 def windows(length: int, context_length: int, stride: int) -> list[tuple[int, int, int]]:
@@ -228,7 +229,7 @@ def evaluate(
     context_length, stride = check_scoring(lent.model.config, tokens, context_length=context_length, stride=stride)
     ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size)
     streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations)
-    recorder = _RoutingRecorder(scored) if routing else None
+    recorder = _RoutingRecorder(scored) if routing and lent.family is not None else None  # dense: no routing
     n_layers, n_batches = len(lent), len(ids)
     nll, correct, count = 0.0, 0, 0
     with progress_bar("evaluating", total=(n_layers + 1) * n_batches, unit="batch", enabled=progress) as advance:

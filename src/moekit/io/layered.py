@@ -45,14 +45,12 @@ class LayeredModel:
 
     def __init__(self, model: nn.Module, *, device: torch.device, checkpoint=None,
                  dtype: torch.dtype = torch.float32) -> None:
-        from moekit.arch.adapters import find_family
-
         self.model = model
         self.device = device
         self.checkpoint = checkpoint
         self.dtype = dtype
-        self.family = find_family(model)
-        self.layers = self.family.decoder_layers(model)
+        self.family, self.layers_path = _stack_of(model)
+        self.layers = model.get_submodule(self.layers_path)
         self._keys: dict[int | None, list[str]] = {}
         if checkpoint is not None:
             for name in checkpoint.names():
@@ -215,6 +213,27 @@ class LayeredModel:
                 raise MoekitError(f"{self.checkpoint.folder} has no tensor {missing[0]!r}"
                                   f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; "
                                   "the checkpoint is incomplete.")
+
+
+def _stack_of(model: nn.Module):
+    """(MoE family or None, path of the decoder-layer list). A dense model (the start of
+    upcycling, a dense reference) has no MoE family; its layers are where transformers'
+    decoder models keep them, ``<base model>.layers``."""
+    from moekit.arch.adapters import find_family
+    from moekit.errors import UnsupportedModelError
+
+    try:
+        family = find_family(model)
+        return family, family.layers
+    except UnsupportedModelError:
+        prefix = getattr(model, "base_model_prefix", "")
+        path = f"{prefix}.layers" if prefix else "layers"
+        try:
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                return None, path
+        except AttributeError:
+            pass
+        raise
 
 
 def _glibc():

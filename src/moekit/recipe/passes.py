@@ -172,9 +172,9 @@ class RecipePass:
                     continue
                 self._apply(phase, index, view, stats, result, advance)
             if writer is not None:
-                writer.write_layer(index, f"{self.lent.family.layers}.{index}.")
+                writer.write_layer(index, f"{self.lent.layers_path}.{index}.")
             else:  # a planning pass writes nothing: what a step left for the writer goes
-                ledger(self.lent.model).discard(f"{self.lent.family.layers}.{index}.")
+                ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
             if work is not None:
                 self._commit(work, index, view, [*streams, *references.values()], result)
             if on_layer is not None:
@@ -193,7 +193,7 @@ class RecipePass:
                          result: PassResult, advance, status: str, reference: torch.Tensor | None) -> None:
         from moekit.calib.runner import LayerInputs
 
-        inputs = LayerInputs(self.streamer, index, layer, f"{self.lent.family.layers}.{index}.", hidden,
+        inputs = LayerInputs(self.streamer, index, layer, f"{self.lent.layers_path}.{index}.", hidden,
                              on_batch=lambda b: advance(0, status), reference_logits=reference)
         for position, step in phase.steps:
             report = step.apply_layer(self.lent.model, view, None, plan=self.plans.get(position),

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from moekit.arch.discover import moe_layers
+from moekit.train.config import routed_layers
 from moekit.arch.layer import MoELayer
 
 
@@ -38,7 +38,7 @@ class RouterCapture:
     """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers: list[MoELayer] = moe_layers(model)
+        self.layers: list[MoELayer] = routed_layers(model)
         self.records: list[RoutingRecord] = []
         self._handles: list[torch.utils.hooks.RemovableHandle] = []
 

@@ -18,7 +18,11 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from moekit.errors import MoekitError, read_json, read_yaml, validation_problems
 
-FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3"]
+FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "qwen3"]
+
+# Dense families moekit trains too (the starting points of upcycling and splitting):
+# every layer has one MLP of ``intermediate_size``; no router, no router losses.
+DENSE_FAMILIES = {"qwen3"}
 
 # Per family: (config key of E, config key of the expert intermediate size, fixed extras).
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
@@ -53,6 +57,7 @@ class ModelSpec(BaseModel):
     num_experts: int = Field(default=8, ge=1)
     top_k: int = Field(default=2, ge=1)
     expert_intermediate_size: int = Field(default=512, ge=1)
+    intermediate_size: int | None = Field(default=None, ge=1, description="a dense family's MLP width")
     norm_topk_prob: bool = True
     max_position_embeddings: int = Field(default=2048, ge=1)
     rope_theta: float = Field(default=10000.0, gt=0)
@@ -67,11 +72,23 @@ class ModelSpec(BaseModel):
                              "change one or give head_dim")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"num_heads {self.num_heads} is not a multiple of num_kv_heads {self.num_kv_heads}")
+        if (self.family in DENSE_FAMILIES) != (self.intermediate_size is not None):
+            raise ValueError("intermediate_size is the MLP width of a dense family (qwen3) and only of one; "
+                             "MoE families size their experts with expert_intermediate_size")
         return self
 
     def hf_config(self) -> PretrainedConfig:
-        experts_key, inter_key, fixed = FAMILIES[self.family]
         head_dim = self.head_dim or self.hidden_size // self.num_heads
+        if self.family in DENSE_FAMILIES:
+            return AutoConfig.for_model(
+                self.family, vocab_size=self.vocab_size, hidden_size=self.hidden_size,
+                num_hidden_layers=self.num_layers, num_attention_heads=self.num_heads,
+                num_key_value_heads=self.num_kv_heads, head_dim=head_dim, intermediate_size=self.intermediate_size,
+                max_position_embeddings=self.max_position_embeddings, tie_word_embeddings=self.tie_word_embeddings,
+                initializer_range=self.initializer_range,
+                rope_parameters={"rope_type": "default", "rope_theta": self.rope_theta},
+                pad_token_id=0, bos_token_id=1, eos_token_id=2, **self.extra)
+        experts_key, inter_key, fixed = FAMILIES[self.family]
         values: dict[str, Any] = dict(
             vocab_size=self.vocab_size,
             hidden_size=self.hidden_size,
@@ -113,12 +130,12 @@ def load_model_config(source: str | Path | dict[str, Any] | ModelSpec) -> Pretra
     data = _read_mapping(source) if not isinstance(source, dict) else dict(source)
     if "model_type" in data:
         model_type = data.pop("model_type")
-        if model_type not in FAMILIES:
+        if model_type not in FAMILIES and model_type not in DENSE_FAMILIES:
             raise MoekitError(_unknown(model_type))
         for key in ("architectures", "transformers_version", "dtype", "torch_dtype"):
             data.pop(key, None)
         return check_config(AutoConfig.for_model(model_type, **data))
-    if data.get("family") not in FAMILIES:
+    if data.get("family") not in FAMILIES and data.get("family") not in DENSE_FAMILIES:
         raise MoekitError(_unknown(data.get("family")))
     try:
         spec = ModelSpec(**data)
@@ -129,6 +146,8 @@ def load_model_config(source: str | Path | dict[str, Any] | ModelSpec) -> Pretra
 
 def check_config(config: PretrainedConfig) -> PretrainedConfig:
     """Refuse configs that would fail (or silently misbehave) only after training began."""
+    if config.model_type in DENSE_FAMILIES:
+        return config
     if config.model_type not in FAMILIES:
         raise MoekitError(_unknown(config.model_type))
     experts = getattr(config, FAMILIES[config.model_type][0])
@@ -153,6 +172,8 @@ def build_model(config: PretrainedConfig, *, seed: int) -> PreTrainedModel:
     torch.manual_seed(seed)
     # grouped_mm runs all experts of a layer in one kernel: ~20% faster than the
     # per-expert loop on CPU, and numerically the same routing.
+    if config.model_type in DENSE_FAMILIES:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32, experts_implementation="grouped_mm")
 
 
@@ -168,4 +189,11 @@ def _read_mapping(path: str | Path) -> dict[str, Any]:
 
 
 def _unknown(name: Any) -> str:
-    return f"unknown architecture {name!r}; moekit trains {', '.join(FAMILIES)}."
+    return f"unknown architecture {name!r}; moekit trains {', '.join([*FAMILIES, *sorted(DENSE_FAMILIES)])}."
+
+
+def routed_layers(model: PreTrainedModel) -> list:
+    """The model's MoE layers (`moekit.moe_layers`); none for a dense family."""
+    from moekit.arch.discover import moe_layers
+
+    return [] if model.config.model_type in DENSE_FAMILIES else moe_layers(model)

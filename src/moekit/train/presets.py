@@ -15,6 +15,12 @@ REFERENCE: dict[str, ModelSpec] = {
         head_dim=64, num_experts=32, top_k=4, expert_intermediate_size=96, norm_topk_prob=True,
         max_position_embeddings=1024,
     ),
+    # Dense (Qwen3): the start of upcycling and splitting; its MLP is as wide as ref-fine's
+    # four active experts together, so both spend the same parameters per token.
+    "ref-dense": ModelSpec(
+        family="qwen3", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,
+        head_dim=64, intermediate_size=384, max_position_embeddings=1024,
+    ),
     # Coarse: few big experts, top-2 (Mixtral style).
     "ref-coarse": ModelSpec(
         family="mixtral", vocab_size=8192, hidden_size=256, num_layers=4, num_heads=4, num_kv_heads=2,

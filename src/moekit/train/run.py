@@ -90,12 +90,14 @@ def _model_config(arch: str, init: Path | None, folder: Path | None):
     from moekit.io.load import load, load_config
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
     from moekit.train import FAMILIES, check_config, load_model_config
+    from moekit.train.config import DENSE_FAMILIES
     from moekit.train.presets import preset
 
     if init is not None:
         model_type = load_config(str(init)).model_type
-        if model_type not in FAMILIES:  # before its weights load
-            raise MoekitError(f"--init {init} is a {model_type} model; moekit trains {', '.join(FAMILIES)} models.")
+        if model_type not in FAMILIES and model_type not in DENSE_FAMILIES:  # before its weights load
+            raise MoekitError(f"--init {init} is a {model_type} model; moekit trains "
+                              f"{', '.join([*FAMILIES, *sorted(DENSE_FAMILIES)])} models.")
         if folder is None:
             model = load(str(init))
             return check_config(model.config), model
@@ -103,8 +105,9 @@ def _model_config(arch: str, init: Path | None, folder: Path | None):
             model = load_nonuniform(folder, experts_implementation="grouped_mm")
             return check_config(model.config), model
         config = load_model_config(json.loads((folder / "config.json").read_text()))
+        experts = {} if model_type in DENSE_FAMILIES else {"experts_implementation": "grouped_mm"}
         model = AutoModelForCausalLM.from_pretrained(folder, config=config, dtype=torch.float32,
-                                                     use_safetensors=True, experts_implementation="grouped_mm")
+                                                     use_safetensors=True, **experts)
         return check_config(model.config), model
     spec = preset(arch)
     return load_model_config(spec if spec is not None else _arch_file(arch)), None

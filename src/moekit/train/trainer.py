@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from rich.console import Console
 from torch import nn
 
-from moekit.arch.discover import moe_layers
+from moekit.train.config import routed_layers
 from moekit.errors import MoekitError, validation_problems
 from moekit.io.save import write_json_atomically
 from moekit.train.capture import RouterCapture
@@ -102,7 +102,7 @@ def train(
             f"the training data has {train_rows.shape[0]} sequences, fewer than one batch of "
             f"{config.batch_size}; add data or lower --batch-size / --seq-len."
         )
-    layers = moe_layers(model)
+    layers = routed_layers(model)
     biased = [layer for layer in layers if layer.router.correction_bias is not None]
     if config.bias_update_rate > 0 and not biased:
         raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3); set it to 0.")
@@ -195,9 +195,11 @@ def _train_step(model, optimizer, stream, cap, config, lr, biased) -> dict[str, 
         out = model(input_ids=batch, labels=batch)
         if getattr(out, "aux_loss", None) is not None:
             raise RuntimeError("the HF model added its own aux loss; moekit adds router losses explicitly")
-        aux = torch.stack([load_balancing_loss(router_probabilities(r.logits, r.scoring), r.top_k_index)
-                           for r in cap.records]).mean()
-        z = torch.stack([router_z_loss(r.logits) for r in cap.records]).mean()
+        aux = z = out.loss.new_zeros(())  # a dense model has no router to balance
+        if cap.records:
+            aux = torch.stack([load_balancing_loss(router_probabilities(r.logits, r.scoring), r.top_k_index)
+                               for r in cap.records]).mean()
+            z = torch.stack([router_z_loss(r.logits) for r in cap.records]).mean()
         total = out.loss + config.aux_loss_coef * aux + config.z_loss_coef * z
         (total / config.grad_accum).backward()
         for name, value in (("loss", out.loss), ("aux_loss", aux), ("z_loss", z)):
@@ -211,7 +213,8 @@ def _train_step(model, optimizer, stream, cap, config, lr, biased) -> dict[str, 
     for layer in biased:
         if config.bias_update_rate > 0:
             aux_free_bias_update(layer.router.correction_bias, counts[layer.index], config.bias_update_rate)
-    loads = [c / c.mean() for c in counts.values()]  # per layer [E_l], 1 = fair share (E_l may differ)
+    # per layer [E_l], 1 = fair share (E_l may differ); a dense model is balanced by definition
+    loads = [c / c.mean() for c in counts.values()] or [torch.ones(1)]
     return {**sums, "lr": lr, "grad_norm": float(grad_norm),
             "imbalance": sum(float(l.max()) for l in loads) / len(loads), "min_load": min(float(l.min()) for l in loads)}
 
