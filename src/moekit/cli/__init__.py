@@ -72,6 +72,7 @@ from moekit.cli import compress as _compress  # noqa: E402,F401
 from moekit.cli import eval as _eval  # noqa: E402,F401
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
 from moekit.cli import train as _train  # noqa: E402,F401
+from moekit.cli import upcycle as _upcycle  # noqa: E402,F401
 
 if _handled_imports and _previous is not None:  # None: set outside Python, cannot be put back
     signal.signal(signal.SIGINT, _previous)

@@ -1,0 +1,1 @@
+"""Building MoEs from dense models: upcycling (`upcycle`)."""

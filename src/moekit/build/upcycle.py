@@ -1,0 +1,214 @@
+"""Sparse upcycling: a dense model becomes an MoE whose experts start from its MLPs.
+
+Methods (each layer's MLP gate G [I, H], up U [I, H], down D [H, I]):
+
+- ``copy`` (Sparse Upcycling, Komatsuzaki et al. 2022, arXiv 2212.05055): every expert is
+  (G, U, D); the router starts small and random. The families written here renormalise
+  the top-k weights (Σ_selected g_j = 1), so at step 0 the block outputs
+  Σ_j g_j·MLP(x) = MLP(x): the upcycled model computes the dense model's logits.
+- ``virtual-groups`` (NVIDIA, "Upcycling Large Language Models into Mixture of Experts",
+  arXiv 2410.07524): the MLP's I neurons are cut into ``groups`` shards of I/G (a SwiGLU
+  MLP is a sum over its neurons, so MLP(x) = Σ_s MLP_s(x)); expert j holds shard j mod G,
+  and the experts j // G = v form virtual group v, all with router row R_v. Equal rows
+  tie, so top-k (k a multiple of G) selects whole groups, every shard k/G times, each
+  weight 1/k after renormalisation: the block outputs (1/k)·(k/G)·Σ_s MLP_s(x) = MLP(x)/G.
+  Scaling every expert's down projection by G restores MLP(x) exactly. (Megatron's
+  ``_get_weight_scale`` factor applies when top-k weights are not renormalised.)
+- ``drop`` (Drop-Upcycling, arXiv 2502.19261): ``copy``, then in each expert a random share
+  ``drop_ratio`` of the intermediate neurons is re-initialised from the normal
+  distribution of the dense weights' mean and standard deviation (per matrix); no longer
+  equal to the dense model at step 0, by design.
+
+Attention, norms, embeddings and head are copied. The model is built one decoder layer at
+a time from the dense checkpoint and written as a standard checkpoint of the MoE family.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from moekit.errors import MoekitError
+
+Method = Literal["copy", "virtual-groups", "drop"]
+
+# dense model_type -> (MoE model_type, its expert-count key, its expert-width key, extras)
+TARGETS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
+    "qwen3": ("qwen3_moe", "num_experts", "moe_intermediate_size",
+              {"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1}),
+    "mistral": ("mixtral", "num_local_experts", "intermediate_size", {}),
+    "llama": ("mixtral", "num_local_experts", "intermediate_size", {}),
+}
+
+
+def moe_config(dense: Any, *, experts: int, top_k: int, width: int):
+    """The MoE family's config for ``dense``'s config: every dense field it shares, then
+    the experts (``width`` neurons each)."""
+    from transformers import AutoConfig
+
+    target, experts_key, width_key, extras = TARGETS[dense.model_type]
+    values = {k: v for k, v in dense.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype")}
+    values.update(extras, **{experts_key: experts, width_key: width, "num_experts_per_tok": top_k,
+                             "output_router_logits": False})
+    return AutoConfig.for_model(target, **values)
+
+
+def check_upcycle(dense: Any, *, experts: int, top_k: int, method: Method, groups: int,
+                  drop_ratio: float) -> int:
+    """Refuse what cannot be built, before any weight is read; returns each expert's width."""
+    model_type = getattr(dense, "model_type", None)
+    if model_type not in TARGETS:
+        hint = " It is already an MoE." if any(k in dense.to_dict() for k in ("num_experts", "num_local_experts",
+                                                                                "n_routed_experts")) else ""
+        raise MoekitError(f"cannot upcycle a {model_type!r} model.{hint} moekit upcycles dense "
+                          f"{', '.join(sorted(TARGETS))} models into {', '.join(sorted({t[0] for t in TARGETS.values()}))}.")
+    if not 1 <= top_k <= experts:
+        raise MoekitError(f"--top-k {top_k} must be between 1 and --experts {experts}.")
+    inner = dense.intermediate_size
+    if method != "virtual-groups":
+        if not 0 < drop_ratio <= 1 and method == "drop":
+            raise MoekitError(f"--drop-ratio {drop_ratio} must be in (0, 1].")
+        return inner
+    if groups < 1 or inner % groups or experts % groups or top_k % groups:
+        raise MoekitError(f"virtual-groups needs --groups G dividing the MLP width {inner}, --experts {experts} and "
+                          f"--top-k {top_k} (every shard must be chosen equally); G = {groups} does not.")
+    return inner // groups
+
+
+@torch.no_grad()
+def expert_tensors(gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor, *, experts: int, method: Method,
+                   groups: int, drop_ratio: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(gate_up [E, 2I', H], down [E, H, I']) of one layer's experts from its dense MLP
+    (gate, up [I, H], down [H, I]), in transformers' fused layout."""
+    if method == "virtual-groups":
+        width = gate.shape[0] // groups
+        shards = [(gate[s * width:(s + 1) * width], up[s * width:(s + 1) * width],
+                   down[:, s * width:(s + 1) * width] * groups) for s in range(groups)]
+        chosen = [shards[j % groups] for j in range(experts)]
+    else:
+        chosen = [(gate.clone(), up.clone(), down.clone()) for _ in range(experts)]
+    if method == "drop":
+        for g, u, d in chosen:
+            neurons = torch.randperm(g.shape[0], generator=generator)[: round(drop_ratio * g.shape[0])]
+            for matrix, rows in ((g, True), (u, True), (d, False)):
+                source = gate if matrix is g else up if matrix is u else down
+                fresh = torch.randn(source.shape[1] if rows else source.shape[0], len(neurons), generator=generator)
+                fresh = fresh * source.float().std() + source.float().mean()
+                if rows:
+                    matrix[neurons] = fresh.T.to(matrix.dtype)
+                else:
+                    matrix[:, neurons] = fresh.to(matrix.dtype)
+    gate_up = torch.stack([torch.cat([g, u]) for g, u, _ in chosen])
+    return gate_up, torch.stack([d for _, _, d in chosen])
+
+
+def router_rows(experts: int, hidden: int, *, method: Method, groups: int, generator: torch.Generator,
+                std: float = 0.02) -> torch.Tensor:
+    """[E, H]: small random rows; with virtual groups, one row per group, repeated."""
+    if method != "virtual-groups":
+        return torch.randn(experts, hidden, generator=generator) * std
+    per_group = torch.randn(experts // groups, hidden, generator=generator) * std
+    return per_group.repeat_interleave(groups, dim=0)
+
+
+def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int, top_k: int,
+            method: Method = "copy", groups: int = 1, drop_ratio: float = 0.5, seed: int = 0) -> dict:
+    """Write the MoE upcycled from the dense checkpoint ``dense`` into the new folder
+    ``out_dir`` (see the module docstring), one decoder layer at a time. Returns a report.
+
+    Raises:
+        MoekitError: before any weight is read, for an existing ``out_dir``, a model that is
+            not a dense model of a family moekit upcycles, or sizes the method cannot use.
+    """
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.io.layered import to_meta
+    from moekit.io.load import check_model
+    from moekit.io.save import atomic_dir
+    from moekit.io.shards import OUTER, ShardWriter
+
+    out = Path(out_dir).expanduser().resolve()
+    if out.exists():
+        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+    folder = check_model(str(dense))
+    if folder is None:
+        raise MoekitError(f"{dense} is not a checkpoint folder; upcycle reads a dense model's safetensors.")
+    config = AutoConfig.from_pretrained(folder)
+    width = check_upcycle(config, experts=experts, top_k=top_k, method=method, groups=groups, drop_ratio=drop_ratio)
+    checkpoint = Checkpoint(folder)
+    stored = checkpoint.floating_dtype() or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(moe_config(config, experts=experts, top_k=top_k, width=width))
+    generator = torch.Generator().manual_seed(seed)
+    layers = model.get_submodule(f"{model.base_model_prefix}.layers")
+    prefix = f"{model.base_model_prefix}.layers"
+    with atomic_dir(out) as tmp:
+        work = tmp / ".layers"
+        writer = ShardWriter(work, model, dtype=stored)
+        for index, layer in enumerate(layers):
+            names = checkpoint.names(f"{prefix}.{index}.")
+            dense_state = checkpoint.read(names)
+            _fill_layer(layer, dense_state, f"{prefix}.{index}.", experts=experts, method=method, groups=groups,
+                        drop_ratio=drop_ratio, generator=generator)
+            writer.write_layer(index, f"{prefix}.{index}.")
+            to_meta(layer)
+        outer = [n for n in checkpoint.names() if not n.startswith(f"{prefix}.")]
+        _fill_outer(model, checkpoint.read(outer), prefix)
+        writer.write_outer(f"{prefix}.")
+        writer.finish(tmp, [*range(len(layers)), OUTER])
+        for file in folder.iterdir():
+            if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+                shutil.copyfile(file, tmp / file.name)
+        shutil.rmtree(work)
+        report = {"dense": str(folder), "out": str(out), "family": model.config.model_type, "experts": experts,
+                  "top_k": top_k, "method": method, "expert_width": width, "seed": seed,
+                  **({"groups": groups} if method == "virtual-groups" else {}),
+                  **({"drop_ratio": drop_ratio} if method == "drop" else {})}
+        (tmp / "upcycle.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+@torch.no_grad()
+def _fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, experts: int, method: Method, groups: int,
+                drop_ratio: float, generator: torch.Generator) -> None:
+    """Materialise the MoE decoder ``layer`` from the dense layer's tensors (checkpoint names)."""
+    layer.to_empty(device="cpu")
+    local = {name.removeprefix(prefix): tensor for name, tensor in dense.items()}
+    mlp = {k.removeprefix("mlp."): local.pop(k) for k in list(local) if k.startswith("mlp.")}
+    missing = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} - set(mlp)
+    if missing:
+        raise MoekitError(f"{prefix}mlp has no {sorted(missing)[0]}; upcycle needs a gated MLP (gate, up, down).")
+    own = dict(layer.named_parameters())
+    for name, tensor in local.items():  # attention, norms: the same names in both families
+        if name not in own:
+            raise MoekitError(f"{prefix}{name} has no place in the MoE layer; the dense family's layer differs.")
+        own[name].copy_(tensor)
+    block = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
+    gate_up, down = expert_tensors(mlp["gate_proj.weight"].float(), mlp["up_proj.weight"].float(),
+                                   mlp["down_proj.weight"].float(), experts=experts, method=method, groups=groups,
+                                   drop_ratio=drop_ratio, generator=generator)
+    block.experts.gate_up_proj.copy_(gate_up)
+    block.experts.down_proj.copy_(down)
+    block.gate.weight.copy_(router_rows(experts, gate_up.shape[2], method=method, groups=groups,
+                                        generator=generator))
+
+
+@torch.no_grad()
+def _fill_outer(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
+    """Embeddings, final norm, head: the same names in both."""
+    for module_name, module in model.named_modules():
+        if module_name.startswith(prefix) or module_name == prefix:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if full in dense:
+                module._parameters[name] = torch.nn.Parameter(dense[full].clone(), requires_grad=False)
+    model.tie_weights()
