@@ -209,7 +209,7 @@ def compress(
     report["steps"] = [{"type": step.type, **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
     report["after"] = summary(lent.model, stored)
-    report["format"] = "moekit-nonuniform" if native else "standard"
+    report["format"] = "moekit-nonuniform" if native else _quantized_format(recipe) or "standard"
     report["activations"] = budget.report()
     budget.close()
 
@@ -232,6 +232,16 @@ def compress(
     work.remove()
     report["out"] = str(out)
     return report
+
+
+def _quantized_format(recipe: Recipe) -> str | None:
+    """The output's format when the recipe quantizes: ``compressed-tensors``, or
+    ``compressed-tensors-mixed`` when routed experts get different widths (only
+    `moekit.load` decompresses those correctly)."""
+    steps = [step for step in recipe.steps if step.type == "quantize"]
+    if not steps:
+        return None
+    return "compressed-tensors-mixed" if any(step.average_bits is not None for step in steps) else "compressed-tensors"
 
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
@@ -320,6 +330,14 @@ def model_card(report: dict) -> str:
     if report["format"] == "standard":
         lines += ["This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` "
                   "loads it without moekit."]
+    elif report["format"] == "compressed-tensors":
+        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
+                  "in config.json): `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit "
+                  "when the `compressed-tensors` package is installed, and vLLM and SGLang serve this format."]
+    elif report["format"] == "compressed-tensors-mixed":
+        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
+                  "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
+                  "load this folder correctly: load it with `moekit.load(folder)`."]
     else:
         lines += ["Layers keep different numbers of experts, which a standard transformers checkpoint cannot "
                   "express. This folder is in moekit's non-uniform format (`moekit.json`, "

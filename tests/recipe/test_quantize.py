@@ -71,6 +71,7 @@ def test_every_family_saves_a_checkpoint_plain_transformers_loads_as_moekit_does
     for ((family, bits), out), theirs in zip(outs.items(), plain, strict=True):
         config = json.loads((out / "config.json").read_text())["quantization_config"]
         assert config["format"] == "pack-quantized" and config["quant_method"] == "compressed-tensors"
+        assert "compressed-tensors` package is installed" in (out / "README.md").read_text()
         with safe_open(str(out / "model.safetensors"), framework="pt") as f:
             names = set(f.keys())
         assert any(".experts.0." in n and n.endswith("weight_packed") for n in names), family
@@ -229,6 +230,8 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     assert sum(costs[key][b] for key, b in bits.items()) <= budget_for_average_bits(costs, 3.0)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "load it with `moekit.load(folder)`" in card
     model = moekit.load(tmp_path / "out")
     with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
         for (i, j), b in bits.items():

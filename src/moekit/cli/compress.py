@@ -94,9 +94,15 @@ def compress_command(
         console.print(table)
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        if report["format"] != "standard":
+        if report["format"] == "moekit-nonuniform":
             console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
                           "load it with moekit.load(folder), not plain transformers.[/]")
+        elif report["format"] == "compressed-tensors-mixed":
+            console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
+                          "scheme, so load it with moekit.load(folder).[/]")
+        elif report["format"] == "compressed-tensors":
+            console.print("[dim]compressed-tensors checkpoint: transformers (with compressed-tensors), vLLM and "
+                          "SGLang load it.[/]")
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
 
 

@@ -148,8 +148,8 @@ def train(
                 result = evaluate(model, eval_rows, batch_size=config.batch_size)
                 log["evals"].append({"step": step, "loss": result.loss, "perplexity": result.perplexity,
                                      "min_load_ratio": result.min_load_ratio()})
-                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f}, "
-                              f"least-used expert {result.min_load_ratio():.2f} of its fair share)")
+                load = f", least-used expert {result.min_load_ratio():.2f} of its fair share" if layers else ""
+                progress.note(f"step {step}: eval loss {result.loss:.4f} (ppl {result.perplexity:.1f}{load})")
                 write_log(out_dir, log)
             progress.advance(record)
             if step % config.checkpoint_every == 0 or step == config.steps or stop.requested:
