@@ -25,10 +25,7 @@ a time from the dense checkpoint and written as a standard checkpoint of the MoE
 
 from __future__ import annotations
 
-import json
 import os
-import shutil
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
@@ -126,83 +123,58 @@ def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: in
         MoekitError: before any weight is read, for an existing ``out_dir``, a model that is
             not a dense model of a family moekit upcycles, or sizes the method cannot use.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from moekit.build.writer import DenseSource, write_moe
 
-    from moekit.io.checkpoint import Checkpoint
-    from moekit.io.layered import to_meta
-    from moekit.io.load import check_model
-    from moekit.io.save import atomic_dir
-    from moekit.io.shards import OUTER, ShardWriter
-
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists():
-        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
-    folder = check_model(str(dense))
-    if folder is None:
-        raise MoekitError(f"{dense} is not a checkpoint folder; upcycle reads a dense model's safetensors.")
-    config = AutoConfig.from_pretrained(folder)
-    width = check_upcycle(config, experts=experts, top_k=top_k, method=method, groups=groups, drop_ratio=drop_ratio)
-    checkpoint = Checkpoint(folder)
-    stored = checkpoint.floating_dtype() or torch.float32
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(moe_config(config, experts=experts, top_k=top_k, width=width))
+    source = DenseSource.open(dense, out_dir)
+    width = check_upcycle(source.config, experts=experts, top_k=top_k, method=method, groups=groups,
+                          drop_ratio=drop_ratio)
     generator = torch.Generator().manual_seed(seed)
-    layers = model.get_submodule(f"{model.base_model_prefix}.layers")
-    prefix = f"{model.base_model_prefix}.layers"
-    with atomic_dir(out) as tmp:
-        work = tmp / ".layers"
-        writer = ShardWriter(work, model, dtype=stored)
-        for index, layer in enumerate(layers):
-            names = checkpoint.names(f"{prefix}.{index}.")
-            dense_state = checkpoint.read(names)
-            _fill_layer(layer, dense_state, f"{prefix}.{index}.", experts=experts, method=method, groups=groups,
-                        drop_ratio=drop_ratio, generator=generator)
-            writer.write_layer(index, f"{prefix}.{index}.")
-            to_meta(layer)
-        outer = [n for n in checkpoint.names() if not n.startswith(f"{prefix}.")]
-        _fill_outer(model, checkpoint.read(outer), prefix)
-        writer.write_outer(f"{prefix}.")
-        writer.finish(tmp, [*range(len(layers)), OUTER])
-        for file in folder.iterdir():
-            if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
-                shutil.copyfile(file, tmp / file.name)
-        shutil.rmtree(work)
-        report = {"dense": str(folder), "out": str(out), "family": model.config.model_type, "experts": experts,
-                  "top_k": top_k, "method": method, "expert_width": width, "seed": seed,
-                  **({"groups": groups} if method == "virtual-groups" else {}),
-                  **({"drop_ratio": drop_ratio} if method == "drop" else {})}
-        (tmp / "upcycle.json").write_text(json.dumps(report, indent=2))
-    return report
+
+    def experts_of(index: int, mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        gate_up, down = expert_tensors(*mlp, experts=experts, method=method, groups=groups, drop_ratio=drop_ratio,
+                                       generator=generator)
+        router = router_rows(experts, gate_up.shape[2], method=method, groups=groups, generator=generator)
+        return gate_up, down, router, {}
+
+    report = {"dense": str(source.folder), "experts": experts, "top_k": top_k, "method": method,
+              "expert_width": width, "seed": seed, **({"groups": groups} if method == "virtual-groups" else {}),
+              **({"drop_ratio": drop_ratio} if method == "drop" else {})}
+    return write_moe(source, moe_config(source.config, experts=experts, top_k=top_k, width=width), experts_of,
+                     report=report, name="upcycle.json")
+
+
+def dense_mlp(dense: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [I, H], up [I, H], down [H, I]) in fp32 from a dense layer's tensors."""
+    names = [f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    missing = [n for n in names if n not in dense]
+    if missing:
+        raise MoekitError(f"{missing[0]} is not in the checkpoint; moekit builds experts from a gated MLP "
+                          "(gate, up, down).")
+    return tuple(dense[n].float() for n in names)
 
 
 @torch.no_grad()
-def _fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, experts: int, method: Method, groups: int,
-                drop_ratio: float, generator: torch.Generator) -> None:
-    """Materialise the MoE decoder ``layer`` from the dense layer's tensors (checkpoint names)."""
+def fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, gate_up: torch.Tensor, down: torch.Tensor,
+               router: torch.Tensor) -> None:
+    """Materialise the MoE decoder ``layer``: attention and norms from the dense layer's
+    tensors (checkpoint names, the same in both families), experts and router as given."""
     layer.to_empty(device="cpu")
-    local = {name.removeprefix(prefix): tensor for name, tensor in dense.items()}
-    mlp = {k.removeprefix("mlp."): local.pop(k) for k in list(local) if k.startswith("mlp.")}
-    missing = {"gate_proj.weight", "up_proj.weight", "down_proj.weight"} - set(mlp)
-    if missing:
-        raise MoekitError(f"{prefix}mlp has no {sorted(missing)[0]}; upcycle needs a gated MLP (gate, up, down).")
     own = dict(layer.named_parameters())
-    for name, tensor in local.items():  # attention, norms: the same names in both families
-        if name not in own:
-            raise MoekitError(f"{prefix}{name} has no place in the MoE layer; the dense family's layer differs.")
-        own[name].copy_(tensor)
+    for name, tensor in dense.items():
+        local = name.removeprefix(prefix)
+        if local.startswith("mlp."):
+            continue
+        if local not in own:
+            raise MoekitError(f"{name} has no place in the MoE layer; the dense family's layer differs.")
+        own[local].copy_(tensor)
     block = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
-    gate_up, down = expert_tensors(mlp["gate_proj.weight"].float(), mlp["up_proj.weight"].float(),
-                                   mlp["down_proj.weight"].float(), experts=experts, method=method, groups=groups,
-                                   drop_ratio=drop_ratio, generator=generator)
     block.experts.gate_up_proj.copy_(gate_up)
     block.experts.down_proj.copy_(down)
-    block.gate.weight.copy_(router_rows(experts, gate_up.shape[2], method=method, groups=groups,
-                                        generator=generator))
+    block.gate.weight.copy_(router)
 
 
 @torch.no_grad()
-def _fill_outer(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
+def fill_outer(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
     """Embeddings, final norm, head: the same names in both."""
     for module_name, module in model.named_modules():
         if module_name.startswith(prefix) or module_name == prefix:

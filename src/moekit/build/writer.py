@@ -1,0 +1,93 @@
+"""Writing an MoE built from a dense checkpoint, one decoder layer at a time.
+
+Upcycling and splitting differ only in how a layer's MLP becomes experts and a router;
+everything else is shared here: the MoE skeleton on the meta device, each layer
+materialised from the dense layer's tensors (attention and norms copied), written as its
+own shard and released, then the embeddings, norm and head, the tokenizer, and a report
+beside the checkpoint. The output folder appears only when complete.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from moekit.errors import MoekitError
+
+# (layer index, (gate, up, down) of its dense MLP) -> (gate_up [E, 2I', H], down [E, H, I'], router [E, H], report)
+ExpertsOf = Callable[[int, tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+                     tuple[torch.Tensor, torch.Tensor, torch.Tensor, dict]]
+
+
+@dataclass
+class DenseSource:
+    """A dense checkpoint to build from, checked; and where the result goes."""
+
+    folder: Path
+    out: Path
+    config: Any
+
+    @classmethod
+    def open(cls, dense: str | os.PathLike, out_dir: str | os.PathLike) -> DenseSource:
+        from transformers import AutoConfig
+
+        from moekit.io.load import check_model
+
+        out = Path(out_dir).expanduser().resolve()
+        if out.exists():
+            raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+        folder = check_model(str(dense))
+        if folder is None:
+            raise MoekitError(f"{dense} is not a checkpoint folder; moekit builds MoEs from a dense model's "
+                              "safetensors.")
+        return cls(folder, out, AutoConfig.from_pretrained(folder))
+
+
+def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str) -> dict:
+    """Write the MoE of ``config`` into ``source.out``: layer by layer, its experts and router
+    from ``experts_of``; returns ``report`` completed (also written to ``name``)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moekit.build.upcycle import dense_mlp, fill_layer, fill_outer
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.io.layered import to_meta
+    from moekit.io.save import atomic_dir
+    from moekit.io.shards import OUTER, ShardWriter
+
+    checkpoint = Checkpoint(source.folder)
+    stored = checkpoint.floating_dtype() or torch.float32
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config)
+    prefix = f"{model.base_model_prefix}.layers"
+    layers = model.get_submodule(prefix)
+    per_layer = {}
+    with atomic_dir(source.out) as tmp:
+        work = tmp / ".layers"
+        writer = ShardWriter(work, model, dtype=stored)
+        for index, layer in enumerate(layers):
+            dense = checkpoint.read(checkpoint.names(f"{prefix}.{index}."))
+            gate_up, down, router, layer_report = experts_of(index, dense_mlp(dense, f"{prefix}.{index}."))
+            fill_layer(layer, dense, f"{prefix}.{index}.", gate_up=gate_up, down=down, router=router)
+            writer.write_layer(index, f"{prefix}.{index}.")
+            to_meta(layer)
+            if layer_report:
+                per_layer[str(index)] = layer_report
+        fill_outer(model, checkpoint.read([n for n in checkpoint.names() if not n.startswith(f"{prefix}.")]), prefix)
+        writer.write_outer(f"{prefix}.")
+        writer.finish(tmp, [*range(len(layers)), OUTER])
+        for file in source.folder.iterdir():
+            if file.name.startswith("tokenizer") or file.name == "special_tokens_map.json":
+                shutil.copyfile(file, tmp / file.name)
+        shutil.rmtree(work)
+        report = {**report, "out": str(source.out), "family": model.config.model_type,
+                  **({"layers": per_layer} if per_layer else {})}
+        (tmp / name).write_text(json.dumps(report, indent=2))
+    return report
