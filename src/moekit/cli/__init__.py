@@ -71,6 +71,7 @@ from moekit.cli import calibrate as _calibrate  # noqa: E402,F401
 from moekit.cli import compress as _compress  # noqa: E402,F401
 from moekit.cli import eval as _eval  # noqa: E402,F401
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
+from moekit.cli import split as _split  # noqa: E402,F401
 from moekit.cli import train as _train  # noqa: E402,F401
 from moekit.cli import upcycle as _upcycle  # noqa: E402,F401
 

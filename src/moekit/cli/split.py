@@ -1,0 +1,47 @@
+"""`moekit split DENSE -o OUT --experts E --top-k k --by random|cluster`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from moekit.cli import app
+from moekit.cli._common import Threads, console, print_json, user_errors
+
+
+@app.command("split")
+def split_command(
+    dense: Annotated[str, typer.Argument(help="A dense checkpoint folder (Qwen3, Llama or Mistral).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")],
+    experts: Annotated[int, typer.Option("--experts", min=1, help="Experts per layer (divides the MLP width).")] = 8,
+    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")] = 2,
+    by: Annotated[str, typer.Option(help="random | cluster (balanced k-means on the neurons' weights).")] = "cluster",
+    data: Annotated[str, typer.Option(help="Calibration corpus for the routers.")] = "stdlib:calib",
+    samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 16,
+    seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 256,
+    seed: Annotated[int, typer.Option(help="Seed of the split and the calibration sample.")] = 0,
+    tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model (default: the model's).")] = None,
+    threads: Threads = None,
+    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+) -> None:
+    """Split each dense MLP's neurons into experts (MoEfication, LLaMA-MoE), with routers
+    fitted on calibration data; reports per layer the share of the MLP's output the top-k
+    experts reproduce on held-out tokens. Continue training with `moekit train --init OUT`."""
+    from moekit.build.split import split
+    from moekit.errors import MoekitError
+
+    with user_errors():
+        if by not in ("random", "cluster"):
+            raise MoekitError(f"--by {by!r} is not one of random, cluster.")
+        report = split(dense, out_dir=out, experts=experts, top_k=top_k, by=by, data=data, n_samples=samples,
+                       seq_len=seq_len, seed=seed, tokenizer=tokenizer)
+    if json_out:
+        print_json(report)
+        return
+    console.print(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
+                  f"{report['expert_width']}, top-{top_k}, split by {by}", highlight=False)
+    for layer, shares in report["layers"].items():
+        console.print(f"layer {layer}: top-{top_k} reproduce {shares['reproduced_share']:.1%} of the MLP's output on "
+                      f"held-out tokens (an oracle choice: {shares['oracle_share']:.1%})", highlight=False)
