@@ -50,9 +50,12 @@ class DenseSource:
         return cls(folder, out, AutoConfig.from_pretrained(folder))
 
 
-def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str) -> dict:
+def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str,
+              shared: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> dict:
     """Write the MoE of ``config`` into ``source.out``: layer by layer, its experts and router
-    from ``experts_of``; returns ``report`` completed (also written to ``name``)."""
+    from ``experts_of``; returns ``report`` completed (also written to ``name``).
+    ``shared`` maps the dense tensors copied as they are (attention, norms, embeddings,
+    head; checkpoint names) to the ones to write (`combine` averages several models')."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -75,12 +78,14 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
         for index, layer in enumerate(layers):
             dense = checkpoint.read(checkpoint.names(f"{prefix}.{index}."))
             gate_up, down, router, layer_report = experts_of(index, dense_mlp(dense, f"{prefix}.{index}."))
-            fill_layer(layer, dense, f"{prefix}.{index}.", gate_up=gate_up, down=down, router=router)
+            fill_layer(layer, shared(dense) if shared else dense, f"{prefix}.{index}.", gate_up=gate_up, down=down,
+                       router=router)
             writer.write_layer(index, f"{prefix}.{index}.")
             to_meta(layer)
             if layer_report:
                 per_layer[str(index)] = layer_report
-        fill_outer(model, checkpoint.read([n for n in checkpoint.names() if not n.startswith(f"{prefix}.")]), prefix)
+        outer = checkpoint.read([n for n in checkpoint.names() if not n.startswith(f"{prefix}.")])
+        fill_outer(model, shared(outer) if shared else outer, prefix)
         writer.write_outer(f"{prefix}.")
         writer.finish(tmp, [*range(len(layers)), OUTER])
         for file in source.folder.iterdir():

@@ -68,6 +68,7 @@ def _root(
 
 # Sub-commands register themselves on `app` when imported.
 from moekit.cli import calibrate as _calibrate  # noqa: E402,F401
+from moekit.cli import combine as _combine  # noqa: E402,F401
 from moekit.cli import compress as _compress  # noqa: E402,F401
 from moekit.cli import eval as _eval  # noqa: E402,F401
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
