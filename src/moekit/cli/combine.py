@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from moekit.cli import app
+from moekit.cli._build import JsonOut, Out, Seed, TopK
 from moekit.cli._common import Threads, console, print_json, user_errors
 
 
@@ -15,17 +15,17 @@ from moekit.cli._common import Threads, console, print_json, user_errors
 def combine_command(
     denses: Annotated[list[str], typer.Argument(help="Two or more dense checkpoint folders (one architecture and "
                                                      "tokenizer).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")],
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")] = 1,
+    out: Out,
+    top_k: TopK = 1,
     shared: Annotated[str, typer.Option(help="average | first: attention, norms, embeddings and head.")] = "average",
     router: Annotated[str, typer.Option(help="hidden (each model's mean MLP input on its --data) | random.")] = "hidden",
     data: Annotated[Optional[list[str]], typer.Option(help="One corpus per model, in order, for the hidden router "
                                                            "(default: the shipped calibration split).")] = None,
     samples: Annotated[int, typer.Option(min=1, help="Sequences per model for the hidden router.")] = 8,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed of the samples (and a random router).")] = 0,
+    seed: Seed = 0,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Combine dense models into one MoE, each model's MLP an expert (Branch-Train-MiX,
     mergekit-moe). Train the routers after with `moekit train --init OUT`."""

@@ -2,29 +2,29 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from moekit.cli import app
+from moekit.cli._build import Dense, JsonOut, Out, Seed, TopK
 from moekit.cli._common import Threads, console, print_json, user_errors
 
 
 @app.command("split")
 def split_command(
-    dense: Annotated[str, typer.Argument(help="A dense checkpoint folder (Qwen3, Llama or Mistral).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")],
+    dense: Dense,
+    out: Out,
     experts: Annotated[int, typer.Option("--experts", min=1, help="Experts per layer (divides the MLP width).")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")] = 2,
+    top_k: TopK = 2,
     by: Annotated[str, typer.Option(help="random | cluster (balanced k-means on the neurons' weights).")] = "cluster",
     data: Annotated[str, typer.Option(help="Calibration corpus for the routers.")] = "stdlib:calib",
     samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 16,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 256,
-    seed: Annotated[int, typer.Option(help="Seed of the split and the calibration sample.")] = 0,
+    seed: Seed = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model (default: the model's).")] = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Split each dense MLP's neurons into experts (MoEfication, LLaMA-MoE), with routers
     fitted on calibration data; reports per layer the share of the MLP's output the top-k

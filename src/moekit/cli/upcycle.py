@@ -2,28 +2,28 @@
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Annotated
 
 import typer
 
 from moekit.cli import app
+from moekit.cli._build import Dense, JsonOut, Out, Seed, TopK
 from moekit.cli._common import Threads, console, print_json, user_errors
 
 
 @app.command("upcycle")
 def upcycle_command(
-    dense: Annotated[str, typer.Argument(help="A dense checkpoint folder (Qwen3, Llama or Mistral).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")],
+    dense: Dense,
+    out: Out,
     experts: Annotated[int, typer.Option("--experts", min=1, help="Routed experts per layer.")] = 8,
-    top_k: Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")] = 2,
+    top_k: TopK = 2,
     method: Annotated[str, typer.Option(help="copy | virtual-groups | drop.")] = "copy",
     groups: Annotated[int, typer.Option(min=1, help="virtual-groups: shards of the MLP (divides its width, "
                                                     "--experts and --top-k).")] = 1,
     drop_ratio: Annotated[float, typer.Option(help="drop: share of each expert's neurons re-initialised.")] = 0.5,
-    seed: Annotated[int, typer.Option(help="Seed of the router (and drop's choices).")] = 0,
+    seed: Seed = 0,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: JsonOut = False,
 ) -> None:
     """Turn a dense model into an MoE whose experts start from its MLPs (Sparse Upcycling;
     NVIDIA's virtual groups; Drop-Upcycling). copy and virtual-groups compute the dense

@@ -1,0 +1,14 @@
+"""Options the commands that build an MoE from dense models share (upcycle, split, combine)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+Dense = Annotated[str, typer.Argument(help="A dense checkpoint folder (Qwen3, Llama or Mistral).")]
+Out = Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")]
+TopK = Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")]
+Seed = Annotated[int, typer.Option(help="Seed of the router and of any random choice.")]
+JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
