@@ -48,6 +48,8 @@ def test_step_zero_reproduces_the_dense_logits(dense, tmp_path, family, method, 
     assert moe.config.model_type == MOE_OF[family] == report["family"]
     assert (got - expected).abs().max().item() < 1e-4  # the bound; measured ~2e-6
     assert json.loads((tmp_path / "moe" / "upcycle.json").read_text())["method"] == method
+    saved = json.loads((tmp_path / "moe" / "upcycle.json").read_text())
+    assert report["max_abs_logit_difference"] == saved["max_abs_logit_difference"] < 1e-4  # measured, streamed
 
 
 def test_virtual_group_routers_choose_whole_groups():

@@ -123,7 +123,7 @@ def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: in
         MoekitError: before any weight is read, for an existing ``out_dir``, a model that is
             not a dense model of a family moekit upcycles, or sizes the method cannot use.
     """
-    from moekit.build.writer import DenseSource, write_moe
+    from moekit.build.writer import DenseSource, step_zero_difference, write_moe
 
     source = DenseSource.open(dense, out_dir)
     width = check_upcycle(source.config, experts=experts, top_k=top_k, method=method, groups=groups,
@@ -139,8 +139,13 @@ def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: in
     report = {"dense": str(source.folder), "experts": experts, "top_k": top_k, "method": method,
               "expert_width": width, "seed": seed, **({"groups": groups} if method == "virtual-groups" else {}),
               **({"drop_ratio": drop_ratio} if method == "drop" else {})}
+    def kept(folder) -> dict:  # the methods that keep the dense function: what they kept of it
+        if method == "drop":
+            return {}
+        return {"max_abs_logit_difference": step_zero_difference(source.folder, folder, source.config.vocab_size)}
+
     return write_moe(source, moe_config(source.config, experts=experts, top_k=top_k, width=width), experts_of,
-                     report=report, name="upcycle.json")
+                     report=report, name="upcycle.json", measure=kept)
 
 
 def dense_mlp(dense: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

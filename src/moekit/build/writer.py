@@ -51,11 +51,14 @@ class DenseSource:
 
 
 def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str,
-              shared: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None) -> dict:
+              shared: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
+              measure: Callable[[Path], dict] | None = None) -> dict:
     """Write the MoE of ``config`` into ``source.out``: layer by layer, its experts and router
     from ``experts_of``; returns ``report`` completed (also written to ``name``).
     ``shared`` maps the dense tensors copied as they are (attention, norms, embeddings,
-    head; checkpoint names) to the ones to write (`combine` averages several models')."""
+    head; checkpoint names) to the ones to write (`combine` averages several models').
+    ``measure(folder)`` runs on the finished checkpoint before the output folder appears;
+    what it returns joins the report."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -93,6 +96,29 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
                 shutil.copyfile(file, tmp / file.name)
         shutil.rmtree(work)
         report = {**report, "out": str(source.out), "family": model.config.model_type,
-                  **({"layers": per_layer} if per_layer else {})}
+                  **({"layers": per_layer} if per_layer else {}), **(measure(tmp) if measure else {})}
         (tmp / name).write_text(json.dumps(report, indent=2))
     return report
+
+
+@torch.no_grad()
+def streamed_logits(folder: Path, ids: torch.Tensor) -> torch.Tensor:
+    """The logits [B, S, V] of the checkpoint in ``folder`` on ``ids``, one decoder layer in
+    memory at a time (to compare a built MoE with its dense source at any size)."""
+    from moekit.calib.runner import LayerStreamer
+    from moekit.io.layered import LayeredModel
+
+    lent = LayeredModel.from_checkpoint(folder)
+    streamer = LayerStreamer(lent, ids, batch_size=ids.shape[0])
+    hidden = streamer.capture()
+    for index, layer in streamer.layers():
+        streamer.forward(index, layer, hidden)
+    return streamer.logits(hidden, 0).float()
+
+
+def step_zero_difference(dense: Path, moe: Path, vocab_size: int, *, rows: int = 2, length: int = 32,
+                         seed: int = 0) -> float:
+    """max |logit(MoE) − logit(dense)| on seeded random token rows: what a method that
+    preserves the dense function leaves of it at step 0."""
+    ids = torch.randint(0, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
+    return float((streamed_logits(moe, ids) - streamed_logits(dense, ids)).abs().max())

@@ -41,3 +41,6 @@ def upcycle_command(
         return
     console.print(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
                   f"{report['expert_width']}, top-{top_k}, {method}", highlight=False)
+    if "max_abs_logit_difference" in report:
+        console.print(f"step 0 against the dense model: max |Δ logit| {report['max_abs_logit_difference']:.2e} "
+                      "on random tokens", highlight=False)
