@@ -31,12 +31,13 @@ def dense(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("by", ["random", "cluster"])
+@pytest.mark.parametrize("by", ["random", "cluster", "coactivation"])
 def test_experts_partition_the_neurons_and_sum_to_the_mlp(by):
     gate, up, down = torch.randn(24, 8), torch.randn(24, 8), torch.randn(8, 24)
-    groups = partition(gate, up, 4, by=by, generator=torch.Generator().manual_seed(0))
-    assert sorted(torch.cat(groups).tolist()) == list(range(24)) and {len(g) for g in groups} == {6}
     x = torch.randn(10, 8)
+    activations = torch.nn.functional.silu(x @ gate.T) * (x @ up.T)
+    groups = partition(gate, up, 4, by=by, generator=torch.Generator().manual_seed(0), activations=activations)
+    assert sorted(torch.cat(groups).tolist()) == list(range(24)) and {len(g) for g in groups} == {6}
     mlp = (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
     torch.testing.assert_close(expert_outputs(x, gate, up, down, groups).sum(0), mlp)
 
@@ -47,6 +48,20 @@ def test_clustering_groups_neurons_that_read_alike():
     gate = directions.repeat_interleave(5, dim=0) + 0.01 * torch.randn(20, 16)
     groups = partition(gate, gate.clone(), 4, by="cluster", generator=torch.Generator().manual_seed(1))
     assert sorted(tuple((g // 5).unique().tolist()) for g in groups) == [(0,), (1,), (2,), (3,)]
+
+
+def test_coactivation_groups_neurons_that_fire_together():
+    """Tokens of kind b excite neurons 6b..6b+5 (in a shuffled order): those form one expert."""
+    order = torch.randperm(24, generator=torch.Generator().manual_seed(2))
+    kinds = torch.arange(120) % 4
+    block = torch.zeros(120, 24)
+    for b in range(4):
+        block[(kinds == b).nonzero(), order[6 * b:6 * (b + 1)]] = 1.0
+    activations = block + 0.01 * torch.randn(120, 24)
+    groups = partition(torch.randn(24, 8), torch.randn(24, 8), 4, by="coactivation",
+                       generator=torch.Generator().manual_seed(0), activations=activations)
+    expected = sorted(sorted(order[6 * b:6 * (b + 1)].tolist()) for b in range(4))
+    assert sorted(g.tolist() for g in groups) == expected
 
 
 def test_the_router_fit_picks_the_experts_with_the_largest_outputs():

@@ -10,6 +10,11 @@ neurons are grouped and how the router is initialised decide how much of the MLP
 - ``cluster``: balanced k-means (E clusters of exactly I/E neurons) on the neurons' gate
   and up rows, normalised: neurons that read the input alike land in one expert (MoEfication's
   parameter clustering, LLaMA-MoE's clustering split).
+- ``coactivation``: the same balanced k-means on the rows of the neurons' co-activation
+  matrix on calibration tokens (a neuron is active on a token when it is among that
+  token's top tenth by |activation|): neurons that fire together land in one expert, so
+  the k experts a token needs hold most of its active neurons (MoEfication's co-activation
+  graph, partitioned by clustering rather than a graph partitioner).
 
 The router is fitted on calibration data: each expert's output norm ‖f_e(x)‖ on the layer's
 real inputs is regressed on x by ridge least squares, so the top-k logits point at the
@@ -30,19 +35,28 @@ import torch
 
 from moekit.errors import MoekitError
 
-By = Literal["random", "cluster"]
+By = Literal["random", "cluster", "coactivation"]
+ACTIVE = 0.1  # a neuron counts as active on a token when it is among the token's top tenth by |activation|
 HELD_OUT = 0.25  # the share of calibration tokens kept out of the router's fit, to score it
 
 
 def partition(gate: torch.Tensor, up: torch.Tensor, experts: int, *, by: By, generator: torch.Generator,
-              iterations: int = 10) -> list[torch.Tensor]:
-    """E disjoint sorted index sets of I/E neurons each, covering all I (gate, up [I, H])."""
+              iterations: int = 10, activations: torch.Tensor | None = None) -> list[torch.Tensor]:
+    """E disjoint sorted index sets of I/E neurons each, covering all I (gate, up [I, H];
+    ``activations`` [N, I] on calibration tokens, for ``coactivation``)."""
     neurons = gate.shape[0]
     size = neurons // experts
     if by == "random":
         order = torch.randperm(neurons, generator=generator)
         return [order[e * size:(e + 1) * size].sort().values for e in range(experts)]
-    features = torch.nn.functional.normalize(torch.cat([gate, up], dim=1).float(), dim=1)
+    if by == "coactivation":
+        if activations is None:
+            raise ValueError("coactivation needs the neurons' activations on calibration tokens")
+        magnitude = activations.abs()
+        active = (magnitude >= magnitude.quantile(1 - ACTIVE, dim=1, keepdim=True)).float()  # [N, I]
+        features = torch.nn.functional.normalize(active.T @ active, dim=1)  # co-activation rows [I, I]
+    else:
+        features = torch.nn.functional.normalize(torch.cat([gate, up], dim=1).float(), dim=1)
     centroids = features[torch.randperm(neurons, generator=generator)[:experts]]
     for _ in range(iterations):
         owner = _balanced_assignment(torch.cdist(features, centroids), size)
@@ -137,7 +151,10 @@ def split(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int,
             lent.release(index)
         x = torch.cat(kept).float()
         fit = int(x.shape[0] * (1 - HELD_OUT))
-        groups = partition(gate, up, experts, by=by, generator=generator)
+        activations = None
+        if by == "coactivation":
+            activations = torch.nn.functional.silu(x[:fit] @ gate.T) * (x[:fit] @ up.T)
+        groups = partition(gate, up, experts, by=by, generator=generator, activations=activations)
         outputs = expert_outputs(x, gate, up, down, groups)
         router = fit_router(x[:fit], outputs[:, :fit])
         held, dense_out = outputs[:, fit:], outputs[:, fit:].sum(0)

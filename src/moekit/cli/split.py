@@ -17,7 +17,8 @@ def split_command(
     out: Out,
     experts: Annotated[int, typer.Option("--experts", min=1, help="Experts per layer (divides the MLP width).")] = 8,
     top_k: TopK = 2,
-    by: Annotated[str, typer.Option(help="random | cluster (balanced k-means on the neurons' weights).")] = "cluster",
+    by: Annotated[str, typer.Option(help="random | cluster (balanced k-means on the neurons' weights) | "
+                                         "coactivation (on which neurons fire together).")] = "cluster",
     data: Annotated[str, typer.Option(help="Calibration corpus for the routers.")] = "stdlib:calib",
     samples: Annotated[int, typer.Option(min=1, help="Calibration sequences.")] = 16,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per calibration sequence.")] = 256,
@@ -33,8 +34,8 @@ def split_command(
     from moekit.errors import MoekitError
 
     with user_errors():
-        if by not in ("random", "cluster"):
-            raise MoekitError(f"--by {by!r} is not one of random, cluster.")
+        if by not in ("random", "cluster", "coactivation"):
+            raise MoekitError(f"--by {by!r} is not one of random, cluster, coactivation.")
         report = split(dense, out_dir=out, experts=experts, top_k=top_k, by=by, data=data, n_samples=samples,
                        seq_len=seq_len, seed=seed, tokenizer=tokenizer)
     if json_out:
