@@ -1,0 +1,151 @@
+"""Building MoEs from the dense reference: upcycle and split variants at step 0, then after
+the same continued training as the dense model itself.
+
+Each variant is built from ``--dense`` (default: the shipped ``moekit/ref-dense`` once it
+exists), evaluated on rows of 256 tokens spread over the shipped ``stdlib:eval`` split
+(step 0), then trained with `moekit train --init` (router losses on) for ``--steps`` steps
+of 16 × 256 tokens on the ``stdlib`` train split; the dense model is trained the same way.
+Every run resumes where it stopped (rerun the same command), so the whole benchmark can
+span sessions. Writes ``benchmarks/results/build.json`` and ``build.png`` (the learning
+curves) and prints the Markdown table.
+
+    python benchmarks/build.py --dense runs/reference/ref-dense/stage-3/model --steps 500
+    python benchmarks/build.py --render benchmarks/results/build.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).parent / "results"
+EVAL_TOKENS = 32768
+
+
+def variants() -> dict[str, tuple[str, dict]]:
+    """name -> (builder, options)."""
+    out: dict[str, tuple[str, dict]] = {}
+    for method, extra in (("copy", {}), ("drop", {"drop_ratio": 0.5})):
+        out[f"upcycle {method} 8e top-2"] = ("upcycle", dict(experts=8, top_k=2, method=method, **extra))
+    out["upcycle virtual-groups 8e top-2 (G=2)"] = ("upcycle", dict(experts=8, top_k=2, method="virtual-groups",
+                                                                   groups=2))
+    out["upcycle virtual-groups 32e top-4 (G=4)"] = ("upcycle", dict(experts=32, top_k=4, method="virtual-groups",
+                                                                    groups=4))
+    for by in ("random", "cluster", "coactivation"):
+        for experts, top_k in ((8, 2), (32, 8)):
+            out[f"split {by} {experts}e top-{top_k}"] = ("split", dict(experts=experts, top_k=top_k, by=by))
+    return out
+
+
+def build(kind: str, dense: Path, out: Path, options: dict) -> dict:
+    from moekit.build.split import split
+    from moekit.build.upcycle import upcycle
+
+    if (out / f"{kind}.json").is_file():
+        return json.loads((out / f"{kind}.json").read_text())
+    return (upcycle if kind == "upcycle" else split)(dense, out_dir=out, **options)
+
+
+def evaluate(folder: Path) -> dict:
+    from moekit.compression import _evaluate, spread_rows
+    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.io.layered import LayeredModel
+
+    rows = spread_rows(evaluation_stream("stdlib:eval", tokenizer_for(str(folder))).input_ids, EVAL_TOKENS, 256)
+    return _evaluate(LayeredModel.from_checkpoint(folder), rows, 8, False)
+
+
+def train(init: Path, out: Path, steps: int) -> dict:
+    """Continued training of ``init`` (router losses on) for ``steps`` steps; the curve."""
+    from moekit.train.run import run_training
+
+    summary = run_training(arch="", init=init, data="stdlib", eval_data="stdlib:eval", text_field="text",
+                           tokenizer=None, vocab_size=8192, seq_len=256, out=out, show_progress=False,
+                           steps=steps, batch_size=16, grad_accum=1, lr=3e-4, warmup=max(1, steps // 20),
+                           checkpoint_every=max(1, steps // 8), eval_every=max(1, steps // 8), seed=0,
+                           aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=None)
+    log = json.loads((out / "train_log.json").read_text())
+    return {"steps": summary["steps"], "evals": [{"step": e["step"], "loss": e["loss"]} for e in log["evals"]],
+            "model": str(out / "model")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dense", type=Path, help="the dense model (default: moekit/ref-dense)")
+    parser.add_argument("--steps", type=int, default=500, help="continued-training steps for every model")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "build")
+    parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
+    parser.add_argument("--out", type=Path, default=RESULTS / "build.json")
+    parser.add_argument("--render", type=Path, help="print the table of a results file and stop")
+    args = parser.parse_args()
+    if args.render:
+        print(render(json.loads(args.render.read_text())))
+        return
+    from moekit.io.load import check_model
+
+    dense = args.dense or check_model("moekit/ref-dense")
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(date.today()),
+               "commit": commit, "dense": str(dense), "steps": args.steps, "tokens_per_step": 16 * 256,
+               "runs": {}}
+    if args.out.is_file():  # runs of the same setting measured earlier (--only, or another session) stay
+        earlier = json.loads(args.out.read_text())
+        if (earlier["dense"], earlier["steps"]) == (str(dense), args.steps):
+            results["runs"] = earlier["runs"]
+    runs = {"dense (continued)": ("dense", {})} | variants()
+    for name, (kind, options) in runs.items():
+        if args.only and name not in args.only:
+            continue
+        folder = args.work / name.replace(" ", "_").replace("(", "").replace(")", "").replace("=", "")
+        built = dense if kind == "dense" else folder / "model0"
+        report = {} if kind == "dense" else build(kind, dense, built, options)
+        entry = {"kind": kind, "options": options, "step0": evaluate(built)}
+        entry.update({k: report[k] for k in ("max_abs_logit_difference", "layers") if k in report})
+        entry["trained"] = train(built, folder / "train", args.steps)
+        entry["final"] = evaluate(Path(entry["trained"]["model"]))
+        results["runs"][name] = entry
+        args.out.write_text(json.dumps(results, indent=2) + "\n")
+        print(name, json.dumps({"step0": entry["step0"]["perplexity"], "final": entry["final"]["perplexity"]}),
+              flush=True)
+    plot(results, args.out.with_suffix(".png"))
+    print(render(results))
+
+
+def plot(results: dict, path: Path) -> None:
+    try:
+        import matplotlib
+    except ImportError:  # optional, as for the reference models' learning curves
+        print(f"matplotlib is not installed, so no {path.name}; pip install matplotlib and rerun (runs resume).")
+        return
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 5))
+    for name, run in results["runs"].items():
+        evals = run["trained"]["evals"]
+        axis.plot([e["step"] for e in evals], [e["loss"] for e in evals], label=name)
+    axis.set_xlabel(f"continued-training step ({results['tokens_per_step']} tokens each)")
+    axis.set_ylabel("eval loss")
+    axis.legend(fontsize=7)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+
+
+def render(results: dict) -> str:
+    lines = [f"dense model: `{results['dense']}`; {results['steps']} steps of continued training each",
+             "", "| model | perplexity at step 0 | after training | max \\|Δ logit\\| at step 0 |", "|---|---|---|---|"]
+    for name, run in results["runs"].items():
+        difference = run.get("max_abs_logit_difference")
+        lines.append(f"| {name} | {run['step0']['perplexity']:.3f} | {run['final']['perplexity']:.3f} | "
+                     f"{'-' if difference is None else f'{difference:.1e}'} |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
