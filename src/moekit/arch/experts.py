@@ -125,10 +125,12 @@ class Experts:
             return (up + 1) * gate * torch.sigmoid(gate * alpha)
         return self.activation(gate) * up
 
-    def intermediate(self, expert: int, x: torch.Tensor) -> torch.Tensor:
-        """h_j(x): expert ``expert``'s activated intermediate neurons, x [N, H] -> [N, I]."""
-        gate = x @ self.gate[expert].T
-        up = x @ self.up[expert].T
+    def intermediate(self, expert: int, x: torch.Tensor, gate_up: torch.Tensor | None = None) -> torch.Tensor:
+        """h_j(x): expert ``expert``'s activated intermediate neurons, x [N, H] -> [N, I];
+        with ``gate_up`` [2I, H], computed with those weights instead of the expert's own."""
+        gate_up = self.gate_up[expert] if gate_up is None else gate_up
+        gate = x @ self._half(gate_up[None], 0)[0].T
+        up = x @ self._half(gate_up[None], 1)[0].T
         if self.gate_up_bias is not None:
             gate = gate + self.gate_bias[expert]
             up = up + self.up_bias[expert]
@@ -137,16 +139,9 @@ class Experts:
     def forward_with(self, expert: int, x: torch.Tensor, gate_up: torch.Tensor, down: torch.Tensor) -> torch.Tensor:
         """f_j(x) with expert ``expert``'s weights replaced by ``gate_up`` [2I, H] and ``down``
         [H, I] (canonical orientation; biases kept): what a changed expert would output."""
-        halves = self._half(gate_up[None], 0)[0], self._half(gate_up[None], 1)[0]
-        gate, up = x @ halves[0].T, x @ halves[1].T
-        if self.gate_up_bias is not None:
-            gate, up = gate + self.gate_bias[expert], up + self.up_bias[expert]
-        out = self.glu(gate, up) @ down.T
+        out = self.intermediate(expert, x, gate_up) @ down.T
         return out + self.down_bias[expert] if self.down_bias is not None else out
 
     def expert_forward(self, expert: int, x: torch.Tensor) -> torch.Tensor:
         """f_j(x): expert ``expert`` applied to x [N, H] -> [N, H], unweighted."""
-        out = self.intermediate(expert, x) @ self.down[expert].T
-        if self.down_bias is not None:
-            out = out + self.down_bias[expert]
-        return out
+        return self.forward_with(expert, x, self.gate_up[expert], self.down[expert])

@@ -73,8 +73,9 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
     """
     from transformers import AutoConfig
 
-    from moekit.build.upcycle import TARGETS, dense_mlp, moe_config
-    from moekit.build.writer import DenseSource, write_moe
+    from moekit.build.upcycle import TARGETS, moe_config
+    from moekit.build.writer import DenseSource, MlpInputs, dense_mlp, write_moe
+    from moekit.data.tokens import calibration_tokens, tokenizer_for
     from moekit.io.checkpoint import Checkpoint
     from moekit.io.load import check_model
 
@@ -94,7 +95,11 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
     if len(data) != experts:
         raise MoekitError(f"give one corpus per model: {experts} models, {len(data)} corpora.")
     checkpoints = [Checkpoint(f) for f in folders]
-    streams = _Streams(folders, data, n_samples, seq_len, seed) if router == "hidden" else None
+    streams = None
+    if router == "hidden":  # each model reads its own data
+        streams = [MlpInputs(folder, calibration_tokens(corpus, tokenizer_for(str(folder)), n_samples=n_samples,
+                                                         seq_len=seq_len, seed=seed).input_ids)
+                   for folder, corpus in zip(folders, data)]
     generator = torch.Generator().manual_seed(seed)
 
     def experts_of(index: int, first_mlp):
@@ -105,7 +110,7 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
         if streams is None:
             rows = torch.randn(experts, gate_up.shape[2], generator=generator) * 0.02
         else:
-            rows = torch.stack([hidden_router_row(states) for states in streams.mlp_inputs(index)]) * scale
+            rows = torch.stack([hidden_router_row(stream.at(index)) for stream in streams]) * scale
         return gate_up, down, rows, {}
 
     def average(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -126,38 +131,3 @@ def _prefix(checkpoint) -> str:
     """``model.layers.`` (where the checkpoint's decoder layers are named)."""
     name = next(n for n in checkpoint.names() if ".layers.0." in n)
     return name[: name.index(".layers.0.") + len(".layers.")]
-
-
-class _Streams:
-    """Each model streaming its own data, one layer at a time in step with the writer."""
-
-    def __init__(self, folders: list[Path], data: list[str], n_samples: int, seq_len: int, seed: int) -> None:
-        from moekit.calib.runner import LayerStreamer
-        from moekit.data.tokens import calibration_tokens, tokenizer_for
-        from moekit.io.layered import LayeredModel
-
-        self.models, self.streamers, self.hidden = [], [], []
-        for folder, corpus in zip(folders, data):
-            ids = calibration_tokens(corpus, tokenizer_for(str(folder)), n_samples=n_samples, seq_len=seq_len,
-                                     seed=seed).input_ids
-            lent = LayeredModel.from_checkpoint(folder)
-            streamer = LayerStreamer(lent, ids)
-            self.models.append(lent)
-            self.streamers.append(streamer)
-            self.hidden.append(streamer.capture())
-
-    def mlp_inputs(self, index: int) -> list[torch.Tensor]:
-        """Each model's MLP inputs [N, H] at layer ``index``; the streams move past it."""
-        out = []
-        for lent, streamer, hidden in zip(self.models, self.streamers, self.hidden):
-            layer = lent.layer(index)
-            kept: list[torch.Tensor] = []
-            handle = layer.mlp.register_forward_pre_hook(
-                lambda _m, args: kept.append(args[0].reshape(-1, args[0].shape[-1])))
-            try:
-                streamer.forward(index, layer, hidden)
-            finally:
-                handle.remove()
-                lent.release(index)
-            out.append(torch.cat(kept))
-        return out

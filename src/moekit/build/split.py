@@ -119,10 +119,8 @@ def split(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int,
             width, a top-k outside 1..experts; before the split, for unusable data.
     """
     from moekit.build.upcycle import TARGETS, moe_config
-    from moekit.build.writer import DenseSource, write_moe
-    from moekit.calib.runner import LayerStreamer
+    from moekit.build.writer import DenseSource, MlpInputs, write_moe
     from moekit.data.tokens import calibration_tokens, tokenizer_for
-    from moekit.io.layered import LayeredModel
 
     source = DenseSource.open(dense, out_dir)
     if source.config.model_type not in TARGETS:
@@ -134,22 +132,12 @@ def split(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int,
                           f"between 1 and --experts.")
     ids = calibration_tokens(data, tokenizer_for(str(source.folder), tokenizer), n_samples=n_samples,
                              seq_len=seq_len, seed=seed).input_ids
-    lent = LayeredModel.from_checkpoint(source.folder)
-    streamer = LayerStreamer(lent, ids)
-    hidden = streamer.capture()
+    stream = MlpInputs(source.folder, ids)
     generator = torch.Generator().manual_seed(seed)
 
     def experts_of(index: int, mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         gate, up, down = mlp
-        layer = lent.layer(index)
-        kept: list[torch.Tensor] = []
-        handle = layer.mlp.register_forward_pre_hook(lambda _m, args: kept.append(args[0].reshape(-1, args[0].shape[-1])))
-        try:
-            streamer.forward(index, layer, hidden)
-        finally:
-            handle.remove()
-            lent.release(index)
-        x = torch.cat(kept).float()
+        x = stream.at(index)
         fit = int(x.shape[0] * (1 - HELD_OUT))
         activations = None
         if by == "coactivation":

@@ -62,7 +62,6 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from moekit.build.upcycle import dense_mlp, fill_layer, fill_outer
     from moekit.io.checkpoint import Checkpoint
     from moekit.io.layered import to_meta
     from moekit.io.save import atomic_dir
@@ -122,3 +121,72 @@ def step_zero_difference(dense: Path, moe: Path, vocab_size: int, *, rows: int =
     preserves the dense function leaves of it at step 0."""
     ids = torch.randint(0, vocab_size, (rows, length), generator=torch.Generator().manual_seed(seed))
     return float((streamed_logits(moe, ids) - streamed_logits(dense, ids)).abs().max())
+
+
+def dense_mlp(dense: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(gate [I, H], up [I, H], down [H, I]) in fp32 from a dense layer's tensors."""
+    names = [f"{prefix}mlp.{p}_proj.weight" for p in ("gate", "up", "down")]
+    missing = [n for n in names if n not in dense]
+    if missing:
+        raise MoekitError(f"{missing[0]} is not in the checkpoint; moekit builds experts from a gated MLP "
+                          "(gate, up, down).")
+    return tuple(dense[n].float() for n in names)
+
+
+@torch.no_grad()
+def fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, gate_up: torch.Tensor, down: torch.Tensor,
+               router: torch.Tensor) -> None:
+    """Materialise the MoE decoder ``layer``: attention and norms from the dense layer's
+    tensors (checkpoint names, the same in both families), experts and router as given."""
+    layer.to_empty(device="cpu")
+    own = dict(layer.named_parameters())
+    for name, tensor in dense.items():
+        local = name.removeprefix(prefix)
+        if local.startswith("mlp."):
+            continue
+        if local not in own:
+            raise MoekitError(f"{name} has no place in the MoE layer; the dense family's layer differs.")
+        own[local].copy_(tensor)
+    block = layer.mlp if hasattr(layer, "mlp") else layer.block_sparse_moe
+    block.experts.gate_up_proj.copy_(gate_up)
+    block.experts.down_proj.copy_(down)
+    block.gate.weight.copy_(router)
+
+
+@torch.no_grad()
+def fill_outer(model, dense: dict[str, torch.Tensor], prefix: str) -> None:
+    """Embeddings, final norm, head: the same names in both."""
+    for module_name, module in model.named_modules():
+        if module_name.startswith(prefix) or module_name == prefix:
+            continue
+        for name, param in list(module.named_parameters(recurse=False)):
+            full = f"{module_name}.{name}" if module_name else name
+            if full in dense:
+                module._parameters[name] = torch.nn.Parameter(dense[full].clone(), requires_grad=False)
+    model.tie_weights()
+
+
+class MlpInputs:
+    """A dense model streaming its calibration rows one decoder layer at a time, in step
+    with the writer: `at(index)` gives what enters layer ``index``'s MLP [N, H] and moves the
+    stream past that layer (split fits routers on it, combine takes its mean direction)."""
+
+    def __init__(self, folder: Path, ids: torch.Tensor) -> None:
+        from moekit.calib.runner import LayerStreamer
+        from moekit.io.layered import LayeredModel
+
+        self.lent = LayeredModel.from_checkpoint(folder)
+        self.streamer = LayerStreamer(self.lent, ids)
+        self.hidden = self.streamer.capture()
+
+    def at(self, index: int) -> torch.Tensor:
+        from moekit.calib.runner import watching
+
+        layer = self.lent.layer(index)
+        kept: list[torch.Tensor] = []
+        try:
+            self.streamer.forward(index, layer, self.hidden,
+                                  observe=watching(layer.mlp, lambda x: kept.append(x.reshape(-1, x.shape[-1]))))
+        finally:
+            self.lent.release(index)
+        return torch.cat(kept).float()

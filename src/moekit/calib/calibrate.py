@@ -47,16 +47,10 @@ def check_statistics(statistics: Iterable[str], hidden_sample: int) -> frozenset
 @contextlib.contextmanager
 def observing(view: MoELayer, accumulator: LayerAccumulator) -> Iterator[None]:
     """While open, every input of ``view``'s MoE block updates ``accumulator``."""
+    from moekit.calib.runner import watching
 
-    def hook(_module, args):
-        hidden = args[0]
-        accumulator.update(BatchContext(view, hidden.reshape(-1, hidden.shape[-1])))
-
-    handle = view.block.register_forward_pre_hook(hook)
-    try:
+    with watching(view.block, lambda x: accumulator.update(BatchContext(view, x.reshape(-1, x.shape[-1])))):
         yield
-    finally:
-        handle.remove()
 
 
 def new_accumulator(view: MoELayer, wanted: frozenset[str], hidden_sample: int, seed: int) -> LayerAccumulator:

@@ -19,7 +19,7 @@ first layer replaced by the stored final hidden state and the others by identiti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,6 +58,17 @@ class _Stand(nn.Module):
         if self.calls is not None:
             self.calls.append(LayerCall(args=args, kwargs=kwargs))
         return self.replace if self.replace is not None else hidden_states
+
+
+@contextmanager
+def watching(module: nn.Module, see: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """While open, ``see(x)`` gets the first input of every call of ``module`` (its hidden
+    states: what observers, Hessians and routers are computed from)."""
+    handle = module.register_forward_pre_hook(lambda _m, args: see(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def _to(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:
@@ -165,13 +176,15 @@ class LayerStreamer:
         observe: AbstractContextManager | None = None,
         on_batch: Callable[[int], None] | None = None,
         store: bool = True,
+        batches: int | None = None,
     ) -> None:
         """Replace every batch of ``hidden`` by ``layer``'s output on it. ``observe`` (e.g.
         forward hooks) stays open while the layer runs; ``on_batch(b)`` follows each batch.
         ``store=False`` runs the layer for what ``observe`` sees and leaves ``hidden`` as it
-        was (a step that reads a layer's inputs runs it several times before it advances)."""
+        was (a step that reads a layer's inputs runs it several times before it advances);
+        ``batches`` runs only the first so many."""
         with observe if observe is not None else nullcontext():
-            for b in range(len(hidden)):
+            for b in range(len(hidden) if batches is None else min(batches, len(hidden))):
                 call = self.calls[b][index]
                 out = layer(hidden[b].to(self.device), *_to(call.args, self.device), **_to(call.kwargs, self.device))
                 if store:
@@ -216,11 +229,5 @@ class LayerInputs:
     def run(self, observe: AbstractContextManager, *, first_batch_only: bool = False) -> None:
         """Run the layer on every batch (or the first) while ``observe`` is open; the
         stream of hidden states is left as it was."""
-        if first_batch_only:
-            with observe, torch.no_grad():
-                call = self.streamer.calls[0][self.index]
-                device = self.streamer.device
-                self.layer(self.hidden[0].to(device), *_to(call.args, device), **_to(call.kwargs, device))
-            return
         self.streamer.forward(self.index, self.layer, self.hidden, observe=observe, on_batch=self.on_batch,
-                              store=False)
+                              store=False, batches=1 if first_batch_only else None)

@@ -98,14 +98,16 @@ class _RoutingRecorder:
     @contextlib.contextmanager
     def attached(self, layer) -> Iterator[None]:
         """While open, layer ``layer`` (a `MoELayer` view) records each batch it routes."""
+        from moekit.calib.runner import watching
+
         self.layers.append(layer)
         self.entropy[layer.index] = 0.0
         self.load[layer.index] = torch.zeros(layer.num_experts, dtype=torch.long)
         batch = iter(range(len(self.masks)))
 
-        def hook(_module, args):
-            mask = self.masks[next(batch)].to(args[0].device)
-            hidden = args[0].reshape(-1, args[0].shape[-1])[mask.reshape(-1)]
+        def see(x):
+            mask = self.masks[next(batch)].to(x.device)
+            hidden = x.reshape(-1, x.shape[-1])[mask.reshape(-1)]
             logits = layer.router.logits(hidden)
             probs = layer.router.probabilities(logits)
             probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores -> a distribution
@@ -113,11 +115,8 @@ class _RoutingRecorder:
             index, _ = layer.router.route(logits)
             self.load[layer.index] += torch.bincount(index.flatten().cpu(), minlength=layer.num_experts)
 
-        handle = layer.block.register_forward_pre_hook(hook)
-        try:
+        with watching(layer.block, see):
             yield
-        finally:
-            handle.remove()
 
     def summary(self) -> list[LayerRouting]:
         out = []

@@ -222,11 +222,8 @@ class PackedModule:
 def packed_modules(folder: Path, names) -> dict[str, PackedModule]:
     """{module: `PackedModule`} for a compressed-tensors ``pack-quantized`` checkpoint in
     ``folder`` whose tensors are ``names`` (empty for any other checkpoint)."""
-    config_file = Path(folder) / "config.json"
-    if not config_file.is_file():
-        return {}
-    config = json.loads(config_file.read_text()).get("quantization_config") or {}
-    if config.get("quant_method") != "compressed-tensors":
+    config = _compressed_tensors_config(folder)
+    if config is None:
         return {}
     from compressed_tensors.quantization import QuantizationConfig
     from compressed_tensors.utils.match import match_name
@@ -267,13 +264,18 @@ def decompress(module: PackedModule, tensors: dict[str, torch.Tensor]) -> torch.
     return PackedQuantizationCompressor.decompress(state, module.scheme)["weight"]
 
 
-def is_packed(folder: Path) -> bool:
-    """Whether ``folder`` holds a compressed-tensors checkpoint."""
+def _compressed_tensors_config(folder: Path) -> dict | None:
+    """config.json's ``quantization_config`` when it is compressed-tensors', else None."""
     config_file = Path(folder) / "config.json"
     if not config_file.is_file():
-        return False
+        return None
     config = json.loads(config_file.read_text()).get("quantization_config") or {}
-    return config.get("quant_method") == "compressed-tensors"
+    return config if config.get("quant_method") == "compressed-tensors" else None
+
+
+def is_packed(folder: Path) -> bool:
+    """Whether ``folder`` holds a compressed-tensors checkpoint."""
+    return _compressed_tensors_config(folder) is not None
 
 
 def load_packed(folder: Path, *, dtype: torch.dtype, device) -> nn.Module:

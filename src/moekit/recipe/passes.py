@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -26,6 +26,7 @@ from torch import nn
 
 from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.calib.calibrate import new_accumulator, observing
+from moekit.calib.runner import watching
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
@@ -206,8 +207,8 @@ class RecipePass:
         logits: list[torch.Tensor] = []
         observe = nullcontext()
         if view is not None:
-            observe = _hooked(view.block, lambda x: logits.append(view.router.logits(x.reshape(-1, x.shape[-1]))
-                                                                  .float().cpu()))
+            observe = watching(view.block, lambda x: logits.append(view.router.logits(x.reshape(-1, x.shape[-1]))
+                                                                   .float().cpu()))
         self.streamer.forward(index, layer, reference, observe=observe)
         return torch.cat(logits) if logits else None
 
@@ -260,15 +261,6 @@ class RecipePass:
                     result.digests[p].routers.append(router)
             result.seconds = record["seconds"]
         return done[-1] + 1
-
-
-@contextmanager
-def _hooked(module: nn.Module, see):
-    handle = module.register_forward_pre_hook(lambda _m, args: see(args[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 # -- what a compress decides before its pass --------------------------------------------

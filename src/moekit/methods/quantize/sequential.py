@@ -28,7 +28,7 @@ already quantized gate/up.
 from __future__ import annotations
 
 from collections.abc import Callable
-from contextlib import ExitStack, contextmanager
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from moekit.arch.layer import MoELayer
+from moekit.calib.runner import watching
 from moekit.methods.quantize.gptq import HessianAccumulator, quantize_gptq
 from moekit.methods.quantize.rtn import quantize_rtn
 from moekit.methods.quantize.scheme import QuantizedWeight, QuantScheme
@@ -151,25 +152,6 @@ def stages(layer: nn.Module, view: MoELayer | None, linears: dict[str, nn.Linear
     return ordered
 
 
-@contextmanager
-def _accumulating(module: nn.Linear, hessian: HessianAccumulator):
-    handle = module.register_forward_pre_hook(lambda _m, args: hessian.add(args[0].float()))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
-@contextmanager
-def _keeping_inputs(view: MoELayer, kept: list[torch.Tensor]):
-    handle = view.block.register_forward_pre_hook(
-        lambda _m, args: kept.append(args[0].reshape(-1, args[0].shape[-1]).detach().float().cpu()))
-    try:
-        yield
-    finally:
-        handle.remove()
-
-
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantization, *,
                    run: Callable[..., None], on_progress: Callable[[str], None] | None = None,
@@ -203,12 +185,14 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
         kept: list[torch.Tensor] = []
         with ExitStack() as observe:
             if hessian is not None:  # the stage's Linears read one input: one Hessian
-                observe.enter_context(_accumulating(linears[names[0]], hessian))
+                observe.enter_context(watching(linears[names[0]], lambda x: hessian.add(x.float())))
             if _MOE in stage:
-                observe.enter_context(_keeping_inputs(moe, kept))
+                observe.enter_context(watching(moe.block, lambda x: kept.append(
+                    x.reshape(-1, x.shape[-1]).detach().float().cpu())))
             run(observe)
+        h = hessian.finish() if hessian is not None else None  # one Hessian for the stage's Linears
         for name in names:
-            _quantize_linear(name, linears[name], hessian.finish(), spec, result)
+            _quantize_linear(name, linears[name], h, spec, result)
         if _MOE in stage:
             hidden = torch.cat(kept)
             _quantize_experts(moe, hidden, spec, result, say)

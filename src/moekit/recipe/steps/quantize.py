@@ -148,13 +148,14 @@ class Quantize(Step):
                 add(self.expert_scheme(expert_group), hidden, inner, e)  # down
         if "experts" in self.targets and self.average_bits is not None:
             # calibration decides each expert's bits; their bytes are at most the budget
+            from moekit.arch.discover import moe_layers
             from moekit.methods.quantize.allocate import budget_for_average_bits
 
             costs = self.expert_costs(skeleton)
             scales = (size - 2) * sum(QuantScheme(2, expert_group).groups(w) * rows
-                                      for layer in _moe(skeleton) for rows, w in _expert_linears(layer))
+                                      for layer in moe_layers(skeleton) for rows, w in _expert_linears(layer))
             experts = sum(3 * layer.num_experts * layer.experts.hidden_size * layer.experts.intermediate_size
-                          for layer in _moe(skeleton))
+                          for layer in moe_layers(skeleton))
             weights += experts
             before += experts * size
             after += budget_for_average_bits(costs, self.average_bits) + scales
@@ -295,12 +296,6 @@ def _in_features(skeleton: nn.Module, targets: list[str]) -> list[tuple[str, int
             found[("experts gate/up", view.experts.hidden_size)] = None
             found[("experts down", view.experts.intermediate_size)] = None
     return list(found)
-
-
-def _moe(skeleton: nn.Module):
-    from moekit.arch.discover import moe_layers
-
-    return moe_layers(skeleton)
 
 
 def _expert_linears(layer) -> list[tuple[int, int]]:
