@@ -52,6 +52,24 @@ def test_step_zero_reproduces_the_dense_logits(dense, tmp_path, family, method, 
     assert report["max_abs_logit_difference"] == saved["max_abs_logit_difference"] < 1e-4  # measured, streamed
 
 
+@pytest.mark.parametrize(("method", "options"), [("copy", dict(experts=4, top_k=2)),
+                                                 ("virtual-groups", dict(experts=8, top_k=4, groups=2))])
+def test_a_shared_expert_target_reproduces_the_dense_logits(dense, tmp_path, method, options):
+    """GLM-4.5's DeepSeek-V3-style layer: sigmoid router, selection bias, shared expert."""
+    report = upcycle(dense / "qwen3", out_dir=tmp_path / "moe", method=method, family="glm4_moe",
+                     shared_fraction=0.3, **options)
+    expected, _ = _logits(dense / "qwen3")
+    got, moe = _logits(tmp_path / "moe")
+    assert moe.config.model_type == "glm4_moe" and moe.config.n_shared_experts == options.get("groups", 1)
+    block = moe.model.layers[0].mlp
+    dense_model = AutoModelForCausalLM.from_pretrained(dense / "qwen3", dtype=torch.float32)
+    torch.testing.assert_close(block.shared_experts.down_proj.weight,
+                               dense_model.model.layers[0].mlp.down_proj.weight * 0.3)
+    assert torch.equal(block.gate.e_score_correction_bias, torch.zeros(options["experts"]))
+    assert (got - expected).abs().max().item() < 1e-4
+    assert report["max_abs_logit_difference"] < 1e-4 and report["shared_expert_width"] == COMMON["intermediate_size"]
+
+
 def test_virtual_group_routers_choose_whole_groups():
     """Equal rows within a group: top-k (a multiple of G) takes every shard equally often."""
     rows = router_rows(12, 16, method="virtual-groups", groups=3, generator=torch.Generator().manual_seed(0))
@@ -87,6 +105,8 @@ def test_drop_reinitialises_exactly_its_share_of_neurons():
     (["--experts", "2", "--top-k", "4"], "--top-k 4 must be between 1 and --experts 2"),
     (["--method", "virtual-groups", "--groups", "5"], "G = 5 does not"),
     (["--method", "fuse"], "--method 'fuse' is not one of"),
+    (["--family", "mixtral"], "a qwen3 model cannot become 'mixtral'; choose --family qwen3_moe or glm4_moe"),
+    (["--family", "glm4_moe", "--shared-fraction", "1"], "--shared-fraction 1.0 must be strictly between 0 and 1"),
 ])
 def test_bad_input_is_refused_before_any_weight_is_read(dense, tmp_path, args, message):
     result = CliRunner().invoke(app, ["upcycle", str(dense / "qwen3"), "-o", str(tmp_path / "out"), *args])

@@ -194,3 +194,37 @@ def test_without_a_terminal_progress_is_printed_as_plain_lines(tmp_path, rows):
     lines = re.findall(r"^train (\d+)/100 .* loss (\d+\.\d+) ", out.getvalue(), flags=re.M)
     assert [int(step) for step, _ in lines] == list(range(2, 101, 2))  # every 2% of the run
     assert all(abs(float(loss) - log["history"][int(step) - 1]["loss"]) <= 5e-5 for step, loss in lines)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_router_only_training_moves_the_routers_and_nothing_else(tmp_path, rows, family):
+    from moekit.train.config import routed_layers
+
+    before = build_model(load_model_config(tiny_spec(family)), seed=0).state_dict()
+    model, _ = _run(tmp_path, rows, family, train_only="routers", steps=12, checkpoint_every=12, eval_every=12)
+    router_ids = {id(layer.router.weight) for layer in routed_layers(model)}
+    names = {name for name, p in model.named_parameters() if id(p) in router_ids}
+    assert len(names) == len(routed_layers(model))
+    after = model.state_dict()
+    for name, value in after.items():
+        if name in names:
+            assert not torch.equal(value, before[name]), name
+        elif not name.endswith("e_score_correction_bias"):  # moved by the bias rule, not by gradients
+            assert torch.equal(value, before[name]), name
+
+
+def test_router_only_training_refuses_a_dense_model(tmp_path, rows):
+    model = build_model(load_model_config({**tiny_spec("qwen3"), "intermediate_size": 32}), seed=0)
+    with pytest.raises(MoekitError, match="no router to train"):
+        train(model, train_rows=rows, eval_rows=None, config=TrainConfig(steps=2, warmup_steps=0, batch_size=4,
+              train_only="routers"), out_dir=tmp_path, show_progress=False)
+
+
+def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path, rows):
+    from moekit.train.trainer import check_resumable
+
+    config = TrainConfig(steps=8, warmup_steps=2)
+    saved = {k: v for k, v in config.model_dump(mode="json").items() if k != "train_only"}
+    check_resumable(tmp_path, {"log": {"config": saved}, "step": 4}, config)
+    with pytest.raises(MoekitError, match="train_only all → routers"):
+        check_resumable(tmp_path, {"log": {"config": saved}, "step": 4}, config.model_copy(update={"train_only": "routers"}))

@@ -19,6 +19,12 @@ Methods (each layer's MLP gate G [I, H], up U [I, H], down D [H, I]):
   distribution of the dense weights' mean and standard deviation (per matrix); no longer
   equal to the dense model at step 0, by design.
 
+With ``family="glm4_moe"`` (DeepSeek-V3-style: sigmoid router, selection bias, one
+ungated shared expert beside the routed ones; GLM-4.5's layer has Qwen3's attention with
+per-head q/k norms) the shared expert is a copy of the whole MLP whose down projection is
+scaled by ``shared_fraction`` = α and every routed expert's by 1 − α: at step 0 the block
+outputs α·MLP(x) + (1 − α)·MLP(x) = MLP(x) for ``copy`` and ``virtual-groups``.
+
 Attention, norms, embeddings and head are copied. The model is built one decoder layer at
 a time from the dense checkpoint and written as a standard checkpoint of the MoE family.
 """
@@ -26,6 +32,7 @@ a time from the dense checkpoint and written as a standard checkpoint of the MoE
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
@@ -34,37 +41,72 @@ from moekit.errors import MoekitError
 
 Method = Literal["copy", "virtual-groups", "drop"]
 
-# dense model_type -> (MoE model_type, its expert-count key, its expert-width key, extras)
-TARGETS: dict[str, tuple[str, str, str, dict[str, Any]]] = {
-    "qwen3": ("qwen3_moe", "num_experts", "moe_intermediate_size",
-              {"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1}),
-    "mistral": ("mixtral", "num_local_experts", "intermediate_size", {}),
-    "llama": ("mixtral", "num_local_experts", "intermediate_size", {}),
+@dataclass(frozen=True)
+class Target:
+    """An MoE family an upcycled model is written as: its config keys and fixed settings."""
+
+    model_type: str
+    experts_key: str
+    width_key: str
+    extras: dict[str, Any]
+    shared_expert: bool = False  # one ungated shared expert beside the routed ones
+
+
+# dense model_type -> the MoE families it can become; the first is the default
+TARGETS: dict[str, dict[str, Target]] = {
+    "qwen3": {
+        "qwen3_moe": Target("qwen3_moe", "num_experts", "moe_intermediate_size",
+                            {"norm_topk_prob": True, "mlp_only_layers": [], "decoder_sparse_step": 1}),
+        # renormalised top-k, no scaling, one group: the step-0 sum is exact (module docstring)
+        "glm4_moe": Target("glm4_moe", "n_routed_experts", "moe_intermediate_size",
+                           {"norm_topk_prob": True, "routed_scaling_factor": 1.0, "n_group": 1, "topk_group": 1,
+                            "first_k_dense_replace": 0, "use_qk_norm": True, "partial_rotary_factor": 1.0},
+                           shared_expert=True),
+    },
+    "mistral": {"mixtral": Target("mixtral", "num_local_experts", "intermediate_size", {})},
+    "llama": {"mixtral": Target("mixtral", "num_local_experts", "intermediate_size", {})},
 }
 
 
-def moe_config(dense: Any, *, experts: int, top_k: int, width: int):
-    """The MoE family's config for ``dense``'s config: every dense field it shares, then
-    the experts (``width`` neurons each)."""
-    from transformers import AutoConfig
-
-    target, experts_key, width_key, extras = TARGETS[dense.model_type]
-    values = {k: v for k, v in dense.to_dict().items()
-              if k not in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype")}
-    values.update(extras, **{experts_key: experts, width_key: width, "num_experts_per_tok": top_k,
-                             "output_router_logits": False})
-    return AutoConfig.for_model(target, **values)
-
-
-def check_upcycle(dense: Any, *, experts: int, top_k: int, method: Method, groups: int,
-                  drop_ratio: float) -> int:
-    """Refuse what cannot be built, before any weight is read; returns each expert's width."""
+def target_of(dense: Any, family: str | None) -> Target:
+    """The MoE family ``dense`` becomes (``None``: its default), or a refusal naming the choices."""
     model_type = getattr(dense, "model_type", None)
     if model_type not in TARGETS:
         hint = " It is already an MoE." if any(k in dense.to_dict() for k in ("num_experts", "num_local_experts",
                                                                                 "n_routed_experts")) else ""
+        targets = sorted({t for options in TARGETS.values() for t in options})
         raise MoekitError(f"cannot upcycle a {model_type!r} model.{hint} moekit upcycles dense "
-                          f"{', '.join(sorted(TARGETS))} models into {', '.join(sorted({t[0] for t in TARGETS.values()}))}.")
+                          f"{', '.join(sorted(TARGETS))} models into {', '.join(targets)}.")
+    options = TARGETS[model_type]
+    if family is None:
+        return next(iter(options.values()))
+    if family not in options:
+        raise MoekitError(f"a {model_type} model cannot become {family!r}; choose --family "
+                          f"{' or '.join(options)} (the families whose layers hold its attention unchanged).")
+    return options[family]
+
+
+def moe_config(dense: Any, *, experts: int, top_k: int, width: int, family: str | None = None):
+    """The MoE family's config for ``dense``'s config: every dense field it shares, then
+    the experts (``width`` neurons each; a shared expert as wide as the dense MLP)."""
+    from transformers import AutoConfig
+
+    target = target_of(dense, family)
+    values = {k: v for k, v in dense.to_dict().items()
+              if k not in ("model_type", "architectures", "transformers_version", "dtype", "torch_dtype")}
+    values.update(target.extras, **{target.experts_key: experts, target.width_key: width,
+                                    "num_experts_per_tok": top_k, "output_router_logits": False})
+    if target.shared_expert:
+        values["n_shared_experts"] = dense.intermediate_size // width
+    return AutoConfig.for_model(target.model_type, **values)
+
+
+def check_upcycle(dense: Any, *, experts: int, top_k: int, method: Method, groups: int,
+                  drop_ratio: float, family: str | None = None, shared_fraction: float = 0.5) -> int:
+    """Refuse what cannot be built, before any weight is read; returns each expert's width."""
+    if target_of(dense, family).shared_expert and not 0 < shared_fraction < 1:
+        raise MoekitError(f"--shared-fraction {shared_fraction} must be strictly between 0 and 1 (the shared "
+                          "expert's share of the dense MLP's output at step 0).")
     if not 1 <= top_k <= experts:
         raise MoekitError(f"--top-k {top_k} must be between 1 and --experts {experts}.")
     inner = dense.intermediate_size
@@ -115,7 +157,8 @@ def router_rows(experts: int, hidden: int, *, method: Method, groups: int, gener
 
 
 def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int, top_k: int,
-            method: Method = "copy", groups: int = 1, drop_ratio: float = 0.5, seed: int = 0) -> dict:
+            method: Method = "copy", groups: int = 1, drop_ratio: float = 0.5, family: str | None = None,
+            shared_fraction: float = 0.5, seed: int = 0) -> dict:
     """Write the MoE upcycled from the dense checkpoint ``dense`` into the new folder
     ``out_dir`` (see the module docstring), one decoder layer at a time. Returns a report.
 
@@ -127,22 +170,30 @@ def upcycle(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: in
 
     source = DenseSource.open(dense, out_dir)
     width = check_upcycle(source.config, experts=experts, top_k=top_k, method=method, groups=groups,
-                          drop_ratio=drop_ratio)
+                          drop_ratio=drop_ratio, family=family, shared_fraction=shared_fraction)
+    shared = target_of(source.config, family).shared_expert
     generator = torch.Generator().manual_seed(seed)
 
     def experts_of(index: int, mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
         gate_up, down = expert_tensors(*mlp, experts=experts, method=method, groups=groups, drop_ratio=drop_ratio,
                                        generator=generator)
         router = router_rows(experts, gate_up.shape[2], method=method, groups=groups, generator=generator)
-        return gate_up, down, router, {}
+        return gate_up, down * (1 - shared_fraction) if shared else down, router, {}
+
+    def shared_expert(index: int, mlp: tuple[torch.Tensor, torch.Tensor, torch.Tensor]):
+        gate, up, down = mlp
+        return gate, up, down * shared_fraction
 
     report = {"dense": str(source.folder), "experts": experts, "top_k": top_k, "method": method,
               "expert_width": width, "seed": seed, **({"groups": groups} if method == "virtual-groups" else {}),
-              **({"drop_ratio": drop_ratio} if method == "drop" else {})}
+              **({"drop_ratio": drop_ratio} if method == "drop" else {}),
+              **({"shared_expert_width": source.config.intermediate_size, "shared_fraction": shared_fraction}
+                 if shared else {})}
     def kept(folder) -> dict:  # the methods that keep the dense function: what they kept of it
         if method == "drop":
             return {}
         return {"max_abs_logit_difference": step_zero_difference(source.folder, folder, source.config.vocab_size)}
 
-    return write_moe(source, moe_config(source.config, experts=experts, top_k=top_k, width=width), experts_of,
-                     report=report, name="upcycle.json", measure=kept)
+    config = moe_config(source.config, experts=experts, top_k=top_k, width=width, family=family)
+    return write_moe(source, config, experts_of, report=report, name="upcycle.json", measure=kept,
+                     shared_expert=shared_expert if shared else None)

@@ -52,13 +52,16 @@ class DenseSource:
 
 def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str,
               shared: Callable[[dict[str, torch.Tensor]], dict[str, torch.Tensor]] | None = None,
-              measure: Callable[[Path], dict] | None = None) -> dict:
+              measure: Callable[[Path], dict] | None = None,
+              shared_expert: Callable[[int, tuple[torch.Tensor, ...]], tuple[torch.Tensor, ...]] | None = None
+              ) -> dict:
     """Write the MoE of ``config`` into ``source.out``: layer by layer, its experts and router
     from ``experts_of``; returns ``report`` completed (also written to ``name``).
     ``shared`` maps the dense tensors copied as they are (attention, norms, embeddings,
     head; checkpoint names) to the ones to write (`combine` averages several models').
     ``measure(folder)`` runs on the finished checkpoint before the output folder appears;
-    what it returns joins the report."""
+    what it returns joins the report. ``shared_expert(index, mlp)`` gives the (gate, up,
+    down) of the layer's shared expert where the family has one."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
@@ -79,9 +82,10 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
         writer = ShardWriter(work, model, dtype=stored)
         for index, layer in enumerate(layers):
             dense = checkpoint.read(checkpoint.names(f"{prefix}.{index}."))
-            gate_up, down, router, layer_report = experts_of(index, dense_mlp(dense, f"{prefix}.{index}."))
+            mlp = dense_mlp(dense, f"{prefix}.{index}.")
+            gate_up, down, router, layer_report = experts_of(index, mlp)
             fill_layer(layer, shared(dense) if shared else dense, f"{prefix}.{index}.", gate_up=gate_up, down=down,
-                       router=router)
+                       router=router, shared_expert=shared_expert(index, mlp) if shared_expert else None)
             writer.write_layer(index, f"{prefix}.{index}.")
             to_meta(layer)
             if layer_report:
@@ -135,10 +139,13 @@ def dense_mlp(dense: dict[str, torch.Tensor], prefix: str) -> tuple[torch.Tensor
 
 @torch.no_grad()
 def fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, gate_up: torch.Tensor, down: torch.Tensor,
-               router: torch.Tensor) -> None:
+               router: torch.Tensor, shared_expert: tuple[torch.Tensor, ...] | None = None) -> None:
     """Materialise the MoE decoder ``layer``: attention and norms from the dense layer's
-    tensors (checkpoint names, the same in both families), experts and router as given."""
+    tensors (checkpoint names, the same in both families), experts, router and the shared
+    expert's (gate [I, H], up [I, H], down [H, I]) as given."""
     layer.to_empty(device="cpu")
+    for buffer in layer.buffers():  # to_empty leaves garbage; a layer's only buffer is a selection bias, 0 at first
+        buffer.zero_()
     own = dict(layer.named_parameters())
     for name, tensor in dense.items():
         local = name.removeprefix(prefix)
@@ -151,6 +158,9 @@ def fill_layer(layer, dense: dict[str, torch.Tensor], prefix: str, *, gate_up: t
     block.experts.gate_up_proj.copy_(gate_up)
     block.experts.down_proj.copy_(down)
     block.gate.weight.copy_(router)
+    if shared_expert is not None:
+        for proj, tensor in zip(("gate_proj", "up_proj", "down_proj"), shared_expert, strict=True):
+            getattr(block.shared_experts, proj).weight.copy_(tensor)
 
 
 @torch.no_grad()

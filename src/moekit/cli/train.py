@@ -39,6 +39,8 @@ def train(
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints."),
     eval_every: int = typer.Option(100, min=1, help="Steps between evaluations."),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seed of weights and data order."),
+    train_only: str = typer.Option("all", help="What learns: all, or routers (every other weight frozen: the "
+                                   "cheap healing step after `moekit combine` or `moekit upcycle`)."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
                               "float32 from scratch), bfloat16, float16, float32. Training is fp32."),
@@ -53,7 +55,7 @@ def train(
             vocab_size=vocab_size, seq_len=seq_len, out=out, steps=steps, batch_size=batch_size,
             grad_accum=grad_accum, lr=lr, warmup=warmup, aux_loss_coef=aux_loss_coef, z_loss_coef=z_loss_coef,
             bias_update_rate=bias_update_rate, checkpoint_every=checkpoint_every, eval_every=eval_every,
-            seed=seed, dtype=dtype, show_progress=not as_json, console=err_console,
+            seed=seed, train_only=train_only, dtype=dtype, show_progress=not as_json, console=err_console,
         )
     if as_json:
         print_json(result)

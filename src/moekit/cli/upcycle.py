@@ -21,6 +21,11 @@ def upcycle_command(
     groups: Annotated[int, typer.Option(min=1, help="virtual-groups: shards of the MLP (divides its width, "
                                                     "--experts and --top-k).")] = 1,
     drop_ratio: Annotated[float, typer.Option(help="drop: share of each expert's neurons re-initialised.")] = 0.5,
+    family: Annotated[str, typer.Option(help="The MoE family written: qwen3_moe or glm4_moe for Qwen3 (glm4_moe: "
+                                             "DeepSeek-V3-style, with a shared expert), mixtral for Llama and "
+                                             "Mistral. Default: the first.")] = None,
+    shared_fraction: Annotated[float, typer.Option(help="glm4_moe: the shared expert's share of the dense MLP's "
+                                                        "output at step 0.")] = 0.5,
     seed: Seed = 0,
     threads: Threads = None,
     json_out: JsonOut = False,
@@ -35,12 +40,14 @@ def upcycle_command(
         if method not in ("copy", "virtual-groups", "drop"):
             raise MoekitError(f"--method {method!r} is not one of copy, virtual-groups, drop.")
         report = upcycle(dense, out_dir=out, experts=experts, top_k=top_k, method=method, groups=groups,
-                         drop_ratio=drop_ratio, seed=seed)
+                         drop_ratio=drop_ratio, family=family, shared_fraction=shared_fraction, seed=seed)
     if json_out:
         print_json(report)
         return
     console.print(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
-                  f"{report['expert_width']}, top-{top_k}, {method}", highlight=False)
+                  f"{report['expert_width']}, top-{top_k}, {method}"
+                  + (f", a shared expert of width {report['shared_expert_width']}" if "shared_fraction" in report
+                     else ""), highlight=False)
     if "max_abs_logit_difference" in report:
         console.print(f"step 0 against the dense model: max |Δ logit| {report['max_abs_logit_difference']:.2e} "
                       "on random tokens", highlight=False)

@@ -17,7 +17,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -61,6 +61,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=200, ge=1)
     eval_rows: int = Field(default=64, ge=1)
     seed: int = Field(default=0, ge=0)
+    train_only: Literal["all", "routers"] = "all"
 
     @model_validator(mode="after")
     def _warmup_inside_the_run(self) -> TrainConfig:
@@ -106,6 +107,8 @@ def train(
     biased = [layer for layer in layers if layer.router.correction_bias is not None]
     if config.bias_update_rate > 0 and not biased:
         raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3); set it to 0.")
+    if config.train_only == "routers":
+        freeze_all_but_routers(model, layers)
     model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, foreach=True
@@ -163,11 +166,27 @@ def train(
     return log
 
 
+def freeze_all_but_routers(model: nn.Module, layers: list) -> None:
+    """Leave only the routers' weights (and biases) trainable: the cheap healing step after
+    `moekit combine` or an upcycle, where the experts already know their work and only the
+    assignment of tokens to them is new (BTX's router-only phase)."""
+    if not layers:
+        raise MoekitError("train_only=routers needs an MoE model; this one has no router to train.")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for layer in layers:
+        for param in (layer.router.weight, layer.router.bias):
+            if param is not None:
+                param.requires_grad_(True)
+
+
 def check_resumable(out_dir: Path, state: dict[str, Any], config: TrainConfig) -> None:
     """Refuse to resume the run whose checkpoint ``state`` holds with ``config`` unless only
     ``steps`` differs and is not below the checkpoint's step. Anything else would change the
     optimisation the checkpoint is part of, so the message names every setting that differs."""
-    saved, new = state["log"]["config"], config.model_dump(mode="json")
+    # a setting added after the run started reads as its default
+    defaults = TrainConfig().model_dump(mode="json")
+    saved, new = defaults | state["log"]["config"], config.model_dump(mode="json")
     changed = [f"{key} {saved.get(key)} → {new.get(key)}" for key in sorted(set(saved) | set(new))
                if key != "steps" and saved.get(key) != new.get(key)]
     if changed:
