@@ -29,6 +29,7 @@ _API = {
     "summarize": "moekit.arch.summary",
     "load": "moekit.io.load",
     "calibrate": "moekit.calib.calibrate",
+    "analyze": "moekit.analyze.run",
     "CalibrationStats": "moekit.calib.stats",
     "evaluate": "moekit.eval.perplexity",
     "compress": "moekit.compression",
@@ -72,6 +73,7 @@ if TYPE_CHECKING:
     from moekit.arch.summary import summarize
     from moekit.errors import MoekitError, UnsupportedModelError
     from moekit.calib.calibrate import calibrate
+    from moekit.analyze.run import analyze
     from moekit.calib.stats import CalibrationStats
     from moekit.compression import compress
     from moekit.planning import plan

@@ -67,6 +67,7 @@ def _root(
 
 
 # Sub-commands register themselves on `app` when imported.
+from moekit.cli import analyze as _analyze  # noqa: E402,F401
 from moekit.cli import calibrate as _calibrate  # noqa: E402,F401
 from moekit.cli import combine as _combine  # noqa: E402,F401
 from moekit.cli import compress as _compress  # noqa: E402,F401

@@ -1,0 +1,12 @@
+"""Routing analysis: what the routers of an MoE model do, as numbers and figures.
+
+`analyze` streams the model one decoder layer at a time and measures, per MoE layer and
+expert, load, co-activation, cross-layer predictability, token-id and position
+specialisation, domain specificity and (with a focus corpus) loss attribution;
+`moekit.analyze.report.write` turns one or two analyses into ``report.html``, one PNG per
+figure and ``analysis.json``.
+"""
+
+from moekit.analyze.run import Analysis, analyze
+
+__all__ = ["Analysis", "analyze"]
