@@ -34,6 +34,8 @@ def variants() -> dict[str, tuple[str, dict]]:
         out[f"upcycle {method} 8e top-2"] = ("upcycle", dict(experts=8, top_k=2, method=method, **extra))
     out["upcycle virtual-groups 8e top-2 (G=2)"] = ("upcycle", dict(experts=8, top_k=2, method="virtual-groups",
                                                                    groups=2))
+    out["upcycle copy 8e top-2 + shared expert (glm4_moe)"] = ("upcycle", dict(experts=8, top_k=2, method="copy",
+                                                                               family="glm4_moe"))
     out["upcycle virtual-groups 32e top-4 (G=4)"] = ("upcycle", dict(experts=32, top_k=4, method="virtual-groups",
                                                                     groups=4))
     for by in ("random", "cluster", "coactivation"):
@@ -51,27 +53,31 @@ def build(kind: str, dense: Path, out: Path, options: dict) -> dict:
     return (upcycle if kind == "upcycle" else split)(dense, out_dir=out, **options)
 
 
-def evaluate(folder: Path) -> dict:
+def evaluate(folder: Path, corpus: str = "stdlib:eval") -> dict:
+    """Perplexity of ``folder`` on ``EVAL_TOKENS`` tokens spread over ``corpus``, streamed."""
     from moekit.compression import _evaluate, spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.io.layered import LayeredModel
 
-    rows = spread_rows(evaluation_stream("stdlib:eval", tokenizer_for(str(folder))).input_ids, EVAL_TOKENS, 256)
+    rows = spread_rows(evaluation_stream(corpus, tokenizer_for(str(folder))).input_ids, EVAL_TOKENS, 256)
     return _evaluate(LayeredModel.from_checkpoint(folder), rows, 8, False)
 
 
-def train(init: Path, out: Path, steps: int) -> dict:
-    """Continued training of ``init`` (router losses on) for ``steps`` steps; the curve."""
+def train(init: Path | None, out: Path, steps: int, *, data: str = "stdlib", eval_data: str = "stdlib:eval",
+          lr: float = 3e-4, **settings) -> dict:
+    """Training of ``init`` (router losses on; ``settings`` may give ``arch`` and
+    ``tokenizer`` to start from scratch, or ``train_only``) for ``steps`` steps of 16 × 256
+    tokens; the curve."""
     from moekit.train.run import run_training
 
-    summary = run_training(arch="", init=init, data="stdlib", eval_data="stdlib:eval", text_field="text",
-                           tokenizer=None, vocab_size=8192, seq_len=256, out=out, show_progress=False,
-                           steps=steps, batch_size=16, grad_accum=1, lr=3e-4, warmup=max(1, steps // 20),
-                           checkpoint_every=max(1, steps // 8), eval_every=max(1, steps // 8), seed=0,
-                           aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=None)
+    options = dict(arch="", tokenizer=None, vocab_size=8192, seq_len=256, batch_size=16, grad_accum=1,
+                   warmup=max(1, steps // 20), checkpoint_every=max(1, steps // 8), eval_every=max(1, steps // 8),
+                   seed=0, aux_loss_coef=0.01, z_loss_coef=1e-3, bias_update_rate=None) | settings
+    summary = run_training(init=init, data=data, eval_data=eval_data, text_field="text", out=out,
+                           show_progress=False, steps=steps, lr=lr, **options)
     log = json.loads((out / "train_log.json").read_text())
     return {"steps": summary["steps"], "evals": [{"step": e["step"], "loss": e["loss"]} for e in log["evals"]],
-            "model": str(out / "model")}
+            "model": str(out / "model"), "train_seconds": summary["train_seconds_all_sessions"]}
 
 
 def main() -> None:
@@ -117,11 +123,7 @@ def main() -> None:
 
 
 def plot(results: dict, path: Path) -> None:
-    try:
-        import matplotlib
-    except ImportError:  # optional, as for the reference models' learning curves
-        print(f"matplotlib is not installed, so no {path.name}; pip install matplotlib and rerun (runs resume).")
-        return
+    import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

@@ -8,6 +8,9 @@ installed), rendered once into a folder under /tmp, and read back by moekit's fo
 corpus reader. The byte budgets keep rendering to a minute or two.
 
     python benchmarks/corpora.py man train     # prints the folder
+
+``stdlib_sample`` and ``mixture`` write the stdlib (and mixtures of corpora) the same way,
+for training runs that read one folder.
 """
 
 from __future__ import annotations
@@ -79,6 +82,40 @@ def corpus(kind: str, split: str) -> Path:
         if total >= BUDGET[split]:
             break
     (folder / ".complete").write_text(str(total))
+    return folder
+
+
+def stdlib_sample(split: str) -> Path:
+    """The stdlib's own ``split`` (train: a byte-budget sample of it, so that a mixture with
+    another corpus is balanced; eval: the shipped split, written out)."""
+    folder = ROOT / f"stdlib-{split}"
+    if (folder / ".complete").is_file():
+        return folder
+    from moekit.data.corpus import load_corpus
+
+    folder.mkdir(parents=True, exist_ok=True)
+    total = 0
+    documents = load_corpus("stdlib" if split == "train" else "stdlib:eval").documents
+    for index, doc in enumerate(sorted(documents, key=lambda d: hashlib.sha256(d.name.encode()).hexdigest())):
+        (folder / f"{index:05d}.txt").write_text(doc.text, encoding="utf-8")
+        total += len(doc.text.encode())
+        if split == "train" and total >= BUDGET[split]:
+            break
+    (folder / ".complete").write_text(str(total))
+    return folder
+
+
+def mixture(kinds: list[str], split: str) -> Path:
+    """One folder holding ``split`` of each corpus in ``kinds`` (stdlib, man, docs), equal budgets."""
+    folder = ROOT / f"{'+'.join(kinds)}-{split}"
+    if (folder / ".complete").is_file():
+        return folder
+    for kind in kinds:
+        part = stdlib_sample(split) if kind == "stdlib" else corpus(kind, split)
+        (folder / kind).mkdir(parents=True, exist_ok=True)
+        for file in part.glob("*.txt"):
+            (folder / kind / file.name).write_bytes(file.read_bytes())
+    (folder / ".complete").write_text("")
     return folder
 
 

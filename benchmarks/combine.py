@@ -1,0 +1,99 @@
+"""Combining dense models trained on different corpora into one MoE (Branch-Train-MiX).
+
+1. seed: a small dense Qwen3 (ref-fine's tokenizer) trained from scratch on an equal mix
+   of stdlib code and local man pages (benchmarks/corpora.py);
+2. branches: the seed trained further on the stdlib only (A) and on man pages only (B);
+3. `moekit.build.combine([A, B])`: each branch's MLP one expert of every layer, attention,
+   norms and embeddings averaged, routers from each branch's mean MLP input on its own
+   data ("hidden"), top-2 of 2 (a learned per-token mixture);
+4. router-only training on the mix (every other weight frozen);
+5. held-out perplexity of every model on the stdlib eval split and on man pages.
+
+Goal (issue 14): the combined model within 5% of the better input on each corpus. Every
+stage resumes (rerun the same command). Writes benchmarks/results/combine.json and prints
+the Markdown table.
+
+    python benchmarks/combine.py --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+from datetime import date
+from pathlib import Path
+
+from build import evaluate, train  # the same evaluation and training as benchmarks/build.py
+from corpora import corpus, mixture
+
+RESULTS = Path(__file__).parent / "results"
+REPO = Path(__file__).resolve().parent.parent
+SEED_SPEC = dict(family="qwen3", vocab_size=8192, hidden_size=128, num_layers=4, num_heads=4, num_kv_heads=2,
+                 head_dim=32, intermediate_size=384, max_position_embeddings=1024)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seed-steps", type=int, default=400)
+    parser.add_argument("--branch-steps", type=int, default=300)
+    parser.add_argument("--router-steps", type=int, default=150)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
+    parser.add_argument("--work", type=Path, default=Path("runs") / "combine")
+    parser.add_argument("--out", type=Path, default=RESULTS / "combine.json")
+    args = parser.parse_args()
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    from moekit.build.combine import combine
+
+    mix, man_train, man_eval = mixture(["stdlib", "man"], "train"), corpus("man", "train"), corpus("man", "eval")
+    args.work.mkdir(parents=True, exist_ok=True)
+    spec = args.work / "seed_spec.json"
+    spec.write_text(json.dumps(SEED_SPEC))
+    runs = {}
+    runs["seed (mix)"] = train(None, args.work / "seed", args.seed_steps, data=str(mix), lr=2e-3, arch=str(spec),
+                               tokenizer=REPO / "src" / "moekit" / "zoo" / "ref-fine")
+    seed = Path(runs["seed (mix)"]["model"])
+    runs["A: seed + stdlib"] = train(seed, args.work / "stdlib", args.branch_steps, data="stdlib", lr=1e-3)
+    runs["B: seed + man"] = train(seed, args.work / "man", args.branch_steps, data=str(man_train),
+                                  eval_data=str(man_eval), lr=1e-3)
+    branches = [Path(runs["A: seed + stdlib"]["model"]), Path(runs["B: seed + man"]["model"])]
+    combined = args.work / "combined"
+    if not combined.is_dir():
+        combine(branches, out_dir=combined, top_k=2, router="hidden", data=["stdlib:calib", str(man_train)])
+    runs["combined A+B, step 0"] = {"model": str(combined), "steps": 0}
+    runs["combined A+B, router-only"] = train(combined, args.work / "router", args.router_steps, data=str(mix),
+                                              lr=1e-3, train_only="routers")
+    corpora = {"stdlib": "stdlib:eval", "man": str(man_eval)}
+    for run in runs.values():
+        run["perplexity"] = {name: evaluate(Path(run["model"]), spec)["perplexity"] for name, spec in corpora.items()}
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
+    results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(date.today()),
+               "commit": commit, "seed_spec": SEED_SPEC, "tokens_per_step": 16 * 256,
+               "steps": {"seed": args.seed_steps, "branch": args.branch_steps, "router": args.router_steps},
+               "runs": runs}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=2) + "\n")
+    print(render(results))
+
+
+def render(results: dict) -> str:
+    runs = results["runs"]
+    best = {c: min(runs[n]["perplexity"][c] for n in ("A: seed + stdlib", "B: seed + man")) for c in ("stdlib", "man")}
+    lines = ["| model | training steps | stdlib eval ppl | man pages eval ppl |", "|---|---|---|---|"]
+    for name, run in runs.items():
+        lines.append(f"| {name} | {run['steps']} | {run['perplexity']['stdlib']:.3f} | {run['perplexity']['man']:.3f} |")
+    final = runs["combined A+B, router-only"]["perplexity"]
+    gaps = {c: final[c] / best[c] - 1 for c in best}
+    lines += ["", "combined (router-only) against the better input: "
+              + ", ".join(f"{c} {100 * g:+.1f}%" for c, g in gaps.items())
+              + ("  (goal met: within 5% on both)" if all(g <= 0.05 for g in gaps.values()) else "  (goal missed)")]
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()
