@@ -4,7 +4,9 @@ For an expert j of MoE layer l, the attribution on a corpus is ``loss(j masked) 
 loss``: the increase of the mean next-token cross-entropy (nats) over every predicted
 position of the corpus's rows when j is taken out of layer l's routing — never chosen
 and absent from every normalisation, exactly as if `moekit.keep_experts` had removed it
-(`moekit.arch.routing.route` with ``allowed``) — everything else unchanged.
+(`moekit.arch.routing.route` with ``allowed``) — everything else unchanged. With
+group-limited routing (DeepSeek, GLM) the expert's group keeps competing with its other
+experts, which `keep_experts` cannot express (it keeps the same number per group).
 
 Measuring it costs a forward of the rows from layer l on, so it is measured for the
 top candidates only, ranked by their share of the layer's gate mass on the corpus
