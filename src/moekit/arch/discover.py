@@ -67,6 +67,9 @@ def _view_layer(model: nn.Module, family: Family, index: int, layer: nn.Module) 
     config = model.config
     experts = Experts(getattr(block, family.experts), family.experts_spec)
     top_k = int(getattr(config, family.top_k_key))
+    per_layer = getattr(config, "moekit_top_k_per_layer", None)  # `moekit.arch.edit.set_top_k`
+    if per_layer and str(index) in per_layer:
+        top_k = int(per_layer[str(index)])
     router = Router(
         getattr(block, family.router),
         family.routing.resolve(config, top_k),

@@ -243,3 +243,162 @@ def _set_counters(root: nn.Module, value: int, only_existing: bool = False) -> N
             current = getattr(module, name, None)
             if isinstance(current, int) and not isinstance(current, bool):
                 setattr(module, name, value)
+
+
+# -- fewer expert calls: top-k, dropped MLP sublayers, dropped decoder blocks ------------
+TOP_K_KEY = "moekit_top_k_per_layer"
+DROPPED_MLP_KEY = "moekit_dropped_mlp_layers"
+_TOP_K_COUNTERS = ("top_k", "num_experts_per_tok")
+
+
+def nonstandard_keys(config) -> list[str]:
+    """The moekit config keys a standard transformers checkpoint cannot honour (different
+    expert counts or top-k per layer, MoE sublayers removed): their presence means moekit's
+    own format (`moekit.io.nonuniform`)."""
+    return [key for key in (PER_LAYER_KEY, TOP_K_KEY, DROPPED_MLP_KEY) if getattr(config, key, None)]
+
+
+def set_top_k(model: nn.Module, top_k: Mapping[int, int]) -> None:
+    """Route each listed MoE layer's tokens to ``top_k[layer]`` experts from now on.
+
+    The router keeps its semantics (a softmax over all experts then top-k, or top-k of
+    logits then a softmax over the k, renormalisation, scaling): only k changes, as if
+    the model had been configured with it. With one k in every MoE layer the config's
+    top-k key says it (a standard checkpoint); otherwise that key holds the largest k and
+    ``moekit_top_k_per_layer`` each layer's (moekit's format).
+
+    Raises:
+        MoekitError: before anything changes, for a layer without routed experts, k below
+            1 or above the layer's current top-k, or a router whose transformers code
+            fixes k (PhiMoE's sparsemixer).
+    """
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    for index, k in top_k.items():
+        if index not in layers:
+            raise MoekitError(f"layer {index} has no routed experts; MoE layers are {sorted(layers)}.")
+        current = layers[index].top_k
+        if not 1 <= int(k) <= current:
+            raise MoekitError(f"layer {index}: top-k {k} is outside 1..{current} (its current top-k); "
+                              f"choose a k from 1 to {current}.")
+        if layers[index].router.spec.scoring == "sparsemixer" and int(k) != current:
+            raise MoekitError(f"layer {index}: its sparsemixer router always picks {current} experts in "
+                              "transformers' code, so its top-k cannot change.")
+    family = find_family(model)
+    ks = {i: layer.top_k for i, layer in layers.items()}
+    ks.update({int(i): int(k) for i, k in top_k.items()})
+    for index, k in top_k.items():
+        for module in layers[index].block.modules():
+            for name in _TOP_K_COUNTERS:
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, int(k))
+    setattr(model.config, family.top_k_key, max(ks.values()))
+    if len(set(ks.values())) == 1:
+        if hasattr(model.config, TOP_K_KEY):
+            delattr(model.config, TOP_K_KEY)
+    else:
+        setattr(model.config, TOP_K_KEY, {str(i): k for i, k in sorted(ks.items())})
+
+
+class DroppedMLP(nn.Module):
+    """Stands where a removed MoE sublayer was: adds nothing to the residual stream (its
+    output is zeros), holds no weights and computes nothing else. ``pair``: the family's
+    decoder layer unpacks (output, router scores) from its block."""
+
+    def __init__(self, pair: bool = False) -> None:
+        super().__init__()
+        self.pair = pair
+
+    def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
+        out = torch.zeros_like(hidden_states)
+        return (out, None) if self.pair else out
+
+
+def drop_mlp(model: nn.Module, indices: Sequence[int]) -> None:
+    """Remove the MoE sublayer (router, routed and shared experts) of the listed decoder
+    layers; their attention stays. The layer then adds only attention to the residual
+    stream. Recorded in the config as ``moekit_dropped_mlp_layers`` (no transformers
+    config can say "no MLP here", so the result is saved in moekit's format).
+
+    Raises:
+        MoekitError: before anything changes, for a layer without routed experts, or when
+            no MoE layer would be left.
+    """
+    family = find_family(model)
+    layers = {layer.index: layer for layer in moe_layers(model)}
+    indices = sorted({int(i) for i in indices})
+    bad = [i for i in indices if i not in layers]
+    if bad:
+        raise MoekitError(f"layers {bad} have no routed experts to drop; MoE layers are {sorted(layers)}.")
+    if len(indices) == len(layers):
+        raise MoekitError(f"dropping the MoE sublayers of all {len(layers)} MoE layers leaves no MoE; "
+                          "keep at least one.")
+    decoder = family.decoder_layers(model)
+    for i in indices:
+        setattr(decoder[i], family.block, DroppedMLP(pair=family.block_returns_pair))
+        if family.shared is not None and not family.shared.mlp.startswith(f"{family.block}."):
+            owner, _, name = family.shared.mlp.rpartition(".")
+            setattr(decoder[i].get_submodule(owner) if owner else decoder[i], name, None)
+    dropped = sorted(set(getattr(model.config, DROPPED_MLP_KEY, None) or []) | set(indices))
+    setattr(model.config, DROPPED_MLP_KEY, dropped)
+    if getattr(model.config, TOP_K_KEY, None):  # the dropped layers' k no longer matters
+        ks = {i: k for i, k in getattr(model.config, TOP_K_KEY).items() if int(i) not in dropped}
+        setattr(model.config, TOP_K_KEY, ks)
+        if len(set(ks.values())) <= 1:
+            delattr(model.config, TOP_K_KEY)
+            if ks:
+                setattr(model.config, family.top_k_key, next(iter(ks.values())))
+    sync_expert_counts(model)
+
+
+def restore_moekit_layout(model: nn.Module) -> None:
+    """Give a skeleton built from a config the per-layer edits moekit's format records
+    (top-k per layer, dropped MoE sublayers), so its shapes and routing are the saved ones."""
+    dropped = getattr(model.config, DROPPED_MLP_KEY, None) or []
+    if dropped:
+        drop_mlp(model, dropped)
+    per_layer = getattr(model.config, TOP_K_KEY, None) or {}
+    if per_layer:
+        set_top_k(model, {int(i): int(k) for i, k in per_layer.items()})
+
+
+def drop_blocks(model: nn.Module, indices: Sequence[int]) -> None:
+    """Remove whole decoder layers: the others are renumbered (their attention's cache
+    index too) and the config says the new depth, with every per-layer setting
+    (``layer_types``, ``mlp_only_layers``, dense-first-layer counts…) renumbered by
+    `moekit.arch.renumber.renumbered_config`, so the result is a standard model of its
+    family with fewer layers.
+
+    Raises:
+        MoekitError: before anything changes, for indices out of range, dropping every
+            layer or every MoE layer, or a pattern the family's config cannot express.
+    """
+    from moekit.arch.renumber import renumbered_config
+
+    family = find_family(model)
+    decoder = family.decoder_layers(model)
+    kept = [i for i in range(len(decoder)) if i not in {int(j) for j in indices}]
+    config = renumbered_config(model.config, kept)  # checks everything first
+    remaining = [decoder[i] for i in kept]
+    for new, layer in enumerate(remaining):
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = new
+    parent_path, _, name = family.layers.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, name, nn.ModuleList(remaining))
+    for key, value in config.to_dict().items():
+        if key in ("transformers_version",):
+            continue
+        if getattr(model.config, key, None) != value:
+            setattr(model.config, key, value)
+    for key in (TOP_K_KEY, PER_LAYER_KEY, DROPPED_MLP_KEY):
+        per_layer = getattr(config, key, None)
+        if per_layer:
+            setattr(model.config, key, per_layer)
+        elif hasattr(model.config, key):
+            delattr(model.config, key)
+    sync_expert_counts(model)
+    ks = getattr(model.config, TOP_K_KEY, None)
+    if ks and len(set(ks.values())) == 1:  # the layers left share one k: a standard config says it
+        delattr(model.config, TOP_K_KEY)
+        setattr(model.config, family.top_k_key, next(iter(ks.values())))

@@ -87,6 +87,8 @@ class Family:
         routing: router semantics.
         experts_spec: storage of the fused experts.
         top_k_key: the config attribute holding k.
+        block_returns_pair: the block returns (output, router scores), which the family's
+            decoder layer unpacks (what a removed sublayer must return too).
     """
 
     name: str
@@ -101,6 +103,7 @@ class Family:
     shared: Shared | None = None
     experts_spec: ExpertsSpec = field(default_factory=ExpertsSpec)
     top_k_key: str = "num_experts_per_tok"
+    block_returns_pair: bool = False
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

@@ -10,5 +10,6 @@ FAMILY = Family(
     num_experts_key="num_local_experts",
     router="router",
     routing=Routing(scoring="softmax", topk_before_scoring=True),
+    block_returns_pair=True,
     experts_spec=ExpertsSpec(transposed=True, layout="interleaved", clamped_swiglu=True),
 )

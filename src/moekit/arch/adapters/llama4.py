@@ -12,6 +12,7 @@ FAMILY = Family(
     block="feed_forward",
     router="router",
     routing=Routing(scoring="sigmoid", topk_before_scoring=True, weight_on_input=True),
+    block_returns_pair=True,
     experts_spec=ExpertsSpec(transposed=True),
     shared=Shared(mlp="feed_forward.shared_expert"),
 )
