@@ -201,12 +201,19 @@ def compress(
         result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
                             (lambda i: on_event("layer", i)))
     writer.write_outer(f"{lent.layers_path}.")
+    dropped = sorted(runner.dropped_blocks())
+    parts = [i for i in range(len(lent)) if i not in dropped]
+    if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
+        from moekit.arch.edit import drop_blocks
+
+        drop_blocks(lent.model, dropped)
     report["calibration"] = [
         {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
          "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
          **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
         for p, phase in enumerate(phases)]
-    report["steps"] = [{"type": step.type, **step.report(result.per_layer.get(position, {}))}
+    report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
+                        **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
     report["after"] = summary(lent.model, stored)
     report["format"] = "moekit-nonuniform" if native else _quantized_format(recipe) or "standard"
@@ -214,7 +221,7 @@ def compress(
     budget.close()
 
     with atomic_dir(out) as tmp:
-        written = writer.finish(tmp, [*range(len(lent)), OUTER], max_shard_size=parse_bytes(max_shard_size),
+        written = writer.finish(tmp, [*parts, OUTER], max_shard_size=parse_bytes(max_shard_size),
                                 on_file=on_event and (lambda n: on_event("saved", n)))
         if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
             from moekit.io.checkpoint import Checkpoint
@@ -339,7 +346,8 @@ def model_card(report: dict) -> str:
                   "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
                   "load this folder correctly: load it with `moekit.load(folder)`."]
     else:
-        lines += ["Layers keep different numbers of experts, which a standard transformers checkpoint cannot "
-                  "express. This folder is in moekit's non-uniform format (`moekit.json`, "
-                  "`moekit-model.safetensors`): load it with `moekit.load(folder)`."]
+        lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
+                  "experts or top-k per layer, or MoE sublayers removed; see config.json's `moekit_*` keys). This "
+                  "folder is in moekit's own format (`moekit.json`, `moekit-model.safetensors`): load it with "
+                  "`moekit.load(folder)`."]
     return "\n".join(lines) + "\n"

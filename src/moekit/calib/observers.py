@@ -33,6 +33,11 @@ STATISTICS: dict[str, str] = {
     "logit_similarity": "[E, E] cosine between experts' router-logit columns over all tokens",
     "mean_output": "[E, H] mean of f_j(x) over ALL tokens (HC-SMoE); runs every expert on every token",
     "hidden_sample": "[n, H] a seeded, bounded uniform sample of the layer's input hidden states",
+    "topk_error": "[K] for k = 1..K (the layer's top-k): Σ_x ‖R_K(x) − R_k(x)‖² / Σ_x ‖R_K(x)‖², R_k the routed "
+                  "output when the router picks k experts with the family's own weighting (renormalisation, "
+                  "softmax over the k...); what the `topk` step allocates k by",
+    "topk_mass": "[K] for k = 1..K: Σ_x of the router probabilities of the k best choices / Σ_x of the K best's "
+                 "(gate mass kept at k)",
     "quant_error_g128_fit": "[E, 4] Σ over X_j of ‖g_j(x)(f_j(x) − f̂_j(x))‖², the squared error expert j's "
                             "rounding adds to the block's output, f̂_j rounded to nearest at 2, 3, 4, 8 bits in "
                             "groups of 128 halved to fit the widths (quant_error_g<G>: groups of G, 0 per channel; "
@@ -136,6 +141,30 @@ class LayerAccumulator:
             self._update_sample(ctx.hidden)
         for name in (n for n in wanted if n.startswith(QUANT_ERROR)):
             self._update_quant_error(ctx, name)
+        if "topk_error" in wanted or "topk_mass" in wanted:
+            self._update_topk(ctx)
+
+    def _update_topk(self, ctx: BatchContext) -> None:
+        """Per k below the layer's top-k K: the routed output lost and the gate mass kept
+        when the same router picks only k experts (its own semantics, `route` with k)."""
+        import dataclasses
+
+        from moekit.arch.routing import route
+
+        layer, spec = ctx.layer, ctx.layer.router.spec
+        K = spec.top_k
+        index, weights = ctx.routing
+        if "topk_mass" in self.wanted:
+            chosen = ctx.probabilities.double().gather(1, index)  # slots in choice order
+            self._add("topk_mass", chosen.sum(0).cumsum(0))
+        if "topk_error" in self.wanted:
+            full = layer.routed_forward(ctx.hidden, index, weights).double()
+            errors = torch.zeros(K, dtype=torch.float64)
+            for k in range(1, K):
+                idx, w = route(ctx.logits, dataclasses.replace(spec, top_k=k), layer.router.correction_bias)
+                errors[k - 1] = ((layer.routed_forward(ctx.hidden, idx, w).double() - full) ** 2).sum()
+            self._add("topk_error", errors)
+            self._add("topk_energy", (full**2).sum().reshape(1))
 
     def _update_quant_error(self, ctx: BatchContext, name: str) -> None:
         """Per routed expert and width: the squared error its rounding adds to the block's
@@ -216,6 +245,10 @@ class LayerAccumulator:
             out["hidden_sample"] = self._sample
         for name in (n for n in self.wanted if n.startswith(QUANT_ERROR)):
             out[name] = s.get(name, torch.zeros(self.num_experts, len(QUANT_BITS), dtype=torch.float64))
+        if "topk_mass" in self.wanted and "topk_mass" in s:
+            out["topk_mass"] = s["topk_mass"] / s["topk_mass"][-1].clamp(min=1e-300)
+        if "topk_error" in self.wanted and "topk_error" in s:
+            out["topk_error"] = s["topk_error"] / s["topk_energy"].clamp(min=1e-300)
         return {k: v.float() for k, v in out.items()}
 
 

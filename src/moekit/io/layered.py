@@ -76,7 +76,7 @@ class LayeredModel:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        from moekit.arch.edit import PER_LAYER_KEY, keep_experts
+        from moekit.arch.edit import PER_LAYER_KEY, keep_experts, nonstandard_keys, restore_moekit_layout
         from moekit.io.checkpoint import Checkpoint
 
         folder = Path(folder)
@@ -93,11 +93,15 @@ class LayeredModel:
         per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
         if per_layer:  # moekit's non-uniform format: cut each layer's skeleton to its count
             keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
+        restore_moekit_layout(model)  # per-layer top-k, dropped MoE sublayers
         lent = cls(model.eval(), device=torch.device(device), checkpoint=checkpoint, dtype=dtype)
-        lent._native = per_layer != {} or (folder / "moekit.json").is_file()
+        lent._native = per_layer != {} or bool(nonstandard_keys(config)) or (folder / "moekit.json").is_file()
         lent._check_shapes()
         lent._read(lent._keys.get(None, []), what="the embeddings, final norm and head")
         model.tie_weights()
+        from moekit.runtime.routing_policy import reinstall_saved_policy
+
+        reinstall_saved_policy(model)  # hooks on the skeleton's modules serve every lent layer
         return lent
 
     # -- lending ----------------------------------------------------------------------

@@ -1,10 +1,15 @@
-"""moekit's format for models whose layers keep different numbers of experts.
+"""moekit's format for models whose layers differ in ways a transformers config cannot say.
 
-transformers builds every MoE layer with the one ``num_experts`` of the config, so it
-cannot express a per-layer count. This format keeps everything else standard:
+transformers builds every MoE layer with the one ``num_experts`` and top-k of the config,
+and every layer the config makes an MoE layer has an MLP, so it cannot express a per-layer
+expert count, a per-layer top-k, or an MoE sublayer removed. This format keeps everything
+else standard:
 
 - ``config.json``: the family's config, ``num_experts`` = the largest count, plus
-  ``moekit_num_experts_per_layer`` = {layer index: count};
+  ``moekit_num_experts_per_layer`` = {layer index: count}, and/or
+  ``moekit_top_k_per_layer`` = {layer index: k} (the family's top-k key holds the largest),
+  and/or ``moekit_dropped_mlp_layers`` = [decoder layers whose MoE sublayer was removed:
+  they hold attention only];
 - ``moekit-model.safetensors`` (or ``moekit-model-0000k-of-0000n.safetensors`` with
   ``moekit-model.safetensors.index.json``, as a streamed compress writes a big model):
   the state dict in transformers' in-memory (fused) names;

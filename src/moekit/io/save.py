@@ -105,7 +105,16 @@ def _current_umask() -> int:
 
 def check_standard(model: nn.Module) -> None:
     """Refuse what plain transformers cannot load: different expert counts per layer."""
+    from moekit.arch.edit import nonstandard_keys
+
     per_layer = getattr(model.config, PER_LAYER_KEY, None)
+    others = [key for key in nonstandard_keys(model.config) if key != PER_LAYER_KEY]
+    if others:
+        raise MoekitError(
+            f"the model has {', '.join(others)} in its config (a top-k per layer, or MoE sublayers removed), which "
+            f"no standard transformers config can say; write it in moekit's format with "
+            f"moekit.io.save.write_checkpoint (moekit.load restores it), or make it uniform."
+        )
     if per_layer:
         raise MoekitError(
             f"the model keeps different numbers of experts per layer ({per_layer}); a standard "
@@ -145,7 +154,9 @@ def write_checkpoint(model: nn.Module, folder: Path) -> str:
     """Write ``model`` into the existing ``folder`` as a standard checkpoint, or in moekit's
     non-uniform format when its layers keep different numbers of experts (which a standard
     checkpoint cannot express). Returns the format written: "standard" or "moekit-nonuniform"."""
-    if getattr(model.config, PER_LAYER_KEY, None):
+    from moekit.arch.edit import nonstandard_keys
+
+    if nonstandard_keys(model.config):
         from moekit.io.nonuniform import write_nonuniform
 
         write_nonuniform(model, folder)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 from pathlib import Path
 
@@ -50,15 +51,21 @@ class ShardWriter:
     def path(self, part: int | str) -> Path:
         return self.folder / (f"layer-{part:05d}.safetensors" if isinstance(part, int) else f"{part}.safetensors")
 
-    def write_layer(self, index: int, prefix: str) -> Path:
-        """Write the tensors of decoder layer ``index`` (names starting with ``prefix``)."""
-        return self._write(self.path(index), lambda name: name.startswith(prefix))
+    def write_layer(self, index: int, prefix: str, *, as_index: int | None = None) -> Path:
+        """Write the tensors of decoder layer ``index`` (names starting with ``prefix``);
+        ``as_index``: under that layer number instead (decoder layers before it were
+        dropped, `moekit.arch.edit.drop_blocks`)."""
+        rename = None
+        if as_index is not None and as_index != index:
+            pattern = re.compile(rf"(^|\.)layers\.{index}\.")
+            rename = lambda name: pattern.sub(rf"\g<1>layers.{as_index}.", name, count=1)  # noqa: E731
+        return self._write(self.path(index), lambda name: name.startswith(prefix), rename=rename)
 
     def write_outer(self, layers_prefix: str) -> Path:
         """Write every tensor outside the decoder layers (each tied tensor once)."""
         return self._write(self.path(OUTER), lambda name: not name.startswith(layers_prefix))
 
-    def _write(self, path: Path, wanted) -> Path:
+    def _write(self, path: Path, wanted, rename=None) -> Path:
         """Cast to the storage dtypes (one copy of the layer in the output dtype, none for an
         fp32 output), rename to the checkpoint layout (views) and write tensor by tensor
         (safetensors' ``save_file`` would hold all their bytes as one more copy)."""
@@ -77,6 +84,9 @@ class ShardWriter:
         schemes = {}
         if quantized:
             state, schemes = compressed.pack_state(self.model, state, quantized, book.scale_dtype)
+        if rename is not None:
+            state = {rename(name): tensor for name, tensor in state.items()}
+            schemes = {rename(name): scheme for name, scheme in schemes.items()}
         compressed.write_sidecar(path, schemes)
         write_safetensors(path, state)
         return path

@@ -122,8 +122,12 @@ class RecipePass:
         statistics ``names`` of every layer are returned. ``on_layer(index)`` follows each
         finished (and, with ``work``, committed) layer."""
         from moekit.arch.discover import view_layer
+        from moekit.calib.blocks import BLOCK_STATISTICS
 
         last = len(self.phases) - 1 if collect is None else collect[0]
+        dropped = self.dropped_blocks(last)
+        block_wanted = frozenset(collect[1] & set(BLOCK_STATISTICS)) if collect is not None else frozenset()
+        candidates: dict[tuple[str, int], HiddenStates] = {}
         result = PassResult(digests=[ModelDigest(self.lent.model.config) for _ in range(last + 1)],
                             seconds=[0.0] * (last + 1))
         collected: dict[int, dict[str, torch.Tensor]] = {}
@@ -131,12 +135,20 @@ class RecipePass:
         first = self._resume(work, result, last) if work is not None else 0
         streams, references = self._streams(last + 1, work, first)
         for index, layer in self.streamer.layers(first):
-            view = view_layer(self.lent.model, index)
+            view = None
             for p in range(last + 1):
+                if index in dropped and dropped[index] < p:  # an earlier phase dropped the block: stream p skips it
+                    continue
+                view = view_layer(self.lent.model, index)  # an earlier phase may have dropped its MoE sublayer
                 start = time.perf_counter()
                 status = f"layer {index + 1}/{len(self.lent)}" + (f", phase {p + 1}" if last else "")
                 phase = self.phases[p]
                 planning = collect is not None and p == last  # this phase's statistics are collected, not applied
+                if planning and block_wanted:
+                    collected[index], tokens[index] = self._measure_block(index, layer, view, streams[p], collect[1],
+                                                                          block_wanted, candidates, result.digests[p],
+                                                                          lambda b: advance(1, status))
+                    continue
                 if phase.reads_inputs and not planning:  # the steps run the layer, then the stream goes through it
                     if view is not None:
                         result.digests[p].add_router(view.router.weight)
@@ -172,17 +184,63 @@ class RecipePass:
                     collected[index], tokens[index] = stats[index], accumulator.tokens
                     continue
                 self._apply(phase, index, view, stats, result, advance)
-            if writer is not None:
-                writer.write_layer(index, f"{self.lent.layers_path}.{index}.")
+            if writer is not None and index not in dropped:
+                writer.write_layer(index, f"{self.lent.layers_path}.{index}.",
+                                   as_index=index - sum(1 for i in dropped if i < index))
+            elif writer is not None:
+                ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
             else:  # a planning pass writes nothing: what a step left for the writer goes
                 ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
             if work is not None:
                 self._commit(work, index, view, [*streams, *references.values()], result)
             if on_layer is not None:
                 on_layer(index)
+        if candidates:  # each candidate stream skipped one layer (sublayer): its loss against the model's
+            from moekit.calib.blocks import mean_loss
+
+            base = mean_loss(self.streamer, streams[last])
+            for (name, index), stream in candidates.items():
+                collected[index][name] = torch.tensor([mean_loss(self.streamer, stream) - base])
         if collect is not None:
             result.collected = CalibrationStats(collected, tokens, meta={"statistics": sorted(collect[1])})
         return result
+
+    def dropped_blocks(self, last: int | None = None) -> dict[int, int]:
+        """{decoder layer: the phase whose step drops it} for the phases up to ``last``."""
+        out: dict[int, int] = {}
+        for q, phase in enumerate(self.phases[: None if last is None else last + 1]):
+            for position, step in phase.steps:
+                for index in step.blocks_dropped(self.plans.get(position)):
+                    out.setdefault(int(index), q)
+        return out
+
+    def _measure_block(self, index: int, layer: nn.Module, view, stream: HiddenStates, wanted: frozenset[str],
+                       block_wanted: frozenset[str], candidates: dict, digest: ModelDigest,
+                       on_batch) -> tuple[dict[str, torch.Tensor], int]:
+        """A planning pass's statistics of decoder layer ``index``, dense or MoE: its MoE
+        statistics (when it has experts) and the layer's `moekit.calib.blocks` ones;
+        ``candidates`` are the streams that each skip one earlier layer (loss criteria):
+        they go through this layer, and this layer's own start here."""
+        from moekit.calib.blocks import forward_measuring, forward_without_sublayer
+
+        family = self.lent.family
+        for other in candidates.values():
+            self.streamer.forward(index, layer, other)
+        if "block_loss" in block_wanted:
+            candidates[("block_loss", index)] = self.budget.copy(stream, f"without-layer-{index}")
+        if "mlp_loss" in block_wanted and view is not None:
+            candidate = self.budget.copy(stream, f"without-mlp-{index}")
+            forward_without_sublayer(self.streamer, index, layer, candidate, family)
+            candidates[("mlp_loss", index)] = candidate
+        accumulator = None
+        if view is not None:
+            accumulator = new_accumulator(view, wanted - block_wanted, 0, self.seed)
+            digest.add_router(view.router.weight)
+        measured = forward_measuring(self.streamer, index, layer, stream, family=family, moe=view is not None,
+                                     wanted=block_wanted, on_batch=on_batch,
+                                     observe=observing(view, accumulator) if view is not None else None)
+        entry = accumulator.finish() if accumulator is not None else {}
+        return {**entry, **measured}, accumulator.tokens if accumulator is not None else 0
 
     def _apply(self, phase: Phase, index: int, view, stats: CalibrationStats, result: PassResult, advance) -> None:
         for position, step in phase.steps:
@@ -238,6 +296,8 @@ class RecipePass:
         work.commit(index, {
             "reports": {str(pos): layers[index] for pos, layers in result.per_layer.items() if index in layers},
             "experts": view.num_experts if view is not None else None,
+            "top_k": view.top_k if view is not None else None,
+            "mlp_dropped": index in (getattr(self.lent.model.config, "moekit_dropped_mlp_layers", None) or []),
             "routers": [d.routers[-1] if view is not None else None for d in result.digests],
             "seconds": result.seconds,
         })
@@ -255,6 +315,16 @@ class RecipePass:
             record = work.record(index)
             for pos, report in record["reports"].items():
                 result.per_layer.setdefault(int(pos), {})[index] = report
+            if record.get("mlp_dropped"):  # the skeleton as the finished layers left it
+                from moekit.arch.edit import drop_mlp
+
+                drop_mlp(self.lent.model, [index])
+            if record.get("top_k") is not None:
+                from moekit.arch.discover import view_layer
+                from moekit.arch.edit import set_top_k
+
+                if view_layer(self.lent.model, index).top_k != record["top_k"]:
+                    set_top_k(self.lent.model, {index: record["top_k"]})
             if record["experts"] is not None:
                 keep_experts(self.lent.model, {index: list(range(record["experts"]))})
                 for p, router in enumerate(record["routers"][: last + 1]):
@@ -299,7 +369,9 @@ def plan_passes(work, fresh, input_ids, phases, *, batch_size, seed, budget, sta
             continue
         needs = frozenset({"frequency"}.union(*(step.plan_needs() for _, step in planners)))
         lent = fresh()
-        if p == 0 and given is not None:  # the statistics are all there: no planning pass
+        from moekit.calib.blocks import BLOCK_STATISTICS
+
+        if p == 0 and given is not None and not needs & set(BLOCK_STATISTICS):  # the statistics are all there: no planning pass
             for pos, step in planners:
                 plans[pos] = step.plan(lent.model, given)
             continue
@@ -319,6 +391,8 @@ def needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any])
     known before the pass from the steps' counts and the plans."""
     from moekit.arch.discover import moe_layers
 
+    if any(step.writes_native(model, plans.get(position)) for position, step in enumerate(recipe.steps)):
+        return True
     counts = []
     for layer in moe_layers(model):
         count = layer.num_experts

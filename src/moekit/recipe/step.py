@@ -94,6 +94,22 @@ class Step(BaseModel):
         only). The result reaches `apply_layer` as ``plan``."""
         return None
 
+    def blocks_dropped(self, plan: Any) -> set[int]:
+        """Decoder layers this step removes whole (`moekit.arch.edit.drop_blocks`): a
+        streamed pass then lets later phases' streams skip them, does not write them and
+        renumbers the layers after them."""
+        return set()
+
+    def writes_native(self, model: nn.Module, plan: Any) -> bool:
+        """True when the result needs moekit's own format (something a standard config
+        cannot say, e.g. a different top-k per layer), known before the pass from the
+        skeleton ``model`` and the step's plan."""
+        return False
+
+    def report_plan(self, plan: Any) -> dict:
+        """What the step's report says about its cross-layer decision (``plan``)."""
+        return {}
+
     def apply_layer(self, model: nn.Module, layer: MoELayer, stats: Any, *, plan: Any = None,
                     on_progress: Callable[[str], None] | None = None) -> dict:
         """Edit decoder layer ``layer.index`` of ``model`` in place (through `moekit.arch.edit`),

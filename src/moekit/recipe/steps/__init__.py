@@ -1,7 +1,9 @@
 """Built-in steps; importing this module registers them."""
 
+from moekit.recipe.steps.drop import DropBlocks, DropLayers
 from moekit.recipe.steps.merge import Merge
 from moekit.recipe.steps.prune import Prune
 from moekit.recipe.steps.quantize import Quantize
+from moekit.recipe.steps.topk import TopK
 
-__all__ = ["Merge", "Prune", "Quantize"]
+__all__ = ["DropBlocks", "DropLayers", "Merge", "Prune", "Quantize", "TopK"]

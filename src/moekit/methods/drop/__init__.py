@@ -1,0 +1,1 @@
+"""Fewer expert calls without removing experts: top-k allocation, and which layers to drop."""
