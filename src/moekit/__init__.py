@@ -36,6 +36,7 @@ _API = {
     "plan": "moekit.planning",
     "Recipe": "moekit.recipe.recipe",
     "save": "moekit.io.save",
+    "set_routing_policy": "moekit.runtime.routing_policy",
 }
 __all__ = sorted(_API)
 

@@ -67,22 +67,27 @@ def load(
     from moekit.io.compressed import is_packed, load_packed
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
 
+    from moekit.runtime.routing_policy import reinstall_saved_policy
+
     if is_nonuniform(path):
-        return load_nonuniform(path, dtype=dtype).to(device)
-    if is_packed(path):
-        return load_packed(path, dtype=dtype, device=device)
-    try:
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
-        )
-    except ValueError as exc:
-        if "trust_remote_code" in str(exc) and not trust_remote_code:
-            raise MoekitError(
-                f"{path} needs its own Python code to load. Pass --trust-remote-code (Python: "
-                f"trust_remote_code=True) only if you trust its source."
-            ) from exc
-        raise
-    return model.to(device).eval()
+        model = load_nonuniform(path, dtype=dtype).to(device)
+    elif is_packed(path):
+        model = load_packed(path, dtype=dtype, device=device)
+    else:
+        try:
+            model = AutoModelForCausalLM.from_pretrained(
+                path, dtype=dtype, use_safetensors=True, trust_remote_code=trust_remote_code
+            )
+        except ValueError as exc:
+            if "trust_remote_code" in str(exc) and not trust_remote_code:
+                raise MoekitError(
+                    f"{path} needs its own Python code to load. Pass --trust-remote-code (Python: "
+                    f"trust_remote_code=True) only if you trust its source."
+                ) from exc
+            raise
+        model = model.to(device).eval()
+    reinstall_saved_policy(model)  # a dynamic routing policy saved with the model routes it again
+    return model
 
 
 def load_config(name_or_path: str | os.PathLike | None = None, *, trust_remote_code: bool = False):

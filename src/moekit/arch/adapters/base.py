@@ -89,6 +89,8 @@ class Family:
         top_k_key: the config attribute holding k.
         block_returns_pair: the block returns (output, router scores), which the family's
             decoder layer unpacks (what a removed sublayer must return too).
+        eager_skips_sentinel: transformers' eager experts forward skips slots routed to
+            expert E, its "no expert" sentinel (GPT-OSS's rejects them).
     """
 
     name: str
@@ -104,6 +106,7 @@ class Family:
     experts_spec: ExpertsSpec = field(default_factory=ExpertsSpec)
     top_k_key: str = "num_experts_per_tok"
     block_returns_pair: bool = False
+    eager_skips_sentinel: bool = True
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)

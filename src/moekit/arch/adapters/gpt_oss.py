@@ -11,5 +11,6 @@ FAMILY = Family(
     router="router",
     routing=Routing(scoring="softmax", topk_before_scoring=True),
     block_returns_pair=True,
+    eager_skips_sentinel=False,
     experts_spec=ExpertsSpec(transposed=True, layout="interleaved", clamped_swiglu=True),
 )
