@@ -31,6 +31,11 @@ def eval_command(
     task_path: Annotated[Optional[list[str]], typer.Option(
         help="Folder of your own lm-eval task YAMLs with local data (repeatable).",
     )] = None,
+    speed: Annotated[bool, typer.Option("--speed", help="Also time generation: prefill, then decode with a KV cache "
+                                        "(tokens/s, median of runs; the model in memory).")] = False,
+    speed_prefill: Annotated[int, typer.Option(min=1, help="--speed: prompt tokens.")] = 512,
+    speed_decode: Annotated[int, typer.Option(min=1, help="--speed: generated tokens.")] = 128,
+    speed_runs: Annotated[int, typer.Option(min=1, help="--speed: timed runs (median reported).")] = 5,
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
@@ -52,6 +57,8 @@ def eval_command(
                               "window keeps left context.")
         for name in names:
             within_positions(name, "--context-length", context_length)
+            if speed:
+                within_positions(name, "--speed-prefill + --speed-decode", speed_prefill + speed_decode)
         if tasks is None and (limit is not None or task_path):
             raise MoekitError("--limit and --task-path apply to lm-eval tasks; add --tasks NAME[,NAME].")
         harness, tokenizers = None, {}
@@ -68,7 +75,7 @@ def eval_command(
             stream = stream[:max_tokens]
         _check_all_before_scoring(names, stream, first_tokenizer, forced_tokenizer=tokenizer is not None,
                                   context_length=context_length, stride=stride)
-        results, task_results = {}, {}
+        results, task_results, speeds = {}, {}, {}
         for name in names:
             spill = budget(activation_budget)
             results[name] = evaluate(open_streamed(name, device, compute_dtype), stream,
@@ -79,8 +86,14 @@ def eval_command(
                 model = load(name)
                 task_results[name] = run_tasks(model, tokenizers[name], harness, limit=limit, batch_size=batch_size)
                 del model
+            if speed:  # generation with a cache runs the whole model: in memory too
+                from moekit.eval.speed import measure_speed
+
+                speeds[name] = measure_speed(load(name), prefill=speed_prefill, decode=speed_decode, runs=speed_runs)
         if json_out:
             payload = {"data": data, "models": {n: r.to_dict() for n, r in results.items()}}
+            for name, timing in speeds.items():
+                payload["models"][name]["speed"] = timing.to_dict()
             if harness is not None:
                 for name, result in task_results.items():
                     payload["models"][name]["tasks"] = result.tasks
@@ -96,6 +109,14 @@ def eval_command(
         table.add_row("next-token accuracy", *[f"{r.accuracy:.2%}" for r in results.values()])
         for label, cells in _task_rows([task_results[name].tasks for name in task_results]):
             table.add_row(label, *cells)
+        if speeds:
+            timing = next(iter(speeds.values()))
+            table.add_row(f"prefill tokens/s ({speed_prefill} tokens)", *[f"{speeds[n].prefill_tokens_per_s:,.0f}"
+                                                                          for n in names])
+            table.add_row(f"decode tokens/s ({speed_decode} tokens, KV cache)",
+                          *[f"{speeds[n].decode_tokens_per_s:,.1f}" for n in names])
+            console.print(f"speed: median of {speed_runs} runs, {timing.threads} threads, {timing.device}, "
+                          f"{timing.machine['cpu']}", style="dim")
         depth = max(len(r.layers) for r in results.values())
         for i in range(depth):
             cells = [r.layers[i] if i < len(r.layers) else None for r in results.values()]
