@@ -24,6 +24,7 @@ from moekit.calib.observers import BatchContext
 
 TOP_TOKENS_PER_EXPERT = 5
 FREQUENT_TOKENS = 20
+SPECIFIC_Z = 1.96  # an expert is "specific" to a corpus above this log-odds z
 MIN_TOKEN_COUNT = 5  # a token id seen fewer times says nothing about its routing
 
 
@@ -169,9 +170,8 @@ class LayerCounts:
         out: dict = {"layer": view.index, "num_experts": E, "top_k": k}
         out["load"] = st.load_summary(self.count, self.gate, self.entropy, T)
         lift = st.coactivation_lift(self.coactivation, T)
-        out["coactivation"] = {
+        out["coactivation"] = {  # lift: `statistics.coactivation_lift` of the counts (not stored: E² more numbers)
             "counts": self.coactivation.long().tolist(),
-            "lift": lift.tolist(),
             "order": st.cluster_order(lift),
             "top_pairs": st.top_pairs(self.coactivation, T),
         }
@@ -179,8 +179,7 @@ class LayerCounts:
             mi = st.mutual_information(self.joint)
             out["from_previous"] = {
                 "previous_layer": self.previous.index,
-                "joint": self.joint.long().tolist(),
-                "transition": st.transition_matrix(self.joint).tolist(),
+                "joint": self.joint.long().tolist(),  # the transition matrix: `statistics.transition_matrix`
                 "mutual_information_bits": mi["bits"],
                 "mutual_information_normalized": mi["normalized"],
                 "prefetch_tokens": self.predicted,
@@ -237,9 +236,10 @@ class LayerCounts:
         if len(rows.corpora) > 1:
             z = st.log_odds_z(counts)
             out["z"] = z.tolist()
+            out["specific_count"] = {name: int((z[d] > SPECIFIC_Z).sum()) for d, name in enumerate(rows.corpora)}
             out["specific"] = {
                 name: [{"expert": int(j), "z": float(z[d, j]), "share": float(counts[d, j] / counts[d].sum())}
-                       for j in z[d].argsort(descending=True)[:5].tolist() if z[d, j] > 1.96]
+                       for j in z[d].argsort(descending=True)[:5].tolist() if z[d, j] > SPECIFIC_Z]
                 for d, name in enumerate(rows.corpora)
             }
         return out

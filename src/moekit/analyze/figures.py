@@ -14,7 +14,10 @@ import math
 
 import torch
 
+from moekit.analyze import statistics as st
+
 MAX_HEATMAP_LAYERS = 4
+SORT_ABOVE = 64  # experts: above this, per-expert maps over layers are sorted per layer
 DPI = 100
 
 
@@ -64,11 +67,13 @@ def load(layers: list[dict], title: str) -> bytes:
     a.plot(x, [layer["load"]["cv"] for layer in layers], "s-", label="coefficient of variation")
     a.plot(x, [layer["load"]["entropy_normalized"] for layer in layers], "^-", label="router entropy / log E")
     dead = [len(layer["load"]["dead"]) + len(layer["load"]["near_dead"]) for layer in layers]
-    if any(dead):
-        a.bar(x, dead, alpha=0.25, color="red", label="dead + near-dead experts")
     a.set_xlabel("layer")
     a.set_title("imbalance per layer")
-    a.legend(fontsize=8)
+    a.legend(fontsize=8, loc="upper left")
+    if any(dead):
+        twin = a.twinx()
+        twin.bar(x, dead, alpha=0.2, color="red")
+        twin.set_ylabel("dead + near-dead experts (bars)", color="red")
     colors = _depth_colors(len(layers))
     for layer, color in zip(layers, colors):
         share = torch.tensor(layer["load"]["share"]) * layer["num_experts"]
@@ -101,7 +106,8 @@ def coactivation(layers: list[dict], title: str) -> bytes:
     image = None
     for ax, layer in zip(axes[0], picked):
         order = layer["coactivation"]["order"]
-        lift = torch.tensor(layer["coactivation"]["lift"])[order][:, order]
+        counts = torch.tensor(layer["coactivation"]["counts"], dtype=torch.float64)
+        lift = st.coactivation_lift(counts, int(counts.diagonal().sum()) // layer["top_k"])[order][:, order]
         shown = _log2(lift)
         shown.fill_diagonal_(float("nan"))  # an expert with itself is not a pair
         image = ax.imshow(shown, cmap="RdBu_r", vmin=-3, vmax=3, interpolation="nearest")
@@ -191,7 +197,10 @@ def tokens(layers: list[dict], title: str) -> bytes:
 
 def _label(token: dict) -> str:
     text = token.get("text")
-    return f"{token['id']}" if text is None else f"{text!r}"[:14]
+    if text is None:
+        return f"{token['id']}"
+    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # newlines as \n, on one line
+    return f"'{shown[:12]}'"
 
 
 def position(layers: list[dict], title: str) -> bytes:
@@ -230,13 +239,14 @@ def domains(layers: list[dict], title: str) -> bytes:
     image = None
     for d, (ax, name) in enumerate(zip(axes[0], corpora)):
         width = max(layer["num_experts"] for layer in layers)
+        ranked = width > SORT_ABOVE  # too many experts to follow one: each layer's experts sorted by z
         grid = torch.full((len(layers), width), float("nan"))
         for i, layer in enumerate(layers):
             z = torch.tensor(layer["domains"]["z"][d])
-            grid[i, : z.numel()] = z
+            grid[i, : z.numel()] = z.sort(descending=True).values if ranked else z
         image = ax.imshow(grid.clamp(-6, 6), aspect="auto", cmap="PuOr_r", vmin=-6, vmax=6, interpolation="nearest")
         ax.set_title(f"{name}", fontsize=9)
-        ax.set_xlabel("expert")
+        ax.set_xlabel("expert rank by z (sorted per layer)" if ranked else "expert")
         step = max(1, math.ceil(len(layers) / 16))
         ax.set_yticks(range(0, len(layers), step), [layers[i]["layer"] for i in range(0, len(layers), step)])
         ax.set_ylabel("layer")
@@ -244,9 +254,9 @@ def domains(layers: list[dict], title: str) -> bytes:
     ax = axes[0, -1]
     x = [layer["layer"] for layer in layers]
     for name in corpora:
-        ax.plot(x, [len(layer["domains"]["specific"][name]) for layer in layers], "o-", label=name)
+        ax.plot(x, [layer["domains"]["specific_count"][name] for layer in layers], "o-", label=name)
     ax.set_xlabel("layer")
-    ax.set_title("experts with z > 1.96 (top 5 listed)", fontsize=9)
+    ax.set_title("experts with z > 1.96", fontsize=9)
     ax.legend(fontsize=7)
     fig.suptitle(title)
     return _png(fig)

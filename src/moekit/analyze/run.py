@@ -12,7 +12,7 @@ MoE layer and ``prefetch_tokens``·H of its block inputs.
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from statistics import fmean
 
 import torch
@@ -38,7 +38,9 @@ class Analysis:
     meta: dict = field(default_factory=dict)
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """Plain data (JSON-ready); shares the layer dicts rather than copying them (a copy of
+        60 layers × 256² co-activation counts takes seconds)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
 
 
 def check_rows(name: str, input_ids: torch.Tensor) -> None:
@@ -107,7 +109,7 @@ def summarize(layers: list[dict], corpora: list[str]) -> dict:
         "position_max_divergence": max((layer["position"]["max_divergence"] for layer in layers), default=None),
     }
     if len(corpora) > 1:
-        out["specific_experts"] = {name: sum(len(layer["domains"]["specific"][name]) for layer in layers)
+        out["specific_experts"] = {name: sum(layer["domains"]["specific_count"][name] for layer in layers)
                                    for name in corpora}
     return out
 
