@@ -44,7 +44,7 @@ def set_routing_policy(model: nn.Module, policy: _Policy | dict | None) -> None:
     Raises:
         MoekitError: the family cannot take a policy, or a per-layer policy misses a layer.
     """
-    from moekit.arch.discover import family_of, moe_layers
+    from moekit.arch.discover import moe_layers
 
     layers = moe_layers(model)
     for layer in layers:
@@ -54,14 +54,8 @@ def set_routing_policy(model: nn.Module, policy: _Policy | dict | None) -> None:
             delattr(model.config, POLICY_KEY)
         return
     policy = policy_from_dict(policy) if isinstance(policy, dict) else policy
-    family = family_of(model)
-    if getattr(model.config, "_experts_implementation", None) == "eager" and not family.eager_skips_sentinel:
-        raise MoekitError(f"transformers' eager {family.name} experts cannot skip an expert; use the grouped_mm "
-                          "experts implementation (moekit's default) to run a routing policy.")
     for layer in layers:
-        if layer.router.spec.weight_on_input:
-            raise MoekitError(f"{layer.family} scales its experts' input by the routing weight; a routing policy "
-                              "cannot drop experts there.")
+        _check(model, layer)
         try:
             policy.value_at(layer.index)
         except KeyError as exc:
@@ -69,6 +63,35 @@ def set_routing_policy(model: nn.Module, policy: _Policy | dict | None) -> None:
     for layer in layers:
         _install(layer.experts.module, policy, layer.index, layer.num_experts, renormalizes(layer.router.spec))
     setattr(model.config, POLICY_KEY, policy.model_dump(mode="json"))
+
+
+def set_layer_policy(model: nn.Module, layer, policy: _Policy) -> None:
+    """Route the MoE layer ``layer`` (a `moekit.MoELayer` of ``model``) with ``policy``'s value
+    for it, leaving the other layers as they are; the config then records one value per
+    layer set so far (a streamed pass sets the layers one by one)."""
+    _check(model, layer)
+    value = policy.value_at(layer.index)
+    recorded = routing_policy(model)
+    values = {}
+    if recorded is not None and recorded.with_value(1.0) == policy.with_value(1.0):  # same policy, other layers
+        free = getattr(recorded, recorded.free)
+        values = dict(free) if isinstance(free, dict) else {}
+    policy = policy.with_value({**values, layer.index: value})
+    _uninstall(layer.experts.module)
+    _install(layer.experts.module, policy, layer.index, layer.num_experts, renormalizes(layer.router.spec))
+    setattr(model.config, POLICY_KEY, policy.model_dump(mode="json"))
+
+
+def _check(model: nn.Module, layer) -> None:
+    from moekit.arch.discover import family_of
+
+    family = family_of(model)
+    if getattr(model.config, "_experts_implementation", None) == "eager" and not family.eager_skips_sentinel:
+        raise MoekitError(f"transformers' eager {family.name} experts cannot skip an expert; use the grouped_mm "
+                          "experts implementation (moekit's default) to run a routing policy.")
+    if layer.router.spec.weight_on_input:
+        raise MoekitError(f"{layer.family} scales its experts' input by the routing weight; a routing policy "
+                          "cannot drop experts there.")
 
 
 def routing_policy(model: nn.Module) -> _Policy | None:

@@ -1,0 +1,119 @@
+"""The ``routing_policy`` step: route with fewer experts per token, decided per token.
+
+The policy (`moekit.methods.dynamic.policy`) is either given with its parameter, or
+calibrated: streaming layer by layer, each layer's free parameter is set by bisection on
+the routing weights of its calibration inputs, which already went through the policies of
+the layers before it, so the target holds for the model as it will run. Nothing in the
+weights changes; the policy is recorded in the output's config and `moekit.load` installs
+it (plain transformers ignores it and routes as before).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+from torch import nn
+
+from moekit.errors import MoekitError
+from moekit.recipe.step import ModelInfo, Step, register_step
+
+_FREE = {"skip": "beta", "threshold": "p", "kmin_threshold": "t"}
+
+
+@register_step
+class RoutingPolicyStep(Step):
+    """``policy: skip | threshold | kmin_threshold`` with its parameter (``beta``, ``p`` or
+    ``t``), or with a target instead: ``target_experts`` (mean experts per token) or
+    ``target_fraction`` (of each layer's top-k), met in every layer."""
+
+    name = "routing_policy"
+    type: Literal["routing_policy"] = "routing_policy"
+    policy: Literal["skip", "threshold", "kmin_threshold"]
+    beta: float | None = Field(default=None, ge=0, le=1)
+    p: float | None = Field(default=None, gt=0, le=1)
+    t: float | None = Field(default=None, ge=0, le=1)
+    min_k: int = Field(default=1, ge=1, description="threshold: fewest experts kept")
+    max_k: int | None = Field(default=None, ge=1, description="threshold: most experts kept")
+    kmin: int = Field(default=1, ge=1, description="kmin_threshold: experts always kept")
+    target_experts: float | None = Field(default=None, ge=1)
+    target_fraction: float | None = Field(default=None, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _one_setting(self) -> RoutingPolicyStep:
+        free = _FREE[self.policy]
+        others = [name for name in _FREE.values() if name != free and getattr(self, name) is not None]
+        if others:
+            raise ValueError(f"{others[0]} is not a parameter of the {self.policy} policy (it takes {free})")
+        given = [name for name in (free, "target_experts", "target_fraction") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of {free} (the {self.policy} parameter), target_experts or "
+                             f"target_fraction")
+        return self
+
+    @property
+    def reads_inputs(self) -> bool:
+        return self.calibrated
+
+    @property
+    def calibrated(self) -> bool:
+        return getattr(self, _FREE[self.policy]) is None
+
+    @property
+    def changes_structure(self) -> bool:
+        return False
+
+    def base_policy(self, value: float = 1.0):
+        from moekit.methods.dynamic.policy import policy_from_dict
+
+        extras = {"threshold": {"min_k": self.min_k, "max_k": self.max_k}, "kmin_threshold": {"kmin": self.kmin}}
+        return policy_from_dict({"kind": self.policy, _FREE[self.policy]: value, **extras.get(self.policy, {})})
+
+    def target_for(self, top_k: int) -> float | None:
+        if self.target_experts is not None:
+            return self.target_experts
+        return None if self.target_fraction is None else self.target_fraction * top_k
+
+    def check(self, info: ModelInfo) -> None:
+        from moekit.methods.dynamic.calibrate import check_target
+
+        if info.routing.weight_on_input:
+            raise MoekitError(f"routing_policy: {info.family} scales its experts' input by the routing weight; a "
+                              "routing policy cannot drop experts there.")
+        target = self.target_for(info.top_k)
+        if target is not None:
+            check_target(self.base_policy(), target, info.top_k)
+
+    def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None, inputs=None) -> dict:
+        from moekit.runtime.routing_policy import set_layer_policy
+
+        if layer is None:  # a dense decoder layer: nothing routes
+            return {}
+        free = _FREE[self.policy]
+        if not self.calibrated:
+            set_layer_policy(model, layer, self.base_policy(getattr(self, free)))
+            return {free: getattr(self, free)}
+        if inputs is None:
+            raise MoekitError("routing_policy with a target reads each layer's calibration inputs: run it through "
+                              "moekit.compress, or give the parameter itself.")
+        from moekit.calib.runner import watching
+        from moekit.methods.dynamic.calibrate import calibrate_value
+
+        weights: list[torch.Tensor] = []
+
+        def see(hidden: torch.Tensor) -> None:
+            with torch.no_grad():
+                flat = hidden.reshape(-1, hidden.shape[-1])
+                weights.append(layer.router.route(layer.router.logits(flat))[1].float())
+
+        inputs.run(watching(layer.block, see))
+        value, achieved = calibrate_value(self.base_policy(), weights, self.target_for(layer.top_k))
+        set_layer_policy(model, layer, self.base_policy(value))
+        return {free: round(value, 6), "experts_per_token": round(achieved, 4)}
+
+    def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
+        if self.calibrated:
+            raise MoekitError("routing_policy with a target reads each layer's calibration inputs: run it through "
+                              "moekit.compress, or give the parameter itself.")
+        return super().apply(model, stats, progress=progress)

@@ -1,0 +1,81 @@
+"""The routing_policy step inside `moekit.compress`: a calibrated target is met on the
+calibration tokens by the model `moekit.load` restores (policy on), layer by layer; a given
+parameter is recorded as is; a streamed evaluation routes as the loaded model does; bad
+settings are refused before any weight is read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import moekit
+from moekit.data.tokens import calibration_tokens, tokenizer_for
+from moekit.errors import MoekitError
+from moekit.methods.dynamic.policy import SkipPolicy
+from moekit.runtime.routing_policy import counting_expert_calls, routing_policy
+from tests.checkpoints import write_checkpoints
+
+FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral"]
+CALIB = dict(n_samples=8, seq_len=32)
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    return write_checkpoints(tmp_path_factory.mktemp("routing_policy"), FAMILIES, documents=4)
+
+
+def _compress(sources, family, out, step):
+    return moekit.compress(str(sources / family), {"steps": [step]}, out_dir=out, data=str(sources / "data"),
+                           progress=False, **CALIB)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("policy", ["skip", "threshold", "kmin_threshold"])
+def test_a_calibrated_target_holds_for_the_model_moekit_load_restores(sources, tmp_path, family, policy):
+    report = _compress(sources, family, tmp_path / "out", {"type": "routing_policy", "policy": policy,
+                                                           "target_experts": 1.5})
+    model = moekit.load(str(tmp_path / "out"))
+    assert routing_policy(model).kind == policy
+    rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / family)), **CALIB).input_ids
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows)
+    for layer, count in calls.per_layer().items():
+        assert abs(count - 1.5) <= 0.02 * 1.5, f"layer {layer}: {count}"
+    step_report = report["steps"][0]
+    assert set(step_report["experts_per_token"]) == {str(i) for i in calls.per_layer()}
+
+
+def test_a_given_parameter_is_recorded_and_the_weights_do_not_change(sources, tmp_path):
+    _compress(sources, "qwen3_moe", tmp_path / "out", {"type": "routing_policy", "policy": "skip", "beta": 0.4})
+    model, original = moekit.load(str(tmp_path / "out")), moekit.load(str(sources / "qwen3_moe"))
+    layers = [layer.index for layer in moekit.moe_layers(model)]
+    assert routing_policy(model) == SkipPolicy(beta=dict.fromkeys(layers, 0.4))
+    for (name, a), (_, b) in zip(model.state_dict().items(), original.state_dict().items(), strict=True):
+        assert torch.equal(a, b), name
+
+
+def test_a_streamed_evaluation_routes_as_the_loaded_model(sources, tmp_path):
+    from moekit.io.layered import LayeredModel
+
+    _compress(sources, "deepseek_v3", tmp_path / "out", {"type": "routing_policy", "policy": "threshold",
+                                                         "target_experts": 1.5})
+    rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / "deepseek_v3")), **CALIB).input_ids
+    in_memory = moekit.evaluate(moekit.load(str(tmp_path / "out")), rows, routing=False)
+    streamed = moekit.evaluate(LayeredModel.from_checkpoint(tmp_path / "out"), rows, routing=False)
+    assert streamed.perplexity == pytest.approx(in_memory.perplexity, rel=1e-5)
+    plain = moekit.evaluate(moekit.load(str(sources / "deepseek_v3")), rows, routing=False)
+    assert plain.perplexity != pytest.approx(in_memory.perplexity, rel=1e-5)
+
+
+@pytest.mark.parametrize(("step", "message"), [
+    ({"type": "routing_policy", "policy": "skip"}, "give exactly one of beta"),
+    ({"type": "routing_policy", "policy": "skip", "beta": 0.3, "target_experts": 1.5}, "give exactly one of beta"),
+    ({"type": "routing_policy", "policy": "skip", "p": 0.3}, "p is not a parameter of the skip policy"),
+    ({"type": "routing_policy", "policy": "skip", "beta": 1.5}, "beta"),
+    ({"type": "routing_policy", "policy": "threshold", "target_experts": 3.0}, "choose a target in that range"),
+    ({"type": "routing_policy", "policy": "threshold", "target_fraction": 0.0}, "target_fraction"),
+])
+def test_bad_settings_are_refused_before_weights_load(sources, tmp_path, step, message):
+    with pytest.raises(MoekitError, match=message):
+        _compress(sources, "qwen3_moe", tmp_path / "out", step)
+    assert not (tmp_path / "out").exists()
