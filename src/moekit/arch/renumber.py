@@ -29,12 +29,13 @@ def skeleton(config) -> nn.Module:
     """The family's model built from ``config`` on the meta device (shapes only)."""
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
 
     config = copy.deepcopy(config)
     for key in (*_MOEKIT_PER_LAYER, _DROPPED_MLP):  # the plain family structure
         if hasattr(config, key):
             delattr(config, key)
-    with init_empty_weights(include_buffers=False):
+    with init_empty_weights(include_buffers=False), no_init_weights():
         return AutoModelForCausalLM.from_config(config)
 
 
@@ -46,13 +47,7 @@ def layer_signatures(config) -> list[tuple]:
 
 @lru_cache(maxsize=16)
 def _signatures(config_json: str) -> tuple:
-    import json
-
-    from transformers import AutoConfig
-
-    data = json.loads(config_json)
-    config = AutoConfig.for_model(data.pop("model_type"), **data)
-    model = skeleton(config)
+    model = skeleton(_config(config_json))
     from moekit.io.layered import _stack_of
 
     _, path = _stack_of(model)
@@ -67,12 +62,26 @@ def _signatures(config_json: str) -> tuple:
 
 def moe_layer_indices(config) -> list[int]:
     """Decoder layers that the config makes MoE layers (moekit's dropped sublayers aside)."""
+    return list(_moe_layers(config.to_json_string()))
+
+
+@lru_cache(maxsize=16)
+def _moe_layers(config_json: str) -> tuple[int, ...]:
     from moekit.arch.adapters import find_family
 
-    model = skeleton(config)
+    model = skeleton(_config(config_json))
     family = find_family(model)
-    return [i for i, layer in enumerate(family.decoder_layers(model))
-            if family.is_moe_block(getattr(layer, family.block, None))]
+    return tuple(i for i, layer in enumerate(family.decoder_layers(model))
+                 if family.is_moe_block(getattr(layer, family.block, None)))
+
+
+def _config(config_json: str):
+    import json
+
+    from transformers import AutoConfig
+
+    data = json.loads(config_json)
+    return AutoConfig.for_model(data.pop("model_type"), **data)
 
 
 def renumbered_config(config, kept: list[int]):
