@@ -60,11 +60,19 @@ def test_a_streamed_evaluation_routes_as_the_loaded_model(sources, tmp_path):
     _compress(sources, "deepseek_v3", tmp_path / "out", {"type": "routing_policy", "policy": "threshold",
                                                          "target_experts": 1.5})
     rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / "deepseek_v3")), **CALIB).input_ids
-    in_memory = moekit.evaluate(moekit.load(str(tmp_path / "out")), rows, routing=False)
-    streamed = moekit.evaluate(LayeredModel.from_checkpoint(tmp_path / "out"), rows, routing=False)
+    options = dict(progress=False, context_length=32, stride=31)
+    model = moekit.load(str(tmp_path / "out"))
+    in_memory = moekit.evaluate(model, rows, **options)
+    streamed = moekit.evaluate(LayeredModel.from_checkpoint(tmp_path / "out"), rows, **options)
     assert streamed.perplexity == pytest.approx(in_memory.perplexity, rel=1e-5)
-    plain = moekit.evaluate(moekit.load(str(sources / "deepseek_v3")), rows, routing=False)
+    plain = moekit.evaluate(moekit.load(str(sources / "deepseek_v3")), rows, **options)
     assert plain.perplexity != pytest.approx(in_memory.perplexity, rel=1e-5)
+    # experts per token: what the experts computed on the scored tokens (all but each row's last)
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows[:, :-1])
+    assert plain.experts_per_token == moekit.moe_layers(model)[0].top_k
+    assert streamed.experts_per_token == pytest.approx(calls.overall(), abs=1e-9)
+    assert {l.index: l.experts_per_token for l in streamed.layers} == pytest.approx(calls.per_layer(), abs=1e-9)
 
 
 @pytest.mark.parametrize(("step", "message"), [

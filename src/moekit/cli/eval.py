@@ -107,6 +107,10 @@ def eval_command(
             table.add_column(name, justify="right")
         table.add_row("perplexity", *[f"{r.perplexity:.3f}" for r in results.values()])
         table.add_row("next-token accuracy", *[f"{r.accuracy:.2%}" for r in results.values()])
+        if any(r.experts_per_token is not None for r in results.values()):
+            table.add_row("experts per token (mean over layers)", *["-" if r.experts_per_token is None
+                                                                     else f"{r.experts_per_token:.3f}"
+                                                                     for r in results.values()])
         for label, cells in _task_rows([task_results[name].tasks for name in task_results]):
             table.add_row(label, *cells)
         if speeds:
@@ -125,6 +129,8 @@ def eval_command(
                           *["" if c is None else f"{c.entropy_normalized:.3f}" for c in cells], style="dim")
             table.add_row(f"layer {index} load max/mean",
                           *["" if c is None else f"{c.load_imbalance:.2f}" for c in cells], style="dim")
+            table.add_row(f"layer {index} experts per token",
+                          *["" if c is None else f"{c.experts_per_token:.3f}" for c in cells], style="dim")
         console.print(table)
         if harness is not None:
             samples = next(iter(task_results.values())).samples

@@ -26,7 +26,9 @@ class LayerRouting:
 
     ``entropy``: mean over tokens of the entropy (nats) of the router distribution;
     ``entropy_normalized``: the same divided by log E (1 = uniform);
-    ``load_imbalance``: max over experts of top-k selections / their mean (1 = balanced).
+    ``load_imbalance``: max over experts of top-k selections / their mean (1 = balanced);
+    ``experts_per_token``: experts computed per token, after any routing policy (top-k
+    without one).
     """
 
     index: int
@@ -34,6 +36,7 @@ class LayerRouting:
     entropy_normalized: float
     load_imbalance: float
     load: list[int] = field(default_factory=list)
+    experts_per_token: float = 0.0
 
 
 @dataclass
@@ -45,6 +48,7 @@ class EvalResult:
     context_length: int
     stride: int
     layers: list[LayerRouting]
+    experts_per_token: float | None = None  # mean over MoE layers; None without routing statistics
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -94,6 +98,8 @@ class _RoutingRecorder:
         self.layers: list = []
         self.entropy: dict[int, float] = {}
         self.load: dict[int, torch.Tensor] = {}
+        self.kept: dict[int, int] = {}
+        self.policy = None  # the model's routing policy, set by `evaluate`
 
     @contextlib.contextmanager
     def attached(self, layer) -> Iterator[None]:
@@ -103,6 +109,7 @@ class _RoutingRecorder:
         self.layers.append(layer)
         self.entropy[layer.index] = 0.0
         self.load[layer.index] = torch.zeros(layer.num_experts, dtype=torch.long)
+        self.kept[layer.index] = 0
         batch = iter(range(len(self.masks)))
 
         def see(x):
@@ -112,8 +119,12 @@ class _RoutingRecorder:
             probs = layer.router.probabilities(logits)
             probs = probs / probs.sum(-1, keepdim=True)  # sigmoid scores -> a distribution
             self.entropy[layer.index] += float(-(probs * probs.clamp(min=1e-30).log()).sum())
-            index, _ = layer.router.route(logits)
+            index, weights = layer.router.route(logits)
+            if self.policy is not None:  # what the experts really compute: the kept slots
+                keep = self.policy.keep(weights, layer.index)
+                index = index[keep]
             self.load[layer.index] += torch.bincount(index.flatten().cpu(), minlength=layer.num_experts)
+            self.kept[layer.index] += index.numel()
 
         with watching(layer.block, see):
             yield
@@ -131,6 +142,7 @@ class _RoutingRecorder:
                     entropy_normalized=entropy / math.log(layer.num_experts),
                     load_imbalance=load.max().item() / mean_load if mean_load > 0 else 0.0,
                     load=load.tolist(),
+                    experts_per_token=self.kept[layer.index] / max(self.tokens, 1),
                 )
             )
         return out
@@ -229,6 +241,10 @@ def evaluate(
     ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size)
     streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations)
     recorder = _RoutingRecorder(scored) if routing and lent.family is not None else None  # dense: no routing
+    if recorder is not None:
+        from moekit.runtime.routing_policy import routing_policy
+
+        recorder.policy = routing_policy(lent.model)
     n_layers, n_batches = len(lent), len(ids)
     nll, correct, count = 0.0, 0, 0
     with progress_bar("evaluating", total=(n_layers + 1) * n_batches, unit="batch", enabled=progress) as advance:
@@ -255,5 +271,6 @@ def evaluate(
         tokens=count,
         context_length=context_length,
         stride=stride,
-        layers=recorder.summary() if recorder else [],
+        layers=(layers := recorder.summary() if recorder else []),
+        experts_per_token=sum(l.experts_per_token for l in layers) / len(layers) if layers else None,
     )
