@@ -74,36 +74,44 @@ def forward_measuring(streamer, index: int, layer: nn.Module, hidden, *, family,
                       observe: AbstractContextManager | None = None, on_batch=None) -> dict[str, torch.Tensor]:
     """`LayerStreamer.forward` of ``layer`` over ``hidden`` (advancing it), measuring the
     ``*_change`` statistics of ``wanted`` on the way (``moe``: the layer has an MoE
-    sublayer). ``observe`` is open during the layer's own forward only."""
-    from moekit.calib.runner import _to
-
+    sublayer). ``observe`` (e.g. the MoE observers' hook on the block) stays open; the
+    extra run without the sublayer sets the block it watches aside, so it sees each batch
+    once."""
     sums = {"block_change": torch.zeros((), dtype=torch.float64), "mlp_change": torch.zeros((), dtype=torch.float64)}
     tokens = 0
-    for b in range(len(hidden)):
-        call = streamer.calls[b][index]
-        x = hidden[b].to(streamer.device)
-        args, kwargs = _to(call.args, streamer.device), _to(call.kwargs, streamer.device)
-        without = None
-        if moe and "mlp_change" in wanted:
-            with sublayer_dropped(layer, family):
-                without = layer(x, *args, **kwargs)
-            without = without[0] if isinstance(without, tuple) else without
-        with observe if observe is not None else nullcontext():
-            out = layer(x, *args, **kwargs)
-        y = out[0] if isinstance(out, tuple) else out
-        sums["block_change"] += _change(x, y)
-        if without is not None:
-            sums["mlp_change"] += _change(without, y)
-        tokens += x.shape[0] * x.shape[1] if x.dim() == 3 else x.shape[0]
-        hidden[b] = y
-        if on_batch is not None:
-            on_batch(b)
+    with observe if observe is not None else nullcontext():  # (the block it watches is set aside while dropped)
+        for b in range(len(hidden)):
+            tokens += _measure_batch(streamer, index, layer, hidden, b, family, moe, wanted, sums)
+            if on_batch is not None:
+                on_batch(b)
     result = {}
     if "block_change" in wanted:
         result["block_change"] = (sums["block_change"] / max(tokens, 1)).reshape(1).float()
     if moe and "mlp_change" in wanted:
         result["mlp_change"] = (sums["mlp_change"] / max(tokens, 1)).reshape(1).float()
     return result
+
+
+def _measure_batch(streamer, index: int, layer: nn.Module, hidden, b: int, family, moe: bool, wanted,
+                   sums: dict[str, torch.Tensor]) -> int:
+    """One batch of `forward_measuring`; returns its token count."""
+    from moekit.calib.runner import _to
+
+    call = streamer.calls[b][index]
+    x = hidden[b].to(streamer.device)
+    args, kwargs = _to(call.args, streamer.device), _to(call.kwargs, streamer.device)
+    without = None
+    if moe and "mlp_change" in wanted:
+        with sublayer_dropped(layer, family):
+            without = layer(x, *args, **kwargs)
+        without = without[0] if isinstance(without, tuple) else without
+    out = layer(x, *args, **kwargs)
+    y = out[0] if isinstance(out, tuple) else out
+    sums["block_change"] += _change(x, y)
+    if without is not None:
+        sums["mlp_change"] += _change(without, y)
+    hidden[b] = y
+    return x.shape[:-1].numel()
 
 
 @torch.no_grad()
