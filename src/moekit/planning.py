@@ -58,16 +58,23 @@ def plan(
     before = summary(skeleton, source)
     exact = True
     quantized = []
+    notes_extra: list[str] = []
     for step in recipe.steps:
         keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.kept_per_layer(layer.num_experts),
                                                          layer.router.spec.n_group)
                                 for layer in moe_layers(skeleton)})
         exact = exact and step.counts_known_in_advance
+        if hasattr(step, "shape_skeleton"):  # top-k, dropped sublayers or blocks, when known from the recipe
+            decided = step.shape_skeleton(skeleton)
+            if not decided:
+                notes_extra.append(f"{step.type}: calibration data decides which layers it changes; the sizes "
+                                   "after it are shown as before it.")
         if hasattr(step, "planned"):
             quantized.append(step.planned(skeleton, stored))
     notes = [] if exact else [
         "budget: global lets calibration decide how many experts each layer keeps; parameters and bytes are "
         "exact, per-layer counts and active parameters per token are shown for an even split."]
+    notes += notes_extra
     after = summary(skeleton, stored)
     if quantized:  # packed integers and scales replace the weights they quantize
         after["bytes"] += sum(q["bytes_after"] - q["bytes_before"] for q in quantized)
@@ -85,6 +92,9 @@ def _skeleton(config: Any) -> nn.Module:
     per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
     if per_layer:
         keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
+    from moekit.arch.edit import restore_moekit_layout
+
+    restore_moekit_layout(model)
     return model
 
 

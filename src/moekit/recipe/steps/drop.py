@@ -71,6 +71,16 @@ class _Drop(Step):
             return sorted(self.layers)
         return sorted(int(i) for i, entry in (plan or {}).items() if entry["drop"])
 
+    def shape_skeleton(self, skeleton: nn.Module) -> bool:
+        """For `moekit.plan`: drop what the recipe names (False: calibration chooses)."""
+        if self.layers is None:
+            return False
+        self._drop(skeleton, sorted(self.layers))
+        return True
+
+    def _drop(self, model: nn.Module, indices: list[int]) -> None:
+        raise NotImplementedError
+
     def report_plan(self, plan) -> dict:
         out: dict = {"dropped": self.dropped(plan)}
         if plan:
@@ -124,6 +134,11 @@ class DropBlocks(_Drop):
         except MoekitError:
             return False
         return True
+
+    def _drop(self, model: nn.Module, indices: list[int]) -> None:
+        from moekit.arch.edit import drop_blocks
+
+        drop_blocks(model, indices)
 
     def blocks_dropped(self, plan) -> set[int]:
         return set(self.dropped(plan))
@@ -179,6 +194,11 @@ class DropLayers(_Drop):
 
     def writes_native(self, model: nn.Module, plan) -> bool:
         return bool(self.dropped(plan))
+
+    def _drop(self, model: nn.Module, indices: list[int]) -> None:
+        from moekit.arch.edit import drop_mlp
+
+        drop_mlp(model, indices)
 
     def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None) -> dict:
         from moekit.arch.edit import drop_mlp

@@ -115,6 +115,15 @@ class TopK(Step):
             return self.per_layer.get(layer.index, layer.top_k)
         return int(plan[layer.index])
 
+    def shape_skeleton(self, skeleton: nn.Module) -> bool:
+        """For `moekit.plan`: set the k the recipe names (False: calibration decides it)."""
+        from moekit.arch.discover import moe_layers
+
+        if self.target is not None:
+            return False
+        set_top_k(skeleton, {layer.index: self._k(layer, None) for layer in moe_layers(skeleton)})
+        return True
+
     def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None) -> dict:
         before, k = layer.top_k, self._k(layer, plan)
         if k > before:
