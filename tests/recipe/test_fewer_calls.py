@@ -137,6 +137,16 @@ def test_per_layer_topk_and_dropped_sublayers_restored_by_moekit_load(tmp_path):
         loaded = moekit.load(out)
         assert [layer.index for layer in moekit.moe_layers(loaded)] == moe[:-1]
         torch.testing.assert_close(_logits(loaded), _logits(edited), rtol=0, atol=1e-6, msg=family)
+    # an output in moekit's format, compressed again, stays in it with its edits
+    again = tmp_path / "again"
+    report = moekit.compress(str(tmp_path / "qwen3_moe"), {"steps": [{"type": "prune", "method": "frequency",
+                                                                       "keep": 6}]}, out_dir=again, **SMALL)
+    assert report["format"] == "moekit-nonuniform"
+    edited = tiny_model("qwen3_moe")
+    moekit.keep_experts(edited, {int(i): ids for i, ids in report["steps"][0]["kept"].items()})
+    set_top_k(edited, {0: 1})
+    drop_mlp(edited, [2])
+    torch.testing.assert_close(_logits(moekit.load(again)), _logits(edited), rtol=0, atol=1e-6)
 
 
 def test_calibrated_topk_meets_its_target_and_reloads(tmp_path):

@@ -391,6 +391,10 @@ def needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any])
     known before the pass from the steps' counts and the plans."""
     from moekit.arch.discover import moe_layers
 
+    from moekit.arch.edit import DROPPED_MLP_KEY, TOP_K_KEY
+
+    if any(getattr(model.config, key, None) for key in (TOP_K_KEY, DROPPED_MLP_KEY)):  # an input in moekit's format
+        return True
     if any(step.writes_native(model, plans.get(position)) for position, step in enumerate(recipe.steps)):
         return True
     counts = []
