@@ -98,8 +98,9 @@ def findings(runs: list[dict], analyses: list, comparison: dict) -> str:
     row("MI with the previous layer / min entropy", [f"{x['mutual_information_normalized']:.3f}" for x in s])
     row("largest position-bucket divergence (TV)", [f"{x['position_max_divergence']:.3f}" for x in s])
     for corpus in analyses[0].summary.get("specific_experts", {}):
-        row(f"experts specific to {corpus} (z > 1.96, top 5 per layer)",
-            [str(x["specific_experts"][corpus]) for x in s])
+        row(f"experts (layer × expert) specific to {corpus}: z > 1.96",
+            [f"{x['specific_experts'][corpus]} of {sum(layer['num_experts'] for layer in a.layers)}"
+             for x, a in zip(s, analyses)])
     row("time: tokenize / analyze / report (s)",
         [f"{r['seconds']['tokenize']} / {r['seconds']['analyze']} / {r['seconds']['report']}" for r in runs])
     row("peak resident memory (VmHWM, MiB)", [f"{r['peak_rss_mib']}" for r in runs])
@@ -115,6 +116,9 @@ def findings(runs: list[dict], analyses: list, comparison: dict) -> str:
                          + "; prefetch recall@k "
                          + ", ".join(f"L{layer['layer']} {_pct(layer['from_previous']['prefetch_recall'])}"
                                      for layer in a.layers if "from_previous" in layer))
+        pairs = a.layers[-1]["coactivation"]["top_pairs"][:3]
+        per_layer.append("  - last layer, most coupled pairs: " + ", ".join(
+            f"{p['experts'][0]} & {p['experts'][1]} (lift {p['lift']:.1f}, {p['together']} tokens)" for p in pairs))
         for corpus, experts in a.layers[-1]["domains"].get("specific", {}).items():
             per_layer.append(f"  - last layer, most {corpus}-specific experts: "
                              + (", ".join(f"{e['expert']} (z {e['z']:.1f}, {e['share']:.1%} of the corpus's selections)"
