@@ -53,6 +53,7 @@ def test_every_statistic_equals_brute_force(case):
         with torch.no_grad():
             _, logits, index, weights = layer.forward(inputs[layer.index])
         sel = [set(index[t].tolist()) for t in range(T)]
+        first_of = [int(index[t, 0]) for t in range(T)]  # the first-ranked expert
         count = [sum(j in s for s in sel) for j in range(E)]
         assert got["load"]["count"] == count
         gate = [sum(float(weights[t, i]) for t in range(T) for i in range(k) if index[t, i] == j) for j in range(E)]
@@ -85,7 +86,7 @@ def test_every_statistic_equals_brute_force(case):
         if previous is None:
             assert "from_previous" not in got
         else:
-            prev_layer, prev_sel = previous
+            prev_layer, prev_sel, prev_first = previous
             nxt = got["from_previous"]
             assert nxt["previous_layer"] == prev_layer.index
             joint = [[sum(i in prev_sel[t] and j in sel[t] for t in range(T)) for j in range(E)] for i in range(E)]
@@ -98,7 +99,10 @@ def test_every_statistic_equals_brute_force(case):
             mi = sum(float(P[i, j] * math.log2(P[i, j] / (P[i].sum() * P[:, j].sum())))
                      for i in range(E) for j in range(E) if P[i, j] > 0)
             assert nxt["mutual_information_bits"] == pytest.approx(mi, rel=1e-9)
-        previous = (layer, sel)
+            first = [[sum(prev_first[t] == i and first_of[t] == j for t in range(T)) for j in range(E)]
+                     for i in range(E)]
+            assert nxt["joint_top1"] == first
+        previous = (layer, sel, first_of)
 
 
 def _hand_routed(seed: int = 0):
@@ -144,6 +148,7 @@ def test_hand_routed_model_gives_known_numbers():
         assert layer["domains"]["specific"]["four"][0]["expert"] in (4, 5)
         if "from_previous" in layer:
             assert layer["from_previous"]["prefetch_recall"] == 1.0  # the same router on the same input
+            assert layer["from_previous"]["mutual_information_top1_normalized"] == pytest.approx(1.0)
             joint = torch.tensor(layer["from_previous"]["joint"])
             assert joint.sum() == 2 * 8 * 64 * 2 * 2  # k·k pairs per token
     assert result.summary["token_lookup_agreement"] == 1.0 and result.summary["prefetch_recall"] == 1.0

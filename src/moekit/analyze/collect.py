@@ -94,6 +94,7 @@ class LayerCounts:
         self.position = torch.zeros(rows.position_buckets, E, **f64)
         self.domain = torch.zeros(len(rows.corpora), E, **f64)
         self.joint = None if previous is None else torch.zeros(previous.num_experts, E, **f64)
+        self.joint_top1 = None if previous is None else torch.zeros(previous.num_experts, E, **f64)
         self.hits, self.predicted = 0.0, 0
         self.selections = torch.zeros(rows.tokens, k, dtype=torch.int32)
         self.hidden: list[torch.Tensor] = []
@@ -147,6 +148,8 @@ class LayerCounts:
             before = self.previous.selections[start:start + T].long()
             prev_chosen = torch.zeros(T, self.previous.num_experts, dtype=torch.float64).scatter_(1, before, 1.0)
             self.joint += prev_chosen.T @ chosen
+            self.joint_top1.view(-1).index_add_(0, before[:, 0] * E + index[:, 0],
+                                                torch.ones(T, dtype=torch.float64))
             n = max(0, min(T, self.previous.hidden.shape[0] - start))
             if n:
                 h = self.previous.hidden[start:start + n].to(device=hidden.device)
@@ -177,11 +180,15 @@ class LayerCounts:
         }
         if self.previous is not None:
             mi = st.mutual_information(self.joint)
+            mi_top1 = st.mutual_information(self.joint_top1)
             out["from_previous"] = {
                 "previous_layer": self.previous.index,
                 "joint": self.joint.long().tolist(),  # the transition matrix: `statistics.transition_matrix`
                 "mutual_information_bits": mi["bits"],
                 "mutual_information_normalized": mi["normalized"],
+                "joint_top1": self.joint_top1.long().tolist(),
+                "mutual_information_top1_bits": mi_top1["bits"],
+                "mutual_information_top1_normalized": mi_top1["normalized"],
                 "prefetch_tokens": self.predicted,
                 "prefetch_recall": self.hits / (k * self.predicted) if self.predicted else None,
                 "static_recall": st.static_recall(self.count, k),

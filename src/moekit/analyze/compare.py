@@ -9,6 +9,7 @@ from moekit.errors import MoekitError
 
 HEADLINE = ("entropy_normalized", "imbalance", "dead_experts", "near_dead_experts", "token_lookup_agreement",
             "token_concentration", "prefetch_recall", "prefetch_static_recall", "mutual_information_normalized",
+            "mutual_information_top1_normalized",
             "position_max_divergence")
 
 

@@ -161,6 +161,8 @@ def predictability(layers: list[dict], title: str) -> bytes:
             label="always the k most loaded (baseline)")
     ax.plot(x, [layer["from_previous"]["mutual_information_normalized"] for layer in pairs], "^-",
             label="MI with previous layer / min entropy")
+    ax.plot(x, [layer["from_previous"]["mutual_information_top1_normalized"] for layer in pairs], "v:",
+            label="the same, first-ranked experts only")
     ax.set_ylim(0, 1.02)
     ax.set_xlabel("layer (predicted)")
     ax.legend(fontsize=8)

@@ -25,7 +25,8 @@ DEFINITIONS = [
     ("Cross-layer mutual information", "MI (bits) of the joint distribution of (a selection at the previous MoE "
                                        "layer, a selection at this one) over the pairs of each token's chosen "
                                        "experts, normalised by the smaller marginal entropy (0 independent, 1 "
-                                       "determined)."),
+                                       "determined); 'top-1' the same for each token's first-ranked experts "
+                                       "only."),
     ("One-step predictor recall@k", "this layer's router applied to the previous MoE layer's block input (what an "
                                     "offloading system computes to prefetch experts one layer ahead); recall@k = "
                                     "mean |predicted top-k ∩ real top-k| / k over the first prefetch_tokens tokens. "

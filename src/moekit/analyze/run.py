@@ -106,6 +106,7 @@ def summarize(layers: list[dict], corpora: list[str]) -> dict:
         "prefetch_recall": mean(n["prefetch_recall"] for n in nxt),
         "prefetch_static_recall": mean(n["static_recall"] for n in nxt),
         "mutual_information_normalized": mean(n["mutual_information_normalized"] for n in nxt),
+        "mutual_information_top1_normalized": mean(n["mutual_information_top1_normalized"] for n in nxt),
         "position_max_divergence": max((layer["position"]["max_divergence"] for layer in layers), default=None),
     }
     if len(corpora) > 1:

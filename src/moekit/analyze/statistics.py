@@ -86,7 +86,9 @@ def mutual_information(joint: torch.Tensor) -> dict:
     information ``I = Σ P(i,j) log2(P(i,j) / (P(i) P(j)))`` in bits is that of a selection
     drawn uniformly from S_l(t) and one from S_l'(t) of the same token (for k = 1, exactly
     the MI of the two layers' choices). ``normalized`` = I / min(H(P_l), H(P_l')): 0 =
-    the next layer's choice is independent of this one's, 1 = determined by it."""
+    the next layer's choice is independent of this one's, 1 = determined by it. The
+    analysis also applies it to the joint counts of each token's first-ranked experts
+    (``joint_top1``), which a uniform draw from the k chosen would dilute."""
     P = joint.double() / max(float(joint.sum()), 1e-300)
     row, col = P.sum(1, keepdim=True), P.sum(0, keepdim=True)
     nz = P > 0
