@@ -59,7 +59,9 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     info = model_info(config)
     for step in recipe.steps:
         step.check(info)
-        info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts))  # what the next sees
+        top_k = step.top_k_after(info.top_k)
+        info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts),  # what the next sees
+                                   top_k=top_k, routing=dataclasses.replace(info.routing, top_k=top_k))
     return recipe, config
 
 

@@ -187,3 +187,9 @@ def test_bad_parameters_refused_before_weights_load(tmp_path, recipe, message):
 def test_sparsemixer_topk_refused():
     with pytest.raises(MoekitError, match="sparsemixer"):
         checked_recipe("moekit/tiny-phimoe", {"steps": [{"type": "topk", "k": 1}]})
+
+
+def test_later_steps_are_checked_against_the_new_top_k():
+    checked_recipe("moekit/tiny-qwen3_moe", {"steps": [{"type": "topk", "k": 1}, {"type": "prune", "keep": 1}]})
+    with pytest.raises(MoekitError, match="already routes each token to 1 expert"):
+        checked_recipe("moekit/tiny-qwen3_moe", {"steps": [{"type": "topk", "k": 1}, {"type": "topk", "k": 1}]})

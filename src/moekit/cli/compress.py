@@ -95,8 +95,9 @@ def compress_command(
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         if report["format"] == "moekit-nonuniform":
-            console.print("[yellow]layers keep different expert counts: saved in moekit's non-uniform format; "
-                          "load it with moekit.load(folder), not plain transformers.[/]")
+            console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
+                          "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
+                          "moekit.load(folder), not plain transformers.[/]")
         elif report["format"] == "compressed-tensors-mixed":
             console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
                           "scheme, so load it with moekit.load(folder).[/]")

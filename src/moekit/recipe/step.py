@@ -94,6 +94,11 @@ class Step(BaseModel):
         only). The result reaches `apply_layer` as ``plan``."""
         return None
 
+    def top_k_after(self, top_k: int) -> int:
+        """The top-k every MoE layer has after this step, known before any calibration
+        (the largest, where layers differ): later steps are checked against it."""
+        return top_k
+
     def blocks_dropped(self, plan: Any) -> set[int]:
         """Decoder layers this step removes whole (`moekit.arch.edit.drop_blocks`): a
         streamed pass then lets later phases' streams skip them, does not write them and

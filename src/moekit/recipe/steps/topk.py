@@ -56,6 +56,9 @@ class TopK(Step):
         if info.routing.scoring == "sparsemixer":
             raise MoekitError(f"topk: this model's sparsemixer router always picks {K} experts in transformers' "
                               "code; its top-k cannot change. Drop the topk step.")
+        if K == 1:
+            raise MoekitError("topk: the model already routes each token to 1 expert; nothing to reduce. Drop the "
+                              "topk step.")
         fix = f"choose k from 1 to {K - 1}"
         if self.k is not None and not 1 <= self.k < K:
             raise MoekitError(f"topk: k={self.k} but the model routes to {K} experts per token; {fix}"
@@ -76,6 +79,9 @@ class TopK(Step):
     @property
     def counts_known_in_advance(self) -> bool:
         return True
+
+    def top_k_after(self, top_k: int) -> int:
+        return self.k if self.k is not None else top_k
 
     def plan_needs(self) -> set[str]:
         return {"topk_error" if self.criterion == "output" else "topk_mass"} if self.target is not None else set()
