@@ -190,8 +190,9 @@ def compress(
     lent = fresh()
     native = needs_native_format(lent.model, recipe, plans)
     if native and any(step.type == "quantize" for step in recipe.steps):
-        raise MoekitError("this recipe leaves layers with different expert counts (moekit's own format), which "
-                          "cannot also be quantized yet; use budget: uniform before quantize.")
+        raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k per "
+                          "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
+                          "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
     ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
     writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
     runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
