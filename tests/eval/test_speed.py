@@ -26,3 +26,9 @@ def test_measure_speed_on_every_family():
 def test_measure_speed_refuses_more_tokens_than_positions():
     with pytest.raises(MoekitError, match="exceed the model's 256 positions"):
         measure_speed(tiny_model("mixtral"), prefill=250, decode=10)
+
+
+def test_measure_speed_takes_a_real_prompt():
+    prompt = torch.randint(3, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    result = measure_speed(tiny_model("qwen3_moe"), prompt=prompt, decode=2, runs=1, warmup=0)
+    assert (result.prefill_tokens, result.batch_size, result.decode_tokens) == (9, 2, 2)

@@ -1,6 +1,7 @@
 """Wall-clock generation speed of a model in memory: prefill, then decode with a KV cache.
 
-`measure_speed(model)` feeds ``prefill`` random tokens in one forward (the prompt), then
+`measure_speed(model)` feeds ``prefill`` tokens in one forward (the prompt: random ids, or
+``prompt``), then
 generates ``decode`` tokens one forward at a time, greedily, each step reusing the cache
 the model's own forward returns (whatever the family keeps: attention keys and values,
 linear-attention states). Each run is timed separately (device synchronised), after
@@ -91,7 +92,7 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, decode: int, device: tor
 
 
 def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 128, runs: int = 5, warmup: int = 1,
-                  batch_size: int = 1, seed: int = 0) -> SpeedResult:
+                  batch_size: int = 1, seed: int = 0, prompt: torch.Tensor | None = None) -> SpeedResult:
     """Prefill and decode tokens/s of ``model`` (any causal LM in memory, on its device).
 
     Args:
@@ -102,11 +103,17 @@ def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 128, ru
         warmup: untimed generations first (allocations, kernel choice).
         batch_size: prompts generated at once.
         seed: of the random prompt tokens.
+        prompt: [B, S] token ids to use as the prompt instead of random ones (then
+            ``prefill`` = S and ``batch_size`` = B): routing, and so the work of a dynamic
+            routing policy, depends on the text, so time policies on real text.
 
     Raises:
         MoekitError: a prompt plus generation longer than the model's positions, or
             non-positive counts.
     """
+    if prompt is not None:
+        prompt = prompt.view(1, -1) if prompt.dim() == 1 else prompt
+        batch_size, prefill = prompt.shape
     if prefill < 1 or decode < 1 or runs < 1 or warmup < 0 or batch_size < 1:
         raise MoekitError("measure_speed: prefill, decode, runs and batch_size must be at least 1 (warmup ≥ 0).")
     config = model.config
@@ -117,8 +124,9 @@ def measure_speed(model: nn.Module, *, prefill: int = 512, decode: int = 128, ru
     parameter = next(model.parameters())
     device = parameter.device
     vocab = int(getattr(config, "vocab_size"))
-    ids = torch.randint(min(3, vocab - 1), vocab, (batch_size, prefill),
-                        generator=torch.Generator().manual_seed(seed)).to(device)
+    ids = prompt if prompt is not None else torch.randint(min(3, vocab - 1), vocab, (batch_size, prefill),
+                                                          generator=torch.Generator().manual_seed(seed))
+    ids = ids.to(device)
     was_training = model.training
     model.eval()
     try:
