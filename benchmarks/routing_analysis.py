@@ -96,6 +96,7 @@ def findings(runs: list[dict], analyses: list, comparison: dict) -> str:
     row("one-step prefetch recall@k (next layer's router)", [_pct(x["prefetch_recall"]) for x in s])
     row("  baseline: the k most loaded experts", [_pct(x["prefetch_static_recall"]) for x in s])
     row("MI with the previous layer / min entropy", [f"{x['mutual_information_normalized']:.3f}" for x in s])
+    row("  the same, first-ranked experts only", [f"{x['mutual_information_top1_normalized']:.3f}" for x in s])
     row("largest position-bucket divergence (TV)", [f"{x['position_max_divergence']:.3f}" for x in s])
     for corpus in analyses[0].summary.get("specific_experts", {}):
         row(f"experts (layer × expert) specific to {corpus}: z > 1.96",

@@ -11,7 +11,7 @@ from moekit.cli import app
 from tests.training_inputs import write_corpus, write_spec
 
 runner = CliRunner()
-COMPUTING = ("calibrate", "compress", "eval", "train")
+COMPUTING = ("analyze", "calibrate", "compress", "eval", "train")
 
 
 @pytest.mark.parametrize("command", COMPUTING)
