@@ -40,6 +40,7 @@ def test_html_is_self_contained_and_holds_every_figure(folder):
     assert sorted(base64.b64decode(e) for e in embedded) == sorted((out / "figures" / p).read_bytes() for p in pngs)
     assert not re.search(r"https?:", page) and "<script" not in page and "<link" not in page
     assert len(re.findall(r"\ssrc=", page)) == len(pngs)  # nothing else is fetched
+    assert page.count("<tr class='changed'>") == 3  # the comparison highlights its three largest changes
     for term in ("Co-activation lift", "Token-id lookup agreement", "Monroe", "recall@k", "Attribution"):
         assert term in page  # every statistic is defined in the report
 

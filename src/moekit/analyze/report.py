@@ -49,6 +49,23 @@ DEFINITIONS = [
 ]
 
 
+LABELS = {
+    "moe_layers": "MoE layers",
+    "entropy_normalized": "router entropy / log E",
+    "imbalance": "load max / mean",
+    "dead_experts": "dead experts (all layers)",
+    "near_dead_experts": "near-dead experts (all layers)",
+    "token_lookup_agreement": "token-id lookup agreement (held out)",
+    "token_static_agreement": "… baseline: the k most loaded experts",
+    "token_concentration": "concentration of frequent tokens on their top-k",
+    "prefetch_recall": "one-step predictor recall@k",
+    "prefetch_static_recall": "… baseline: the k most loaded experts",
+    "mutual_information_normalized": "MI with the previous layer / min entropy",
+    "mutual_information_top1_normalized": "… first-ranked experts only",
+    "position_max_divergence": "largest position-bucket divergence (max over layers)",
+}
+
+
 def _fmt(value) -> str:
     if value is None:
         return "–"
@@ -71,8 +88,10 @@ def _img(name: str, png: bytes) -> str:
 def _model_section(analysis: dict, pngs: dict[str, bytes], prefix: str) -> str:
     s = analysis["summary"]
     parts = [f"<h2>{html.escape(analysis['model'])}</h2>"]
-    parts.append(_table(["statistic (mean over MoE layers)", "value"], [[k, v] for k, v in s.items()
-                                                                       if not isinstance(v, dict)]))
+    parts.append(_table(["statistic (mean over MoE layers)", "value"],
+                        [[LABELS.get(k, k), v] for k, v in s.items() if not isinstance(v, dict)]
+                        + [[f"experts specific to {c} (z > 1.96, all layers)", n]
+                           for c, n in s.get("specific_experts", {}).items()]))
     for name, png in pngs.items():
         parts.append(_img(f"{prefix}{name}", png))
     layers = analysis["layers"]
@@ -107,7 +126,7 @@ def _model_section(analysis: dict, pngs: dict[str, bytes], prefix: str) -> str:
 
 STYLE = ("body{font-family:sans-serif;max-width:1300px;margin:1em auto;padding:0 1em;color:#222}"
          "table{border-collapse:collapse;margin:.5em 0;font-size:13px}td,th{border:1px solid #ccc;padding:2px 6px}"
-         "img{max-width:100%}figure{margin:1em 0}figcaption{color:#777;font-size:12px}dt{font-weight:bold}")
+         "tr.changed{background:#fff3c4}img{max-width:100%}figure{margin:1em 0}figcaption{color:#777;font-size:12px}dt{font-weight:bold}")
 
 
 def render(analyses: list[dict], pngs: list[dict[str, bytes]], comparison: dict | None,
@@ -122,8 +141,16 @@ def render(analyses: list[dict], pngs: list[dict[str, bytes]], comparison: dict 
         parts.append("<h2>Comparison</h2><p>Same tokens for both models; differences are "
                      f"{html.escape(comparison['b'])} − {html.escape(comparison['a'])}. Largest relative changes: "
                      f"<b>{html.escape(', '.join(comparison['largest_changes']))}</b>.</p>")
-        parts.append(_table(["statistic", comparison["a"], comparison["b"], "difference"],
-                            [[k, v["a"], v["b"], v["difference"]] for k, v in comparison["summary"].items()]))
+        rows = []
+        for key, v in comparison["summary"].items():
+            cells = [_fmt(c) for c in (LABELS.get(key, key), v["a"], v["b"], v["difference"])]
+            if key in comparison["largest_changes"]:  # highlighted: the largest relative changes
+                cells = [f"<b>{c}</b>" for c in cells]
+            rows.append("<tr class='changed'>" if key in comparison["largest_changes"] else "<tr>")
+            rows[-1] += "".join(f"<td>{c}</td>" for c in cells) + "</tr>"
+        head = "".join(f"<th>{html.escape(h)}</th>" for h in ("statistic", comparison["a"], comparison["b"],
+                                                                  "difference (b − a)"))
+        parts.append(f"<table><tr>{head}</tr>{''.join(rows)}</table>")
         parts.append(_img("compare", comparison_png))
         parts.append(_table(["layer", "Δ entropy", "Δ imbalance", "Δ token agreement", "Δ prefetch recall",
                              "load distance (TV)"],
