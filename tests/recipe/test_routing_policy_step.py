@@ -87,3 +87,16 @@ def test_bad_settings_are_refused_before_weights_load(sources, tmp_path, step, m
     with pytest.raises(MoekitError, match=message):
         _compress(sources, "qwen3_moe", tmp_path / "out", step)
     assert not (tmp_path / "out").exists()
+
+
+def test_prune_then_a_policy_compose(sources, tmp_path):
+    moekit.compress(str(sources / "deepseek_v3"), {"steps": [
+        {"type": "prune", "method": "frequency", "keep": 4},
+        {"type": "routing_policy", "policy": "skip", "target_experts": 1.5}]},
+        out_dir=tmp_path / "out", data=str(sources / "data"), progress=False, **CALIB)
+    model = moekit.load(str(tmp_path / "out"))
+    assert {layer.num_experts for layer in moekit.moe_layers(model)} == {4}
+    rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / "deepseek_v3")), **CALIB).input_ids
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows)
+    assert all(abs(count - 1.5) <= 0.03 for count in calls.per_layer().values())
