@@ -159,11 +159,16 @@ def test_streamed_from_checkpoint_equals_in_memory(tmp_path, case):
     model.save_pretrained(tmp_path / "m")
     from moekit.io.layered import LayeredModel
 
+    from moekit.calib.activations import ActivationBudget
+
+    spill = ActivationBudget(0, tmp_path / "spill")  # hidden states in files, one batch in memory at a time
     streamed = analyze(LayeredModel.from_checkpoint(tmp_path / "m"), DATA, batch_size=3, position_buckets=4,
-                       prefetch_tokens=300, progress=False)
+                       prefetch_tokens=300, progress=False, activations=spill)
+    assert spill.spilled
     for a, b in zip(result.layers, streamed.layers):
         assert a["load"]["count"] == b["load"]["count"] and a["coactivation"]["counts"] == b["coactivation"]["counts"]
         assert a.get("from_previous", {}).get("joint") == b.get("from_previous", {}).get("joint")
+        assert a["tokens"]["lookup_agreement"] == b["tokens"]["lookup_agreement"]
 
 
 def test_refusals():

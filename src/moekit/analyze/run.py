@@ -129,6 +129,7 @@ def analyze(
     name: str | None = None,
     device: torch.device | str | None = None,
     progress: bool = True,
+    activations=None,
 ) -> Analysis:
     """Routing analysis of every MoE layer on the rows of one or several corpora.
 
@@ -143,6 +144,8 @@ def analyze(
         prefetch_tokens: tokens the one-step predictor is measured on (the first ones).
         decode: token id -> text, for the token tables (e.g. a tokenizer's decode).
         device: where a model in memory computes (a `LayeredModel` has its own).
+        activations: an `ActivationBudget` saying where the rows' hidden states live
+            (default: in memory; the attribution pass keeps its copies in memory).
 
     Returns:
         `Analysis`; the report and figures are written by `moekit.analyze.report.write`.
@@ -182,7 +185,7 @@ def analyze(
     batches, corpus, fit, Rows = _batches(data, batch_size)
     rows = Rows(batches, corpus, list(data), fit, position_buckets=position_buckets,
                 prefetch_tokens=prefetch_tokens)
-    streamer = LayerStreamer(lent, batches)
+    streamer = LayerStreamer(lent, batches, budget=activations)
     layers, previous = [], None
     n_layers = len(lent)
     with progress_bar("analyzing", total=n_layers * len(batches), unit="batch", enabled=progress) as advance:

@@ -10,7 +10,7 @@ import typer
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
-from moekit.cli._streaming import ComputeDtype, Device, open_streamed
+from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
 @app.command("analyze")
@@ -33,6 +33,7 @@ def analyze_command(
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet rows.")] = "text",
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
+    activation_budget: ActivationBudget = None,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
@@ -78,9 +79,12 @@ def analyze_command(
         decode = lambda i: tokenizers[0].decode([i])  # noqa: E731
         results = []
         for name, model in zip(names, lent):
+            spill = budget(activation_budget)
             results.append(analyze(model, rows, focus=focus,
                                    candidates=candidates, batch_size=batch_size, position_buckets=position_buckets,
-                                   prefetch_tokens=prefetch_tokens, decode=decode, name=name, progress=not json_out))
+                                   prefetch_tokens=prefetch_tokens, decode=decode, name=name, progress=not json_out,
+                                   activations=spill))
+            spill.close()
         comparison = compare(results[0], results[1]) if len(results) == 2 else None
         written = write(out, results, comparison)
         if json_out:
