@@ -5,6 +5,7 @@ memory, and of a brute-force run of the original model without the dropped layer
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -193,3 +194,31 @@ def test_later_steps_are_checked_against_the_new_top_k():
     checked_recipe("moekit/tiny-qwen3_moe", {"steps": [{"type": "topk", "k": 1}, {"type": "prune", "keep": 1}]})
     with pytest.raises(MoekitError, match="already routes each token to 1 expert"):
         checked_recipe("moekit/tiny-qwen3_moe", {"steps": [{"type": "topk", "k": 1}, {"type": "topk", "k": 1}]})
+
+
+@pytest.mark.parametrize("steps", [
+    [{"type": "drop_blocks", "count": 1}, {"type": "prune", "method": "frequency", "keep": 6}],
+    [{"type": "topk", "per_layer": {0: 1}}, {"type": "drop_layers", "count": 1}],
+])
+def test_interrupted_and_resumed_equals_uninterrupted(tmp_path, steps):
+    class Stop(Exception):
+        pass
+
+    def stop_after_layer_1(kind, n):
+        if kind == "layer" and n == 1:
+            raise Stop
+
+    moekit.compress("moekit/tiny-qwen3_moe", {"steps": steps}, out_dir=tmp_path / "whole", **SMALL)
+    with pytest.raises(Stop):
+        moekit.compress("moekit/tiny-qwen3_moe", {"steps": steps}, out_dir=tmp_path / "resumed",
+                        on_event=stop_after_layer_1, **SMALL)
+    moekit.compress("moekit/tiny-qwen3_moe", {"steps": steps}, out_dir=tmp_path / "resumed", resume=True, **SMALL)
+    files = sorted(p.name for p in (tmp_path / "whole").iterdir())
+    assert files == sorted(p.name for p in (tmp_path / "resumed").iterdir())
+    for name in files:
+        if name not in ("report.json", "README.md"):  # they hold timings
+            assert (tmp_path / "whole" / name).read_bytes() == (tmp_path / "resumed" / name).read_bytes(), name
+    whole, resumed = (json.loads((tmp_path / d / "report.json").read_text()) for d in ("whole", "resumed"))
+    assert whole["steps"] == resumed["steps"]
+    assert [c["model_fingerprint"] for c in whole["calibration"]] == \
+        [c["model_fingerprint"] for c in resumed["calibration"]]

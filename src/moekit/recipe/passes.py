@@ -136,6 +136,7 @@ class RecipePass:
         streams, references = self._streams(last + 1, work, first)
         for index, layer in self.streamer.layers(first):
             view = None
+            routers_before = [len(d.routers) for d in result.digests]
             for p in range(last + 1):
                 if index in dropped and dropped[index] < p:  # an earlier phase dropped the block: stream p skips it
                     continue
@@ -191,8 +192,9 @@ class RecipePass:
                 ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
             else:  # a planning pass writes nothing: what a step left for the writer goes
                 ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
-            if work is not None:
-                self._commit(work, index, view, [*streams, *references.values()], result)
+            if work is not None:  # the layer as the steps left it (a step may have changed its top-k or sublayer)
+                view = view_layer(self.lent.model, index)
+                self._commit(work, index, view, [*streams, *references.values()], result, routers_before)
             if on_layer is not None:
                 on_layer(index)
         if candidates:  # each candidate stream skipped one layer (sublayer): its loss against the model's
@@ -287,7 +289,8 @@ class RecipePass:
                 stream.load(work.hidden_folder(first - 1))
         return streams, references
 
-    def _commit(self, work, index: int, view, streams: list[HiddenStates], result: PassResult) -> None:
+    def _commit(self, work, index: int, view, streams: list[HiddenStates], result: PassResult,
+                routers_before: list[int]) -> None:
         folder = work.hidden_folder(index)
         partial = folder.with_name(folder.name + ".partial")
         for stream in streams:
@@ -298,7 +301,8 @@ class RecipePass:
             "experts": view.num_experts if view is not None else None,
             "top_k": view.top_k if view is not None else None,
             "mlp_dropped": index in (getattr(self.lent.model.config, "moekit_dropped_mlp_layers", None) or []),
-            "routers": [d.routers[-1] if view is not None else None for d in result.digests],
+            "routers": [d.routers[-1] if len(d.routers) > before else None  # the phases that saw its router
+                        for d, before in zip(result.digests, routers_before, strict=True)],
             "seconds": result.seconds,
         })
 
@@ -327,7 +331,8 @@ class RecipePass:
                     set_top_k(self.lent.model, {index: record["top_k"]})
             if record["experts"] is not None:
                 keep_experts(self.lent.model, {index: list(range(record["experts"]))})
-                for p, router in enumerate(record["routers"][: last + 1]):
+            for p, router in enumerate(record["routers"][: last + 1]):
+                if router is not None:
                     result.digests[p].routers.append(router)
             result.seconds = record["seconds"]
         return done[-1] + 1
