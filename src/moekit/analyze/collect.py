@@ -38,8 +38,9 @@ class Rows:
         fit: [B_b] bool per batch: rows whose routing fits the token-id lookup (even
             rows of each corpus); the others (odd rows) test it.
         position_buckets: positions 0..S-1 cut into this many equal buckets.
-        prefetch_tokens: tokens (the first, in batch order) the one-step predictor is
-            measured on.
+        prefetch_tokens: at most this many tokens, every m-th of all rows' tokens in
+            order (m = ⌈T / prefetch_tokens⌉, so every corpus is represented), are those
+            the one-step predictor is measured on.
     """
 
     batches: list[torch.Tensor]
@@ -60,6 +61,10 @@ class Rows:
         for b in self.batches:
             self.offsets.append(self.offsets[-1] + b.numel())
         self.seq_len = self.batches[0].shape[1]
+        stride = -(-self.tokens // self.prefetch_tokens)
+        self.prefetch = torch.arange(self.tokens) % stride == 0  # [T] the tokens the predictor is scored on
+        kept = torch.cat([torch.zeros(1, dtype=torch.long), self.prefetch.long().cumsum(0)])
+        self.prefetch_offsets = [int(kept[o]) for o in self.offsets]  # kept tokens before each batch
 
     @property
     def tokens(self) -> int:
@@ -69,7 +74,7 @@ class Rows:
 @dataclass
 class Carry:
     """What MoE layer l hands to the next: its index, E, k, each token's selections
-    [T, k], and its block inputs [min(T, prefetch_tokens), H]."""
+    [T, k], and the block inputs [n, H] of the n tokens of `Rows.prefetch`."""
 
     index: int
     num_experts: int
@@ -150,17 +155,18 @@ class LayerCounts:
             self.joint += prev_chosen.T @ chosen
             self.joint_top1.view(-1).index_add_(0, before[:, 0] * E + index[:, 0],
                                                 torch.ones(T, dtype=torch.float64))
-            n = max(0, min(T, self.previous.hidden.shape[0] - start))
+            scored = rows.prefetch[start:start + T]
+            n = int(scored.sum())
             if n:
-                h = self.previous.hidden[start:start + n].to(device=hidden.device)
+                h = self.previous.hidden[rows.prefetch_offsets[b]:rows.prefetch_offsets[b + 1]].to(device=hidden.device)
                 guess, _ = self.view.router.route(self.view.router.logits(h))
-                hit = torch.zeros(n, E, dtype=torch.float64).scatter_(1, guess.cpu(), 1.0) * chosen[:n]
+                hit = torch.zeros(n, E, dtype=torch.float64).scatter_(1, guess.cpu(), 1.0) * chosen[scored]
                 self.hits += float(hit.sum())
                 self.predicted += n
         self.selections[start:start + T] = index.to(torch.int32)
-        keep = max(0, min(T, rows.prefetch_tokens - start))
-        if keep:
-            self.hidden.append(hidden[:keep].float().cpu())
+        keep = rows.prefetch[start:start + T].to(hidden.device)
+        if bool(keep.any()):
+            self.hidden.append(hidden[keep].float().cpu())
 
     def carry(self) -> Carry:
         hidden = torch.cat(self.hidden) if self.hidden else torch.zeros(0, self.view.experts.hidden_size)

@@ -29,7 +29,8 @@ DEFINITIONS = [
                                        "only."),
     ("One-step predictor recall@k", "this layer's router applied to the previous MoE layer's block input (what an "
                                     "offloading system computes to prefetch experts one layer ahead); recall@k = "
-                                    "mean |predicted top-k ∩ real top-k| / k over the first prefetch_tokens tokens. "
+                                    "mean |predicted top-k ∩ real top-k| / k over every m-th token of all rows (at "
+                                    "most prefetch_tokens of them). "
                                     "Baseline: always predict the layer's k most loaded experts."),
     ("Token-id lookup agreement", "a table token id → its k most frequent experts, fitted on the even rows of each "
                                   "corpus and scored on the odd rows: mean |lookup ∩ real top-k| / k (ids unseen "

@@ -141,7 +141,8 @@ def analyze(
             when an expert is masked) for the ``candidates`` experts with the largest
             gate share on it.
         position_buckets: the sequence positions are cut into this many equal buckets.
-        prefetch_tokens: tokens the one-step predictor is measured on (the first ones).
+        prefetch_tokens: at most this many tokens, spread evenly over all rows, are those
+            the one-step predictor is measured on.
         decode: token id -> text, for the token tables (e.g. a tokenizer's decode).
         device: where a model in memory computes (a `LayeredModel` has its own).
         activations: an `ActivationBudget` saying where the rows' hidden states live

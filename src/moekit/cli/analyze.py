@@ -26,7 +26,7 @@ def analyze_command(
     samples: Annotated[int, typer.Option(min=2, help="Rows per corpus (at most).")] = 64,
     seq_len: Annotated[int, typer.Option(min=2, help="Tokens per row.")] = 256,
     position_buckets: Annotated[int, typer.Option(min=1, help="Position buckets in a row.")] = 8,
-    prefetch_tokens: Annotated[int, typer.Option(min=1, help="Tokens the one-step predictor is measured on.")] = 16384,
+    prefetch_tokens: Annotated[int, typer.Option(min=1, help="At most this many tokens, spread over all rows, score the one-step predictor.")] = 16384,
     batch_size: Annotated[int, typer.Option(min=1, help="Rows per forward.")] = 8,
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for choosing rows.")] = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: the model's).")] = None,
