@@ -100,3 +100,19 @@ def test_prune_then_a_policy_compose(sources, tmp_path):
     with counting_expert_calls(model) as calls, torch.no_grad():
         model(rows)
     assert all(abs(count - 1.5) <= 0.03 for count in calls.per_layer().values())
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_global_parameter_meets_the_target_on_average(sources, tmp_path, family):
+    report = _compress(sources, family, tmp_path / "out", {"type": "routing_policy", "policy": "skip",
+                                                           "target_experts": 1.5, "scope": "global"})
+    model = moekit.load(str(tmp_path / "out"))
+    policy = routing_policy(model)
+    assert len(set(policy.beta.values())) == 1  # one value for every layer
+    rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / family)), **CALIB).input_ids
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows)
+    # set on the routing without policies; with them on, later layers see other inputs (measured: 1.47)
+    assert abs(calls.overall() - 1.5) <= 0.05 * 1.5
+    measured = report["steps"][0]["experts_per_token"]  # per layer, through the earlier layers' policies
+    assert measured == pytest.approx({str(i): c for i, c in calls.per_layer().items()}, abs=1e-4)

@@ -38,6 +38,8 @@ STATISTICS: dict[str, str] = {
                   "softmax over the k...); what the `topk` step allocates k by",
     "topk_mass": "[K] for k = 1..K: Σ_x of the router probabilities of the k best choices / Σ_x of the K best's "
                  "(gate mass kept at k)",
+    "routing_weights": "[N, K] every calibration token's chosen weights (the family's final top-k weights), in "
+                       "decreasing order; what a routing policy's global parameter is set from",
     "quant_error_g128_fit": "[E, 4] Σ over X_j of ‖g_j(x)(f_j(x) − f̂_j(x))‖², the squared error expert j's "
                             "rounding adds to the block's output, f̂_j rounded to nearest at 2, 3, 4, 8 bits in "
                             "groups of 128 halved to fit the widths (quant_error_g<G>: groups of G, 0 per channel; "
@@ -112,6 +114,7 @@ class LayerAccumulator:
     sums: dict[str, torch.Tensor] = field(default_factory=dict)
     _sample: torch.Tensor | None = None
     _sample_keys: torch.Tensor | None = None
+    _chosen: list[torch.Tensor] = field(default_factory=list)  # routing_weights, per batch
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -143,6 +146,8 @@ class LayerAccumulator:
             self._update_quant_error(ctx, name)
         if "topk_error" in wanted or "topk_mass" in wanted:
             self._update_topk(ctx)
+        if "routing_weights" in wanted:
+            self._chosen.append(ctx.routing[1].float().sort(dim=-1, descending=True).values)
 
     def _update_topk(self, ctx: BatchContext) -> None:
         """Per k below the layer's top-k K: the routed output lost and the gate mass kept
@@ -249,6 +254,8 @@ class LayerAccumulator:
             out["topk_mass"] = s["topk_mass"] / s["topk_mass"][-1].clamp(min=1e-300)
         if "topk_error" in self.wanted and "topk_error" in s:
             out["topk_error"] = s["topk_error"] / s["topk_energy"].clamp(min=1e-300)
+        if "routing_weights" in self.wanted and self._chosen:
+            out["routing_weights"] = torch.cat(self._chosen)
         return {k: v.float() for k, v in out.items()}
 
 

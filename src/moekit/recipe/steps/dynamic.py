@@ -26,7 +26,10 @@ _FREE = {"skip": "beta", "threshold": "p", "kmin_threshold": "t"}
 class RoutingPolicyStep(Step):
     """``policy: skip | threshold | kmin_threshold`` with its parameter (``beta``, ``p`` or
     ``t``), or with a target instead: ``target_experts`` (mean experts per token) or
-    ``target_fraction`` (of each layer's top-k), met in every layer."""
+    ``target_fraction`` (of each layer's top-k), met in every layer (``scope: layer``), or
+    met on average by one parameter for all layers (``scope: global``: set in a planning
+    pass from every layer's routing weights on the calibration tokens, before any policy
+    runs, so the count the policies reach together is measured and reported per layer)."""
 
     name = "routing_policy"
     type: Literal["routing_policy"] = "routing_policy"
@@ -39,6 +42,8 @@ class RoutingPolicyStep(Step):
     kmin: int = Field(default=1, ge=1, description="kmin_threshold: experts always kept")
     target_experts: float | None = Field(default=None, ge=1)
     target_fraction: float | None = Field(default=None, gt=0, le=1)
+    scope: Literal["layer", "global"] = Field(default="layer", description="a target met in every layer, or one "
+                                              "parameter for all layers meeting it on average")
 
     @model_validator(mode="after")
     def _one_setting(self) -> RoutingPolicyStep:
@@ -75,6 +80,22 @@ class RoutingPolicyStep(Step):
             return self.target_experts
         return None if self.target_fraction is None else self.target_fraction * top_k
 
+    def plan_needs(self) -> set[str]:
+        return {"routing_weights"} if self.calibrated and self.scope == "global" else set()
+
+    def plan(self, model: nn.Module, stats) -> dict[int, float]:
+        """{layer: the one parameter value} whose mean kept count over every MoE layer's
+        calibration tokens is the target."""
+        from moekit.arch.discover import moe_layers
+        from moekit.methods.dynamic.calibrate import calibrate_value
+
+        layers = moe_layers(model)
+        stats.require({"routing_weights"}, "routing_policy (scope: global)")
+        target = self.target_for(sum(layer.top_k for layer in layers) / len(layers))
+        value = calibrate_value(self.base_policy(), [stats[layer.index]["routing_weights"] for layer in layers],
+                                target)[0]
+        return dict.fromkeys((layer.index for layer in layers), value)
+
     def check(self, info: ModelInfo) -> None:
         from moekit.methods.dynamic.calibrate import check_target
 
@@ -108,7 +129,13 @@ class RoutingPolicyStep(Step):
                 weights.append(layer.router.route(layer.router.logits(flat))[1].float())
 
         inputs.run(watching(layer.block, see))
-        value, achieved = calibrate_value(self.base_policy(), weights, self.target_for(layer.top_k))
+        if plan is not None:  # scope global: the planned value; what it keeps here is measured
+            from moekit.methods.dynamic.calibrate import kept_per_token
+
+            value = plan[layer.index]
+            achieved = kept_per_token(self.base_policy(), weights, value)
+        else:
+            value, achieved = calibrate_value(self.base_policy(), weights, self.target_for(layer.top_k))
         set_layer_policy(model, layer, self.base_policy(value))
         return {free: round(value, 6), "experts_per_token": round(achieved, 4)}
 
