@@ -48,8 +48,10 @@ def variants(top_k: int) -> dict[str, dict | None]:
     for fraction in (0.75, 0.5):
         share = f"{round(fraction * 100)}%"
         for policy in POLICIES:
+            # kmin 1 would make kmin_threshold the skip rule; half the top-k is its own point
+            extra = {"kmin": max(1, top_k // 2)} if policy == "kmin_threshold" else {}
             out[f"{policy} {share}"] = {"steps": [{"type": "routing_policy", "policy": policy,
-                                                   "target_fraction": fraction}]}
+                                                   "target_fraction": fraction, **extra}]}
         out[f"static top-k {share}"] = {"steps": [{"type": "topk", "target": fraction * top_k}]}
     out["prune-25"] = "prune-25"
     out["prune-50"] = "prune-50"
@@ -121,7 +123,7 @@ def run_reference(name: str, results: dict, runs: int, timed: bool = True) -> No
         save(results)
 
 
-def run_synthetic(results: dict, layers: int, runs: int) -> None:
+def run_synthetic(results: dict, layers: int, runs: int, timed: bool = True) -> None:
     """Speed only. Each policy is calibrated by `moekit.compress` on stdlib:calib tokens of the
     random model; the weights do not change, so one copy in memory is timed with each
     policy installed in turn (the compressed copies are deleted once their policy is read)."""
@@ -142,6 +144,8 @@ def run_synthetic(results: dict, layers: int, runs: int) -> None:
         policies[variant] = json.loads((out / "config.json").read_text())[POLICY_KEY]
         shutil.rmtree(out)
         save(results)
+    if not timed:
+        return
     model = moekit.load(str(folder))
 
     def ready(policy):
@@ -225,7 +229,7 @@ def main() -> None:
     for name in args.models:
         run_reference(name, results, args.runs, timed=not args.quality_only)
     if args.synthetic:
-        run_synthetic(results, args.layers, args.runs)
+        run_synthetic(results, args.layers, args.runs, timed=not args.quality_only)
     if args.quality_only:
         return
     if results.get("models"):
