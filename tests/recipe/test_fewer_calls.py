@@ -159,6 +159,11 @@ def test_calibrated_topk_meets_its_target_and_reloads(tmp_path):
     edited = tiny_model("qwen3_moe")
     set_top_k(edited, {int(i): k for i, k in step["top_k"].items()})
     torch.testing.assert_close(_logits(moekit.load(out)), _logits(edited), rtol=0, atol=1e-6)
+    # after a block drop, the average is over the MoE layers left (planned on the model without it)
+    report = moekit.compress("moekit/tiny-qwen3_moe", {"steps": [{"type": "drop_blocks", "layers": [2]},
+                                                                 {"type": "topk", "target": 1.0}]},
+                             out_dir=tmp_path / "after-drop", **SMALL)
+    assert report["steps"][1]["top_k"] == {"0": 1} and report["format"] == "standard"
 
 
 @pytest.mark.parametrize(("recipe", "message"), [

@@ -92,6 +92,15 @@ def compress_command(
             table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
             table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
         console.print(table)
+        for step in report["steps"]:  # what the fewer-calls steps chose, and why
+            if "scores" in step:
+                scores = ", ".join(f"{i}: {v:.4g}" for i, v in step["scores"].items())
+                console.print(f"{step['type']}: dropped layers {step['dropped']} (lowest {step['criterion']} "
+                              f"score; per layer {scores})", highlight=False)
+            elif step["type"] in ("drop_blocks", "drop_layers"):
+                console.print(f"{step['type']}: dropped layers {step['dropped']}", highlight=False)
+            elif step["type"] == "topk":
+                console.print(f"topk: top-k per MoE layer {step['top_k']}", highlight=False)
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         if report["format"] == "moekit-nonuniform":

@@ -66,7 +66,10 @@ def phases_of(recipe: Recipe) -> list[Phase]:
         # a step that runs the layer on its inputs gets a stream of its own, in which no
         # step reads statistics (they would be measured on the layer it is changing)
         after_inputs = bool(phases) and phases[-1].reads_inputs and bool(step.needs())
-        if not phases or (step.needs() and stale) or (step.reads_inputs and phases[-1].steps) or after_inputs:
+        # a step that decides from statistics of every layer (`plan_needs`) plans on the model as
+        # the steps before it left it, so it starts a phase after a structural change too
+        reads = step.needs() or step.plan_needs()
+        if not phases or (reads and stale) or (step.reads_inputs and phases[-1].steps) or after_inputs:
             phases.append(Phase([], wanted, hidden))
             stale = False
         phases[-1].steps.append((position, step))

@@ -47,7 +47,9 @@ class _Drop(Step):
     def plan_needs(self) -> set[str]:
         return {self._stat()} if self.count is not None else set()
 
-    def _valid(self, model: nn.Module, chosen: list[int]) -> bool:
+    def _valid(self, model: nn.Module, chosen: list[int], present: list[int], scores: dict) -> bool:
+        """Whether the model can lose ``chosen`` (``present``: its layers not dropped
+        before; ``scores``: the candidates)."""
         raise NotImplementedError
 
     def _candidates(self, model: nn.Module) -> list[int]:
@@ -59,8 +61,9 @@ class _Drop(Step):
         from moekit.methods.drop.allocate import choose_lowest
 
         name = self._stat()
+        present = sorted(stats.layers)  # the layers an earlier step did not drop
         scores = {i: float(stats[i][name][0]) for i in self._candidates(model) if name in stats.layers.get(i, {})}
-        chosen = choose_lowest(scores, self.count, allowed=lambda ids: self._valid(model, ids))
+        chosen = choose_lowest(scores, self.count, allowed=lambda ids: self._valid(model, ids, present, scores))
         if len(chosen) < self.count:
             raise MoekitError(f"{self.name}: only {len(chosen)} of the {self.count} layers asked for can be dropped "
                               f"from this model (see the step's checks); lower count.")
@@ -125,12 +128,11 @@ class DropBlocks(_Drop):
 
         return [info.index for info in decoder_layers(model)]
 
-    def _valid(self, model: nn.Module, chosen: list[int]) -> bool:
+    def _valid(self, model: nn.Module, chosen: list[int], present: list[int], scores: dict) -> bool:
         from moekit.arch.renumber import renumbered_config
 
-        n = int(model.config.num_hidden_layers)
         try:
-            renumbered_config(model.config, [i for i in range(n) if i not in chosen])
+            renumbered_config(model.config, [i for i in present if i not in chosen])
         except MoekitError:
             return False
         return True
@@ -189,8 +191,8 @@ class DropLayers(_Drop):
 
         return [layer.index for layer in moe_layers(model)]
 
-    def _valid(self, model: nn.Module, chosen: list[int]) -> bool:
-        return len(chosen) < len(self._candidates(model))
+    def _valid(self, model: nn.Module, chosen: list[int], present: list[int], scores: dict) -> bool:
+        return len(chosen) < len(scores)
 
     def writes_native(self, model: nn.Module, plan) -> bool:
         return bool(self.dropped(plan))

@@ -91,7 +91,7 @@ class TopK(Step):
         from moekit.arch.discover import moe_layers
         from moekit.methods.drop.allocate import allocate_top_k
 
-        layers = moe_layers(model)
+        layers = [layer for layer in moe_layers(model) if layer.index in stats.layers]  # not in a dropped block
         costs = {}
         for layer in layers:
             if self.criterion == "output":
@@ -106,7 +106,7 @@ class TopK(Step):
 
         if self.k is not None:
             return False
-        return len({self._k(layer, plan) for layer in moe_layers(model)}) > 1
+        return len({self._k(layer, plan) for layer in moe_layers(model) if plan is None or layer.index in plan}) > 1
 
     def report_plan(self, plan) -> dict:
         if not plan:
@@ -119,7 +119,7 @@ class TopK(Step):
             return self.k
         if self.per_layer is not None:
             return self.per_layer.get(layer.index, layer.top_k)
-        return int(plan[layer.index])
+        return int(plan.get(layer.index, layer.top_k))
 
     def shape_skeleton(self, skeleton: nn.Module) -> bool:
         """For `moekit.plan`: set the k the recipe names (False: calibration decides it)."""
