@@ -15,7 +15,7 @@ from moekit.arch.storage import saved_tensors, storage_dtypes
 @dataclass
 class LayerSummary:
     index: int
-    kind: str  # "moe" | "dense"
+    kind: str  # "moe" | "dense" | "no MLP" (its MoE sublayer dropped)
     num_experts: int = 0
     top_k: int = 0
     expert_intermediate_size: int = 0
@@ -71,8 +71,9 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
     layers, routed, active_routed = [], 0, 0.0
     for info in decoder_layers(model):
         moe = info.moe
-        if moe is None:
-            layers.append(LayerSummary(index=info.index, kind="dense"))
+        if moe is None:  # a dense MLP, or none at all (`moekit.arch.edit.drop_mlp`)
+            dropped = info.index in (getattr(model.config, "moekit_dropped_mlp_layers", None) or [])
+            layers.append(LayerSummary(index=info.index, kind="no MLP" if dropped else "dense"))
             continue
         layer_routed = sum(p.numel() for p in moe.experts.module.parameters())
         routed += layer_routed

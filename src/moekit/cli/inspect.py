@@ -26,8 +26,8 @@ def render(summary: "ModelSummary", name: str) -> None:
     for column in ("layer", "kind", "experts", "top-k", "expert I", "shared I", "scoring", "routed params"):
         table.add_column(column, justify="right" if column not in ("kind", "scoring") else "left")
     for layer in summary.layers:
-        if layer.kind == "dense":
-            table.add_row(str(layer.index), "dense", "", "", "", "", "", "", style="dim")
+        if layer.kind != "moe":
+            table.add_row(str(layer.index), layer.kind, "", "", "", "", "", "", style="dim")
             continue
         table.add_row(
             str(layer.index), "moe", str(layer.num_experts), str(layer.top_k),
