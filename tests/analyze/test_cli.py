@@ -94,3 +94,15 @@ def test_refused_before_any_work(workspace, case, message):
     assert result.exit_code == 2, result.output
     assert message in " ".join(result.output.split())
     assert not out.exists()
+
+
+@pytest.mark.parametrize("model", ["moekit/ref-fine", "moekit/ref-coarse"])
+def test_reference_models(workspace, model):
+    """The shipped models, streamed from their checkpoints, with their own tokenizer."""
+    out = workspace / f"ref-{model.split('/')[-1]}"
+    result = runner.invoke(app, ["analyze", model, "-o", str(out), "--data", str(workspace / "code"), "--samples", "4",
+                                 "--seq-len", "128", "--threads", "1", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)["models"][0]["summary"]
+    assert summary["moe_layers"] == 4 and 0 < summary["token_lookup_agreement"] <= 1
+    assert 0 < summary["prefetch_recall"] <= 1
