@@ -147,6 +147,9 @@ def test_hand_routed_model_gives_known_numbers():
         assert layer["tokens"]["lookup_agreement"] == 1.0  # routing is the token id
         assert layer["tokens"]["mean_concentration"] == 1.0
         assert layer["domains"]["specific"]["four"][0]["expert"] in (4, 5)
+        for j, tied in enumerate(layer["tokens"]["per_expert"]):  # every occurrence of these ids goes to j
+            assert tied and all(t["share"] == 1.0 and t["id"] % E in (j, (j - 1) % E) for t in tied)
+        assert layer["tokens"]["per_expert"][4][0]["count"] == 8 + 8 * 8  # id ≡ 4 in both corpora, most seen
         if "from_previous" in layer:
             assert layer["from_previous"]["prefetch_recall"] == 1.0  # the same router on the same input
             assert layer["from_previous"]["mutual_information_top1_normalized"] == pytest.approx(1.0)

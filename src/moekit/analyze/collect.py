@@ -222,13 +222,13 @@ class LayerCounts:
             return {"id": tid, "text": decode(tid) if decode else None}
 
         per_expert = []
-        totals = rows.frequency.double() * k
-        share = both / totals[:, None].clamp(min=1)  # share of v's selections that went to j
-        eligible = frequent[:, None].expand_as(share)
+        share = both / rows.frequency.double()[:, None].clamp(min=1)  # of v's occurrences, the share routed to j
+        by_count = both.argsort(dim=0, descending=True, stable=True)  # ties in share: more occurrences first
         for j in range(E):
-            score = torch.where(eligible[:, j], share[:, j], torch.full_like(share[:, j], -1.0))
-            top = [int(u) for u in score.argsort(descending=True, stable=True)[:TOP_TOKENS_PER_EXPERT]
-                   if score[u] > 0]
+            order = by_count[:, j]
+            score = torch.where(frequent[order], share[order, j], torch.full_like(share[order, j], -1.0))
+            top = [int(order[i]) for i in score.argsort(descending=True, stable=True)[:TOP_TOKENS_PER_EXPERT]
+                   if score[i] > 0]
             per_expert.append([{**token(u), "share": float(share[u, j]), "count": int(both[u, j])} for u in top])
         return {
             "lookup_agreement": st.token_lookup_agreement(fit, test, k),

@@ -37,7 +37,9 @@ DEFINITIONS = [
                                   "in the fit rows get the k most loaded experts). 1.0 = routing is decided by the "
                                   "token id alone (OpenMoE's context independence). Concentration of a token = "
                                   "share of its selections on its own k most frequent experts (k/E if uniform); "
-                                  "the mean is weighted by occurrences over ids seen ≥ 5 times."),
+                                  "the mean is weighted by occurrences over ids seen ≥ 5 times. The tokens most tied to an "
+                                  "expert: ids seen ≥ 5 times with the largest share of their occurrences routed to "
+                                  "it."),
     ("Position", "positions 0..S-1 cut into equal buckets; divergence = total variation ½Σ|P_bucket(j) − P(j)| "
                  "between a bucket's expert distribution and the layer's overall one."),
     ("Domain specificity", "z-score of Monroe et al.'s (2008) log-odds ratio with an informative Dirichlet prior "
@@ -103,11 +105,12 @@ def _model_section(analysis: dict, pngs: dict[str, bytes], prefix: str) -> str:
     parts.append("<h3>Tokens most tied to an expert</h3>")
     ties = []
     for layer in layers:
-        best = sorted(((t["share"], j, t) for j, tops in enumerate(layer["tokens"]["per_expert"]) for t in tops[:1]),
-                      key=lambda x: -x[0])[:5]
+        best = sorted(((t["share"], t["count"], j, t) for j, tops in enumerate(layer["tokens"]["per_expert"])
+                       for t in tops[:1]), key=lambda x: (-x[0], -x[1]))[:5]
         ties += [[layer["layer"], j, repr(t["text"]) if t["text"] is not None else t["id"], t["share"], t["count"]]
-                 for _, j, t in best]
-    parts.append(_table(["layer", "expert", "token", "share of its selections", "count"], ties))
+                 for _, _, j, t in best]
+    parts.append(_table(["layer", "expert", "token", "share of the token's occurrences routed to the expert",
+                         "count"], ties))
     if "specific" in layers[0]["domains"]:
         parts.append("<h3>Domain-specific experts (z &gt; 1.96, top 5 per layer)</h3>")
         parts.append(_table(["layer", "corpus", "experts (z)"],
