@@ -1,0 +1,138 @@
+"""The slow tier: where one routed expert's weights are read from when the cache misses.
+
+A source answers ``read(e)`` with expert ``e``'s slice of every fused parameter of one
+experts module — ``{"gate_up_proj": [2I, H], "down_proj": [H, I], ...}`` (the module's
+parameters without their leading E; GPT-OSS's biases included) — reading nothing else.
+
+- `MemoryExperts`: the fused tensors of a model already in memory (CPU RAM when the
+  compute device is a GPU, or a tiny model in tests): ``read`` is an index.
+- `DiskExperts`: the checkpoint's safetensors. Checkpoints store experts either fused
+  (moekit's own format, GPT-OSS) — read as one slice ``[e]`` of the stored tensor — or one
+  tensor per expert and projection (``experts.3.gate_proj.weight``), which transformers'
+  weight conversion stacks and concatenates into the fused parameters when it loads a
+  model. Rather than re-deriving each family's names, `DiskExperts` asks transformers'
+  own renaming which checkpoint tensors become which fused parameter (as
+  `moekit.io.layered` does for a whole layer), and runs that converter on expert ``e``'s
+  tensors alone: stacking one expert gives the fused tensor with E = 1, i.e. its slice.
+
+Files are opened for each read and closed after, for the reason `Checkpoint.read` gives
+(mapped pages left open count as resident memory); a file that vanished mid-run is
+reported as such (`MoekitError`), not as a crash deep in safetensors.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from moekit.errors import MoekitError
+
+
+class MemoryExperts:
+    """Experts read from fused tensors in memory. ``tensors``: name -> [E, ...]."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def read(self, expert: int) -> dict[str, torch.Tensor]:
+        return {name: t[expert] for name, t in self.tensors.items()}
+
+
+class DiskExperts:
+    """Experts of the experts module at ``path`` read from ``checkpoint`` on demand.
+
+    Args:
+        checkpoint: the model's `moekit.io.checkpoint.Checkpoint`.
+        model: the skeleton (meta weights are enough) whose conversion mapping applies.
+        path: module path of the fused experts module, e.g. ``model.layers.3.mlp.experts``.
+        shapes: fused parameter name -> full shape ``[E, ...]``.
+        names: the checkpoint tensors of that decoder layer.
+        meta_keys: the model's state-dict keys (transformers' renaming consults them).
+        native: the checkpoint stores the model's own names (no conversion).
+
+    Raises:
+        MoekitError: a fused parameter with no checkpoint tensor, or per-expert tensors
+            that are not one per expert.
+    """
+
+    def __init__(self, checkpoint, model, path: str, shapes: dict[str, tuple[int, ...]], names: list[str],
+                 meta_keys: dict[str, bool], native: bool = False) -> None:
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import (
+            WeightConverter,
+            dot_natural_key,
+            rename_source_key,
+        )
+
+        self.checkpoint = checkpoint
+        self.path = path
+        self.shapes = shapes
+        mapping = [] if native else (get_model_conversion_mapping(model) or [])
+        renamings = [m for m in mapping if not isinstance(m, WeightConverter)]
+        converters = [m for m in mapping if isinstance(m, WeightConverter)]
+        by_pattern = {p: c for c in converters for p in c.source_patterns}
+        targets = {f"{path}.{name}": name for name in shapes}
+        self.direct: dict[str, str] = {}  # fused param -> stored fused tensor
+        self.per_expert: dict[str, dict[str, list[str]]] = {}  # fused param -> pattern -> names by expert
+        self.converter: dict[str, object] = {}
+        for key in sorted(names, key=dot_natural_key):
+            if key in targets:
+                self.direct[targets[key]] = key
+                continue
+            renamed, pattern = rename_source_key(key, renamings, converters, model.base_model_prefix, meta_keys)
+            if renamed not in targets:
+                continue
+            param = targets[renamed]
+            if pattern is None:
+                self.direct[param] = key
+            else:
+                self.per_expert.setdefault(param, {}).setdefault(pattern, []).append(key)
+                self.converter[param] = by_pattern[pattern]
+        for name, shape in shapes.items():
+            if name not in self.direct and name not in self.per_expert:
+                raise MoekitError(f"{checkpoint.folder}: no tensor of the checkpoint becomes {path}.{name}; "
+                                  "cannot offload its experts.")
+            for pattern, keys in self.per_expert.get(name, {}).items():
+                if len(keys) != shape[0]:
+                    raise MoekitError(f"{checkpoint.folder}: {len(keys)} tensors match {pattern!r} for "
+                                      f"{path}.{name}, which has {shape[0]} experts.")
+
+    def read(self, expert: int) -> dict[str, torch.Tensor]:
+        """Expert ``expert``'s slice of each fused parameter, in the stored dtype."""
+        out = {}
+        for name, key in self.direct.items():
+            out[name] = self._read(key, expert)
+        for name, patterns in self.per_expert.items():
+            converter = copy.deepcopy(self.converter[name])
+            target = f"{self.path}.{name}"
+            for pattern, keys in patterns.items():
+                converter.add_tensor(target, keys[expert], pattern, lambda k=keys[expert]: self._read(k, None))
+            converted = converter.convert(target)
+            value = converted[target] if target in converted else next(iter(converted.values()))
+            if tuple(value.shape) != (1, *self.shapes[name][1:]):
+                raise MoekitError(f"{self.checkpoint.folder}: expert {expert} of {target} converts to shape "
+                                  f"{tuple(value.shape)}, not {(1, *self.shapes[name][1:])}.")
+            out[name] = value[0]
+        return out
+
+    def _read(self, key: str, index: int | None) -> torch.Tensor:
+        """Stored tensor ``key`` (``index``: only its slice ``[index]``)."""
+        from safetensors import safe_open
+
+        entry = self.checkpoint.tensors[key]
+        try:
+            if key in self.checkpoint.packed:  # compressed-tensors: decompressed whole (small packed)
+                tensor = self.checkpoint.read([key])[key]
+                return tensor if index is None else tensor[index].clone()
+            with safe_open(str(entry.file), framework="pt") as handle:
+                if index is None:
+                    return handle.get_tensor(key).clone()
+                return handle.get_slice(key)[index].clone()
+        except MoekitError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own errors: the folder changed under us
+            if not entry.file.is_file():
+                raise MoekitError(f"{entry.file} is gone: the model folder was moved or deleted while running "
+                                  f"(reading {key!r}); restore it and run again.") from None
+            raise MoekitError(f"{entry.file}: cannot read {key!r} ({exc}); the file changed while running.") from None

@@ -1,0 +1,218 @@
+"""`moekit.offload`: a transformers model whose routed experts live in a slower tier.
+
+    model = moekit.offload("moekit/ref-fine", expert_memory="4MB", policy="lfu", prefetch=True)
+    model.generate(input_ids, max_new_tokens=32)      # everything transformers does
+    model.moekit_offload.as_dict()                    # hit rate, bytes moved per token, ...
+
+Non-expert weights (embeddings, attention, norms, routers, shared experts, head) are
+loaded on ``device`` as usual. Each MoE layer's routed experts are served from a cache of
+``capacity_l`` slots (`moekit.runtime.offloaded_experts`); the slow tier is the
+checkpoint's safetensors read per expert on demand when the model is given as a folder
+(`moekit.runtime.expert_store.DiskExperts`), or the model's own tensors in CPU memory when
+it is given in memory (or is one of the built-in tiny models, which have no files).
+
+Budget: ``expert_memory`` bytes of slots over all layers. Every layer first gets its top-k
+(a decoding token needs k experts at once; less is refused, naming the minimum), the rest
+goes slot by slot to the layer with the smallest resident fraction, so layers of different
+sizes (non-uniform outputs) share it fairly.
+
+Prefetch (mixtral-offloading's speculative gating): a forward pre-hook on MoE block l
+applies block l+1's router to block l's input and loads the guessed experts of l+1 before
+l+1 runs. Loading is synchronous here (same thread), so on CPU it moves bytes earlier, not
+in parallel; it never changes outputs, only what is resident.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from moekit.errors import MoekitError
+from moekit.runtime.expert_cache import POLICIES, LayerCache
+from moekit.runtime.offload_stats import OffloadStats
+
+
+def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, device: str | torch.device = "cpu",
+            policy: str = "lru", prefetch: bool = False, stats=None, dtype: torch.dtype = torch.float32,
+            record_trace: bool = True) -> nn.Module:
+    """A model ready for ``generate`` with its routed experts offloaded.
+
+    Args:
+        model: a checkpoint folder or shipped name (experts read from its files), or a
+            loaded model (experts kept in CPU memory as the slow tier; the model is changed
+            in place).
+        expert_memory: bytes of expert cache over all layers (int or ``"4GB"``, ``"512MiB"``).
+        device: where non-expert weights, the cache and the compute are.
+        policy: ``lru``, ``lfu`` or ``prior`` (needs ``stats``).
+        prefetch: guess layer l+1's experts from layer l's input and load them early.
+        stats: the prior's scores: a `CalibrationStats` (its ``frequency``) or
+            ``{layer: [E] scores}``.
+        dtype: compute dtype of the non-expert weights and of the cache.
+        record_trace: keep every cache request in ``model.moekit_offload.trace``.
+
+    Returns:
+        The model; ``model.moekit_offload`` is its `OffloadStats`.
+
+    Raises:
+        MoekitError: unknown policy, ``prior`` without statistics, a budget below every
+            layer's top-k experts (the minimum is stated), a family that cannot be
+            offloaded (Llama-4, whose experts run on every token).
+    """
+    from moekit.arch.discover import moe_layers
+    from moekit.devices import parse_bytes
+    from moekit.runtime.offloaded_experts import IMPLEMENTATION, OffloadedExperts, register
+
+    if policy not in POLICIES:
+        raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")
+    if policy == "prior" and stats is None:
+        raise MoekitError("the prior policy pins the experts calibration saw most; pass stats= (moekit.calibrate's "
+                          "result, or {layer: scores}).")
+    budget = parse_bytes(expert_memory)
+    device = torch.device(device)
+    model, sources = _open(model, device=device, dtype=dtype)
+    layers = moe_layers(model)
+    for layer in layers:
+        if not hasattr(layer.experts.module, "_is_expert_parallel") or layer.router.spec.weight_on_input:
+            raise MoekitError(f"{layer.family}'s experts do not take (hidden, top_k_index, top_k_weights) through "
+                              "transformers' experts implementations; it cannot be offloaded yet.")
+    sizes = {L.index: sum(p[0].numel() for p in L.experts.module.parameters(recurse=False)
+                          if p.shape[0] == L.num_experts) * torch.empty((), dtype=dtype).element_size()
+             for L in layers}
+    capacity = allocate(budget, {L.index: L.num_experts for L in layers}, {L.index: L.top_k for L in layers}, sizes)
+    priors = _priors(stats, layers) if policy == "prior" else {}
+    counters = OffloadStats(record_trace=record_trace)
+    register()
+    states = []
+    for layer in layers:
+        cache = LayerCache(layer.num_experts, capacity[layer.index], policy, priors.get(layer.index))
+        state = OffloadedExperts(layer.experts.module, layer.index, sources[layer.index], cache, device=device,
+                                 dtype=dtype, stats=counters)
+        layer.experts.module._moekit_offload = state
+        states.append(state)
+    if states:
+        states[0].first = True
+    model.config._experts_implementation = IMPLEMENTATION
+    if prefetch:
+        _install_prefetch(layers, states)
+    model.moekit_offload = counters
+    model.moekit_capacity = capacity
+    return model
+
+
+def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], sizes: dict[int, int]) -> dict[int, int]:
+    """Slots per layer for ``budget`` bytes (see the module docstring).
+
+    Raises:
+        MoekitError: ``budget`` below Σ_l top_k_l × bytes per expert_l.
+    """
+    capacity = {i: min(top_k[i], num_experts[i]) for i in num_experts}
+    minimum = sum(capacity[i] * sizes[i] for i in capacity)
+    if budget < minimum:
+        raise MoekitError(f"expert_memory {budget:,} bytes is less than every MoE layer's top-k experts need at once: "
+                          f"the minimum is {minimum:,} bytes ({_human(minimum)}: {len(capacity)} layers × top-k × "
+                          f"{_human(max(sizes.values()))} per expert).")
+    left = budget - minimum
+    while True:
+        open_layers = [i for i in capacity if capacity[i] < num_experts[i] and sizes[i] <= left]
+        if not open_layers:
+            return capacity
+        i = min(open_layers, key=lambda j: (capacity[j] / num_experts[j], j))
+        capacity[i] += 1
+        left -= sizes[i]
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if n < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n} B"
+
+
+def _priors(stats, layers) -> dict[int, list[float]]:
+    out = {}
+    for layer in layers:
+        scores = stats[layer.index]["frequency"] if hasattr(stats, "layers") else stats[layer.index]
+        scores = torch.as_tensor(scores, dtype=torch.float64).flatten().tolist()
+        if len(scores) != layer.num_experts:
+            raise MoekitError(f"the prior for layer {layer.index} has {len(scores)} scores; the layer has "
+                              f"{layer.num_experts} experts (statistics of another model?).")
+        out[layer.index] = scores
+    return out
+
+
+def _open(model, *, device: torch.device, dtype: torch.dtype):
+    """(model with non-expert weights on ``device``, {layer: slow-tier source})."""
+    from moekit.arch.discover import moe_layers
+    from moekit.io.load import TINY_PREFIX, load
+    from moekit.runtime.expert_store import MemoryExperts
+
+    if isinstance(model, (str, os.PathLike)) and str(model).startswith(TINY_PREFIX):
+        model = load(str(model), dtype=dtype)
+    if isinstance(model, nn.Module):
+        sources = {}
+        for layer in moe_layers(model):
+            module = layer.experts.module
+            sources[layer.index] = MemoryExperts({n: p.detach().to("cpu", dtype) for n, p in
+                                                  module.named_parameters(recurse=False)
+                                                  if p.shape[0] == layer.num_experts})
+        # move only what is not a routed expert
+        _to_device_except_experts(model, {id(L.experts.module) for L in moe_layers(model)}, device, dtype)
+        return model.eval(), sources
+    return _open_folder(str(model), device=device, dtype=dtype)
+
+
+def _to_device_except_experts(model: nn.Module, skip: set[int], device, dtype) -> None:
+    for module in model.modules():
+        if id(module) in skip:
+            continue
+        for store in (module._parameters, module._buffers):
+            for name, t in store.items():
+                if t is not None and t.device.type != "meta" and (t.device != device or t.dtype != dtype):
+                    value = t.to(device, dtype if t.is_floating_point() else t.dtype)
+                    store[name] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
+
+
+def _open_folder(name: str, *, device: torch.device, dtype: torch.dtype):
+    from moekit.arch.discover import moe_layers
+    from moekit.io.layered import _LAYER_KEY, open_model
+    from moekit.runtime.expert_store import DiskExperts
+
+    lent = open_model(name, dtype=dtype, device=device)
+    model = lent.model
+    meta_keys = dict.fromkeys(model.state_dict(), True)
+    sources = {}
+    by_layer: dict[int, list[str]] = {}
+    for key in lent.checkpoint.names():
+        match = _LAYER_KEY.search(key)
+        if match:
+            by_layer.setdefault(int(match.group(1)), []).append(key)
+    paths = {id(m): n for n, m in model.named_modules()}
+    for layer in moe_layers(model):
+        module = layer.experts.module
+        shapes = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False) if p.shape[0] == layer.num_experts}
+        sources[layer.index] = DiskExperts(lent.checkpoint, model, paths[id(module)], shapes,
+                                           by_layer.get(layer.index, []), meta_keys, native=lent._native)
+    expert_keys = {k for s in sources.values() for k in [*s.direct.values(),
+                                                         *(n for p in s.per_expert.values() for ks in p.values()
+                                                           for n in ks)]}
+    for index in range(len(lent)):  # everything but the routed experts, one layer at a time
+        keys = [k for k in by_layer.get(index, []) if k not in expert_keys]
+        lent._read(keys, what=f"decoder layer {index}", modules=lent.layers[index])
+    return model.eval(), sources
+
+
+def _install_prefetch(layers, states) -> None:
+    """Pre-hook on block l: guess block l+1's experts from block l's input."""
+    for layer, (nxt, state) in zip(layers, zip(layers[1:], states[1:])):
+        def guess(_module, args, kwargs, router=nxt.router, state=state):
+            hidden = args[0] if args else kwargs["hidden_states"]
+            with torch.no_grad():
+                top_k_index, _ = router.route(router.logits(hidden.reshape(-1, hidden.shape[-1])))
+            ids, counts = top_k_index.flatten().unique(return_counts=True)
+            order = sorted(zip(counts.tolist(), ids.tolist()), key=lambda c: (-c[0], c[1]))
+            state.prefetch([e for _, e in order])  # most-voted first: a cache too small takes those
+
+        layer.block.register_forward_pre_hook(guess, with_kwargs=True)

@@ -1,0 +1,160 @@
+"""One MoE layer's experts computed from a bounded cache of resident experts.
+
+How it plugs in: transformers' fused experts modules dispatch their forward through
+``transformers.integrations.moe.ALL_EXPERTS_FUNCTIONS`` by the config's
+``_experts_implementation``. moekit registers one more implementation there,
+``"moekit_offload"``, and sets the offloaded model's config to it — transformers' own
+mechanism, as the issue asks, and cleaner than a forward pre-hook: a pre-hook can rewrite
+``(hidden, top_k_index, top_k_weights)`` but not the computation, and a prefill that needs
+more experts than the cache holds must compute in parts. No module is replaced, so
+moekit's view (`moe_layers`), routing policies (their pre-hooks still run first) and
+counters keep working.
+
+Per call (``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]``):
+1. the experts the call needs (ids < E; E is the "no expert" sentinel of routing
+   policies) are made resident by the layer's `LayerCache`; misses are read from the slow
+   tier (`moekit.runtime.expert_store`) into their slots;
+2. ids are mapped to slots and transformers' ``grouped_mm`` forward runs with the module's
+   parameters swapped for the slot buffers ``[C, ...]`` — only resident weights are used;
+3. when the call needs more than C experts it runs in parts, one row per (token, choice)
+   so each part yields each row's own weighted output; rows are summed over the k choices
+   once, at the end, exactly as ``grouped_mm`` sums them. So the result equals, bit for
+   bit, the fully loaded model under ``grouped_mm`` (moekit's default; tests compare logits
+   with ``torch.equal``).
+
+The module's own parameters stay on the ``meta`` device (shapes for the view, no memory).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from moekit.runtime.expert_cache import LayerCache, Step
+from moekit.runtime.offload_stats import OffloadStats
+
+IMPLEMENTATION = "moekit_offload"
+
+
+class OffloadedExperts:
+    """The cache state of one experts module (kept as ``module._moekit_offload``).
+
+    Args:
+        module: the fused experts module (its parameters are replaced by meta tensors).
+        layer: decoder index, for counters and traces.
+        source: a slow-tier reader (``read(e) -> {name: tensor}``).
+        cache: the layer's `LayerCache`.
+        device, dtype: where and in what the slot buffers live.
+        stats: the shared counters.
+    """
+
+    def __init__(self, module: nn.Module, layer: int, source, cache: LayerCache, *, device: torch.device,
+                 dtype: torch.dtype, stats: OffloadStats) -> None:
+        self.layer = layer
+        self.source = source
+        self.cache = cache
+        self.stats = stats
+        self.num_experts = cache.num_experts
+        self.first = False  # set on the shallowest offloaded layer: it counts tokens
+        self.guess: set[int] | None = None  # the prefetch guess for the next call
+        self.params = {name: p for name, p in module.named_parameters(recurse=False) if p.shape[0] == self.num_experts}
+        self.slots = {name: nn.Parameter(torch.empty((cache.capacity, *p.shape[1:]), device=device, dtype=dtype),
+                                         requires_grad=False) for name, p in self.params.items()}
+        self.expert_bytes = sum(s[0].numel() * s.element_size() for s in self.slots.values())
+        for name, p in self.params.items():
+            module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        self.meta = dict(module._parameters)
+        # expert id -> slot; the sentinel E (and anything not resident) -> C, which grouped_mm skips
+        self.slot_table = torch.full((self.num_experts + 1,), cache.capacity, dtype=torch.long, device=device)
+        warm = cache.warm()
+        self._apply(warm)
+        stats.warm_bytes += len(warm.loads) * self.expert_bytes
+
+    # -- cache traffic ----------------------------------------------------------------
+    def _apply(self, step: Step) -> int:
+        """Copy the loaded experts into their slots; returns bytes moved."""
+        for expert in step.evictions:
+            self.slot_table[expert] = self.cache.capacity
+        for expert, slot in step.loads:
+            for name, tensor in self.source.read(expert).items():
+                self.slots[name][slot].copy_(tensor)  # casts the stored dtype to the compute dtype exactly
+            self.slot_table[expert] = slot
+        self.stats.evictions.extend((self.layer, e) for e in step.evictions)
+        return len(step.loads) * self.expert_bytes
+
+    def prefetch(self, experts: list[int]) -> None:
+        """Load guessed experts before the call that needs them (counted as moved bytes)."""
+        experts = [e for e in experts if e < self.num_experts]
+        step = self.cache.prefetch(experts)
+        if self.stats.record_trace:
+            self.stats.trace.append(("prefetch", self.layer, list(experts[:self.cache.capacity])))
+        self.stats.prefetch_loads += len(step.loads)
+        self.stats.bytes_moved += self._apply(step)
+        self.guess = set(experts)
+
+    def _request(self, experts: list[int]) -> None:
+        step = self.cache.request(experts)
+        self.stats.add(self.stats.hits, self.layer, len(step.hits))
+        self.stats.add(self.stats.misses, self.layer, len(step.loads))
+        self.stats.bytes_moved += self._apply(step)
+
+    # -- compute ----------------------------------------------------------------------
+    def forward(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+        needed = sorted(i for i in top_k_index.unique().tolist() if i < self.num_experts)
+        if self.first:
+            self.stats.tokens += hidden.shape[0]
+        if self.stats.record_trace:
+            self.stats.trace.append(("demand", self.layer, needed))
+        if self.guess is not None:
+            self.stats.score_guess(self.guess, set(needed))
+            self.guess = None
+        parts = self.cache.plan(needed)
+        table = self.slot_table
+        index = top_k_index.clamp(max=self.num_experts)
+        if len(parts) <= 1:
+            if parts:
+                self._request(parts[0])
+            return self._run(module, hidden, table[index], top_k_weights)
+        tokens, k = top_k_index.shape
+        rows = hidden.repeat_interleave(k, dim=0)  # [T·k, H]: row t·k + j is token t's j-th choice
+        flat_index, flat_weights = index.reshape(-1, 1), top_k_weights.reshape(-1, 1)
+        out = torch.zeros_like(rows)
+        for part in parts:
+            self._request(part)
+            in_part = torch.isin(flat_index, torch.tensor(part, device=flat_index.device))
+            slots = torch.where(in_part, table[flat_index], self.cache.capacity)
+            out = torch.where(in_part, self._run(module, rows, slots, flat_weights), out)
+        return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
+
+    def _run(self, module: nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        saved = (module.num_experts, module._is_expert_parallel)
+        module._parameters.update(self.slots)
+        module.num_experts, module._is_expert_parallel = self.cache.capacity, True  # slot C = skipped sentinel
+        try:
+            return grouped_mm_experts_forward(module, hidden, slots, weights)
+        finally:
+            module._parameters.update(self.meta)
+            module.num_experts, module._is_expert_parallel = saved
+
+
+def offloaded_experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                              top_k_weights: torch.Tensor) -> torch.Tensor:
+    """The ``moekit_offload`` experts implementation (registered with transformers)."""
+    state = getattr(module, "_moekit_offload", None)
+    if state is None:  # an experts module of this model that was not offloaded
+        from transformers.integrations.moe import grouped_mm_experts_forward
+
+        return grouped_mm_experts_forward(module, hidden, top_k_index, top_k_weights)
+    return state.forward(module, hidden, top_k_index, top_k_weights)
+
+
+def register() -> None:
+    """Make ``"moekit_offload"`` a transformers experts implementation (idempotent)."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    if IMPLEMENTATION not in ALL_EXPERTS_FUNCTIONS:
+        ALL_EXPERTS_FUNCTIONS.register(IMPLEMENTATION, offloaded_experts_forward)
