@@ -37,6 +37,7 @@ _API = {
     "Recipe": "moekit.recipe.recipe",
     "save": "moekit.io.save",
     "set_routing_policy": "moekit.runtime.routing_policy",
+    "offload": "moekit.runtime.offload",
 }
 __all__ = sorted(_API)
 
