@@ -1,0 +1,104 @@
+"""moekit.offload: logits and greedy generations equal the fully loaded model's, for every
+tiny family, from memory and from the checkpoint's files, at several cache sizes down to
+exactly top-k experts per layer; refusals."""
+
+from __future__ import annotations
+
+import copy
+import shutil
+
+import pytest
+import torch
+
+import moekit
+from moekit.errors import MoekitError
+from moekit.runtime.offload import offload
+from moekit.zoo.tiny import tiny_model
+
+
+def _expert_bytes(model) -> tuple[int, int, int]:
+    """(bytes of one fp32 expert, MoE layers, top-k) of a uniform tiny model."""
+    layers = moekit.moe_layers(model)
+    experts = layers[0].experts.module
+    size = sum(p[0].numel() for p in experts.parameters(recurse=False) if p.shape[0] == layers[0].num_experts) * 4
+    return size, len(layers), layers[0].top_k
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("slots", [2, 3, 8])  # 2 = exactly top-k per layer; 8 = every expert
+def test_in_memory_equals_full_model(family, model, input_ids, slots):
+    if family == "llama4":
+        with pytest.raises(MoekitError, match="cannot be offloaded"):
+            offload(model, expert_memory="1GB")
+        return
+    reference = _logits(model, input_ids)
+    size, n_layers, k = _expert_bytes(model)
+    assert k == 2
+    offloaded = offload(copy.deepcopy(model), expert_memory=slots * size * n_layers)
+    assert set(offloaded.moekit_capacity.values()) == {slots}
+    assert torch.equal(_logits(offloaded, input_ids), reference)  # prefill of 24 tokens needs > 2 experts: in parts
+    stats = offloaded.moekit_offload
+    assert stats.tokens == input_ids.numel()
+    assert stats.total_misses * size == stats.bytes_moved
+    # one call per layer: each expert it needs is loaded once, in whichever part
+    assert stats.total_misses == sum(len(experts) for _, _, experts in stats.trace)
+
+
+def test_from_files_equals_full_model_and_generates_the_same(family, tmp_path, input_ids):
+    if family == "llama4":
+        pytest.skip("refused (test above)")
+    tiny_model(family, seed=0).save_pretrained(tmp_path)
+    full = moekit.load(tmp_path)
+    size, n_layers, _ = _expert_bytes(full)
+    offloaded = offload(tmp_path, expert_memory=2 * size * n_layers, policy="lfu", prefetch=True)
+    # the experts are not in memory: the module holds meta tensors, the cache its 2 slots
+    experts = moekit.moe_layers(offloaded)[0].experts.module
+    assert experts.gate_up_proj.device.type == "meta"
+    assert experts._moekit_offload.slots["gate_up_proj"].shape[0] == 2
+    assert torch.equal(_logits(offloaded, input_ids), _logits(full, input_ids))
+    greedy = dict(max_new_tokens=6, do_sample=False)
+    assert torch.equal(offloaded.generate(input_ids, **greedy), full.generate(input_ids, **greedy))
+
+
+def test_per_expert_checkpoint_names_are_read_through_transformers_conversion(tmp_path):
+    tiny_model("mixtral", seed=0).save_pretrained(tmp_path)
+    offloaded = offload(tmp_path, expert_memory="1MB")
+    source = moekit.moe_layers(offloaded)[0].experts.module._moekit_offload.source
+    assert set(source.per_expert) == {"gate_up_proj", "down_proj"} and not source.direct
+    patterns = source.per_expert["gate_up_proj"]
+    assert len(patterns) == 2 and all(len(names) == 8 for names in patterns.values())  # w1, w3 per expert
+    full = moekit.moe_layers(moekit.load(tmp_path))[0].experts
+    for expert in (0, 5):
+        read = source.read(expert)
+        assert torch.equal(read["gate_up_proj"].float(), full.module.gate_up_proj[expert])
+        assert torch.equal(read["down_proj"].float(), full.module.down_proj[expert])
+
+
+def test_a_budget_below_top_k_per_layer_is_refused_with_the_minimum():
+    model = tiny_model("qwen3_moe")
+    size, n_layers, k = _expert_bytes(model)
+    minimum = n_layers * k * size
+    with pytest.raises(MoekitError, match=f"minimum is {minimum:,} bytes"):
+        offload(model, expert_memory=minimum - 1)
+    offload(model, expert_memory=minimum)  # exactly the minimum is fine
+    with pytest.raises(MoekitError, match="not a size"):
+        offload(tiny_model("qwen3_moe"), expert_memory="lots")
+    with pytest.raises(MoekitError, match="not one of"):
+        offload(tiny_model("qwen3_moe"), expert_memory="1GB", policy="fifo")
+    with pytest.raises(MoekitError, match="stats="):
+        offload(tiny_model("qwen3_moe"), expert_memory="1GB", policy="prior")
+
+
+def test_a_folder_that_disappears_mid_run_is_a_clear_error(tmp_path, input_ids):
+    folder = tmp_path / "model"
+    tiny_model("mixtral", seed=0).save_pretrained(folder)
+    size, n_layers, k = _expert_bytes(tiny_model("mixtral"))
+    offloaded = offload(folder, expert_memory=k * size * n_layers)
+    _logits(offloaded, input_ids[:, :4])
+    shutil.rmtree(folder)
+    with pytest.raises(MoekitError, match="moved or deleted while running"):
+        _logits(offloaded, input_ids)
