@@ -221,15 +221,16 @@ class LayerCounts:
             tid = int(rows.vocab[u])
             return {"id": tid, "text": decode(tid) if decode else None}
 
-        per_expert = []
         share = both / rows.frequency.double()[:, None].clamp(min=1)  # of v's occurrences, the share routed to j
-        by_count = both.argsort(dim=0, descending=True, stable=True)  # ties in share: more occurrences first
-        for j in range(E):
-            order = by_count[:, j]
-            score = torch.where(frequent[order], share[order, j], torch.full_like(share[order, j], -1.0))
-            top = [int(order[i]) for i in score.argsort(descending=True, stable=True)[:TOP_TOKENS_PER_EXPERT]
-                   if score[i] > 0]
-            per_expert.append([{**token(u), "share": float(share[u, j]), "count": int(both[u, j])} for u in top])
+        # per expert: ids seen >= MIN_TOKEN_COUNT times by that share, ties to the more frequent
+        order = both.argsort(dim=0, descending=True, stable=True)  # [U, E]
+        ranked = torch.where(frequent[order], share.gather(0, order), torch.full_like(share, -1.0))
+        best = ranked.argsort(dim=0, descending=True, stable=True)[:TOP_TOKENS_PER_EXPERT]  # [n, E]
+        picked = order.gather(0, best)
+        ids, values = picked.T.tolist(), ranked.gather(0, best).T.tolist()
+        counts = both.gather(0, picked).long().T.tolist()
+        per_expert = [[{**token(u), "share": v, "count": c} for u, v, c in zip(ids[j], values[j], counts[j]) if v > 0]
+                      for j in range(E)]
         return {
             "lookup_agreement": st.token_lookup_agreement(fit, test, k),
             "static_agreement": st.static_recall(test.sum(0), k) if test.sum() > 0 else 0.0,

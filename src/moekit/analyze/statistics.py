@@ -44,8 +44,8 @@ def load_summary(count: torch.Tensor, gate: torch.Tensor, entropy_sum: float, to
         "gate_share": (gate / max(float(gate.sum()), 1e-30)).tolist(),
         "imbalance": float(count.max()) / mean if mean > 0 else 0.0,
         "cv": float(count.std(unbiased=False)) / mean if mean > 0 else 0.0,
-        "dead": [j for j in range(E) if count[j] == 0],
-        "near_dead": [j for j in range(E) if 0 < relative[j] < NEAR_DEAD],
+        "dead": (count == 0).nonzero().flatten().tolist(),
+        "near_dead": ((relative > 0) & (relative < NEAR_DEAD)).nonzero().flatten().tolist(),
         "entropy": entropy,
         "entropy_normalized": entropy / math.log(E) if E > 1 else 0.0,
     }
@@ -73,7 +73,8 @@ def top_pairs(coactivation: torch.Tensor, tokens: int, n: int = 10, min_count: i
     together = C[i, j]
     keep = together >= min_count
     i, j, together, values = i[keep], j[keep], together[keep], lift[i[keep], j[keep]]
-    order = sorted(range(len(values)), key=lambda n_: (-float(values[n_]), -float(together[n_])))[:n]
+    by_count = together.argsort(descending=True, stable=True)
+    order = by_count[values[by_count].argsort(descending=True, stable=True)][:n].tolist()
     return [{"experts": [int(i[o]), int(j[o])], "lift": float(values[o]), "together": int(together[o])}
             for o in order]
 
