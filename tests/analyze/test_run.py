@@ -192,3 +192,12 @@ def test_refusals():
                                                          num_key_value_heads=1, head_dim=16))
     with pytest.raises(MoekitError, match="not a Mixture-of-Experts"):
         analyze(dense, DATA, progress=False)
+
+
+def test_moekit_analyze_is_callable_whatever_was_imported_first():
+    """``moekit.analyze`` names the package too: after ``import moekit.analyze.report`` the
+    public call must still work."""
+    import moekit.analyze.report  # noqa: F401
+
+    result = moekit.analyze(tiny_model("mixtral"), DATA["low"], progress=False)
+    assert result.corpora[0]["name"] == "data" and result.summary["moe_layers"] == 3
