@@ -131,3 +131,15 @@ def test_a_per_layer_policy_missing_a_layer_is_refused(model, family):
         pytest.skip("refused")
     with pytest.raises(MoekitError, match="give a value for every MoE layer"):
         set_routing_policy(model, SkipPolicy(beta={999: 0.5}))
+
+
+def test_a_refused_policy_leaves_the_installed_one(input_ids):
+    model = moekit.load("moekit/ref-coarse")
+    set_routing_policy(model, SkipPolicy(beta=0.5))
+    expected = _logits(model, input_ids)
+    with pytest.raises(MoekitError, match="invalid routing policy: .*beta"):
+        set_routing_policy(model, {"kind": "skip", "beta": 2.0})
+    with pytest.raises(MoekitError, match="give a value for every MoE layer"):
+        set_routing_policy(model, SkipPolicy(beta={0: 0.1}))
+    assert torch.equal(_logits(model, input_ids), expected)
+    assert model.config.moekit_routing_policy == {"kind": "skip", "beta": 0.5}

@@ -47,19 +47,20 @@ def set_routing_policy(model: nn.Module, policy: _Policy | dict | None) -> None:
     from moekit.arch.discover import moe_layers
 
     layers = moe_layers(model)
+    if policy is not None:  # every check before anything changes: a refusal leaves the model as it was
+        policy = _validated(policy) if isinstance(policy, dict) else policy
+        for layer in layers:
+            _check(model, layer)
+            try:
+                policy.value_at(layer.index)
+            except KeyError as exc:
+                raise MoekitError(f"{exc.args[0]}; give a value for every MoE layer or one for all.") from None
     for layer in layers:
         _uninstall(layer.experts.module)
     if policy is None:
         if hasattr(model.config, POLICY_KEY):
             delattr(model.config, POLICY_KEY)
         return
-    policy = policy_from_dict(policy) if isinstance(policy, dict) else policy
-    for layer in layers:
-        _check(model, layer)
-        try:
-            policy.value_at(layer.index)
-        except KeyError as exc:
-            raise MoekitError(f"{exc.args[0]}; give a value for every MoE layer or one for all.") from None
     for layer in layers:
         _install(layer.experts.module, policy, layer.index, layer.num_experts, renormalizes(layer.router.spec))
     setattr(model.config, POLICY_KEY, policy.model_dump(mode="json"))
@@ -92,6 +93,18 @@ def _check(model: nn.Module, layer) -> None:
     if layer.router.spec.weight_on_input:
         raise MoekitError(f"{layer.family} scales its experts' input by the routing weight; a routing policy "
                           "cannot drop experts there.")
+
+
+def _validated(data: dict) -> _Policy:
+    from pydantic import ValidationError
+
+    from moekit.errors import validation_problems
+
+    try:
+        return policy_from_dict(data)
+    except ValidationError as exc:
+        raise MoekitError(f"invalid routing policy: {validation_problems(exc)}; the kinds are skip (beta), "
+                          "threshold (p, min_k, max_k) and kmin_threshold (kmin, t).") from None
 
 
 def routing_policy(model: nn.Module) -> _Policy | None:
