@@ -111,8 +111,8 @@ def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], si
     minimum = sum(capacity[i] * sizes[i] for i in capacity)
     if budget < minimum:
         raise MoekitError(f"expert_memory {budget:,} bytes is less than every MoE layer's top-k experts need at once: "
-                          f"the minimum is {minimum:,} bytes ({_human(minimum)}: {len(capacity)} layers × top-k × "
-                          f"{_human(max(sizes.values()))} per expert).")
+                          f"the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts of each of {len(capacity)} "
+                          f"layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}).")
     left = budget - minimum
     while True:
         open_layers = [i for i in capacity if capacity[i] < num_experts[i] and sizes[i] <= left]
@@ -216,3 +216,18 @@ def _install_prefetch(layers, states) -> None:
             state.prefetch([e for _, e in order])  # most-voted first: a cache too small takes those
 
         layer.block.register_forward_pre_hook(guess, with_kwargs=True)
+
+
+def routed_expert_bytes(config, dtype: torch.dtype = torch.float32) -> int:
+    """Bytes of all routed experts of the model ``config`` describes, in ``dtype`` (from a
+    skeleton on the ``meta`` device: nothing is read or allocated)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    from moekit.arch.discover import moe_layers
+
+    with init_empty_weights(include_buffers=False):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(p.numel() * size for layer in moe_layers(skeleton)
+               for p in layer.experts.module.parameters(recurse=False) if p.shape[0] == layer.num_experts)
