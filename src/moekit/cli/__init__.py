@@ -73,6 +73,7 @@ from moekit.cli import combine as _combine  # noqa: E402,F401
 from moekit.cli import compress as _compress  # noqa: E402,F401
 from moekit.cli import eval as _eval  # noqa: E402,F401
 from moekit.cli import inspect as _inspect  # noqa: E402,F401
+from moekit.cli import run as _run  # noqa: E402,F401
 from moekit.cli import split as _split  # noqa: E402,F401
 from moekit.cli import train as _train  # noqa: E402,F401
 from moekit.cli import upcycle as _upcycle  # noqa: E402,F401
