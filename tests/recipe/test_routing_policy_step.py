@@ -116,3 +116,16 @@ def test_a_global_parameter_meets_the_target_on_average(sources, tmp_path, famil
     assert abs(calls.overall() - 1.5) <= 0.05 * 1.5
     measured = report["steps"][0]["experts_per_token"]  # per layer, through the earlier layers' policies
     assert measured == pytest.approx({str(i): c for i, c in calls.per_layer().items()}, abs=1e-4)
+
+
+def test_a_policy_rides_along_with_quantization(sources, tmp_path):
+    moekit.compress(str(sources / "qwen3_moe"), {"steps": [
+        {"type": "quantize", "method": "rtn", "bits": 4, "group_size": 8},
+        {"type": "routing_policy", "policy": "threshold", "p": 0.5}]},
+        out_dir=tmp_path / "out", data=str(sources / "data"), progress=False, **CALIB)
+    model = moekit.load(str(tmp_path / "out"))
+    assert routing_policy(model).kind == "threshold"
+    rows = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / "qwen3_moe")), **CALIB).input_ids
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows)
+    assert calls.overall() < moekit.moe_layers(model)[0].top_k
