@@ -111,3 +111,17 @@ def test_prefetch_never_changes_outputs_and_reports_quality(family, input_ids):
     assert stats.prefetch_loads > 0
     assert 0 < stats.prefetch_precision <= 1 and 0 < stats.prefetch_recall <= 1
     assert plain.moekit_offload.prefetch_precision is None
+
+
+def test_per_layer_budgets_from_the_prior_go_where_routing_is_spread():
+    from moekit.runtime.offload import allocate
+
+    sizes, experts, top_k = {0: 10, 2: 10}, {0: 8, 2: 8}, {0: 2, 2: 2}
+    concentrated, flat = [100, 100, 1, 1, 1, 1, 1, 1], [1] * 8
+    assert allocate(60, experts, top_k, sizes) == {0: 3, 2: 3}  # no prior: even
+    assert allocate(60, experts, top_k, sizes, {0: concentrated, 2: flat}) == {0: 2, 2: 4}
+    model = tiny_model("qwen3_moe")
+    size = (32 * 32 + 32 * 16) * 4
+    offloaded = offload(model, expert_memory=6 * size, policy="prior",
+                        stats={0: torch.tensor(concentrated, dtype=torch.float), 2: torch.ones(8)})
+    assert offloaded.moekit_capacity == {0: 2, 2: 4}

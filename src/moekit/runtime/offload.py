@@ -14,7 +14,8 @@ it is given in memory (or is one of the built-in tiny models, which have no file
 Budget: ``expert_memory`` bytes of slots over all layers. Every layer first gets its top-k
 (a decoding token needs k experts at once; less is refused, naming the minimum), the rest
 goes slot by slot to the layer with the smallest resident fraction, so layers of different
-sizes (non-uniform outputs) share it fairly.
+sizes (non-uniform outputs) share it fairly — or, with the ``prior`` policy, to the layer
+where the slot pins the most calibration mass (`allocate`).
 
 Prefetch (mixtral-offloading's speculative gating): a forward pre-hook on MoE block l
 applies block l+1's router to block l's input and loads the guessed experts of l+1 before
@@ -80,8 +81,9 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     sizes = {L.index: sum(p[0].numel() for p in L.experts.module.parameters(recurse=False)
                           if p.shape[0] == L.num_experts) * torch.empty((), dtype=dtype).element_size()
              for L in layers}
-    capacity = allocate(budget, {L.index: L.num_experts for L in layers}, {L.index: L.top_k for L in layers}, sizes)
     priors = _priors(stats, layers) if policy == "prior" else {}
+    capacity = allocate(budget, {L.index: L.num_experts for L in layers}, {L.index: L.top_k for L in layers}, sizes,
+                        priors or None)
     counters = OffloadStats(record_trace=record_trace)
     register()
     states = []
@@ -101,8 +103,12 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     return model
 
 
-def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], sizes: dict[int, int]) -> dict[int, int]:
-    """Slots per layer for ``budget`` bytes (see the module docstring).
+def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], sizes: dict[int, int],
+             prior: dict[int, list[float]] | None = None) -> dict[int, int]:
+    """Slots per layer for ``budget`` bytes (see the module docstring). With a ``prior``
+    (per-layer expert scores) each slot past top-k goes where it pins the most of its
+    layer's score mass per byte — the next-best expert's share — so a layer whose routing
+    is concentrated on a few experts gets fewer slots than one spread over many.
 
     Raises:
         MoekitError: ``budget`` below Σ_l top_k_l × bytes per expert_l.
@@ -114,11 +120,17 @@ def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], si
                           f"the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts of each of {len(capacity)} "
                           f"layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}).")
     left = budget - minimum
+    if prior is not None:  # each layer's scores as shares of its mass, best first
+        ranked = {i: sorted((max(p, 0.0) / (sum(max(q, 0.0) for q in prior[i]) or 1.0) for p in prior[i]),
+                            reverse=True) for i in capacity}
     while True:
         open_layers = [i for i in capacity if capacity[i] < num_experts[i] and sizes[i] <= left]
         if not open_layers:
             return capacity
-        i = min(open_layers, key=lambda j: (capacity[j] / num_experts[j], j))
+        if prior is not None:
+            i = max(open_layers, key=lambda j: (ranked[j][capacity[j]] / sizes[j], -j))
+        else:
+            i = min(open_layers, key=lambda j: (capacity[j] / num_experts[j], j))
         capacity[i] += 1
         left -= sizes[i]
 
