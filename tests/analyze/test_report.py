@@ -62,3 +62,21 @@ def test_existing_folder_and_other_tokens_are_refused(folder, tmp_path):
     other = analyze(tiny_model("qwen3_moe"), {"a": DATA["b"], "b": DATA["a"]}, progress=False)
     with pytest.raises(MoekitError, match="different tokens"):
         compare(one, other)
+
+
+def test_compare_before_and_after_pruning():
+    """Layers with different expert counts compare by their summaries; the load distance,
+    defined only for the same experts, is left out."""
+    import copy
+
+    import moekit
+
+    model = tiny_model("qwen3_moe")
+    pruned = copy.deepcopy(model)
+    moekit.keep_experts(pruned, {layer.index: [0, 1, 2, 3] for layer in moekit.moe_layers(pruned)})
+    a, b = (analyze(m, DATA, progress=False) for m in (model, pruned))
+    result = compare(a, b)
+    assert [row["layer"] for row in result["layers"]] == [0, 2]
+    assert all(row["load_distance"] is None for row in result["layers"])
+    assert compare(a, a)["layers"][0]["load_distance"] == 0.0
+    assert b.layers[0]["num_experts"] == 4 and len(b.layers[0]["load"]["count"]) == 4
