@@ -225,6 +225,8 @@ def position(layers: list[dict], title: str) -> bytes:
     order = overall.argsort(descending=True)
     ratio = (shares / overall.clamp(min=1e-12))[:, order]
     image = b.imshow(_log2(ratio, 2.0), aspect="auto", cmap="RdBu_r", vmin=-2, vmax=2, interpolation="nearest")
+    if len(order) <= 32:
+        b.set_xticks(range(len(order)), order.tolist(), fontsize=7)
     b.set_xlabel("expert (most loaded first)")
     b.set_ylabel("position bucket")
     b.set_title(f"layer {worst['layer']}: share by bucket / overall share")
