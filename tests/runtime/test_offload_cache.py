@@ -39,6 +39,16 @@ def test_prior_pins_the_best_scored_experts():
     assert result.warm_loads[0] == 3  # 1, 3 and 2 start resident
     assert result.evictions == [(0, 2), (0, 0)]  # 0 evicts the lowest prior (2), then 2 evicts 0
     assert result.hits[0] == 2
+    # 4 slots, top-1: 1, 3, 2 pinned, 0 warm in the one slot that churns
+    trace = [("demand", 0, [e]) for e in (0, 4, 5, 4, 0, 1)]
+    result = simulate(trace, capacity=4, policy="prior", num_experts=6, prior={0: [0.1, 5.0, 0.2, 3.0, 0, 0]})
+    assert result.evictions == [(0, 0), (0, 4), (0, 5), (0, 4)]  # never a pinned one
+    assert result.hits[0] == 2  # the first 0 (warm) and 1 (pinned)
+    # two unpinned slots (top-2): LRU among them
+    result = simulate(trace, capacity=4, policy="prior", num_experts=6, prior={0: [0.1, 5.0, 0.2, 3.0, 0, 0]},
+                      top_k=2)
+    assert result.evictions == [(0, 2), (0, 0), (0, 5)]  # 2 unpinned now; 5 is older than 4 at the last 0
+    assert result.hits[0] == 3
 
 
 def test_a_request_larger_than_the_cache_is_planned_in_parts_resident_first():
@@ -62,7 +72,7 @@ def test_runtime_evictions_equal_the_simulation(policy, prefetch, input_ids):
     stats = offloaded.moekit_offload
     capacity = offloaded.moekit_capacity
     replay = simulate(stats.trace, capacity, policy, num_experts=8,
-                      prior={i: p.tolist() for i, p in prior.items()})
+                      prior={i: p.tolist() for i, p in prior.items()}, top_k=2)
     assert stats.evictions and replay.evictions == stats.evictions
     assert replay.hits == stats.hits and replay.misses == stats.misses
     assert sum(replay.prefetch_loads.values()) == stats.prefetch_loads

@@ -15,8 +15,10 @@ one with the smallest key; ties fall to the least recently used, then the lowest
 - ``lfu``: number of requests that needed the expert since the start (counts survive
   eviction, so an often-used expert that was pushed out comes back strong).
 - ``prior``: a fixed score per expert (selection frequency or gate mass from calibration):
-  the experts with the highest prior stay pinned, the rest of the slots churn. The cache
-  starts with the best-scored experts loaded (`warm`).
+  the ``capacity - top_k`` best-scored experts are pinned (evicted only when a request
+  needs more slots than the others offer, lowest score first); the remaining slots, at
+  least a token's top-k, churn by LRU. The cache starts with the best-scored experts
+  loaded (`warm`).
 
 A request needing more experts than there are slots (a long prefill) is split by `plan`
 into chunks of at most ``capacity`` experts, resident ones first, each chunk requested and
@@ -48,10 +50,11 @@ class LayerCache:
         capacity: slots (experts resident at once), 1..E.
         policy: one of `POLICIES`.
         prior: [E] scores (any floats, higher = keep), required by ``prior``.
+        top_k: slots the ``prior`` policy leaves unpinned (the layer's top-k).
     """
 
     def __init__(self, num_experts: int, capacity: int, policy: str = "lru",
-                 prior: Sequence[float] | None = None) -> None:
+                 prior: Sequence[float] | None = None, top_k: int = 1) -> None:
         if policy not in POLICIES:
             raise ValueError(f"policy {policy!r} is not one of {', '.join(POLICIES)}")
         if policy == "prior" and (prior is None or len(prior) != num_experts):
@@ -65,6 +68,10 @@ class LayerCache:
         self._clock = 0
         self._last: dict[int, int] = {}
         self._uses: dict[int, int] = {}
+        self.pinned: set[int] = set()
+        if self.prior is not None and policy == "prior":
+            best = sorted(range(num_experts), key=lambda e: (-self.prior[e], e))
+            self.pinned = set(best[:max(self.capacity - top_k, 0)])
 
     # -- decisions --------------------------------------------------------------------
     def plan(self, needed: Iterable[int]) -> list[list[int]]:
@@ -128,7 +135,9 @@ class LayerCache:
             return min(candidates, key=lambda e: (self._last.get(e, 0), e))
         if self.policy == "lfu":
             return min(candidates, key=lambda e: (self._uses.get(e, 0), self._last.get(e, 0), e))
-        return min(candidates, key=lambda e: (self.prior[e], self._last.get(e, 0), e))
+        # unpinned first, by LRU; a pinned expert only when nothing else can go, lowest score first
+        return min(candidates, key=lambda e: (e in self.pinned, self.prior[e] if e in self.pinned else 0.0,
+                                              self._last.get(e, 0), e))
 
 
 @dataclass
@@ -149,7 +158,8 @@ class SimResult:
 
 
 def simulate(trace: Iterable[tuple[str, int, Sequence[int]]], capacity: int | dict[int, int], policy: str,
-             *, num_experts: int | dict[int, int], prior: dict[int, Sequence[float]] | None = None) -> SimResult:
+             *, num_experts: int | dict[int, int], prior: dict[int, Sequence[float]] | None = None,
+             top_k: int | dict[int, int] = 1) -> SimResult:
     """Replay ``trace`` on fresh caches.
 
     Args:
@@ -157,7 +167,7 @@ def simulate(trace: Iterable[tuple[str, int, Sequence[int]]], capacity: int | di
             (split by `LayerCache.plan` as the runtime splits it) — and ``("prefetch",
             layer, experts)``, in the order they happened. `OffloadStats.trace` records
             exactly this.
-        capacity, num_experts: per layer (a dict) or the same for all.
+        capacity, num_experts, top_k: per layer (a dict) or the same for all.
         prior: per-layer scores for the ``prior`` policy.
     """
     caches: dict[int, LayerCache] = {}
@@ -167,7 +177,8 @@ def simulate(trace: Iterable[tuple[str, int, Sequence[int]]], capacity: int | di
         if layer not in caches:
             cap = capacity[layer] if isinstance(capacity, dict) else capacity
             e = num_experts[layer] if isinstance(num_experts, dict) else num_experts
-            caches[layer] = LayerCache(e, cap, policy, prior[layer] if prior is not None else None)
+            k = top_k[layer] if isinstance(top_k, dict) else top_k
+            caches[layer] = LayerCache(e, cap, policy, prior[layer] if prior is not None else None, top_k=k)
             result.warm_loads[layer] = len(caches[layer].warm().loads)
         return caches[layer]
 

@@ -88,7 +88,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     register()
     states = []
     for layer in layers:
-        cache = LayerCache(layer.num_experts, capacity[layer.index], policy, priors.get(layer.index))
+        cache = LayerCache(layer.num_experts, capacity[layer.index], policy, priors.get(layer.index),
+                           top_k=layer.top_k)
         state = OffloadedExperts(layer.experts.module, layer.index, sources[layer.index], cache, device=device,
                                  dtype=dtype, stats=counters)
         layer.experts.module._moekit_offload = state
