@@ -73,7 +73,8 @@ def test_per_expert_checkpoint_names_are_read_through_transformers_conversion(tm
     assert len(patterns) == 2 and all(len(names) == 8 for names in patterns.values())  # w1, w3 per expert
     full = moekit.moe_layers(moekit.load(tmp_path))[0].experts
     for expert in (0, 5):
-        read = source.read(expert)
+        with source.reading():
+            read = source.read(expert)
         assert torch.equal(read["gate_up_proj"].float(), full.module.gate_up_proj[expert])
         assert torch.equal(read["down_proj"].float(), full.module.down_proj[expert])
 

@@ -15,14 +15,18 @@ parameters without their leading E; GPT-OSS's biases included) — reading nothi
   `moekit.io.layered` does for a whole layer), and runs that converter on expert ``e``'s
   tensors alone: stacking one expert gives the fused tensor with E = 1, i.e. its slice.
 
-Files are opened for each read and closed after, for the reason `Checkpoint.read` gives
-(mapped pages left open count as resident memory); a file that vanished mid-run is
-reported as such (`MoekitError`), not as a crash deep in safetensors.
+Files are opened once per cache request (`reading`: every miss of one experts call shares
+the open file; opening parses the whole safetensors header, measured at ~1 ms per open on
+a reference model, most of a miss's time) and closed after, for the reason
+`Checkpoint.read` gives (mapped pages left open count as resident memory); a file that
+vanished mid-run is reported as such (`MoekitError`), not as a crash deep in safetensors.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+from collections.abc import Iterator
 
 import torch
 
@@ -37,6 +41,10 @@ class MemoryExperts:
 
     def read(self, expert: int) -> dict[str, torch.Tensor]:
         return {name: t[expert] for name, t in self.tensors.items()}
+
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        yield
 
 
 class DiskExperts:
@@ -66,6 +74,7 @@ class DiskExperts:
         )
 
         self.checkpoint = checkpoint
+        self._handles: dict | None = None  # file -> open safe_open, inside `reading`
         self.path = path
         self.shapes = shapes
         mapping = [] if native else (get_model_conversion_mapping(model) or [])
@@ -88,7 +97,8 @@ class DiskExperts:
                 self.direct[param] = key
             else:
                 self.per_expert.setdefault(param, {}).setdefault(pattern, []).append(key)
-                self.converter[param] = by_pattern[pattern]
+                if param not in self.converter:  # one private copy, reused: a convert empties what it collected
+                    self.converter[param] = copy.deepcopy(by_pattern[pattern])
         for name, shape in shapes.items():
             if name not in self.direct and name not in self.per_expert:
                 raise MoekitError(f"{checkpoint.folder}: no tensor of the checkpoint becomes {path}.{name}; "
@@ -98,13 +108,35 @@ class DiskExperts:
                     raise MoekitError(f"{checkpoint.folder}: {len(keys)} tensors match {pattern!r} for "
                                       f"{path}.{name}, which has {shape[0]} experts.")
 
+    @contextlib.contextmanager
+    def reading(self) -> Iterator[None]:
+        """Reads inside the block share one open handle per file, closed on exit."""
+        self._handles = {}
+        try:
+            with contextlib.ExitStack() as stack:
+                self._stack = stack
+                yield
+        finally:
+            self._handles = None
+
+    def _handle(self, file):
+        from safetensors import safe_open
+
+        if self._handles is None:
+            raise RuntimeError("DiskExperts.read outside reading()")
+        if file not in self._handles:
+            self._handles[file] = self._stack.enter_context(safe_open(str(file), framework="pt"))
+        return self._handles[file]
+
     def read(self, expert: int) -> dict[str, torch.Tensor]:
-        """Expert ``expert``'s slice of each fused parameter, in the stored dtype."""
+        """Expert ``expert``'s slice of each fused parameter, in the stored dtype (inside
+        `reading`)."""
         out = {}
         for name, key in self.direct.items():
             out[name] = self._read(key, expert)
         for name, patterns in self.per_expert.items():
-            converter = copy.deepcopy(self.converter[name])
+            converter = self.converter[name]
+            converter.collected_tensors.clear()
             target = f"{self.path}.{name}"
             for pattern, keys in patterns.items():
                 converter.add_tensor(target, keys[expert], pattern, lambda k=keys[expert]: self._read(k, None))
@@ -118,17 +150,15 @@ class DiskExperts:
 
     def _read(self, key: str, index: int | None) -> torch.Tensor:
         """Stored tensor ``key`` (``index``: only its slice ``[index]``)."""
-        from safetensors import safe_open
-
         entry = self.checkpoint.tensors[key]
         try:
             if key in self.checkpoint.packed:  # compressed-tensors: decompressed whole (small packed)
                 tensor = self.checkpoint.read([key])[key]
                 return tensor if index is None else tensor[index].clone()
-            with safe_open(str(entry.file), framework="pt") as handle:
-                if index is None:
-                    return handle.get_tensor(key).clone()
-                return handle.get_slice(key)[index].clone()
+            handle = self._handle(entry.file)
+            if index is None:
+                return handle.get_tensor(key).clone()
+            return handle.get_slice(key)[index].clone()
         except MoekitError:
             raise
         except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own errors: the folder changed under us

@@ -75,10 +75,12 @@ class OffloadedExperts:
         """Copy the loaded experts into their slots; returns bytes moved."""
         for expert in step.evictions:
             self.slot_table[expert] = self.cache.capacity
-        for expert, slot in step.loads:
-            for name, tensor in self.source.read(expert).items():
-                self.slots[name][slot].copy_(tensor)  # casts the stored dtype to the compute dtype exactly
-            self.slot_table[expert] = slot
+        if step.loads:
+            with self.source.reading():
+                for expert, slot in step.loads:
+                    for name, tensor in self.source.read(expert).items():
+                        self.slots[name][slot].copy_(tensor)  # casts the stored dtype to the compute dtype exactly
+                    self.slot_table[expert] = slot
         self.stats.evictions.extend((self.layer, e) for e in step.evictions)
         return len(step.loads) * self.expert_bytes
 
