@@ -62,3 +62,32 @@ def test_drop_blocks_renumbers_the_cache_and_the_config():
         out = model(IDS[:, :-1], use_cache=True)
         step = model(IDS[:, -1:], cache=out["cache"], use_cache=True).logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
+
+
+def test_drop_blocks_renumbers_a_per_layer_routing_policy(tmp_path):
+    policy = {"kind": "skip", "beta": {0: 0.9, 2: 0.0}}
+    model = tiny_model("qwen3_moe")
+    moekit.set_routing_policy(model, policy)
+    drop_blocks(model, [1])
+    assert model.config.moekit_routing_policy["beta"] == {"0": 0.9, "1": 0.0}
+    reference = tiny_model("qwen3_moe")  # the original, with the policy, run without layer 1
+    moekit.set_routing_policy(reference, policy)
+    reference.model.layers[1] = _Skip(reference.model.layers[1])
+    reloaded = moekit.load(moekit.save(model, tmp_path / "out"))
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(IDS).logits, reference(IDS).logits, rtol=0, atol=1e-6)
+
+
+class _Skip(torch.nn.Module):
+    def __init__(self, layer):
+        super().__init__()
+        self.wrapped = [layer]
+
+    def __getattr__(self, name):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.wrapped[0], name)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states

@@ -23,6 +23,7 @@ from moekit.errors import MoekitError
 _LAYER_SETTINGS = ("layer_type", "attention_type", "sliding_window", "use_rope", "is_moe_layer", "is_sliding")
 _MOEKIT_PER_LAYER = ("moekit_num_experts_per_layer", "moekit_top_k_per_layer")
 _DROPPED_MLP = "moekit_dropped_mlp_layers"
+_POLICY = "moekit_routing_policy"  # `moekit.runtime.routing_policy`
 
 
 def skeleton(config) -> nn.Module:
@@ -136,6 +137,11 @@ def renumbered_config(config, kept: list[int]):
         per_layer = getattr(config, key, None)
         if per_layer:
             setattr(out, key, {str(new_of[int(i)]): v for i, v in per_layer.items() if int(i) in new_of})
+    policy = getattr(config, _POLICY, None)  # a routing policy's per-layer values, keyed by decoder layer
+    if isinstance(policy, dict):
+        setattr(out, _POLICY, {key: {str(new_of[int(i)]): v for i, v in value.items() if int(i) in new_of}
+                               if isinstance(value, dict) and all(str(i).isdigit() for i in value) else value
+                               for key, value in policy.items()})
     dropped = getattr(config, _DROPPED_MLP, None)
     if dropped:
         setattr(out, _DROPPED_MLP, [new_of[int(i)] for i in dropped if int(i) in new_of])
