@@ -103,3 +103,16 @@ def test_a_folder_that_disappears_mid_run_is_a_clear_error(tmp_path, input_ids):
     shutil.rmtree(folder)
     with pytest.raises(MoekitError, match="moved or deleted while running"):
         _logits(offloaded, input_ids)
+
+
+def test_reference_models_from_files_equal_the_full_model(input_ids):
+    for name in ("moekit/ref-fine", "moekit/ref-coarse"):
+        full = moekit.load(name)
+        layers = moekit.moe_layers(full)
+        size = sum(p[0].numel() for p in layers[0].experts.module.parameters(recurse=False)) * 4
+        offloaded = offload(name, expert_memory=layers[0].top_k * size * len(layers), prefetch=True)
+        assert set(offloaded.moekit_capacity.values()) == {layers[0].top_k}
+        ids = input_ids[:1, :8]
+        assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
+        greedy = dict(max_new_tokens=8, do_sample=False)
+        assert torch.equal(offloaded.generate(ids, **greedy), full.generate(ids, **greedy))
