@@ -8,8 +8,9 @@ each target fraction: the three calibrated policies (`routing_policy` with
 (prune-25, prune-50 presets, which keep top-k: fewer experts held, not fewer computed).
 Each is compressed from the shipped model (calibration: 64 × 256 tokens of stdlib:calib),
 evaluated on 32768 tokens spread over stdlib:eval (rows of 256, streamed), and timed with
-`moekit.eval.speed.measure_speed` (prefill 512, decode 128 with the KV cache, median of
-5 runs, one thread).
+`moekit.eval.speed.measure_speed` (a prefill of the first 512 tokens of stdlib:eval, then
+128 greedy decode steps with the KV cache; median of 5 rounds, the variants timed
+round-robin; one thread).
 
 ``--synthetic`` times the same policies on a synthetic checkpoint with Qwen3-30B-A3B's layer
 shapes (hidden 2048, 64 experts of width 768, top-8; random weights: speed only), written to
@@ -91,10 +92,14 @@ def speeds(models: dict[str, Callable[[], torch.nn.Module]], runs: int) -> dict[
 
     from moekit.eval.speed import measure_speed
 
+    from moekit.data.tokens import evaluation_stream, tokenizer_for
+
+    # real text: a policy's work depends on how confidently the router routes it
+    prompt = evaluation_stream("stdlib:eval", tokenizer_for("moekit/ref-fine")).input_ids[None, :512]
     timings: dict[str, list] = {name: [] for name in models}
     for round_ in range(runs + 1):
         for name, ready in models.items():
-            timing = measure_speed(ready(), prefill=512, decode=128, runs=1, warmup=0)
+            timing = measure_speed(ready(), prefill=512, decode=128, runs=1, warmup=0, prompt=prompt)
             if round_:
                 timings[name].append(timing)
     return {name: {"prefill_tokens_per_s": statistics.median(t.prefill_tokens_per_s for t in runs_),

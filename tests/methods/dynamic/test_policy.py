@@ -86,6 +86,15 @@ def test_calibration_hits_the_target_within_two_percent(policy, target):
         kept_per_token(policy, weights[:1], value))
 
 
+@pytest.mark.parametrize("policy", [SkipPolicy(beta=0.5), ThresholdPolicy(p=0.5), KminThresholdPolicy(t=0.5)])
+@pytest.mark.parametrize("target", [1.0, 4.0])
+def test_calibration_to_the_ends_gives_a_valid_parameter(policy, target):
+    weights = [torch.softmax(torch.randn(500, 8, generator=torch.Generator().manual_seed(1)), -1).topk(4).values]
+    value, achieved = calibrate_value(policy, weights, target)
+    assert achieved == target
+    assert policy.with_value(value).keep(weights[0], 0).sum(-1).float().mean() == target  # validates the value
+
+
 @pytest.mark.parametrize(("data", "message"), [
     ({"kind": "skip", "beta": 1.5}, "beta must be in [0, 1]"),
     ({"kind": "skip", "beta": {"2": -0.1}}, "beta must be in [0, 1]"),

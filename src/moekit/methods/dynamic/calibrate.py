@@ -39,7 +39,7 @@ def calibrate_value(policy: _Policy, weights: list[torch.Tensor], target: float)
     if not weights or sum(w.shape[0] for w in weights) == 0:
         raise MoekitError("no calibration tokens reached this layer; give more calibration data.")
     check_target(policy, target, weights[0].shape[-1])
-    low, high = 0.0, 1.0
+    low, high = policy.lowest, 1.0
     # orient so that moving `low` up lowers the count
     above = (lambda v: kept_per_token(policy, weights, v) < target) if policy.more_when_higher else \
         (lambda v: kept_per_token(policy, weights, v) > target)

@@ -31,6 +31,7 @@ class _Policy(BaseModel):
 
     free: ClassVar[str]  # the parameter calibration sets
     more_when_higher: ClassVar[bool]  # does a higher free parameter keep more experts?
+    lowest: ClassVar[float] = 0.0  # the free parameter's smallest valid value
 
     def value_at(self, layer: int) -> float:
         """The free parameter's value in decoder layer ``layer``."""
@@ -86,6 +87,7 @@ class ThresholdPolicy(_Policy):
     max_k: int | None = Field(default=None, ge=1)
     free: ClassVar[str] = "p"
     more_when_higher: ClassVar[bool] = True
+    lowest: ClassVar[float] = 1e-6  # p = 0 is no threshold; just above it keeps min_k
 
     @field_validator("p")
     @classmethod
