@@ -1,0 +1,55 @@
+"""moekit's own outputs offload too: non-uniform expert counts (moekit format, fused names on
+disk) and quantized compressed-tensors checkpoints (experts dequantized as they are read);
+logits equal `moekit.load`'s."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import moekit
+from moekit.io.save import write_checkpoint
+from moekit.runtime.offload import offload
+from moekit.zoo.tiny import tiny_model
+from tests.checkpoints import write_checkpoints
+
+
+def _logits(model, ids):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+def _expert_bytes(model) -> int:
+    layer = moekit.moe_layers(model)[0]
+    return sum(p[0].numel() for p in layer.experts.module.parameters(recurse=False)) * 4
+
+
+@pytest.mark.parametrize("family", ["mixtral", "gpt_oss"])
+def test_non_uniform_expert_counts(family, tmp_path, input_ids):
+    model = tiny_model(family, seed=0)
+    layers = moekit.moe_layers(model)
+    moekit.keep_experts(model, {layers[0].index: [0, 2, 3, 5, 7], layers[-1].index: [1, 2, 3, 4, 5, 6]})
+    assert write_checkpoint(model, tmp_path) == "moekit-nonuniform"
+    full = moekit.load(tmp_path)
+    offloaded = offload(tmp_path, expert_memory=3 * _expert_bytes(full) * len(layers))
+    assert [L.num_experts for L in moekit.moe_layers(offloaded)] == [5, 8, 6]
+    assert offloaded.moekit_capacity == {0: 2, 1: 4, 2: 3}  # 9 slots, shared by resident fraction
+    assert torch.equal(_logits(offloaded, input_ids), _logits(full, input_ids))
+
+
+def test_quantized_checkpoint_is_dequantized_into_the_cache(tmp_path):
+    sources = write_checkpoints(tmp_path, ["qwen3_moe"], documents=4)
+    out = tmp_path / "w4"
+    moekit.compress(str(sources / "qwen3_moe"), {"steps": [{"type": "quantize", "bits": 4, "group_size": 8}]},
+                    out_dir=out, data=str(sources / "data"), n_samples=4, seq_len=32, progress=False)
+    full = moekit.load(out)
+    offloaded = offload(out, expert_memory=2 * _expert_bytes(full) * 2, prefetch=True)
+    source = moekit.moe_layers(offloaded)[0].experts.module._moekit_offload.source
+    assert set(source.per_expert) == {"gate_up_proj", "down_proj"}
+    assert any(key in source.checkpoint.packed for p in source.per_expert.values() for keys in p.values()
+               for key in keys)  # the experts are read packed and decompressed
+    ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
+    assert Path(out, "model.safetensors").is_file()
