@@ -94,11 +94,12 @@ def test_a_budget_below_top_k_per_layer_is_refused_with_the_minimum():
         offload(tiny_model("qwen3_moe"), expert_memory="1GB", policy="prior")
 
 
-def test_a_folder_that_disappears_mid_run_is_a_clear_error(tmp_path, input_ids):
+@pytest.mark.parametrize("prefetch", [False, True])  # True: the failed read is on the background thread
+def test_a_folder_that_disappears_mid_run_is_a_clear_error(tmp_path, input_ids, prefetch):
     folder = tmp_path / "model"
     tiny_model("mixtral", seed=0).save_pretrained(folder)
     size, n_layers, k = _expert_bytes(tiny_model("mixtral"))
-    offloaded = offload(folder, expert_memory=k * size * n_layers)
+    offloaded = offload(folder, expert_memory=k * size * n_layers, prefetch=prefetch)
     _logits(offloaded, input_ids[:, :4])
     shutil.rmtree(folder)
     with pytest.raises(MoekitError, match="moved or deleted while running"):

@@ -19,8 +19,9 @@ where the slot pins the most calibration mass (`allocate`).
 
 Prefetch (mixtral-offloading's speculative gating): a forward pre-hook on MoE block l
 applies block l+1's router to block l's input and loads the guessed experts of l+1 before
-l+1 runs. Loading is synchronous here (same thread), so on CPU it moves bytes earlier, not
-in parallel; it never changes outputs, only what is resident.
+l+1 runs. What to load (and evict) is decided on the caller's thread, so counters and
+evictions are deterministic; the copies run on one background thread, and layer l+1's call
+waits for its own before computing, so it never changes outputs, only what is resident.
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from moekit.runtime.offload_stats import OffloadStats
 
 def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, device: str | torch.device = "cpu",
             policy: str = "lru", prefetch: bool = False, stats=None, dtype: torch.dtype = torch.float32,
-            record_trace: bool = True) -> nn.Module:
+            record_trace: bool = True, background: bool = True) -> nn.Module:
     """A model ready for ``generate`` with its routed experts offloaded.
 
     Args:
@@ -52,6 +53,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
             ``{layer: [E] scores}``.
         dtype: compute dtype of the non-expert weights and of the cache.
         record_trace: keep every cache request in ``model.moekit_offload.trace``.
+        background: prefetch copies on a background thread (the cache's decisions stay on
+            the caller's thread, so counters and evictions do not depend on timing).
 
     Returns:
         The model; ``model.moekit_offload`` is its `OffloadStats`.
@@ -98,6 +101,11 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         states[0].first = True
     model.config._experts_implementation = IMPLEMENTATION
     if prefetch:
+        from concurrent.futures import ThreadPoolExecutor
+
+        loader = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moekit-prefetch") if background else None
+        for state in states:
+            state.loader = loader
         _install_prefetch(layers, states)
     model.moekit_offload = counters
     model.moekit_capacity = capacity

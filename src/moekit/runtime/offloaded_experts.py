@@ -57,6 +57,8 @@ class OffloadedExperts:
         self.num_experts = cache.num_experts
         self.first = False  # set on the shallowest offloaded layer: it counts tokens
         self.guess: set[int] | None = None  # the prefetch guess for the next call
+        self.loader = None  # a one-thread executor: prefetch copies in the background
+        self.pending = None  # its copy for this layer not yet waited for
         self.params = {name: p for name, p in module.named_parameters(recurse=False) if p.shape[0] == self.num_experts}
         self.slots = {name: nn.Parameter(torch.empty((cache.capacity, *p.shape[1:]), device=device, dtype=dtype),
                                          requires_grad=False) for name, p in self.params.items()}
@@ -71,8 +73,24 @@ class OffloadedExperts:
         stats.warm_bytes += len(warm.loads) * self.expert_bytes
 
     # -- cache traffic ----------------------------------------------------------------
-    def _apply(self, step: Step) -> int:
-        """Copy the loaded experts into their slots; returns bytes moved."""
+    def _apply(self, step: Step, background=None) -> int:
+        """Record ``step`` and copy its loaded experts into their slots (on ``background``, a
+        one-thread executor, when given: the next call of this layer waits for it, so the
+        copy overlaps whatever runs until then); returns bytes moved."""
+        self.stats.evictions.extend((self.layer, e) for e in step.evictions)  # here: in the order decided
+        if background is not None and step.loads:
+            self._wait()
+            self.pending = background.submit(self._copy, step)
+        else:
+            self._copy(step)
+        return len(step.loads) * self.expert_bytes
+
+    def _wait(self) -> None:
+        if self.pending is not None:
+            pending, self.pending = self.pending, None
+            pending.result()  # re-raises a failed read (a vanished folder) here, in the caller
+
+    def _copy(self, step: Step) -> None:
         for expert in step.evictions:
             self.slot_table[expert] = self.cache.capacity
         if step.loads:
@@ -81,8 +99,6 @@ class OffloadedExperts:
                     for name, tensor in self.source.read(expert).items():
                         self.slots[name][slot].copy_(tensor)  # casts the stored dtype to the compute dtype exactly
                     self.slot_table[expert] = slot
-        self.stats.evictions.extend((self.layer, e) for e in step.evictions)
-        return len(step.loads) * self.expert_bytes
 
     def prefetch(self, experts: list[int]) -> None:
         """Load guessed experts before the call that needs them (counted as moved bytes)."""
@@ -91,7 +107,7 @@ class OffloadedExperts:
         if self.stats.record_trace:
             self.stats.trace.append(("prefetch", self.layer, list(experts[:self.cache.capacity])))
         self.stats.prefetch_loads += len(step.loads)
-        self.stats.bytes_moved += self._apply(step)
+        self.stats.bytes_moved += self._apply(step, self.loader)
         self.guess = set(experts)
 
     def _request(self, experts: list[int]) -> None:
@@ -104,6 +120,7 @@ class OffloadedExperts:
     def forward(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+        self._wait()  # a background prefetch into this layer's slots must land first
         needed = sorted(i for i in top_k_index.unique().tolist() if i < self.num_experts)
         if self.first:
             self.stats.tokens += hidden.shape[0]
