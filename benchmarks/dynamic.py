@@ -66,7 +66,7 @@ def build(model: str, recipe, out: Path) -> Path:
     if recipe is None:
         return check_model(model)
     if not out.is_dir():
-        moekit.compress(model, recipe, out_dir=out, n_samples=64, seq_len=256, progress=False)
+        moekit.compress(model, recipe, out_dir=out, n_samples=64, seq_len=256, progress=False, resume=True)
     return out
 
 
