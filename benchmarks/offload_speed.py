@@ -1,0 +1,144 @@
+"""Offloaded inference, wall clock on CPU with the disk tier: moekit against transformers +
+accelerate's own disk offload at the same memory budget, and the model fully in memory.
+
+    python benchmarks/synthetic.py /tmp/offload-syn --layers 8 --hidden 1024 --experts 32 --expert-width 512 --top-k 4
+    python benchmarks/offload_speed.py /tmp/offload-syn [--resident 0.25] [--new-tokens 16]
+
+Budget: ``--resident`` of the routed experts in fp32 for moekit's ``expert_memory``; for
+accelerate, ``max_memory={"cpu": that + every non-expert weight in fp32}`` with an
+``offload_folder`` (``device_map="auto"`` puts whole decoder layers on disk when they do not
+fit). Each configuration runs in its own process, so its peak RSS (VmHWM) is its own:
+prefill of a 16-token prompt, then ``--new-tokens`` greedy tokens; decode tokens/s is timed
+from the first new token to the last. A synthetic model's random weights route with no
+locality: the worst case for every cache. Writes benchmarks/results/offload_speed.json and
+prints a Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results" / "offload_speed.json"
+KINDS = ["full", "accelerate", "moekit", "moekit-prefetch"]
+
+
+def _vm_hwm() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def budgets(folder: str, resident: float) -> tuple[int, int]:
+    """(expert_memory, non-expert fp32 bytes)."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from moekit.runtime.offload import routed_expert_bytes
+
+    config = AutoConfig.from_pretrained(folder)
+    with init_empty_weights():
+        skeleton = AutoModelForCausalLM.from_config(config)
+    total = sum(p.numel() for p in skeleton.parameters()) * 4
+    experts = routed_expert_bytes(config, torch.float32)
+    return int(experts * resident), total - experts
+
+
+def one(kind: str, folder: str, resident: float, new_tokens: int) -> dict:
+    import torch
+    from transformers.generation.streamers import BaseStreamer
+
+    torch.set_num_threads(1)
+    expert_memory, rest = budgets(folder, resident)
+    start = time.perf_counter()
+    if kind == "full":
+        import moekit
+
+        model = moekit.load(folder)
+    elif kind == "accelerate":
+        from transformers import AutoModelForCausalLM
+
+        model = AutoModelForCausalLM.from_pretrained(folder, device_map="auto", dtype=torch.float32,
+                                                     max_memory={"cpu": expert_memory + rest},
+                                                     offload_folder=tempfile.mkdtemp(prefix="moekit-acc-"))
+    else:
+        import moekit
+
+        model = moekit.offload(folder, expert_memory=expert_memory, prefetch=kind == "moekit-prefetch",
+                               record_trace=False)
+    load_s = time.perf_counter() - start
+
+    class Times(BaseStreamer):
+        def __init__(self):
+            self.times = []
+
+        def put(self, value):
+            self.times.append(time.perf_counter())
+
+        def end(self):
+            pass
+
+    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    times = Times()
+    start = time.perf_counter()
+    with torch.no_grad():
+        model.generate(ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=times)
+    new = times.times[1:]  # the first put is the prompt
+    out = {"kind": kind, "load_s": load_s, "prefill_s": new[0] - start,
+           "decode_tokens_per_s": (len(new) - 1) / (new[-1] - new[0]), "peak_rss_bytes": _vm_hwm(),
+           "expert_memory": expert_memory, "non_expert_bytes": rest}
+    if kind.startswith("moekit"):
+        out.update(model.moekit_offload.as_dict())
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("folder")
+    parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--one", choices=KINDS)
+    args = parser.parse_args()
+    if args.one:
+        print(json.dumps(one(args.one, args.folder, args.resident, args.new_tokens)))
+        return
+    runs = []
+    for kind in KINDS:
+        done = subprocess.run([sys.executable, __file__, args.folder, "--resident", str(args.resident),
+                               "--new-tokens", str(args.new_tokens), "--one", kind],
+                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+        if done.returncode != 0:
+            runs.append({"kind": kind, "error": done.stderr.strip().splitlines()[-1]})
+            continue
+        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    config = json.loads(Path(args.folder, "config.json").read_text())
+    report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
+              "model": {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "num_experts", "num_local_experts",
+                                                    "moe_intermediate_size", "num_experts_per_tok")},
+              "resident": args.resident, "new_tokens": args.new_tokens, "runs": runs}
+    RESULTS.parent.mkdir(exist_ok=True)
+    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+    print("| run | load s | prefill s | decode tokens/s | peak RSS MiB | hit rate | MiB moved/token |")
+    print("|---|---|---|---|---|---|---|")
+    for r in runs:
+        if "error" in r:
+            print(f"| {r['kind']} | failed: {r['error']} | | | | | |")
+            continue
+        hit = f"{r['hit_rate']:.1%}" if "hit_rate" in r else ""
+        moved = f"{r['bytes_moved_per_token'] / 2**20:.1f}" if "bytes_moved_per_token" in r else ""
+        print(f"| {r['kind']} | {r['load_s']:.1f} | {r['prefill_s']:.2f} | {r['decode_tokens_per_s']:.2f} | "
+              f"{r['peak_rss_bytes'] / 2**20:.0f} | {hit} | {moved} |")
+
+
+if __name__ == "__main__":
+    main()
