@@ -53,3 +53,23 @@ def test_quantized_checkpoint_is_dequantized_into_the_cache(tmp_path):
     ids = torch.randint(3, 200, (2, 12), generator=torch.Generator().manual_seed(0))
     assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
     assert Path(out, "model.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
+def test_a_routing_policy_composes_skipped_experts_are_never_loaded(family, input_ids):
+    from moekit.methods.dynamic.policy import SkipPolicy
+    from moekit.runtime.routing_policy import set_routing_policy
+
+    full = tiny_model(family, seed=0)
+    set_routing_policy(full, SkipPolicy(beta=0.9))
+    offloaded = offload(tiny_model(family, seed=0), expert_memory=2 * _expert_bytes(full) * 2)
+    set_routing_policy(offloaded, SkipPolicy(beta=0.9))  # installed after offloading: its hook runs first
+    assert torch.equal(_logits(offloaded, input_ids), _logits(full, input_ids))
+    plain = offload(tiny_model(family, seed=0), expert_memory=2 * _expert_bytes(full) * 2)
+    for model in (offloaded, plain):
+        model.moekit_offload.reset()
+        for token in input_ids[0]:  # one token per call: a call needs exactly that token's kept experts
+            _logits(model, token.view(1, 1))
+    kept = [len(e) for _, _, e in offloaded.moekit_offload.trace]
+    routed = [len(e) for _, _, e in plain.moekit_offload.trace]
+    assert all(a <= b for a, b in zip(kept, routed)) and sum(kept) < sum(routed)  # the sentinel E is no expert
