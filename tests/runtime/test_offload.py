@@ -92,6 +92,8 @@ def test_a_budget_below_top_k_per_layer_is_refused_with_the_minimum():
         offload(tiny_model("qwen3_moe"), expert_memory="1GB", policy="fifo")
     with pytest.raises(MoekitError, match="stats="):
         offload(tiny_model("qwen3_moe"), expert_memory="1GB", policy="prior")
+    with pytest.raises(MoekitError, match="already offloaded"):
+        offload(model, expert_memory="1GB")
 
 
 @pytest.mark.parametrize("prefetch", [False, True])  # True: the failed read is on the background thread

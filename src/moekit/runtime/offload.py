@@ -173,6 +173,9 @@ def _open(model, *, device: torch.device, dtype: torch.dtype):
     if isinstance(model, (str, os.PathLike)) and str(model).startswith(TINY_PREFIX):
         model = load(str(model), dtype=dtype)
     if isinstance(model, nn.Module):
+        if any(hasattr(L.experts.module, "_moekit_offload") for L in moe_layers(model)):
+            raise MoekitError("this model is already offloaded (its experts are not in it any more); offload the "
+                              "original model or its folder.")
         sources = {}
         for layer in moe_layers(model):
             module = layer.experts.module
