@@ -129,3 +129,26 @@ def test_a_policy_rides_along_with_quantization(sources, tmp_path):
     with counting_expert_calls(model) as calls, torch.no_grad():
         model(rows)
     assert calls.overall() < moekit.moe_layers(model)[0].top_k
+
+
+def test_the_skip_presets_are_the_best_policy_measured(tmp_path):
+    """BENCHMARKS.md: top-p (threshold) had the smallest perplexity increase of the three
+    policies at 75% and at 50% of the expert calls on ref-fine (on ref-coarse, top-2, the
+    three rules coincide)."""
+    from moekit.recipe import load_recipe
+
+    for name, fraction in (("skip-75", 0.75), ("skip-50", 0.5)):
+        (step,) = load_recipe(name).steps
+        assert (step.type, step.policy, step.target_fraction, step.scope) == ("routing_policy", "threshold",
+                                                                                fraction, "layer")
+
+
+def test_compress_with_skip_50_writes_a_model_moekit_load_routes_with_half_the_experts(tmp_path):
+    moekit.compress("moekit/ref-coarse", "skip-50", out_dir=tmp_path / "out", n_samples=4, seq_len=64,
+                    progress=False)
+    model = moekit.load(str(tmp_path / "out"))
+    assert routing_policy(model).kind == "threshold"
+    rows = calibration_tokens("stdlib:calib", tokenizer_for("moekit/ref-coarse"), n_samples=4, seq_len=64).input_ids
+    with counting_expert_calls(model) as calls, torch.no_grad():
+        model(rows)
+    assert calls.overall() == pytest.approx(1.0, abs=0.02)
