@@ -119,3 +119,15 @@ def test_reference_models_from_files_equal_the_full_model(input_ids):
         assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
         greedy = dict(max_new_tokens=8, do_sample=False)
         assert torch.equal(offloaded.generate(ids, **greedy), full.generate(ids, **greedy))
+
+
+def test_the_direct_copy_of_per_expert_tensors_equals_transformers_conversion(tmp_path):
+    tiny_model("qwen2_moe", seed=0).save_pretrained(tmp_path)
+    offloaded = offload(tmp_path, expert_memory="1MB")
+    source = moekit.moe_layers(offloaded)[0].experts.module._moekit_offload.source
+    assert source.layout["gate_up_proj"] == (0, list(source.per_expert["gate_up_proj"]))
+    out = {name: torch.empty(shape[1:]) for name, shape in source.shapes.items()}
+    with source.reading():
+        source.read_into(3, out)
+        converted = source.read(3)
+    assert all(torch.equal(out[name], converted[name].float()) for name in out)

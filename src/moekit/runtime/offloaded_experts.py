@@ -96,8 +96,8 @@ class OffloadedExperts:
         if step.loads:
             with self.source.reading():
                 for expert, slot in step.loads:
-                    for name, tensor in self.source.read(expert).items():
-                        self.slots[name][slot].copy_(tensor)  # casts the stored dtype to the compute dtype exactly
+                    # copy_ casts the stored dtype to the compute dtype exactly
+                    self.source.read_into(expert, {name: slots[slot] for name, slots in self.slots.items()})
                     self.slot_table[expert] = slot
 
     def prefetch(self, experts: list[int]) -> None:
