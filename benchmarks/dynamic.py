@@ -31,6 +31,7 @@ import os
 import platform
 import shutil
 import subprocess
+import sys
 from collections.abc import Callable
 from datetime import date
 from pathlib import Path
@@ -137,7 +138,7 @@ def run_synthetic(results: dict, layers: int, runs: int, timed: bool = True) -> 
 
     folder = WORK / f"synthetic-{layers}"
     if not folder.is_dir():
-        subprocess.run(["python", str(Path(__file__).parent / "synthetic.py"), str(folder), "--preset", "s24",
+        subprocess.run([sys.executable, str(Path(__file__).parent / "synthetic.py"), str(folder), "--preset", "s24",
                         "--layers", str(layers)], check=True)
     policies = results.setdefault("synthetic_policies", {})
     for variant in (*(f"{p} 50%" for p in POLICIES), "skip 75%"):
