@@ -64,3 +64,19 @@ def test_run_help_imports_nothing_heavy():
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "--expert-memory" in done.stdout and done.stdout.splitlines()[-1] == "heavy: []"
+
+
+def test_run_prior_reads_saved_statistics(tmp_path):
+    import torch
+
+    ids = torch.randint(3, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    stats = moekit.calibrate(moekit.load(TINY), ids, progress=False)
+    folder = stats.save(tmp_path / "stats")
+    result = runner.invoke(app, ["run", TINY, "--prompt", "hi", "--max-new-tokens", "3", "--policy", "prior",
+                                 "--stats", str(folder), "--expert-memory", str(3 * EXPERT_BYTES * LAYERS),
+                                 "--json", "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert report["policy"] == "prior" and report["warm_bytes"] == 3 * EXPERT_BYTES * LAYERS  # pinned up front
+    result = runner.invoke(app, ["run", TINY, "--policy", "prior", "--stats", str(tmp_path)])
+    assert result.exit_code == 2 and "not a moekit statistics folder" in result.output
