@@ -75,12 +75,11 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
                           "result, or {layer: scores}).")
     budget = parse_bytes(expert_memory)
     device = torch.device(device)
+    if isinstance(model, nn.Module):
+        _check_family(moe_layers(model))  # before anything of the model is moved
     model, sources = _open(model, device=device, dtype=dtype)
     layers = moe_layers(model)
-    for layer in layers:
-        if not hasattr(layer.experts.module, "_is_expert_parallel") or layer.router.spec.weight_on_input:
-            raise MoekitError(f"{layer.family}'s experts do not take (hidden, top_k_index, top_k_weights) through "
-                              "transformers' experts implementations; it cannot be offloaded yet.")
+    _check_family(layers)
     sizes = {L.index: sum(p[0].numel() for p in L.experts.module.parameters(recurse=False)
                           if p.shape[0] == L.num_experts) * torch.empty((), dtype=dtype).element_size()
              for L in layers}
@@ -110,6 +109,13 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     model.moekit_offload = counters
     model.moekit_capacity = capacity
     return model
+
+
+def _check_family(layers) -> None:
+    for layer in layers:
+        if not hasattr(layer.experts.module, "_is_expert_parallel") or layer.router.spec.weight_on_input:
+            raise MoekitError(f"{layer.family}'s experts do not take (hidden, top_k_index, top_k_weights) through "
+                              "transformers' experts implementations; it cannot be offloaded yet.")
 
 
 def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], sizes: dict[int, int],
