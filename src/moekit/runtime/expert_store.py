@@ -2,7 +2,8 @@
 
 A source answers ``read(e)`` with expert ``e``'s slice of every fused parameter of one
 experts module — ``{"gate_up_proj": [2I, H], "down_proj": [H, I], ...}`` (the module's
-parameters without their leading E; GPT-OSS's biases included) — reading nothing else.
+parameters without their leading E; GPT-OSS's biases included) — reading nothing else;
+``read_into(e, out)`` copies the same into given tensors (a cache slot), the runtime's path.
 
 - `MemoryExperts`: the fused tensors of a model already in memory (CPU RAM when the
   compute device is a GPU, or a tiny model in tests): ``read`` is an index.

@@ -42,7 +42,8 @@ class OffloadedExperts:
     Args:
         module: the fused experts module (its parameters are replaced by meta tensors).
         layer: decoder index, for counters and traces.
-        source: a slow-tier reader (``read(e) -> {name: tensor}``).
+        source: a slow-tier reader (`moekit.runtime.expert_store`): ``read_into(e, {name:
+            slot view [...]})`` inside ``reading()``.
         cache: the layer's `LayerCache`.
         device, dtype: where and in what the slot buffers live.
         stats: the shared counters.
