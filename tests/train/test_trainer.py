@@ -228,3 +228,13 @@ def test_a_run_from_before_a_setting_existed_resumes_with_its_default(tmp_path, 
     check_resumable(tmp_path, {"log": {"config": saved}, "step": 4}, config)
     with pytest.raises(MoekitError, match="train_only all → routers"):
         check_resumable(tmp_path, {"log": {"config": saved}, "step": 4}, config.model_copy(update={"train_only": "routers"}))
+
+
+def test_mlp_only_training_keeps_attention_embeddings_and_norms(tmp_path, rows):
+    config = load_model_config({**tiny_spec("qwen3"), "intermediate_size": 32})
+    before = build_model(config, seed=0).state_dict()
+    model = build_model(config, seed=0)
+    train(model, train_rows=rows, eval_rows=None, config=TrainConfig(steps=4, warmup_steps=0, batch_size=4,
+          lr=1e-2, train_only="mlp"), out_dir=tmp_path, show_progress=False)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]) != (".mlp." in name), name

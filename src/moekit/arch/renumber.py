@@ -49,9 +49,9 @@ def layer_signatures(config) -> list[tuple]:
 @lru_cache(maxsize=16)
 def _signatures(config_json: str) -> tuple:
     model = skeleton(_config(config_json))
-    from moekit.io.layered import _stack_of
+    from moekit.io.layered import decoder_stack
 
-    _, path = _stack_of(model)
+    _, path = decoder_stack(model)
     out = []
     for layer in model.get_submodule(path):
         params = tuple(sorted((n, tuple(p.shape)) for n, p in layer.named_parameters()))

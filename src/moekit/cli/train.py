@@ -39,8 +39,9 @@ def train(
     checkpoint_every: int = typer.Option(100, min=1, help="Steps between checkpoints."),
     eval_every: int = typer.Option(100, min=1, help="Steps between evaluations."),
     seed: int = typer.Option(0, min=0, max=SEED_MAX, help="Seed of weights and data order."),
-    train_only: str = typer.Option("all", help="What learns: all, or routers (every other weight frozen: the "
-                                   "cheap healing step after `moekit combine` or `moekit upcycle`)."),
+    train_only: str = typer.Option("all", help="What learns: all; routers (every other weight frozen: the "
+                                   "cheap healing step after `moekit combine` or `moekit upcycle`); or mlp (each "
+                                   "layer's MLP sublayer: branches that `moekit combine` merges without loss)."),
     threads: Threads = None,
     dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
                               "float32 from scratch), bfloat16, float16, float32. Training is fp32."),

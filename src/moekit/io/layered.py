@@ -49,7 +49,7 @@ class LayeredModel:
         self.device = device
         self.checkpoint = checkpoint
         self.dtype = dtype
-        self.family, self.layers_path = _stack_of(model)
+        self.family, self.layers_path = decoder_stack(model)
         self.layers = model.get_submodule(self.layers_path)
         self._keys: dict[int | None, list[str]] = {}
         if checkpoint is not None:
@@ -219,7 +219,7 @@ class LayeredModel:
                                   "the checkpoint is incomplete.")
 
 
-def _stack_of(model: nn.Module):
+def decoder_stack(model: nn.Module):
     """(MoE family or None, path of the decoder-layer list). A dense model (the start of
     upcycling, a dense reference) has no MoE family; its layers are where transformers'
     decoder models keep them, ``<base model>.layers``."""

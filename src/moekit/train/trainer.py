@@ -61,7 +61,7 @@ class TrainConfig(BaseModel):
     eval_every: int = Field(default=200, ge=1)
     eval_rows: int = Field(default=64, ge=1)
     seed: int = Field(default=0, ge=0)
-    train_only: Literal["all", "routers"] = "all"
+    train_only: Literal["all", "routers", "mlp"] = "all"
 
     @model_validator(mode="after")
     def _warmup_inside_the_run(self) -> TrainConfig:
@@ -109,6 +109,8 @@ def train(
         raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3); set it to 0.")
     if config.train_only == "routers":
         freeze_all_but_routers(model, layers)
+    elif config.train_only == "mlp":
+        freeze_all_but_mlps(model)
     model.train()
     optimizer = torch.optim.AdamW(
         _param_groups(model, config.weight_decay), lr=config.lr, betas=config.betas, foreach=True
@@ -178,6 +180,25 @@ def freeze_all_but_routers(model: nn.Module, layers: list) -> None:
         for param in (layer.router.weight, layer.router.bias):
             if param is not None:
                 param.requires_grad_(True)
+
+
+def freeze_all_but_mlps(model: nn.Module) -> None:
+    """Leave only each decoder layer's MLP sublayer trainable (a dense MLP, or an MoE block
+    with its router): branches of one seed trained this way keep the seed's attention, so
+    `moekit combine` loses nothing by averaging it (Branch-Train-MiX's weak point)."""
+    from moekit.io.layered import decoder_stack
+
+    _, layers_path = decoder_stack(model)
+    mlps = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
+            for layer in model.get_submodule(layers_path)]
+    if any(mlp is None for mlp in mlps):
+        raise MoekitError("train_only=mlp: a decoder layer of this model has no MLP sublayer (mlp or "
+                          "block_sparse_moe).")
+    for param in model.parameters():
+        param.requires_grad_(False)
+    for mlp in mlps:
+        for param in mlp.parameters():
+            param.requires_grad_(True)
 
 
 def check_resumable(out_dir: Path, state: dict[str, Any], config: TrainConfig) -> None:
