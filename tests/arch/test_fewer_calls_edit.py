@@ -9,6 +9,7 @@ import moekit
 from moekit.arch.edit import drop_blocks, drop_mlp, set_top_k
 from moekit.errors import MoekitError
 from moekit.zoo.tiny import tiny_model
+from tests.skipped_layer import SkippedLayer
 
 IDS = torch.randint(3, 300, (2, 10), generator=torch.Generator().manual_seed(3))
 
@@ -72,22 +73,7 @@ def test_drop_blocks_renumbers_a_per_layer_routing_policy(tmp_path):
     assert model.config.moekit_routing_policy["beta"] == {"0": 0.9, "1": 0.0}
     reference = tiny_model("qwen3_moe")  # the original, with the policy, run without layer 1
     moekit.set_routing_policy(reference, policy)
-    reference.model.layers[1] = _Skip(reference.model.layers[1])
+    reference.model.layers[1] = SkippedLayer(reference.model.layers[1])
     reloaded = moekit.load(moekit.save(model, tmp_path / "out"))
     with torch.no_grad():
         torch.testing.assert_close(reloaded(IDS).logits, reference(IDS).logits, rtol=0, atol=1e-6)
-
-
-class _Skip(torch.nn.Module):
-    def __init__(self, layer):
-        super().__init__()
-        self.wrapped = [layer]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.wrapped[0], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states

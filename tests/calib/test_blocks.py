@@ -13,24 +13,10 @@ from moekit.io.layered import LayeredModel
 from moekit.recipe import Recipe
 from moekit.recipe.passes import RecipePass, phases_of
 from moekit.zoo.tiny import tiny_model
+from tests.skipped_layer import SkippedLayer
 
 IDS = torch.randint(3, 300, (4, 16), generator=torch.Generator().manual_seed(2))
 NAMES = frozenset({"frequency", "block_change", "mlp_change", "block_loss", "mlp_loss"})
-
-
-class _Skip(nn.Module):
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = [layer]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.wrapped[0], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 def _streamed(family: str) -> dict:
@@ -73,7 +59,7 @@ def test_similarity_and_loss_scores_equal_brute_force(family):
     for i in range(len(model.model.layers)):
         assert float(streamed[i]["block_change"]) == pytest.approx(_change(seen[i]["x"], seen[i]["y"]), abs=1e-5)
         skipped = tiny_model(family)
-        skipped.model.layers[i] = _Skip(skipped.model.layers[i])
+        skipped.model.layers[i] = SkippedLayer(skipped.model.layers[i])
         assert float(streamed[i]["block_loss"]) == pytest.approx(_loss(skipped) - base, abs=1e-4)
         if i in moe:
             assert float(streamed[i]["mlp_change"]) == pytest.approx(

@@ -24,27 +24,11 @@ from moekit.data.tokens import tokenizer_for
 from moekit.errors import MoekitError
 from moekit.zoo.tiny import tiny_config, tiny_model
 from tests.conftest import FAMILIES
+from tests.skipped_layer import SkippedLayer
 
 CORPUS = Path(__file__).parent / "_fewer_calls_corpus.txt"
 SMALL = dict(n_samples=2, seq_len=16, progress=False, data=str(CORPUS))
 IDS = torch.randint(3, 300, (2, 14), generator=torch.Generator().manual_seed(1))
-
-
-class _Skip(nn.Module):
-    """A decoder layer that returns its input: the original model run without it."""
-
-    def __init__(self, layer: nn.Module) -> None:
-        super().__init__()
-        self.wrapped = [layer]
-
-    def __getattr__(self, name):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.wrapped[0], name)
-
-    def forward(self, hidden_states, *args, **kwargs):
-        return hidden_states
 
 
 def _logits(model: nn.Module, ids: torch.Tensor = IDS) -> torch.Tensor:
@@ -56,7 +40,7 @@ def _without(family: str, dropped: list[int]) -> torch.Tensor:
     """Brute force: the original tiny model's logits with the dropped layers skipped."""
     model = tiny_model(family)
     for i in dropped:
-        model.model.layers[i] = _Skip(model.model.layers[i])
+        model.model.layers[i] = SkippedLayer(model.model.layers[i])
     return _logits(model)
 
 
