@@ -77,7 +77,7 @@ class SkipPolicy(_Policy):
         return _in_unit("beta", value)
 
     def keep_with(self, weights: torch.Tensor, value: float) -> torch.Tensor:
-        return weights >= value * weights.max(dim=-1, keepdim=True).values
+        return _at_least_share_of_top(weights, value)
 
 
 class ThresholdPolicy(_Policy):
@@ -122,7 +122,7 @@ class KminThresholdPolicy(_Policy):
 
     def keep_with(self, weights: torch.Tensor, value: float) -> torch.Tensor:
         order = weights.argsort(dim=-1, descending=True, stable=True)
-        return (_ranks(order) < self.kmin) | (weights >= value * weights.max(dim=-1, keepdim=True).values)
+        return (_ranks(order) < self.kmin) | _at_least_share_of_top(weights, value)
 
     def minimum_kept(self) -> int:
         return self.kmin
@@ -137,6 +137,11 @@ def policy_from_dict(data: dict) -> _Policy:
     """A policy from its mapping (``kind`` plus its fields), validated; per-layer keys may be
     strings, as JSON writes them."""
     return _ADAPTER.validate_python(data)
+
+
+def _at_least_share_of_top(weights: torch.Tensor, share: float) -> torch.Tensor:
+    """[T, k] bool: w_j ≥ share · max(w) (ties with the top always kept)."""
+    return weights >= share * weights.max(dim=-1, keepdim=True).values
 
 
 def _ranks(order: torch.Tensor) -> torch.Tensor:
