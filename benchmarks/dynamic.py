@@ -167,8 +167,19 @@ def run_synthetic(results: dict, layers: int, runs: int, timed: bool = True) -> 
 
 
 def save(results: dict) -> None:
+    """Write ``results`` merged into what is on disk (this process's values win), so runs of
+    the reference and the synthetic parts in two processes keep each other's work."""
     RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "dynamic.json").write_text(json.dumps(results, indent=2) + "\n")
+    path = RESULTS / "dynamic.json"
+    on_disk = json.loads(path.read_text()) if path.is_file() else {}
+    path.write_text(json.dumps(_merged(on_disk, results), indent=2) + "\n")
+
+
+def _merged(old: dict, new: dict) -> dict:
+    out = dict(old)
+    for key, value in new.items():
+        out[key] = _merged(old[key], value) if isinstance(value, dict) and isinstance(old.get(key), dict) else value
+    return out
 
 
 def plot(results: dict) -> None:
