@@ -33,3 +33,12 @@ def model(family):
 @pytest.fixture
 def input_ids() -> torch.Tensor:
     return torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+
+
+def removed_share(preset: str) -> float:
+    """The share of experts a preset removes, from its name: prune-50-w4 removes half; w4a16
+    and skip-50 (fewer experts per token, every expert kept) remove none."""
+    import re
+
+    share = re.match(r"(?:prune|reap|merge)-(\d\d)", preset)
+    return int(share.group(1)) / 100 if share else 0.0

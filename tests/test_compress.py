@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 import sys
 
@@ -25,7 +24,7 @@ from moekit.errors import MoekitError
 from moekit.recipe import presets
 from moekit.zoo.tiny import tiny_config
 from tests.checkpoints import write_checkpoints
-from tests.conftest import FAMILIES
+from tests.conftest import FAMILIES, removed_share
 
 runner = CliRunner()
 
@@ -105,8 +104,7 @@ def test_plan_gives_the_sizes_compress_reports(family, workspace, recommended_on
 @pytest.mark.parametrize("preset", sorted(presets()))
 def test_every_preset_runs(workspace, tmp_path, preset):
     report = _compress(workspace, "qwen2_moe", preset, tmp_path / "out")
-    share = re.search(r"-(\d\d)", preset)  # prune-50-w4 removes half; w4a16 removes none
-    kept = 8 - round(8 * float(share.group(1)) / 100) if share else 8
+    kept = 8 - round(8 * removed_share(preset))
     assert set(report["after"]["experts_per_layer"].values()) == {kept}
     quantizes = any(step["type"] == "quantize" for step in report["recipe"]["steps"])
     assert ("quantization_config" in json.loads((tmp_path / "out" / "config.json").read_text())) == quantizes

@@ -7,6 +7,7 @@ import re
 import pytest
 
 import moekit
+from tests.conftest import removed_share
 from moekit.compression import model_info
 from moekit.errors import MoekitError
 from moekit.recipe import Recipe, load_recipe, presets
@@ -27,9 +28,7 @@ def test_every_preset_plans_on_the_reference_model(name):
     first = presets()[name].read_text().splitlines()[0]
     assert first.startswith("# ") and len(first) > 40
     planned = moekit.plan("moekit/ref-fine", name)
-    # prune-50-w4 removes half; w4a16 and skip-50 (fewer experts per token, all kept) remove none
-    share = re.match(r"(?:prune|reap|merge)-(\d\d)", name)
-    kept = 32 - 32 * int(share.group(1)) // 100 if share else 32
+    kept = 32 - round(32 * removed_share(name))
     assert planned["exact_per_layer"] and set(planned["after"]["experts_per_layer"].values()) == {kept}
     assert planned["after"]["routed_params"] * 32 == planned["before"]["routed_params"] * kept
 
