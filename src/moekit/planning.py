@@ -71,6 +71,8 @@ def plan(
                                    "after it are shown as before it.")
         if hasattr(step, "planned"):
             quantized.append(step.planned(skeleton, stored))
+        if hasattr(step, "plan_note"):  # what the sizes cannot show (e.g. experts chosen per token at run time)
+            notes_extra.append(step.plan_note())
     notes = [] if exact else [
         "budget: global lets calibration decide how many experts each layer keeps; parameters and bytes are "
         "exact, per-layer counts and active parameters per token are shown for an even split."]

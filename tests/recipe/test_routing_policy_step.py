@@ -152,3 +152,10 @@ def test_compress_with_skip_50_writes_a_model_moekit_load_routes_with_half_the_e
     with counting_expert_calls(model) as calls, torch.no_grad():
         model(rows)
     assert calls.overall() == pytest.approx(1.0, abs=0.02)
+
+
+def test_the_plan_says_what_a_policy_changes():
+    planned = moekit.plan("moekit/ref-coarse", "skip-50")
+    assert planned["after"]["active_params"] == planned["before"]["active_params"]
+    assert any(note.startswith("routing_policy: every expert is kept") and "50% of each layer's top-k" in note
+               for note in planned["notes"])

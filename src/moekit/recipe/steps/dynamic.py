@@ -96,6 +96,16 @@ class RoutingPolicyStep(Step):
                                 target)[0]
         return dict.fromkeys((layer.index for layer in layers), value)
 
+    def plan_note(self) -> str:
+        """`moekit.plan`'s note: the sizes stay; experts per token drop at run time."""
+        free = _FREE[self.policy]
+        goal = (f"{self.target_experts:g} experts per token" if self.target_experts is not None else
+                f"{self.target_fraction:.0%} of each layer's top-k experts per token" if self.target_fraction
+                is not None else f"{free} = {getattr(self, free):g}")
+        return (f"routing_policy: every expert is kept and the sizes do not change; the {self.policy} policy "
+                f"({goal}) decides per token at run time, so active parameters per token are shown at the full "
+                "top-k.")
+
     def check(self, info: ModelInfo) -> None:
         from moekit.methods.dynamic.calibrate import check_target
 
