@@ -158,7 +158,6 @@ def analyze(
     from moekit.analyze.attribution import attribute
     from moekit.analyze.attribution import candidates as pick
     from moekit.analyze.collect import LayerCounts
-    from moekit.arch.discover import view_layer
     from moekit.calib.calibrate import check_input_ids
     from moekit.calib.runner import LayerStreamer
     from moekit.calib.stats import data_fingerprint
@@ -191,14 +190,9 @@ def analyze(
     n_layers = len(lent)
     with progress_bar("analyzing", total=n_layers * len(batches), unit="batch", enabled=progress) as advance:
         hidden = streamer.capture()
-        for index, layer in streamer.layers():
-            view = view_layer(lent.model, index)
-            status = f"layer {index + 1}/{n_layers}"
-            if view is None:
-                streamer.forward(index, layer, hidden, on_batch=lambda b: advance(1, status))
-                continue
+        for index, layer, view, on_batch in streamer.routed_layers(hidden, advance):
             counts = LayerCounts(view, rows, previous)
-            streamer.forward(index, layer, hidden, observe=counts.watching(), on_batch=lambda b: advance(1, status))
+            streamer.forward(index, layer, hidden, observe=counts.watching(), on_batch=on_batch)
             layers.append(counts.finish(decode))
             previous = counts.carry()
             del counts

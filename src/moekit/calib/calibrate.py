@@ -95,7 +95,6 @@ def calibrate(
     or one batch of them when spilled to disk), and the statistics (the hidden sample
     is n·H·4 bytes per MoE layer).
     """
-    from moekit.arch.discover import view_layer
     from moekit.calib.runner import LayerStreamer
 
     wanted = check_statistics(statistics, hidden_sample)
@@ -108,17 +107,11 @@ def calibrate(
     n_layers, n_batches = len(lent), len(streamer.batches)
     with progress_bar("calibrating", total=n_layers * n_batches, unit="batch", enabled=progress) as advance:
         hidden = streamer.capture()
-        for index, layer in streamer.layers():
-            view = view_layer(lent.model, index)
-            status = f"layer {index + 1}/{n_layers}"
-            if view is None:
-                streamer.forward(index, layer, hidden, on_batch=lambda b: advance(1, status))
-                continue
+        for index, layer, view, on_batch in streamer.routed_layers(hidden, advance):
             digest.add_router(view.router.weight)
             routers[str(index)] = digest.routers[-1]
             accumulator = new_accumulator(view, wanted, hidden_sample, seed)
-            streamer.forward(index, layer, hidden, observe=observing(view, accumulator),
-                             on_batch=lambda b: advance(1, status))
+            streamer.forward(index, layer, hidden, observe=observing(view, accumulator), on_batch=on_batch)
             layers[index], tokens[index] = accumulator.finish(), accumulator.tokens
     return CalibrationStats(
         layers=layers,

@@ -21,13 +21,16 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.io.layered import LayeredModel
+
+if TYPE_CHECKING:
+    from moekit.arch.layer import MoELayer
 
 
 @dataclass
@@ -165,6 +168,25 @@ class LayerStreamer:
                 yield index, layer
             finally:
                 self.lent.release(index)
+
+    def routed_layers(self, hidden: HiddenStates, advance: Callable[[int, str], None]
+                      ) -> Iterator[tuple[int, nn.Module, MoELayer, Callable[[int], None]]]:
+        """(index, decoder layer, its MoE view, on_batch) for each MoE layer in turn, lent;
+        the dense layers in between are run on ``hidden`` here. ``advance(n, status)`` is a
+        progress callback; the caller runs each MoE layer itself (its observers differ)."""
+        from moekit.arch.discover import view_layer
+
+        for index, layer in self.layers():
+            view = view_layer(self.lent.model, index)
+            status = f"layer {index + 1}/{len(self.lent)}"
+
+            def on_batch(b: int, status: str = status) -> None:
+                advance(1, status)
+
+            if view is None:
+                self.forward(index, layer, hidden, on_batch=on_batch)
+                continue
+            yield index, layer, view, on_batch
 
     @torch.no_grad()
     def forward(
