@@ -79,6 +79,7 @@ def test_a_streamed_evaluation_routes_as_the_loaded_model(sources, tmp_path):
     ({"type": "routing_policy", "policy": "skip"}, "give exactly one of beta"),
     ({"type": "routing_policy", "policy": "skip", "beta": 0.3, "target_experts": 1.5}, "give exactly one of beta"),
     ({"type": "routing_policy", "policy": "skip", "p": 0.3}, "p is not a parameter of the skip policy"),
+    ({"type": "routing_policy", "policy": "skip", "beta": 0.3, "kmin": 2}, "kmin belongs to the kmin_threshold"),
     ({"type": "routing_policy", "policy": "skip", "beta": 1.5}, "beta"),
     ({"type": "routing_policy", "policy": "threshold", "target_experts": 3.0}, "choose a target in that range"),
     ({"type": "routing_policy", "policy": "threshold", "target_fraction": 0.0}, "target_fraction"),

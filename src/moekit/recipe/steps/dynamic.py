@@ -51,6 +51,12 @@ class RoutingPolicyStep(Step):
         others = [name for name in _FREE.values() if name != free and getattr(self, name) is not None]
         if others:
             raise ValueError(f"{others[0]} is not a parameter of the {self.policy} policy (it takes {free})")
+        owners = {"min_k": "threshold", "max_k": "threshold", "kmin": "kmin_threshold"}
+        # set away from its default: a recipe written back to YAML lists every field
+        stray = [name for name, owner in owners.items()
+                 if owner != self.policy and getattr(self, name) != type(self).model_fields[name].default]
+        if stray:
+            raise ValueError(f"{stray[0]} belongs to the {owners[stray[0]]} policy, not {self.policy}")
         given = [name for name in (free, "target_experts", "target_fraction") if getattr(self, name) is not None]
         if len(given) != 1:
             raise ValueError(f"give exactly one of {free} (the {self.policy} parameter), target_experts or "
