@@ -336,23 +336,22 @@ def plot_curve(log: dict, path: Path) -> None:
 
 def model_card(r: dict) -> str:
     spec, ev, crit = r["model_spec"], r["eval"], r["criteria"]
+    dense = spec.get("intermediate_size") is not None
     return f"""---
 license: apache-2.0
 library_name: transformers
-tags: [moe, moekit, reference-model]
+tags: [{'' if dense else 'moe, '}moekit, reference-model]
 ---
 # moekit/{r['name']}
 
-A small {spec['family']} Mixture-of-Experts causal LM trained from scratch by moekit on the
-source code of the Python standard library, shipped inside the moekit package as a
-reference model on which compression methods can be compared without any download.
+{_purpose(spec, dense)}
 It is a test subject, not a useful code model.
 
 | | |
 |---|---|
 | family | `{spec['family']}` |
 | layers / hidden | {spec['num_layers']} / {spec['hidden_size']} |
-| experts per layer / top-k | {spec['num_experts']} / {spec['top_k']} (expert width {spec['expert_intermediate_size']}) |
+{_width_row(spec, dense)}
 | parameters | {r['params'] / 1e6:.2f} M (stored bf16, compute in fp32) |
 | vocabulary | byte-level BPE, {r["vocab_size"]} tokens, trained on the train split |
 | training tokens | {r['train_tokens_seen'] / 1e6:.1f} M ({r['train_split_tokens'] / 1e6:.1f} M-token train split) |
@@ -366,11 +365,7 @@ It is a test subject, not a useful code model.
 | perplexity | {ev['perplexity']:.2f} |
 | next-token accuracy | {ev.get('accuracy', float('nan')):.2%} |
 | unigram perplexity | {ev['unigram_perplexity']:.1f} (ratio {crit['perplexity_ratio_to_unigram']:.3f}; required < 0.125) |
-| least-used expert / uniform share | {crit['min_expert_share_over_uniform']:.2f} (required ≥ 0.25) |
-| busiest expert / uniform share | {ev.get('max_load_ratio', float('nan')):.2f} |
-
-Expert load per layer (share of top-k selections × E; 1 = uniform), min / max:
-{_load_lines(ev)}
+{'' if dense else _load_rows(ev, crit)}
 
 ![learning curve](learning_curve.png)
 
@@ -384,8 +379,7 @@ Eval loss over training (`train_log.json`, a subset of the eval split):
 {_stage_lines(r)}
 
 Every stage: AdamW (β = 0.9, 0.95, weight decay 0.1), warmup then cosine to 10% of the
-peak lr, batches of {r['stages'][0]['recipe']['batch_size']}×{r['seq_len']} tokens, gradient clipping 1.0, load-balancing loss ×
-{r['stages'][0]['recipe']['aux_loss_coef']}, router z-loss × {r['stages'][0]['recipe']['z_loss_coef']}. A later stage starts from the earlier stage's
+peak lr, batches of {r['stages'][0]['recipe']['batch_size']}×{r['seq_len']} tokens, gradient clipping 1.0{_router_losses(r, dense)}. A later stage starts from the earlier stage's
 weights rounded to bf16, with a fresh optimizer, its own schedule and its own data order
 (seed). Full details in `training.json`, the curve in `train_log.json`.
 
@@ -395,6 +389,38 @@ weights rounded to bf16, with a fresh optimizer, its own schedule and its own da
 python scripts/train_reference.py {r['name']} --threads {r['machine']['threads']}
 ```
 """
+
+
+def _purpose(spec: dict, dense: bool) -> str:
+    if dense:
+        return (f"A small dense {spec['family']} causal LM trained from scratch by moekit on the source code of\n"
+                "the Python standard library (the same tokenizer, data and schedule as moekit/ref-fine),\n"
+                "shipped inside the moekit package as the starting point of `moekit upcycle` and\n"
+                "`moekit split`: its MLP is as wide as ref-fine's active experts together.")
+    return (f"A small {spec['family']} Mixture-of-Experts causal LM trained from scratch by moekit on the\n"
+            "source code of the Python standard library, shipped inside the moekit package as a\n"
+            "reference model on which compression methods can be compared without any download.")
+
+
+def _width_row(spec: dict, dense: bool) -> str:
+    if dense:
+        return f"| MLP width | {spec['intermediate_size']} (dense: no experts) |"
+    return (f"| experts per layer / top-k | {spec['num_experts']} / {spec['top_k']} "
+            f"(expert width {spec['expert_intermediate_size']}) |")
+
+
+def _load_rows(ev: dict, crit: dict) -> str:
+    return (f"| least-used expert / uniform share | {crit['min_expert_share_over_uniform']:.2f} (required ≥ 0.25) |\n"
+            f"| busiest expert / uniform share | {ev.get('max_load_ratio', float('nan')):.2f} |\n\n"
+            "Expert load per layer (share of top-k selections × E; 1 = uniform), min / max:\n"
+            f"{_load_lines(ev)}")
+
+
+def _router_losses(r: dict, dense: bool) -> str:
+    recipe = r["stages"][0]["recipe"]
+    if dense:
+        return " (no router: the load-balancing and z losses do not apply)"
+    return f", load-balancing loss ×\n{recipe['aux_loss_coef']}, router z-loss × {recipe['z_loss_coef']}"
 
 
 def _stage_lines(r: dict) -> str:

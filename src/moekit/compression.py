@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.arch.adapters import FAMILIES
+from moekit.arch.adapters import FAMILIES, not_an_moe
 from moekit.arch.summary import summarize
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
@@ -40,9 +40,7 @@ def model_info(config: Any) -> ModelInfo:
     model_type = getattr(config, "model_type", None)
     family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
     if family is None:
-        raise MoekitError(
-            f"model_type {model_type!r} is not a supported MoE family; supported: {', '.join(sorted(FAMILIES))}."
-        )
+        raise MoekitError(not_an_moe(model_type, f"model_type {model_type!r}"))
     top_k = int(getattr(config, family.top_k_key))
     spec = family.routing.resolve(config, top_k)
     return ModelInfo(family=family.name, num_experts=int(getattr(config, family.num_experts_key)),
@@ -54,10 +52,17 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     step against the expert count the steps before it leave; returns it with that config."""
     from moekit.io.load import load_config
 
+    from moekit.arch.factored import FACTORED_KEY
+
     recipe = load_recipe(recipe)
     config = load_config(name)
     info = model_info(config)
+    factored = bool(getattr(config, FACTORED_KEY, None))  # experts held as factors edit no further
     for step in recipe.steps:
+        if factored and step.type in ("prune", "merge", "quantize", "decompose"):
+            raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. Put "
+                              f"{step.type} before decompose, or give decompose materialize: true.")
+        factored = factored or (step.type == "decompose" and not step.materialize)
         step.check(info)
         top_k = step.top_k_after(info.top_k)
         info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts),  # what the next sees

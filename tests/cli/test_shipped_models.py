@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 import moekit
 from moekit.cli import app
 from moekit.data.tokens import tokenizer_for
+from moekit.build.upcycle import TARGETS
 from moekit.io.load import load_config, reference_names
 from moekit.train import FAMILIES as TRAINABLE
 
@@ -55,7 +56,14 @@ def test_every_moekit_name_in_the_readme_loads():
     assert all(f"`{name}`" in README.read_text() for name in NAMES if name.startswith("moekit/tiny-"))
 
 
-@pytest.mark.parametrize("name", NAMES)
+def _is_dense(name: str) -> bool:
+    return load_config(name).model_type in TARGETS
+
+
+MOE_NAMES = [n for n in NAMES if not _is_dense(n)]
+
+
+@pytest.mark.parametrize("name", MOE_NAMES)
 def test_every_command_runs_on_every_shipped_model(name, corpus, tmp_path):
     few = ["--data", corpus, "--samples", 2, "--seq-len", 16]
     summary = _run("inspect", name)
@@ -88,3 +96,20 @@ def test_every_command_runs_on_every_shipped_model(name, corpus, tmp_path):
         result = runner.invoke(app, list(map(str, train)))
         assert result.exit_code == 2 and "moekit trains" in result.output and len(result.output.splitlines()) == 1
         assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if _is_dense(n)])
+def test_a_shipped_dense_model_builds_moes_and_the_moe_commands_say_so(name, corpus, tmp_path):
+    """A dense reference is where upcycle and split start; the compression commands refuse
+    it in one line that names them, before any output appears."""
+    for command in (["inspect", name], ["compress", name, "-o", tmp_path / "out"]):
+        result = runner.invoke(app, list(map(str, command)))
+        assert result.exit_code != 0 and "moekit upcycle" in result.output, result.output
+        assert len(result.output.strip().splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+    scores = _run("eval", name, "--data", corpus, "--context-length", 32, "--stride", 16, "--max-tokens", 64)
+    assert scores["models"][name]["tokens"] == 63
+    built = _run("upcycle", name, "-o", tmp_path / "moe", "--experts", 4, "--top-k", 2)
+    assert built["max_abs_logit_difference"] < 1e-4
+    assert load_config(tmp_path / "moe").model_type == "qwen3_moe"
+    assert _run("inspect", tmp_path / "moe")["total_params"] > 0

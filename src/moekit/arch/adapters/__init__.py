@@ -45,10 +45,17 @@ def find_family(model: nn.Module) -> Family:
             reasons.append(why)
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     detail = f" ({'; '.join(reasons)})" if reasons else ""
-    raise UnsupportedModelError(
-        f"{type(model).__name__} (model_type {model_type!r}) is not a supported MoE model{detail}. "
-        f"Supported families: {', '.join(sorted(FAMILIES))}."
-    )
+    raise UnsupportedModelError(not_an_moe(model_type, f"{type(model).__name__} (model_type {model_type!r})", detail))
 
 
-__all__ = ["FAMILIES", "Cfg", "Family", "Routing", "Shared", "find_family"]
+def not_an_moe(model_type: str | None, what: str, detail: str = "") -> str:
+    """The refusal for a model no family views; for a dense model moekit builds MoEs from,
+    the commands that do."""
+    from moekit.build.upcycle import TARGETS  # build depends on arch, not the reverse
+
+    fix = (" It is a dense model: `moekit upcycle` or `moekit split` builds an MoE from it."
+           if model_type in TARGETS else "")
+    return f"{what} is not a supported MoE model{detail}.{fix} Supported families: {', '.join(sorted(FAMILIES))}."
+
+
+__all__ = ["FAMILIES", "Cfg", "Family", "Routing", "Shared", "find_family", "not_an_moe"]
