@@ -355,7 +355,8 @@ def model_card(report: dict) -> str:
                   "load this folder correctly: load it with `moekit.load(folder)`."]
     else:
         lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
-                  "experts or top-k per layer, or MoE sublayers removed; see config.json's `moekit_*` keys). This "
+                  "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
+                  "config.json's `moekit_*` keys). This "
                   "folder is in moekit's own format (`moekit.json`, `moekit-model.safetensors`): load it with "
                   "`moekit.load(folder)`."]
     return "\n".join(lines) + "\n"

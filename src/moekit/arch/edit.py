@@ -255,7 +255,9 @@ def nonstandard_keys(config) -> list[str]:
     """The moekit config keys a standard transformers checkpoint cannot honour (different
     expert counts or top-k per layer, MoE sublayers removed): their presence means moekit's
     own format (`moekit.io.nonuniform`)."""
-    return [key for key in (PER_LAYER_KEY, TOP_K_KEY, DROPPED_MLP_KEY) if getattr(config, key, None)]
+    from moekit.arch.factored import FACTORED_KEY
+
+    return [key for key in (PER_LAYER_KEY, TOP_K_KEY, DROPPED_MLP_KEY, FACTORED_KEY) if getattr(config, key, None)]
 
 
 def set_top_k(model: nn.Module, top_k: Mapping[int, int]) -> None:
@@ -352,13 +354,17 @@ def drop_mlp(model: nn.Module, indices: Sequence[int]) -> None:
 
 def restore_moekit_layout(model: nn.Module) -> None:
     """Give a skeleton built from a config the per-layer edits moekit's format records
-    (top-k per layer, dropped MoE sublayers), so its shapes and routing are the saved ones."""
+    (top-k per layer, dropped MoE sublayers, factored experts), so its shapes and routing are
+    the saved ones."""
     dropped = getattr(model.config, DROPPED_MLP_KEY, None) or []
     if dropped:
         drop_mlp(model, dropped)
     per_layer = getattr(model.config, TOP_K_KEY, None) or {}
     if per_layer:
         set_top_k(model, {int(i): int(k) for i, k in per_layer.items()})
+    from moekit.arch.factored import restore_factored
+
+    restore_factored(model)
 
 
 def drop_blocks(model: nn.Module, indices: Sequence[int]) -> None:

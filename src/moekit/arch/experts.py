@@ -99,16 +99,24 @@ class Experts:
         return tensor[:, which * size : (which + 1) * size]
 
     # -- sizes ---------------------------------------------------------------------
+    # (factored experts, `moekit.arch.factored`, compute their products on access: their
+    # sizes are read from the module instead)
     @property
     def num_experts(self) -> int:
+        if getattr(self.module, "moekit_factored", False):
+            return self.module.num_experts
         return self.gate_up.shape[0]
 
     @property
     def intermediate_size(self) -> int:
+        if getattr(self.module, "moekit_factored", False):
+            return self.module.intermediate_dim
         return self.down.shape[2]
 
     @property
     def hidden_size(self) -> int:
+        if getattr(self.module, "moekit_factored", False):
+            return self.module.hidden_dim
         return self.down.shape[1]
 
     # -- compute -------------------------------------------------------------------

@@ -29,7 +29,8 @@ class ModelSummary:
     """Counts over unique parameters (tied embeddings once).
 
     ``active_params``: parameters one token uses: everything but the routed experts,
-    plus top_k / E of each layer's routed experts.
+    plus top_k / E of each layer's routed experts (of factored experts: their shared bases,
+    plus top_k / E of their factors).
     """
 
     model_class: str
@@ -77,7 +78,8 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
             continue
         layer_routed = sum(p.numel() for p in moe.experts.module.parameters())
         routed += layer_routed
-        active_routed += layer_routed * moe.top_k / moe.num_experts
+        active = getattr(moe.experts.module, "active_params", None)  # factored experts: bases always active
+        active_routed += active(moe.top_k) if active is not None else layer_routed * moe.top_k / moe.num_experts
         layers.append(
             LayerSummary(
                 index=info.index,

@@ -111,9 +111,10 @@ def check_standard(model: nn.Module) -> None:
     others = [key for key in nonstandard_keys(model.config) if key != PER_LAYER_KEY]
     if others:
         raise MoekitError(
-            f"the model has {', '.join(others)} in its config (a top-k per layer, or MoE sublayers removed), which "
-            f"no standard transformers config can say; write it in moekit's format with "
-            f"moekit.io.save.write_checkpoint (moekit.load restores it), or make it uniform."
+            f"the model has {', '.join(others)} in its config (a top-k per layer, MoE sublayers removed, or factored "
+            f"experts), which no standard transformers config can say; write it in moekit's format with "
+            f"moekit.io.save.write_checkpoint (moekit.load restores it), or make it uniform (factored experts: "
+            f"moekit.materialize(model) multiplies them back)."
         )
     if per_layer:
         raise MoekitError(

@@ -73,6 +73,7 @@ class ShardWriter:
 
         from moekit.io import compressed
 
+        self.plan = storage_dtypes(self.model, self.dtype)  # a step may have added tensors (factored experts)
         state = {name: tensor.detach().to(self.plan.get(name, tensor.dtype))
                  for name, tensor in saved_tensors(self.model) if wanted(name)}
         if not self.native:

@@ -112,10 +112,13 @@ class Family:
         return model.get_submodule(self.layers)
 
     def is_moe_block(self, block: nn.Module | None) -> bool:
-        """A block is routed when it has both a router and fused experts."""
+        """A block is routed when it has both a router and fused experts (or experts the
+        `decompose` step factored, `moekit.arch.factored`)."""
         if block is None:
             return False
         experts = getattr(block, self.experts, None)
+        if getattr(experts, "moekit_factored", False):
+            return hasattr(block, self.router)
         return hasattr(block, self.router) and isinstance(getattr(experts, "gate_up_proj", None), nn.Parameter)
 
     def supports(self, model: nn.Module, explain: bool = False) -> bool | tuple[bool, str]:

@@ -1,0 +1,49 @@
+"""Ranks for a layer's experts under a parameter budget.
+
+Within one projection type (all gate/up, or all down projections of a layer) a rank unit
+costs the same for every expert (out + in parameters) and removes σ² of weighted error on
+the calibration inputs, with each expert's σ² non-increasing. Keeping the N largest σ²
+over all experts (N = what the budget pays for) therefore minimises the summed error
+exactly — a concave knapsack with equal weights; ``tests/methods/lowrank`` checks it
+against brute force. Since the whitening already weighs each token by its routing weight
+(`moekit.methods.lowrank.expert_inputs`), an expert's σ² carry its importance: gate mass
+× activation energy.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def rank_units(budget: int, unit: int, limits: list[int]) -> int:
+    """How many rank units of ``unit`` parameters ``budget`` pays for (at most Σ ``limits``)."""
+    return max(0, min(budget // unit, sum(limits)))
+
+
+def by_error(energies: list[torch.Tensor], units: int) -> list[int]:
+    """Per expert, the rank that keeps the ``units`` largest σ² of all ``energies`` (each
+    [m_j], non-increasing) — the least summed truncation error for that many units."""
+    if units <= 0:
+        return [0] * len(energies)
+    owner = torch.cat([torch.full((len(e),), j, dtype=torch.long) for j, e in enumerate(energies)])
+    values = torch.cat([e.double() for e in energies])
+    # ties broken by expert then position, so the choice is deterministic and prefix-closed
+    order = torch.argsort(values, descending=True, stable=True)[:units]
+    counts = torch.bincount(owner[order], minlength=len(energies))
+    return [int(c) for c in counts]
+
+
+def uniform(energies: list[torch.Tensor], units: int) -> list[int]:
+    """The same rank for every expert (the units that do not divide evenly go one each to
+    the experts whose next σ² is largest)."""
+    count = len(energies)
+    ranks = [min(units // count, len(e)) for e in energies]
+    left = units - sum(ranks)
+    while left > 0:
+        open_ = [j for j, e in enumerate(energies) if ranks[j] < len(e)]
+        if not open_:
+            break
+        best = max(open_, key=lambda j: (float(energies[j][ranks[j]]), -j))
+        ranks[best] += 1
+        left -= 1
+    return ranks
