@@ -26,6 +26,7 @@ _API = {
     "keep_experts": "moekit.arch.edit",
     "set_expert_weights": "moekit.arch.edit",
     "set_router_weights": "moekit.arch.edit",
+    "materialize": "moekit.arch.factored",
     "summarize": "moekit.arch.summary",
     "load": "moekit.io.load",
     "calibrate": "moekit.calib.calibrate",
@@ -71,6 +72,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:
     from moekit.arch.discover import decoder_layers, moe_layers
     from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
+    from moekit.arch.factored import materialize
     from moekit.arch.layer import MoELayer
     from moekit.arch.summary import summarize
     from moekit.errors import MoekitError, UnsupportedModelError
