@@ -93,7 +93,7 @@ def one_model(name: str, rows: int, seq_len: int, calib_samples: int) -> dict:
     import moekit
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.runtime.expert_cache import simulate
-    from moekit.runtime.offload import allocate
+    from moekit.runtime.offload_budget import allocate
 
     torch.set_num_threads(1)
     tokenizer = tokenizer_for(name)

@@ -112,9 +112,11 @@ def test_reference_models_from_files_equal_the_full_model(input_ids):
     for name in ("moekit/ref-fine", "moekit/ref-coarse"):
         full = moekit.load(name)
         layers = moekit.moe_layers(full)
-        size = sum(p[0].numel() for p in layers[0].experts.module.parameters(recurse=False)) * 4
-        offloaded = offload(name, expert_memory=layers[0].top_k * size * len(layers), prefetch=True)
-        assert set(offloaded.moekit_capacity.values()) == {layers[0].top_k}
+        numel = sum(p[0].numel() for p in layers[0].experts.module.parameters(recurse=False))
+        k = layers[0].top_k
+        # stored in bf16, cached in bf16 (2 bytes), upcast k at a time into an fp32 scratch
+        offloaded = offload(name, expert_memory=k * numel * 2 * len(layers) + k * numel * 4, prefetch=True)
+        assert set(offloaded.moekit_capacity.values()) == {k} and offloaded.moekit_cache_dtype == "bfloat16"
         ids = input_ids[:1, :8]
         assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
         greedy = dict(max_new_tokens=8, do_sample=False)

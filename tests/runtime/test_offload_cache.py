@@ -124,7 +124,7 @@ def test_prefetch_never_changes_outputs_and_reports_quality(family, input_ids):
 
 
 def test_per_layer_budgets_from_the_prior_go_where_routing_is_spread():
-    from moekit.runtime.offload import allocate
+    from moekit.runtime.offload_budget import allocate
 
     sizes, experts, top_k = {0: 10, 2: 10}, {0: 8, 2: 8}, {0: 2, 2: 2}
     concentrated, flat = [100, 100, 1, 1, 1, 1, 1, 1], [1] * 8

@@ -21,6 +21,11 @@ from moekit.cli._streaming import ComputeDtype, Device, size_option
 POLICY_HELP = "Cache policy: lru, lfu, or prior (pins the experts calibration selected most; needs --stats)."
 
 
+def _memory_option(value: str | None) -> str | None:
+    """A size, or a share of the routed experts (``25%``), checked when parsed."""
+    return value if value is None or value.strip().endswith("%") else size_option(value)
+
+
 def peak_rss_bytes() -> int | None:
     """The process's peak resident memory (VmHWM from /proc/self/status; None where absent)."""
     try:
@@ -69,16 +74,20 @@ def run_command(
     model: Annotated[Optional[str], typer.Argument(help="Checkpoint folder, hub id, or shipped reference.")] = None,
     prompt: Annotated[str, typer.Option(help="Text to continue.")] = "def fibonacci(n):",
     max_new_tokens: Annotated[int, typer.Option(min=1, help="Tokens to generate.")] = 32,
-    expert_memory: Annotated[Optional[str], typer.Option(
-        parser=size_option, metavar="SIZE",
-        help="Bytes of experts resident at once, over all layers (e.g. 4GB, 512MiB). Default: a quarter of the "
-             "routed experts.")] = None,
+    expert_memory: Annotated[str, typer.Option(
+        parser=_memory_option, metavar="SIZE",
+        help="Bytes of experts resident at once, over all layers (e.g. 4GB, 512MiB), or a share of the routed "
+             "experts (25%).")] = "25%",
     policy: Annotated[str, typer.Option(help=POLICY_HELP)] = "lru",
     prefetch: Annotated[bool, typer.Option(help="Guess the next layer's experts with its router; load them early.")] = False,
     stats: Annotated[Optional[str], typer.Option(
         metavar="FOLDER", help="Statistics saved by `moekit calibrate -o FOLDER` (their frequency is the prior).")] = None,
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
+    cache_dtype: Annotated[str, typer.Option(
+        help="Dtype of the cached experts: auto (as the checkpoint stores them when the compute dtype holds that "
+             "exactly, e.g. bfloat16 experts for float32 compute: half the memory, same outputs), float32, "
+             "bfloat16 (from a float32 checkpoint: rounded, outputs change), float16.")] = "auto",
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts (no streamed text).")] = False,
     threads: Threads = None,
 ) -> None:
@@ -86,10 +95,10 @@ def run_command(
     import torch
 
     from moekit.data.tokens import tokenizer_for
-    from moekit.devices import parse_bytes, resolve_compute_dtype, resolve_device
+    from moekit.devices import resolve_compute_dtype, resolve_device
     from moekit.errors import MoekitError
-    from moekit.io.load import check_model, default_model, load_config
-    from moekit.runtime.offload import offload, routed_expert_bytes
+    from moekit.io.load import check_model, default_model
+    from moekit.runtime.offload import offload
 
     with user_errors():
         name = model or default_model()
@@ -99,14 +108,14 @@ def run_command(
         where = resolve_device(device)
         dtype = resolve_compute_dtype(compute_dtype, where)
         tokenizer = tokenizer_for(name)
-        budget = parse_bytes(expert_memory) if expert_memory else routed_expert_bytes(load_config(name), dtype) // 4
         if policy == "prior" and stats is None:
             raise MoekitError("--policy prior pins the experts calibration selected most; pass --stats FOLDER "
                               "(written by `moekit calibrate MODEL -o FOLDER`).")
         prior = _statistics(stats) if stats else None
         started = time.perf_counter()
-        offloaded = offload(name, expert_memory=budget, device=where, policy=policy, prefetch=prefetch, stats=prior,
-                            dtype=dtype, record_trace=False)
+        offloaded = offload(name, expert_memory=expert_memory, device=where, policy=policy, prefetch=prefetch,
+                            stats=prior, dtype=dtype, cache_dtype=cache_dtype, record_trace=False)
+        budget = offloaded.moekit_expert_memory
         load_s = time.perf_counter() - started
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(where)
         if ids.numel() == 0:
@@ -114,7 +123,7 @@ def run_command(
         streamer = _streamer(tokenizer, show=not json_out)
         if not json_out:
             err_console.print(f"[dim]{name}: {budget:,} bytes of experts resident "
-                              f"({sum(offloaded.moekit_capacity.values())} slots over "
+                              f"({sum(offloaded.moekit_capacity.values())} slots of {offloaded.moekit_cache_dtype} over "
                               f"{len(offloaded.moekit_capacity)} layers), policy {policy}"
                               f"{', prefetch' if prefetch else ''}, on {where}[/]", highlight=False)
             console.print(prompt, end="", markup=False, highlight=False)
@@ -128,6 +137,7 @@ def run_command(
     decode_s = ended - streamer.first_token_at if streamer.first_token_at else None
     report = {
         "model": name, "device": str(where), "policy": policy, "prefetch": prefetch, "expert_memory": budget,
+        "cache_dtype": offloaded.moekit_cache_dtype,
         "slots": offloaded.moekit_capacity, "prompt_tokens": ids.shape[1], "new_tokens": new,
         "load_s": round(load_s, 3), "generate_s": round(ended - started, 3),
         "tokens_per_s": new / (ended - started),

@@ -60,6 +60,7 @@ class LayerCache:
         if policy == "prior" and (prior is None or len(prior) != num_experts):
             raise ValueError(f"the prior policy needs one score per expert ({num_experts})")
         self.num_experts = num_experts
+        self.top_k = top_k
         self.capacity = min(capacity, num_experts)
         self.policy = policy
         self.prior = [float(p) for p in prior] if prior is not None else None

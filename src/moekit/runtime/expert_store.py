@@ -43,6 +43,9 @@ class MemoryExperts:
     def read(self, expert: int) -> dict[str, torch.Tensor]:
         return {name: t[expert] for name, t in self.tensors.items()}
 
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        return {name: t.dtype for name, t in self.tensors.items()}
+
     def read_into(self, expert: int, out: dict[str, torch.Tensor]) -> None:
         for name, t in self.tensors.items():
             out[name].copy_(t[expert])
@@ -113,6 +116,21 @@ class DiskExperts:
                 if len(keys) != shape[0]:
                     raise MoekitError(f"{checkpoint.folder}: {len(keys)} tensors match {pattern!r} for "
                                       f"{path}.{name}, which has {shape[0]} experts.")
+
+    def stored_dtypes(self) -> dict[str, torch.dtype]:
+        """The dtype each fused parameter is stored in (a quantized one: its dequantized dtype;
+        parts stored in different dtypes: the dtype that holds them all)."""
+        from moekit.io.checkpoint import _DTYPES
+
+        out = {}
+        for name in self.shapes:
+            keys = [self.direct[name]] if name in self.direct else [k for ks in self.per_expert[name].values()
+                                                                      for k in ks[:1]]
+            dtypes = [_DTYPES.get(self.checkpoint.tensors[k].dtype, torch.float32) for k in keys]
+            out[name] = dtypes[0]
+            for dtype in dtypes[1:]:
+                out[name] = torch.promote_types(out[name], dtype)
+        return out
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:

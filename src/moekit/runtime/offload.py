@@ -11,11 +11,12 @@ checkpoint's safetensors read per expert on demand when the model is given as a 
 (`moekit.runtime.expert_store.DiskExperts`), or the model's own tensors in CPU memory when
 it is given in memory (or is one of the built-in tiny models, which have no files).
 
-Budget: ``expert_memory`` bytes of slots over all layers. Every layer first gets its top-k
-(a decoding token needs k experts at once; less is refused, naming the minimum), the rest
-goes slot by slot to the layer with the smallest resident fraction, so layers of different
-sizes (non-uniform outputs) share it fairly — or, with the ``prior`` policy, to the layer
-where the slot pins the most calibration mass (`allocate`).
+Budget: ``expert_memory`` bytes (or a share such as ``"25%"`` of the routed experts) over all
+layers; experts are cached in the dtype the checkpoint stores them in when the compute dtype
+holds it exactly (bf16 into fp32), so logits stay those of the fully loaded model. Every
+layer first gets its top-k (a decoding token needs k experts at once; less is refused,
+naming the minimum), the rest goes to the layers where it helps most
+(`moekit.runtime.offload_budget`).
 
 Prefetch (mixtral-offloading's speculative gating): a forward pre-hook on MoE block l
 applies block l+1's router to block l's input and loads the guessed experts of l+1 before
@@ -38,20 +39,25 @@ from moekit.runtime.offload_stats import OffloadStats
 
 def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, device: str | torch.device = "cpu",
             policy: str = "lru", prefetch: bool = False, stats=None, dtype: torch.dtype = torch.float32,
-            record_trace: bool = True, background: bool = True) -> nn.Module:
+            cache_dtype: torch.dtype | str = "auto", record_trace: bool = True, background: bool = True) -> nn.Module:
     """A model ready for ``generate`` with its routed experts offloaded.
 
     Args:
         model: a checkpoint folder or shipped name (experts read from its files), or a
             loaded model (experts kept in CPU memory as the slow tier; the model is changed
             in place).
-        expert_memory: bytes of expert cache over all layers (int or ``"4GB"``, ``"512MiB"``).
+        expert_memory: bytes of expert cache over all layers (int or ``"4GB"``, ``"512MiB"``),
+            or a share of the routed experts' bytes in the cache dtype (``"25%"``).
         device: where non-expert weights, the cache and the compute are.
         policy: ``lru``, ``lfu`` or ``prior`` (needs ``stats``).
         prefetch: guess layer l+1's experts from layer l's input and load them early.
         stats: the prior's scores: a `CalibrationStats` (its ``frequency``) or
             ``{layer: [E] scores}``.
-        dtype: compute dtype of the non-expert weights and of the cache.
+        dtype: compute dtype (of the non-expert weights and of every expert call).
+        cache_dtype: dtype of the cached experts: ``"auto"`` (each parameter as stored, when
+            ``dtype`` holds it exactly: bf16 checkpoints take half the memory of fp32 copies,
+            logits unchanged), or a dtype (one narrower than the stored one rounds the
+            experts: logits then differ from the fully loaded model's).
         record_trace: keep every cache request in ``model.moekit_offload.trace``.
         background: prefetch copies on a background thread (the cache's decisions stay on
             the caller's thread, so counters and evictions do not depend on timing).
@@ -61,39 +67,50 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
 
     Raises:
         MoekitError: unknown policy, ``prior`` without statistics, a budget below every
-            layer's top-k experts (the minimum is stated), a family that cannot be
-            offloaded (Llama-4, whose experts run on every token).
+            layer's top-k experts and the scratch to compute them from (the minimum is
+            stated), a family that cannot be offloaded (Llama-4, whose experts run on every
+            token).
     """
     from moekit.arch.discover import moe_layers
-    from moekit.devices import parse_bytes
-    from moekit.runtime.offloaded_experts import IMPLEMENTATION, OffloadedExperts, register
+    from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
+    from moekit.runtime.offloaded_experts import IMPLEMENTATION, OffloadedExperts, Scratch, register, scratch_experts
 
     if policy not in POLICIES:
         raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")
     if policy == "prior" and stats is None:
         raise MoekitError("the prior policy pins the experts calibration saw most; pass stats= (moekit.calibrate's "
                           "result, or {layer: scores}).")
-    budget = parse_bytes(expert_memory)
+    requested = parse_cache_dtype(cache_dtype)
+    budget_bytes(expert_memory, 0)  # a malformed size is refused before the model is read
     device = torch.device(device)
     if isinstance(model, nn.Module):
         _check_family(moe_layers(model))  # before anything of the model is moved
     model, sources = _open(model, device=device, dtype=dtype)
     layers = moe_layers(model)
     _check_family(layers)
-    sizes = {L.index: sum(p[0].numel() for p in L.experts.module.parameters(recurse=False)
-                          if p.shape[0] == L.num_experts) * torch.empty((), dtype=dtype).element_size()
-             for L in layers}
+    cached = {L.index: {name: cache_dtype_for(stored, dtype, requested)
+                        for name, stored in sources[L.index].stored_dtypes().items()} for L in layers}
+    numels = {L.index: {n: p[0].numel() for n, p in L.experts.module.named_parameters(recurse=False)
+                        if p.shape[0] == L.num_experts} for L in layers}
+    sizes = {i: sum(numel * cached[i][n].itemsize for n, numel in numels[i].items()) for i in numels}
+    # the top-k experts one call computes with, upcast: one scratch for all layers
+    scratch = max((scratch_experts(L.top_k) * sum(numels[L.index].values()) * dtype.itemsize for L in layers
+                   if any(d != dtype for d in cached[L.index].values())), default=0)
+    budget = budget_bytes(expert_memory, sum(sizes[L.index] * L.num_experts for L in layers))
     priors = _priors(stats, layers) if policy == "prior" else {}
+    stored = sorted({str(d).removeprefix("torch.") for c in cached.values() for d in c.values()})
     capacity = allocate(budget, {L.index: L.num_experts for L in layers}, {L.index: L.top_k for L in layers}, sizes,
-                        priors or None)
+                        priors or None, scratch=scratch, detail=f" in {'/'.join(stored)}")
     counters = OffloadStats(record_trace=record_trace)
     register()
+    shared_scratch = Scratch(scratch // dtype.itemsize, dtype, device)
     states = []
     for layer in layers:
         cache = LayerCache(layer.num_experts, capacity[layer.index], policy, priors.get(layer.index),
                            top_k=layer.top_k)
         state = OffloadedExperts(layer.experts.module, layer.index, sources[layer.index], cache, device=device,
-                                 dtype=dtype, stats=counters)
+                                 dtype=dtype, cache_dtypes=cached[layer.index], stats=counters,
+                                 scratch=shared_scratch)
         layer.experts.module._moekit_offload = state
         states.append(state)
     if states:
@@ -108,6 +125,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         _install_prefetch(layers, states)
     model.moekit_offload = counters
     model.moekit_capacity = capacity
+    model.moekit_cache_dtype = "/".join(stored)
+    model.moekit_expert_memory = budget
     return model
 
 
@@ -116,46 +135,6 @@ def _check_family(layers) -> None:
         if not hasattr(layer.experts.module, "_is_expert_parallel") or layer.router.spec.weight_on_input:
             raise MoekitError(f"{layer.family}'s experts do not take (hidden, top_k_index, top_k_weights) through "
                               "transformers' experts implementations; it cannot be offloaded yet.")
-
-
-def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], sizes: dict[int, int],
-             prior: dict[int, list[float]] | None = None) -> dict[int, int]:
-    """Slots per layer for ``budget`` bytes (see the module docstring). With a ``prior``
-    (per-layer expert scores) each slot past top-k goes where it pins the most of its
-    layer's score mass per byte — the next-best expert's share — so a layer whose routing
-    is concentrated on a few experts gets fewer slots than one spread over many.
-
-    Raises:
-        MoekitError: ``budget`` below Σ_l top_k_l × bytes per expert_l.
-    """
-    capacity = {i: min(top_k[i], num_experts[i]) for i in num_experts}
-    minimum = sum(capacity[i] * sizes[i] for i in capacity)
-    if budget < minimum:
-        raise MoekitError(f"expert_memory {budget:,} bytes is less than every MoE layer's top-k experts need at once: "
-                          f"the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts of each of {len(capacity)} "
-                          f"layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}).")
-    left = budget - minimum
-    if prior is not None:  # each layer's scores as shares of its mass, best first
-        ranked = {i: sorted((max(p, 0.0) / (sum(max(q, 0.0) for q in prior[i]) or 1.0) for p in prior[i]),
-                            reverse=True) for i in capacity}
-    while True:
-        open_layers = [i for i in capacity if capacity[i] < num_experts[i] and sizes[i] <= left]
-        if not open_layers:
-            return capacity
-        if prior is not None:
-            i = max(open_layers, key=lambda j: (ranked[j][capacity[j]] / sizes[j], -j))
-        else:
-            i = min(open_layers, key=lambda j: (capacity[j] / num_experts[j], j))
-        capacity[i] += 1
-        left -= sizes[i]
-
-
-def _human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if n < 1024 or unit == "TiB":
-            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
-        n /= 1024
-    return f"{n} B"
 
 
 def _priors(stats, layers) -> dict[int, list[float]]:
@@ -185,7 +164,7 @@ def _open(model, *, device: torch.device, dtype: torch.dtype):
         sources = {}
         for layer in moe_layers(model):
             module = layer.experts.module
-            sources[layer.index] = MemoryExperts({n: p.detach().to("cpu", dtype) for n, p in
+            sources[layer.index] = MemoryExperts({n: p.detach().to("cpu") for n, p in
                                                   module.named_parameters(recurse=False)
                                                   if p.shape[0] == layer.num_experts})
         # move only what is not a routed expert

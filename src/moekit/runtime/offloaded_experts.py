@@ -21,6 +21,12 @@ Per call (``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]``):
    once, at the end, exactly as ``grouped_mm`` sums them. So the result equals, bit for
    bit, the fully loaded model under ``grouped_mm`` (moekit's default; tests compare logits
    with ``torch.equal``).
+4. slots kept in a dtype other than the compute dtype (a bf16 checkpoint's experts, fp32
+   compute: `moekit.runtime.offload_budget`) are upcast into a `Scratch` of top-k experts
+   before computing, so a call computes at most top-k experts at a time (more: in parts,
+   as in 3). On CPU ``grouped_mm`` multiplies each expert's rows by one ``mm`` of their own
+   (checked: the same bits as a loop of ``torch.mm``), so which other experts share a call
+   does not change a row's result, and an exact upcast leaves the logits bit for bit equal.
 
 The module's own parameters stay on the ``meta`` device (shapes for the view, no memory).
 """
@@ -45,12 +51,15 @@ class OffloadedExperts:
         source: a slow-tier reader (`moekit.runtime.expert_store`): ``read_into(e, {name:
             slot view [...]})`` inside ``reading()``.
         cache: the layer's `LayerCache`.
-        device, dtype: where and in what the slot buffers live.
+        device, dtype: where the slot buffers live, and the compute dtype.
+        cache_dtypes: each fused parameter's slot dtype (default: ``dtype``).
         stats: the shared counters.
+        scratch: where slots in another dtype are upcast for a call (shared by all layers).
     """
 
     def __init__(self, module: nn.Module, layer: int, source, cache: LayerCache, *, device: torch.device,
-                 dtype: torch.dtype, stats: OffloadStats) -> None:
+                 dtype: torch.dtype, stats: OffloadStats, cache_dtypes: dict[str, torch.dtype] | None = None,
+                 scratch: Scratch | None = None) -> None:
         self.layer = layer
         self.source = source
         self.cache = cache
@@ -61,8 +70,14 @@ class OffloadedExperts:
         self.loader = None  # a one-thread executor: prefetch copies in the background
         self.pending = None  # its copy for this layer not yet waited for
         self.params = {name: p for name, p in module.named_parameters(recurse=False) if p.shape[0] == self.num_experts}
-        self.slots = {name: nn.Parameter(torch.empty((cache.capacity, *p.shape[1:]), device=device, dtype=dtype),
-                                         requires_grad=False) for name, p in self.params.items()}
+        cache_dtypes = cache_dtypes or {}
+        self.slots = {name: nn.Parameter(torch.empty((cache.capacity, *p.shape[1:]), device=device,
+                                                     dtype=cache_dtypes.get(name, dtype)), requires_grad=False)
+                      for name, p in self.params.items()}
+        self.dtype = dtype
+        self.scratch = scratch if any(s.dtype != dtype for s in self.slots.values()) else None
+        # experts one computation may use: all resident ones, or top-k when they are upcast first
+        self.group = cache.capacity if self.scratch is None else min(scratch_experts(cache.top_k), cache.capacity)
         self.expert_bytes = sum(s[0].numel() * s.element_size() for s in self.slots.values())
         for name, p in self.params.items():
             module._parameters[name] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
@@ -133,7 +148,7 @@ class OffloadedExperts:
         parts = self.cache.plan(needed)
         table = self.slot_table
         index = top_k_index.clamp(max=self.num_experts)
-        if len(parts) <= 1:
+        if len(parts) <= 1 and len(needed) <= self.group:
             if parts:
                 self._request(parts[0])
             return self._run(module, hidden, table[index], top_k_weights)
@@ -143,22 +158,59 @@ class OffloadedExperts:
         out = torch.zeros_like(rows)
         for part in parts:
             self._request(part)
-            in_part = torch.isin(flat_index, torch.tensor(part, device=flat_index.device))
-            slots = torch.where(in_part, table[flat_index], self.cache.capacity)
-            out = torch.where(in_part, self._run(module, rows, slots, flat_weights), out)
+            for start in range(0, len(part), self.group):
+                group = torch.tensor(part[start:start + self.group], device=flat_index.device)
+                in_group = torch.isin(flat_index, group)
+                slots = torch.where(in_group, table[flat_index], self.cache.capacity)
+                out = torch.where(in_group, self._run(module, rows, slots, flat_weights), out)
         return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     def _run(self, module: nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
+        params, count = self.slots, self.cache.capacity
+        if self.scratch is not None:  # upcast the slots this call uses; renumber them 0..n-1 (n = skipped)
+            used = slots[slots < count].unique()
+            # at least 2: grouped_mm's histc(bins=1, min=0, max=0) takes its range from the data,
+            # counts the skipped rows in, and multiplies a taller matrix (other bits)
+            n = max(len(used), 2)
+            params = self.scratch.views({name: s.shape[1:] for name, s in self.slots.items()}, n)
+            for i, slot in enumerate(used.tolist()):
+                for name, buffer in params.items():
+                    buffer[i].copy_(self.slots[name][slot])
+            renumber = torch.full((count + 1,), n, dtype=torch.long, device=slots.device)
+            renumber[used] = torch.arange(len(used), device=slots.device)
+            slots, count = renumber[slots], n
         saved = (module.num_experts, module._is_expert_parallel)
-        module._parameters.update(self.slots)
-        module.num_experts, module._is_expert_parallel = self.cache.capacity, True  # slot C = skipped sentinel
+        module._parameters.update(params)
+        module.num_experts, module._is_expert_parallel = count, True  # slot `count` = skipped sentinel
         try:
             return grouped_mm_experts_forward(module, hidden, slots, weights)
         finally:
             module._parameters.update(self.meta)
             module.num_experts, module._is_expert_parallel = saved
+
+
+def scratch_experts(top_k: int) -> int:
+    """Experts the scratch holds for a layer of ``top_k`` (see `OffloadedExperts._run` for the 2)."""
+    return max(top_k, 2)
+
+
+class Scratch:
+    """One flat buffer of ``numel`` elements of ``dtype`` that upcast experts are written
+    into, one call at a time (layers run one after another, so all share it)."""
+
+    def __init__(self, numel: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.buffer = torch.empty(numel, dtype=dtype, device=device)
+
+    def views(self, shapes: dict[str, torch.Size], n: int) -> dict[str, torch.Tensor]:
+        """``{name: [n, *shape]}`` views of the buffer, one after another."""
+        out, offset = {}, 0
+        for name, shape in shapes.items():
+            size = n * shape.numel()
+            out[name] = self.buffer[offset:offset + size].view(n, *shape)
+            offset += size
+        return out
 
 
 def offloaded_experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
