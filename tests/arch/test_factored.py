@@ -98,6 +98,9 @@ def test_summarize_counts_the_factors_and_the_always_active_bases(tmp_path):
         active += bases + (own - bases) * layer.top_k / layer.num_experts
     assert summary.routed_params == routed
     assert summary.active_params == total - routed + round(active)
+    moe = [layer for layer in summary.layers if layer.kind == "moe"]
+    assert all(layer.factored == {"mean_rank_gate_up": 2.88, "mean_rank_down": 1.5, "shared_base": True}
+               for layer in moe)  # ranks 2, 3, 4, 2, … (23 / 8) and 2, 1, 2, … of `_random_factored`
 
 
 def test_materialize_gives_back_the_family_module_with_the_products():

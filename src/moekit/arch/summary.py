@@ -22,6 +22,7 @@ class LayerSummary:
     shared_intermediate_size: int = 0
     scoring: str = ""
     routed_params: int = 0
+    factored: dict | None = None  # experts stored as low-rank factors: mean ranks, shared base (`decompose`)
 
 
 @dataclass
@@ -90,6 +91,7 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
                 shared_intermediate_size=moe.shared.intermediate_size if moe.shared else 0,
                 scoring=moe.router.spec.scoring,
                 routed_params=layer_routed,
+                factored=_factored(moe.experts.module),
             )
         )
     return ModelSummary(
@@ -101,3 +103,11 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
         active_params=total - routed + round(active_routed),
         bytes_by_dtype=dict(bytes_by_dtype),
     )
+
+
+def _factored(module: nn.Module) -> dict | None:
+    ranks = module.ranks() if getattr(module, "moekit_factored", False) else None
+    if ranks is None:
+        return None
+    return {"mean_rank_gate_up": round(sum(ranks["gate_up"]) / len(ranks["gate_up"]), 2),
+            "mean_rank_down": round(sum(ranks["down"]) / len(ranks["down"]), 2), "shared_base": ranks["base"]}

@@ -35,6 +35,12 @@ def render(summary: "ModelSummary", name: str) -> None:
             layer.scoring, _fmt(layer.routed_params),
         )
     console.print(table)
+    factored = [layer for layer in summary.layers if layer.factored]
+    if factored:
+        ranks = "; ".join(f"{layer.index}: {layer.factored['mean_rank_gate_up']:g} / {layer.factored['mean_rank_down']:g}"
+                          + (" + shared base" if layer.factored["shared_base"] else "") for layer in factored)
+        console.print(f"experts stored as low-rank factors (moekit's format; parameters below are the factors'), "
+                      f"mean rank gate/up / down per layer: {ranks}")
     console.print(
         f"parameters: [bold]{_fmt(summary.total_params)}[/] total, [bold]{_fmt(summary.active_params)}[/] "
         f"active per token; routed experts are [bold]{summary.routed_share:.1%}[/] of the model"
