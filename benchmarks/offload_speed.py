@@ -3,24 +3,32 @@ accelerate's own disk offload at the same memory budget, and the model fully in 
 
     python benchmarks/synthetic.py /tmp/offload-syn --layers 8 --hidden 1024 --experts 32 --expert-width 512 --top-k 4
     python benchmarks/offload_speed.py /tmp/offload-syn [--resident 0.25] [--new-tokens 16]
+    python benchmarks/synthetic.py /tmp/s24 --preset s24          # 15.5 GB of bf16
+    python benchmarks/offload_speed.py /tmp/s24 --expert-memory 2GB --kinds baseline,accelerate,moekit \
+        --prompt-tokens 4 --new-tokens 5 --repeats 2 --out benchmarks/results/offload_speed-s24.json
 
-Budget: ``--resident`` of the routed experts in fp32 for moekit's ``expert_memory``; for
-accelerate, ``max_memory={"cpu": that + every non-expert weight in fp32}`` with an
-``offload_folder`` (``device_map="auto"`` puts whole decoder layers on disk when they do not
-fit). Each configuration runs in its own process, so its peak RSS (VmHWM) is its own:
-prefill of a 16-token prompt, then ``--new-tokens`` greedy tokens; decode tokens/s is timed
-from the first new token to the last. A synthetic model's random weights route with no
-locality: the worst case for every cache. Writes benchmarks/results/offload_speed.json and
-prints a Markdown table.
+Budget: ``--expert-memory`` bytes (or ``--resident`` of the routed experts in fp32) for
+moekit's ``expert_memory`` (its experts cached in the checkpoint's bf16 and upcast per call
+unless ``--cache-dtype float32``); for accelerate, ``max_memory={"cpu": that + every
+non-expert weight in fp32}`` with an ``offload_folder`` (``device_map="auto"`` puts whole
+decoder layers on disk when they do not fit). Each configuration runs in its own process,
+so its peak RSS (VmHWM) is its own; ``baseline`` is a process that imports torch,
+transformers and moekit and generates with a tiny model: the interpreter's share of every
+other peak. A ``--prompt-tokens`` prompt is prefilled, then ``--new-tokens`` greedy tokens;
+decode tokens/s is timed from the first new token to the last. Configurations run
+interleaved, ``--repeats`` rounds. A synthetic model's random weights route with no
+locality: the worst case for every cache. Writes ``--out`` and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import datetime
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -28,7 +36,7 @@ import time
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "offload_speed.json"
-KINDS = ["full", "accelerate", "moekit", "moekit-prefetch"]
+KINDS = ["baseline", "full", "accelerate", "moekit", "moekit-prefetch"]
 
 
 def _vm_hwm() -> int:
@@ -38,7 +46,7 @@ def _vm_hwm() -> int:
     return -1
 
 
-def budgets(folder: str, resident: float) -> tuple[int, int]:
+def budgets(folder: str, resident: float, expert_memory: str | None = None) -> tuple[int, int]:
     """(expert_memory, non-expert fp32 bytes)."""
     import torch
     from accelerate import init_empty_weights
@@ -51,31 +59,40 @@ def budgets(folder: str, resident: float) -> tuple[int, int]:
         skeleton = AutoModelForCausalLM.from_config(config)
     total = sum(p.numel() for p in skeleton.parameters()) * 4
     experts = routed_expert_bytes(config, torch.float32)
-    return int(experts * resident), total - experts
+    from moekit.devices import parse_bytes
+
+    return parse_bytes(expert_memory) if expert_memory else int(experts * resident), total - experts
 
 
-def one(kind: str, folder: str, resident: float, new_tokens: int) -> dict:
+def one(kind: str, folder: str, resident: float, new_tokens: int, expert_memory: str | None = None,
+        prompt_tokens: int = 16, cache_dtype: str = "auto") -> dict:
     import torch
     from transformers.generation.streamers import BaseStreamer
 
     torch.set_num_threads(1)
-    expert_memory, rest = budgets(folder, resident)
+    expert_memory, rest = budgets(folder, resident, expert_memory)
     start = time.perf_counter()
-    if kind == "full":
+    if kind == "baseline":
+        import moekit
+
+        model = moekit.load("moekit/tiny-qwen3_moe")
+    elif kind == "full":
         import moekit
 
         model = moekit.load(folder)
     elif kind == "accelerate":
         from transformers import AutoModelForCausalLM
 
+        offload_folder = tempfile.mkdtemp(prefix="moekit-acc-")  # fp32 copies of what is offloaded: removed below
+        atexit.register(shutil.rmtree, offload_folder, ignore_errors=True)
         model = AutoModelForCausalLM.from_pretrained(folder, device_map="auto", dtype=torch.float32,
                                                      max_memory={"cpu": expert_memory + rest},
-                                                     offload_folder=tempfile.mkdtemp(prefix="moekit-acc-"))
+                                                     offload_folder=offload_folder)
     else:
         import moekit
 
         model = moekit.offload(folder, expert_memory=expert_memory, prefetch=kind == "moekit-prefetch",
-                               record_trace=False)
+                               cache_dtype=cache_dtype, record_trace=False)
     load_s = time.perf_counter() - start
 
     class Times(BaseStreamer):
@@ -88,7 +105,8 @@ def one(kind: str, folder: str, resident: float, new_tokens: int) -> dict:
         def end(self):
             pass
 
-    ids = torch.randint(3, 1000, (1, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 120 if kind == "baseline" else 1000, (1, prompt_tokens),
+                        generator=torch.Generator().manual_seed(0))
     times = Times()
     start = time.perf_counter()
     with torch.no_grad():
@@ -98,7 +116,8 @@ def one(kind: str, folder: str, resident: float, new_tokens: int) -> dict:
            "decode_tokens_per_s": (len(new) - 1) / (new[-1] - new[0]), "peak_rss_bytes": _vm_hwm(),
            "expert_memory": expert_memory, "non_expert_bytes": rest}
     if kind.startswith("moekit"):
-        out.update(model.moekit_offload.as_dict())
+        out.update(model.moekit_offload.as_dict(), cache_dtype=model.moekit_cache_dtype,
+                   slots=sum(model.moekit_capacity.values()))
     return out
 
 
@@ -106,28 +125,40 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("folder")
     parser.add_argument("--resident", type=float, default=0.25)
+    parser.add_argument("--expert-memory", help="a size (2GB); overrides --resident")
+    parser.add_argument("--cache-dtype", default="auto")
     parser.add_argument("--new-tokens", type=int, default=16)
+    parser.add_argument("--prompt-tokens", type=int, default=16)
+    parser.add_argument("--kinds", default=",".join(KINDS))
+    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--one", choices=KINDS)
     args = parser.parse_args()
+    common = ["--resident", str(args.resident), "--new-tokens", str(args.new_tokens), "--prompt-tokens",
+              str(args.prompt_tokens), "--cache-dtype", args.cache_dtype,
+              *(["--expert-memory", args.expert_memory] if args.expert_memory else [])]
     if args.one:
-        print(json.dumps(one(args.one, args.folder, args.resident, args.new_tokens)))
+        print(json.dumps(one(args.one, args.folder, args.resident, args.new_tokens, args.expert_memory,
+                             args.prompt_tokens, args.cache_dtype)))
         return
     runs = []
-    for kind in KINDS:
-        done = subprocess.run([sys.executable, __file__, args.folder, "--resident", str(args.resident),
-                               "--new-tokens", str(args.new_tokens), "--one", kind],
-                              capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-        if done.returncode != 0:
-            runs.append({"kind": kind, "error": done.stderr.strip().splitlines()[-1]})
-            continue
-        runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    for round_ in range(args.repeats):  # interleaved: the machine's load hits every kind alike
+        for kind in args.kinds.split(","):
+            done = subprocess.run([sys.executable, __file__, args.folder, *common, "--one", kind],
+                                  capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+            if done.returncode != 0:
+                runs.append({"kind": kind, "round": round_, "error": (done.stderr.strip().splitlines() or ["?"])[-1]})
+            else:
+                runs.append({**json.loads(done.stdout.strip().splitlines()[-1]), "round": round_})
+            print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     config = json.loads(Path(args.folder, "config.json").read_text())
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
               "model": {k: config.get(k) for k in ("num_hidden_layers", "hidden_size", "num_experts", "num_local_experts",
                                                     "moe_intermediate_size", "num_experts_per_tok")},
-              "resident": args.resident, "new_tokens": args.new_tokens, "runs": runs}
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps(report, indent=2) + "\n")
+              "resident": args.resident, "expert_memory": args.expert_memory, "cache_dtype": args.cache_dtype,
+              "prompt_tokens": args.prompt_tokens, "new_tokens": args.new_tokens, "runs": runs}
+    args.out.parent.mkdir(exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print("| run | load s | prefill s | decode tokens/s | peak RSS MiB | hit rate | MiB moved/token |")
     print("|---|---|---|---|---|---|---|")
     for r in runs:

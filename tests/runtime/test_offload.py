@@ -114,8 +114,8 @@ def test_reference_models_from_files_equal_the_full_model(input_ids):
         layers = moekit.moe_layers(full)
         numel = sum(p[0].numel() for p in layers[0].experts.module.parameters(recurse=False))
         k = layers[0].top_k
-        # stored in bf16, cached in bf16 (2 bytes), upcast k at a time into an fp32 scratch
-        offloaded = offload(name, expert_memory=k * numel * 2 * len(layers) + k * numel * 4, prefetch=True)
+        # stored in bf16, cached in bf16 (2 bytes), upcast one at a time into a scratch of 2 fp32 experts
+        offloaded = offload(name, expert_memory=k * numel * 2 * len(layers) + 2 * numel * 4, prefetch=True)
         assert set(offloaded.moekit_capacity.values()) == {k} and offloaded.moekit_cache_dtype == "bfloat16"
         ids = input_ids[:1, :8]
         assert torch.equal(_logits(offloaded, ids), _logits(full, ids))
@@ -133,3 +133,14 @@ def test_the_direct_copy_of_per_expert_tensors_equals_transformers_conversion(tm
         source.read_into(3, out)
         converted = source.read(3)
     assert all(torch.equal(out[name], converted[name].float()) for name in out)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # per-expert tensors; fused tensors
+def test_misses_are_read_straight_from_the_file_into_the_slots(family, tmp_path, input_ids, monkeypatch):
+    from moekit.runtime.expert_store import DiskExperts
+
+    tiny_model(family, seed=0).save_pretrained(tmp_path)
+    full = moekit.load(tmp_path)
+    offloaded = offload(tmp_path, expert_memory="1MB")
+    monkeypatch.setattr(DiskExperts, "_read", lambda *a, **k: pytest.fail("read through safetensors"))
+    assert torch.equal(_logits(offloaded, input_ids), _logits(full, input_ids))

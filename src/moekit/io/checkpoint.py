@@ -43,6 +43,7 @@ class TensorEntry:
     file: Path
     dtype: str  # safetensors' name: "BF16", "F32", ...
     shape: tuple[int, ...]
+    offset: int = -1  # where its bytes start in ``file`` (-1: not stored as such, e.g. decompressed)
 
     @property
     def nbytes(self) -> int:
@@ -227,7 +228,7 @@ def _read_header(file: Path) -> dict[str, TensorEntry]:
             continue
         begin, stop = info["data_offsets"]
         end = max(end, stop)
-        entries[name] = TensorEntry(file=file, dtype=info["dtype"], shape=tuple(info["shape"]))
+        entries[name] = TensorEntry(file=file, dtype=info["dtype"], shape=tuple(info["shape"]), offset=8 + length + begin)
     if 8 + length + end > size:
         last = max(header.items(), key=lambda kv: kv[1]["data_offsets"][1] if kv[0] != "__metadata__" else -1)[0]
         raise MoekitError(f"{file} is truncated: its header says {8 + length + end:,} bytes but the file has "

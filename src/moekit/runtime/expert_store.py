@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import math
+import os
 from collections.abc import Iterator
 
 import torch
@@ -179,14 +181,18 @@ class DiskExperts:
         straight from the file into the slot's parts (measured: the stack, concatenation
         and extra copies were half of a miss); other conversions go through `read`."""
         for name, key in self.direct.items():
-            out[name].copy_(self._read(key, expert, fresh=False))
+            if not self._read_raw(key, expert, out[name]):
+                out[name].copy_(self._read(key, expert, fresh=False))
         generic = [name for name in self.per_expert if self.layout[name] is None]
         for name, (dim, order) in ((n, self.layout[n]) for n in self.per_expert if self.layout[n] is not None):
             offset = 0
             for pattern in order:
-                part = self._read(self.per_expert[name][pattern][expert], None, fresh=False)
-                size = part.shape[dim] if part.dim() > dim else 1
-                out[name].narrow(dim, offset, size).copy_(part)
+                key = self.per_expert[name][pattern][expert]
+                shape = self.checkpoint.tensors[key].shape
+                size = shape[dim] if len(shape) > dim else 1
+                target = out[name].narrow(dim, offset, size)
+                if not self._read_raw(key, None, target):
+                    target.copy_(self._read(key, None, fresh=False))
                 offset += size
         if generic:
             read = self.read(expert)
@@ -196,21 +202,62 @@ class DiskExperts:
     def _read(self, key: str, index: int | None, fresh: bool = True) -> torch.Tensor:
         """Stored tensor ``key`` (``index``: only its slice ``[index]``); ``fresh=False``
         may return a view of the open file, valid inside `reading`."""
-        entry = self.checkpoint.tensors[key]
-        try:
+        with self._errors(key):
             if key in self.checkpoint.packed:  # compressed-tensors: decompressed whole (small packed)
                 tensor = self.checkpoint.read([key])[key]
                 return tensor if index is None else tensor[index].clone()
-            handle = self._handle(entry.file)
+            handle = self._handle(self.checkpoint.tensors[key].file)
             tensor = handle.get_tensor(key) if index is None else handle.get_slice(key)[index]
             return tensor.clone() if fresh else tensor
+
+    def _read_raw(self, key: str, index: int | None, out: torch.Tensor) -> bool:
+        """Read ``key`` (its slice ``[index]``) from the file straight into ``out`` when it is
+        stored as is in ``out``'s dtype and ``out`` is contiguous (one system call: no mapped
+        pages counted as the process's memory, no intermediate copy; measured about 1.5x
+        faster per miss than copying from the mapped file); False when it cannot."""
+        from moekit.io.checkpoint import _DTYPES
+
+        entry = self.checkpoint.tensors[key]
+        if entry.offset < 0 or key in self.checkpoint.packed or not out.is_contiguous() \
+                or _DTYPES.get(entry.dtype) != out.dtype:
+            return False
+        nbytes = out.numel() * out.element_size()
+        start = entry.offset + (index or 0) * nbytes
+        if math.prod(entry.shape[1 if index is not None else 0:]) != out.numel():
+            return False
+        buffer = memoryview(out.view(-1).view(torch.uint8).numpy())
+        with self._errors(key):
+            fd = self._fd(entry.file)
+            done = 0
+            while done < nbytes:
+                got = os.preadv(fd, [buffer[done:]], start + done)
+                if got <= 0:
+                    raise OSError(f"the file ends {nbytes - done} bytes early")
+                done += got
+        return True
+
+    def _fd(self, file) -> int:
+        if self._handles is None:
+            raise RuntimeError("DiskExperts.read outside reading()")
+        if ("fd", file) not in self._handles:
+            fd = os.open(file, os.O_RDONLY)
+            self._stack.callback(os.close, fd)
+            self._handles["fd", file] = fd
+        return self._handles["fd", file]
+
+    @contextlib.contextmanager
+    def _errors(self, key: str) -> Iterator[None]:
+        """A read that fails because the folder changed under us, as a `MoekitError`."""
+        file = self.checkpoint.tensors[key].file
+        try:
+            yield
         except MoekitError:
             raise
         except Exception as exc:  # noqa: BLE001 - OSError, safetensors' own errors: the folder changed under us
-            if not entry.file.is_file():
-                raise MoekitError(f"{entry.file} is gone: the model folder was moved or deleted while running "
+            if not file.is_file():
+                raise MoekitError(f"{file} is gone: the model folder was moved or deleted while running "
                                   f"(reading {key!r}); restore it and run again.") from None
-            raise MoekitError(f"{entry.file}: cannot read {key!r} ({exc}); the file changed while running.") from None
+            raise MoekitError(f"{file}: cannot read {key!r} ({exc}); the file changed while running.") from None
 
 
 def _stack_then_concat(converter, patterns: dict[str, list[str]]) -> tuple[int, list[str]] | None:

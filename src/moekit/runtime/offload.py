@@ -73,7 +73,7 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     """
     from moekit.arch.discover import moe_layers
     from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
-    from moekit.runtime.offloaded_experts import IMPLEMENTATION, OffloadedExperts, Scratch, register, scratch_experts
+    from moekit.runtime.offloaded_experts import SCRATCH_EXPERTS, IMPLEMENTATION, OffloadedExperts, Scratch, register
 
     if policy not in POLICIES:
         raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")
@@ -93,8 +93,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     numels = {L.index: {n: p[0].numel() for n, p in L.experts.module.named_parameters(recurse=False)
                         if p.shape[0] == L.num_experts} for L in layers}
     sizes = {i: sum(numel * cached[i][n].itemsize for n, numel in numels[i].items()) for i in numels}
-    # the top-k experts one call computes with, upcast: one scratch for all layers
-    scratch = max((scratch_experts(L.top_k) * sum(numels[L.index].values()) * dtype.itemsize for L in layers
+    # upcast experts are computed from one scratch for all layers
+    scratch = max((SCRATCH_EXPERTS * sum(numels[L.index].values()) * dtype.itemsize for L in layers
                    if any(d != dtype for d in cached[L.index].values())), default=0)
     budget = budget_bytes(expert_memory, sum(sizes[L.index] * L.num_experts for L in layers))
     priors = _priors(stats, layers) if policy == "prior" else {}

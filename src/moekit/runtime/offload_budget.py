@@ -11,13 +11,12 @@ the fully loaded model, so its logits stay bit for bit the same. An explicit
 in bf16 and back, each lacking bits the other has) rounds every expert: less memory,
 outputs no longer equal to the fully loaded model's.
 
-Budget. Upcasting needs room for the experts one call computes with in the compute dtype:
-a scratch of the layer's top-k experts (a decode call needs at most top-k; a longer call is
-computed top-k experts at a time), shared by all layers since they run one after another.
-It is taken from ``expert_memory`` first. Then every layer gets its top-k slots (less is
-refused, naming the minimum), and the rest goes slot by slot to the layer with the
-smallest resident fraction, or, with a prior, where a slot pins the most calibration mass
-per byte (`allocate`).
+Budget. Upcasting needs room for the expert being computed in the compute dtype: a scratch
+of two experts (`moekit.runtime.offloaded_experts`), shared by all layers since they run
+one after another. It is taken from ``expert_memory`` first. Then every layer gets its
+top-k slots (less is refused, naming the minimum), and the rest goes slot by slot to the
+layer with the smallest resident fraction, or, with a prior, where a slot pins the most
+calibration mass per byte (`allocate`).
 """
 
 from __future__ import annotations
