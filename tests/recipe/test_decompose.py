@@ -137,8 +137,8 @@ def test_compress_writes_factors_and_a_materialized_output_loads_in_plain_transf
         report = _compress(sources, family, tmp_path / family, step, evaluate=True, eval_data=str(sources / "data"),
                            dtype="float32")
         assert report["format"] == "moekit-nonuniform"
-        planned = moekit.plan(str(sources / family), {"steps": [step]})["after"]
-        assert abs(planned["routed_params"] - report["after"]["routed_params"]) <= 4 * 3 * 64  # a rank per projection
+        planned = moekit.plan(str(sources / family), {"steps": [step]}, dtype="float32")["after"]
+        assert planned == {key: value for key, value in report["after"].items() if key != "eval"}  # exact
         model = moekit.load(str(tmp_path / family))
         assert moekit.summarize(model).routed_params == report["after"]["routed_params"]
         rows = torch.randint(3, 300, (2, 17), generator=torch.Generator().manual_seed(1))

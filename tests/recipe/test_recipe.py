@@ -30,7 +30,12 @@ def test_every_preset_plans_on_the_reference_model(name):
     planned = moekit.plan("moekit/ref-fine", name)
     kept = 32 - round(32 * removed_share(name))
     assert planned["exact_per_layer"] and set(planned["after"]["experts_per_layer"].values()) == {kept}
-    assert planned["after"]["routed_params"] * 32 == planned["before"]["routed_params"] * kept
+    before, after = planned["before"]["routed_params"], planned["after"]["routed_params"]
+    if name.startswith("decompose-"):  # every expert kept, NN% of their parameters (within a rank per projection)
+        share = int(name.removeprefix("decompose-")) / 100
+        assert share * before * 0.99 < after <= share * before
+    else:
+        assert after * 32 == before * kept
 
 
 def test_merge_presets_are_the_best_merge_measured_on_ref_fine():

@@ -1,17 +1,21 @@
 """One MoE layer's experts decomposed: per-expert truncated SVD, or a shared base per
 projection plus each expert's low-rank delta (D²-MoE, arXiv 2502.17298), activation-aware.
 
-Each expert's projections are whitened by the inputs they see on the calibration sample,
-weighted as the layer weighs them: gate/up by Σ_{x∈X_j} g_j(x)² x xᵀ over the tokens routed
-to expert j, down by the same moment of the intermediate activations h_j(x), computed with
-the already factored gate/up (sequentially, as GPTQ quantizes). The squared singular
-values are then exactly the routed-output error each rank removes, so an expert's
-importance (gate mass × activation energy) is in them, and `moekit.methods.lowrank.allocate`
-spends the budget where it removes most error. Experts never routed on the sample are
-factored by plain SVD, and rank allocation treats their error as costing nothing.
+Each expert's projections are whitened by the inputs they see on the calibration sample:
+gate/up by the second moment Σ_{x∈X_j} w(x)² x xᵀ of the tokens routed to expert j, down
+by the same moment of its intermediate activations h_j(x), computed with the already
+factored gate/up (sequentially, as GPTQ quantizes). With ``weighting: tokens`` w = 1 (the
+expert's input second moment, as SVD-LLM whitens a dense Linear); with ``gate`` w = g_j(x),
+its routing weight, which makes the squared singular values exactly the routed-output error
+each rank removes. Measured on both reference models, ``tokens`` with strong damping
+(λ = mean diag C) generalises better (BENCHMARKS.md), so it is the default. Either way
+the squared singular values carry the expert's importance — tokens routed to it (or gate
+mass) × activation energy — and `moekit.methods.lowrank.allocate` spends the budget where
+it removes most error. Experts never routed on the sample are factored by plain SVD, and
+rank allocation treats their error as costing nothing.
 
 With ``shared_basis`` the base of each projection is the mean of the experts' weights,
-weighted by importance Σ_{x∈X_j} g_j(x)²‖x‖² (for down: of h_j), and only the deltas
+weighted by importance Σ_{x∈X_j} w(x)²‖x‖² (for down: of h_j), and only the deltas
 W_j − W_b are factored; the base costs one expert's parameters per projection.
 """
 
@@ -48,14 +52,16 @@ class LayerFactors:
 class Settings:
     """``keep``: share of the layer's routed-expert parameters kept (or ``rank``: one rank
     for every expert and projection); ``allocation``: ``error`` or ``uniform`` ranks;
-    ``whiten``: activation-aware (False: plain SVD); ``damp``: see `moekit.methods.lowrank.svd`."""
+    ``whiten``: activation-aware (False: plain SVD); ``weighting``: ``tokens`` or ``gate``
+    (see the module docstring); ``damp``: see `moekit.methods.lowrank.svd`."""
 
     shared_basis: bool = False
     keep: float | None = 0.5
     rank: int | None = None
     allocation: str = "error"
     whiten: bool = True
-    damp: float = 0.01
+    weighting: str = "tokens"
+    damp: float = 1.0
 
 
 def projection_budget(keep: float, num_experts: int, out_features: int, in_features: int, base: bool) -> int:
@@ -75,13 +81,14 @@ def decompose_layer(layer: MoELayer, hidden: torch.Tensor, settings: Settings) -
     routes = []
     for j in range(layer.num_experts):
         token, slot = torch.where(index == j)
-        routes.append((token, weights[token, slot].double()))
+        gate = weights[token, slot].double()
+        routes.append((token, gate if settings.weighting == "gate" else torch.ones_like(gate)))
 
     def moment(inputs: torch.Tensor, g: torch.Tensor) -> torch.Tensor | None:
         if not settings.whiten or not inputs.shape[0]:
             return None
         weighted = inputs.double() * g[:, None]
-        return weighted.T @ weighted  # Σ g² x xᵀ
+        return weighted.T @ weighted  # Σ w² x xᵀ
 
     # gate/up
     ins = [x[token] for token, _ in routes]

@@ -29,7 +29,8 @@ class Decompose(Step):
     """``method``: ``svd`` (each expert's projections factored on their own) or
     ``shared_basis`` (one base per projection and layer, each expert's delta factored).
     ``keep_params`` in (0, 1) of each layer's routed-expert parameters, or ``rank`` for every
-    expert. ``whiten: false`` is plain SVD (the baseline of activation-aware SVD)."""
+    expert. ``whiten: false`` is plain SVD (the baseline of activation-aware SVD); ``weighting``
+    and ``damp`` shape the whitening (`moekit.methods.lowrank.layer`)."""
 
     name = "decompose"
     type: Literal["decompose"] = "decompose"
@@ -38,7 +39,8 @@ class Decompose(Step):
     rank: int | None = Field(default=None, description="one rank for every expert's projections")
     allocation: Literal["error", "uniform"] = "error"
     whiten: bool = True
-    damp: float = Field(default=0.01, ge=0, description="relative damping of the input second moments")
+    weighting: Literal["tokens", "gate"] = "tokens"
+    damp: float = Field(default=1.0, ge=0, description="relative damping of the input second moments")
     samples: int = Field(default=8192, ge=16, description="calibration inputs per layer")
     refit: bool = False
     refit_ridge: float = Field(default=0.1, ge=0)
@@ -88,8 +90,9 @@ class Decompose(Step):
                                   "keep_params.")
 
     def shape_skeleton(self, skeleton: nn.Module) -> bool:
-        """For `moekit.plan`: factored experts with the ranks a uniform allocation gives
-        (allocation by error moves ranks between experts; the total stays within a rank)."""
+        """For `moekit.plan`: factored experts with the ranks spread evenly (allocation by
+        error moves ranks between experts; every allocation spends the same rank units, so the
+        parameter count is exact)."""
         if self.materialize:
             return True
         from moekit.arch.discover import moe_layers
@@ -119,8 +122,8 @@ class Decompose(Step):
     def plan_note(self) -> str:
         return (f"decompose: memory while a layer is factored, besides the layer: its {self.samples} calibration "
                 "inputs (samples × H × 4 B), one expert's input second moments (H² + I², float64) and the layer's "
-                "factors before truncation (up to twice its expert weights, float64); per-expert ranks are chosen on "
-                "calibration data, so parameters after are within one rank per projection of those shown."
+                "factors before truncation (up to twice its expert weights, float64). The parameters are exact; how "
+                "the ranks are split between experts is chosen on calibration data (shown evenly)."
                 + (" materialize: the output multiplies the factors back (a standard checkpoint of the original "
                    "size)." if self.materialize else ""))
 
@@ -142,7 +145,7 @@ class Decompose(Step):
             on_progress(f"layer {layer.index}: decompose")
         factors = decompose_layer(layer, hidden, Settings(
             shared_basis=self.method == "shared_basis", keep=self.keep_params, rank=self.rank,
-            allocation=self.allocation, whiten=self.whiten, damp=self.damp))
+            allocation=self.allocation, whiten=self.whiten, weighting=self.weighting, damp=self.damp))
         result = {"params_before": before, "params_after": factors.params(),
                   "relative_error": {k: round(v, 6) for k, v in factors.errors.items()},
                   "gate_up_ranks": [a.shape[0] for _, a in factors.gate_up],
