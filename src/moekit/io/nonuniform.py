@@ -9,7 +9,9 @@ else standard:
   ``moekit_num_experts_per_layer`` = {layer index: count}, and/or
   ``moekit_top_k_per_layer`` = {layer index: k} (the family's top-k key holds the largest),
   and/or ``moekit_dropped_mlp_layers`` = [decoder layers whose MoE sublayer was removed:
-  they hold attention only];
+  they hold attention only], and/or ``moekit_factored_experts`` = {layer index: {"gate_up":
+  [rank per expert], "down": [rank per expert], "base": bool}} (experts stored as low-rank
+  factors by the ``decompose`` step: `moekit.arch.factored`);
 - ``moekit-model.safetensors`` (or ``moekit-model-0000k-of-0000n.safetensors`` with
   ``moekit-model.safetensors.index.json``, as a streamed compress writes a big model):
   the state dict in transformers' in-memory (fused) names;
@@ -17,7 +19,8 @@ else standard:
 
 There is deliberately no ``model.safetensors``, so plain transformers fails loudly
 instead of building wrong shapes. `moekit.load` builds the model from the config, cuts
-each layer to its count, then loads the weights strictly: the round trip is exact.
+each layer to its count (and puts factored experts where they were), then loads the
+weights strictly: the round trip is exact.
 """
 
 from __future__ import annotations
