@@ -19,5 +19,5 @@ def test_version_is_the_installed_distributions():
 
 def test_no_arguments_lists_every_command():
     result = runner.invoke(app, [])
-    for command in ("analyze", "calibrate", "compress", "eval", "inspect", "train"):
+    for command in ("analyze", "calibrate", "compress", "eval", "inspect", "run", "train"):
         assert command in result.output

@@ -125,6 +125,7 @@ COMMANDS = {  # every command, as it would read MODEL, writing into OUT
     "compress --plan": ["compress", "{model}", "--plan"],
     "train --init": ["train", "--init", "{model}", "-o", "{out}", "--steps", "1", "--seq-len", "16"],
     "analyze": ["analyze", "{model}", "-o", "{out}", "--samples", "2", "--seq-len", "16"],
+    "run": ["run", "{model}", "--max-new-tokens", "2"],
 }
 
 

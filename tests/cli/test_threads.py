@@ -11,13 +11,13 @@ from moekit.cli import app
 from tests.training_inputs import write_corpus, write_spec
 
 runner = CliRunner()
-COMPUTING = ("analyze", "calibrate", "compress", "eval", "train")
+COMPUTING = ("analyze", "calibrate", "compress", "eval", "run", "train")
 
 
 @pytest.mark.parametrize("command", COMPUTING)
 def test_every_computing_command_takes_threads_and_refuses_zero(command, tmp_path):
     assert "--threads" in runner.invoke(app, [command, "--help"]).output
-    writes = [] if command == "eval" else ["-o", str(tmp_path / "out")]
+    writes = [] if command in ("eval", "run") else ["-o", str(tmp_path / "out")]
     result = runner.invoke(app, [command, "--threads", "0", *writes])
     assert result.exit_code == 2
     assert result.output.strip() == "error: --threads must be at least 1 (got 0)."

@@ -27,6 +27,7 @@ waits for its own before computing, so it never changes outputs, only what is re
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -68,8 +69,7 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     Raises:
         MoekitError: unknown policy, ``prior`` without statistics, a budget below every
             layer's top-k experts and the scratch to compute them from (the minimum is
-            stated), a family that cannot be offloaded (Llama-4, whose experts run on every
-            token).
+            stated), a family whose experts cannot be offloaded.
     """
     from moekit.arch.discover import moe_layers
     from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
@@ -112,6 +112,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
                                  dtype=dtype, cache_dtypes=cached[layer.index], stats=counters,
                                  scratch=shared_scratch)
         layer.experts.module._moekit_offload = state
+        if _weighted_input(layer):
+            layer.experts.module.forward = functools.partial(state.forward_weighted_input, layer.experts.module)
         states.append(state)
     if states:
         states[0].first = True
@@ -130,8 +132,16 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     return model
 
 
+def _weighted_input(layer) -> bool:
+    """Llama-4: routing weights scale the experts' input and its experts module, which has no
+    transformers experts implementation, multiplies every expert (`forward_weighted_input`)."""
+    return layer.router.spec.weight_on_input and not hasattr(layer.experts.module, "_is_expert_parallel")
+
+
 def _check_family(layers) -> None:
     for layer in layers:
+        if _weighted_input(layer):
+            continue
         if not hasattr(layer.experts.module, "_is_expert_parallel") or layer.router.spec.weight_on_input:
             raise MoekitError(f"{layer.family}'s experts do not take (hidden, top_k_index, top_k_weights) through "
                               "transformers' experts implementations; it cannot be offloaded yet.")

@@ -168,6 +168,48 @@ class OffloadedExperts:
                 out = torch.where(in_group, self._run(module, rows, slots, flat_weights), out)
         return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
+    def forward_weighted_input(self, module: nn.Module, routed_in: torch.Tensor) -> torch.Tensor:
+        """Llama-4's experts (no transformers experts implementation: the module's own
+        ``forward``, replaced on the instance): ``routed_in [E·T, H]`` holds every token for
+        every expert, already scaled by its routing weight, so an expert no token chose gets
+        only zero rows and gives exact zeros (no bias; act(0)·0 = 0). Only experts with a
+        nonzero row are loaded, each multiplied by the module's own forward on its full
+        ``[T, H]`` block as a batch of one; the others' outputs are left zero, as they are
+        in the full model. -> ``[E·T, H]``."""
+        self._wait()
+        blocks = routed_in.view(self.num_experts, -1, routed_in.shape[-1])
+        needed = blocks.ne(0).flatten(1).any(dim=1).nonzero().flatten().tolist()
+        if self.first:
+            self.stats.tokens += blocks.shape[1]
+        if self.stats.record_trace:
+            self.stats.trace.append(("demand", self.layer, needed))
+        if self.guess is not None:
+            self.stats.score_guess(self.guess, set(needed))
+            self.guess = None
+        out = torch.zeros_like(blocks)
+        forward = type(module).forward
+        for part in self.cache.plan(needed):
+            self._request(part)
+            for expert in part:
+                module._parameters.update(self._weights([int(self.slot_table[expert])], 1))
+                try:
+                    out[expert] = forward(module, blocks[expert])
+                finally:
+                    module._parameters.update(self.meta)
+        return out.view_as(routed_in)
+
+    def _weights(self, slots: list[int], n: int) -> dict[str, torch.Tensor]:
+        """The parameters ``[n, ...]`` whose first rows are ``slots``' experts in the compute
+        dtype: views of the slots when they are in it (``slots`` consecutive), else upcast
+        into the scratch."""
+        if self.scratch is None:
+            return {name: s[slots[0]:slots[0] + n] for name, s in self.slots.items()}
+        params = self.scratch.views({name: s.shape[1:] for name, s in self.slots.items()}, n)
+        for i, slot in enumerate(slots):
+            for name, buffer in params.items():
+                buffer[i].copy_(self.slots[name][slot])
+        return params
+
     def _run(self, module: nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
         from transformers.integrations.moe import grouped_mm_experts_forward
 
@@ -177,10 +219,7 @@ class OffloadedExperts:
             # at least 2: grouped_mm's histc(bins=1, min=0, max=0) takes its range from the data,
             # counts the skipped rows in, and multiplies a taller matrix (other bits)
             n = max(len(used), 2)
-            params = self.scratch.views({name: s.shape[1:] for name, s in self.slots.items()}, n)
-            for i, slot in enumerate(used.tolist()):
-                for name, buffer in params.items():
-                    buffer[i].copy_(self.slots[name][slot])
+            params = self._weights(used.tolist(), n)
             renumber = torch.full((count + 1,), n, dtype=torch.long, device=slots.device)
             renumber[used] = torch.arange(len(used), device=slots.device)
             slots, count = renumber[slots], n
