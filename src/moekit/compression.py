@@ -26,6 +26,9 @@ from torch import nn
 
 from moekit.arch.adapters import FAMILIES, not_an_moe
 from moekit.arch.summary import summarize
+from moekit.distributed import current
+from moekit.distributed.runs import (agree_compress, agree_progress, pass_done, rank_work_path, refuse_unsupported,
+                                     remove_rank_folders)
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
@@ -174,12 +177,15 @@ def compress(
 
     lent = fresh()  # checks every shard and tensor shape before anything is written
     phases = phases_of(recipe)
+    world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes
+    refuse_unsupported(phases, world)
     given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
-    work = WorkFolder(work_folder_for(out), _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size,
-                                                        stored=stored, compute=compute, device=where,
-                                                        stats=given and given.meta["model_fingerprint"]),
-                      resume=resume)
-    if on_start is not None:
+    facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, stored=stored, compute=compute,
+                       device=where, stats=given and given.meta["model_fingerprint"])
+    agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
+    work = WorkFolder(rank_work_path(work_folder_for(out), world), facts, resume=resume)
+    agree_progress(work.finished_layers(), world)
+    if on_start is not None and (world is None or world.main):
         on_start(work)
     budget = ActivationBudget(budget_bytes, work.path / "activations")
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
@@ -199,7 +205,7 @@ def compress(
                           "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
                           "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
     ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
-    writer = ShardWriter(work.path, lent.model, dtype=stored, native=native)
+    writer = ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main else None
     runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
                         budget=budget, stats_meta=stats_meta, given=given)
     total = len(lent) * len(runner.streamer.batches) * len(phases)
@@ -208,6 +214,10 @@ def compress(
             advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
         result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
                             (lambda i: on_event("layer", i)))
+    pass_done(world, work.path)
+    if writer is None:  # another rank: its share is done, rank 0 writes the output
+        budget.close()
+        return {**report, "rank": world.rank, "out": None}
     writer.write_outer(f"{lent.layers_path}.")
     dropped = sorted(runner.dropped_blocks())
     parts = [i for i in range(len(lent)) if i not in dropped]
@@ -238,13 +248,14 @@ def compress(
         tok.save_pretrained(tmp)
         if eval_rows is not None:
             saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
-            report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress)
+            report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress, shard=False)  # rank 0 alone
         report["seconds"] = round(time.perf_counter() - start, 2)
         report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
         (tmp / "recipe.yaml").write_text(recipe.to_yaml())
         (tmp / "report.json").write_text(json.dumps(report, indent=2))
         (tmp / "README.md").write_text(model_card(report))
     work.remove()
+    remove_rank_folders(work.path)
     report["out"] = str(out)
     return report
 
@@ -298,13 +309,14 @@ def spread_rows(stream: torch.Tensor, max_tokens: int | None, length: int) -> to
     return rows
 
 
-def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool) -> dict:
-    """Each row is its own window, so every row contributes length − 1 predictions."""
+def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard: bool = True) -> dict:
+    """Each row is its own window, so every row contributes length − 1 predictions
+    (``shard``: shared out among torch.distributed ranks, when there are several)."""
     from moekit.eval.perplexity import evaluate
 
     length = rows.shape[1]
     result = evaluate(model, rows, batch_size=batch_size, progress=progress, routing=False,
-                      context_length=length, stride=max(length - 1, 1))
+                      context_length=length, stride=max(length - 1, 1), shard=shard)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
 
 

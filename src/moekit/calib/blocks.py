@@ -84,6 +84,13 @@ def forward_measuring(streamer, index: int, layer: nn.Module, hidden, *, family,
             tokens += _measure_batch(streamer, index, layer, hidden, b, family, moe, wanted, sums)
             if on_batch is not None:
                 on_batch(b)
+    if streamer.world is not None:  # each rank measured its share of the rows
+        from moekit.distributed import reduce_sums
+
+        total = reduce_sums({**{k: float(v) for k, v in sums.items()}, "tokens": tokens}, streamer.world,
+                            f"combining layer {index}'s change")
+        sums = {k: torch.tensor(total[k], dtype=torch.float64) for k in sums}
+        tokens = int(total["tokens"])
     result = {}
     if "block_change" in wanted:
         result["block_change"] = (sums["block_change"] / max(tokens, 1)).reshape(1).float()
@@ -132,4 +139,9 @@ def mean_loss(streamer, hidden) -> float:
                                                    labels[:, 1:].reshape(-1), reduction="sum")
         total += float(losses)
         count += labels[:, 1:].numel()
+    if streamer.world is not None:  # each rank scored its share of the rows
+        from moekit.distributed import reduce_sums
+
+        summed = reduce_sums({"total": total, "count": count}, streamer.world, "combining losses")
+        total, count = summed["total"], int(summed["count"])
     return total / max(count, 1)

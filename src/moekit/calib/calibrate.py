@@ -12,6 +12,7 @@ from torch import nn
 from moekit.arch.layer import MoELayer
 from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator, known_statistic
 from moekit.calib.stats import CalibrationStats, ModelDigest, data_fingerprint
+from moekit.distributed.agree import agree_streamed
 from moekit.errors import MoekitError
 from moekit.io.layered import LayeredModel
 from moekit.progress import progress_bar
@@ -53,9 +54,14 @@ def observing(view: MoELayer, accumulator: LayerAccumulator) -> Iterator[None]:
         yield
 
 
-def new_accumulator(view: MoELayer, wanted: frozenset[str], hidden_sample: int, seed: int) -> LayerAccumulator:
-    """The accumulator of layer ``view.index`` (its hidden sample seeded by seed + index)."""
-    return LayerAccumulator(view.num_experts, view.experts.hidden_size, wanted, hidden_sample, seed + view.index)
+def new_accumulator(view: MoELayer, wanted: frozenset[str], hidden_sample: int, seed: int,
+                    streamer=None) -> LayerAccumulator:
+    """The accumulator of layer ``view.index`` (its hidden sample seeded by seed + index),
+    for the rows ``streamer`` (a `LayerStreamer`) pushes: its rank's share, combined with
+    the other ranks' when finished."""
+    return LayerAccumulator(view.num_experts, view.experts.hidden_size, wanted, hidden_sample, seed + view.index,
+                            first_position=streamer.first_token if streamer is not None else 0,
+                            world=streamer.world if streamer is not None else None)
 
 
 def calibrate(
@@ -101,7 +107,9 @@ def calibrate(
     lent = model if isinstance(model, LayeredModel) else LayeredModel.in_memory(model, device=device)
     check_input_ids(lent.model.config, lent.model.get_input_embeddings().num_embeddings, input_ids)
     start = time.perf_counter()
-    streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=activations)
+    streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=activations, shard=True)
+    agree_streamed(lent, input_ids, {"statistics": sorted(wanted), "settings": [hidden_sample, seed, batch_size]},
+                   streamer.world, "calibration")  # ranks given other inputs would mix unrelated sums
     digest = ModelDigest(lent.model.config)
     layers, tokens, routers = {}, {}, {}
     n_layers, n_batches = len(lent), len(streamer.batches)
@@ -110,7 +118,7 @@ def calibrate(
         for index, layer, view, on_batch in streamer.routed_layers(hidden, advance):
             digest.add_router(view.router.weight)
             routers[str(index)] = digest.routers[-1]
-            accumulator = new_accumulator(view, wanted, hidden_sample, seed)
+            accumulator = new_accumulator(view, wanted, hidden_sample, seed, streamer)
             streamer.forward(index, layer, hidden, observe=observing(view, accumulator), on_batch=on_batch)
             layers[index], tokens[index] = accumulator.finish(), accumulator.tokens
     return CalibrationStats(

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
+from typing import Any
 
 import torch
 
@@ -115,6 +116,8 @@ class LayerAccumulator:
     _sample: torch.Tensor | None = None
     _sample_keys: torch.Tensor | None = None
     _chosen: list[torch.Tensor] = field(default_factory=list)  # routing_weights, per batch
+    first_position: int = 0  # global position of the first token seen (a rank's share starts later)
+    world: Any = None  # a `moekit.distributed.World`: `finish` first combines every rank's sums
 
     def _add(self, name: str, value: torch.Tensor) -> None:
         self.sums[name] = self.sums[name] + value if name in self.sums else value.clone()
@@ -215,14 +218,21 @@ class LayerAccumulator:
         """Keep the states with the smallest keys, a key being a hash of (seed, global
         token position): a uniform sample without replacement, independent of batching."""
         n = hidden.shape[0]
-        keys = _position_hash(torch.arange(self.tokens - n, self.tokens), self.seed)
+        end = self.first_position + self.tokens
+        keys = _position_hash(torch.arange(end - n, end), self.seed)
         pool = hidden.float() if self._sample is None else torch.cat([self._sample, hidden.float()])
         pool_keys = keys if self._sample_keys is None else torch.cat([self._sample_keys, keys])
         best = pool_keys.argsort()[: self.sample_size]
         self._sample, self._sample_keys = pool[best], pool_keys[best]
 
     def finish(self) -> dict[str, torch.Tensor]:
-        """The statistics as float32 tensors; experts never routed get zeros, not NaN."""
+        """The statistics as float32 tensors; experts never routed get zeros, not NaN. In a
+        torch.distributed run this is a collective: the ranks' sums are combined first."""
+        if self.world is not None:
+            from moekit.distributed import reduce_accumulator
+
+            reduce_accumulator(self, self.world)
+            self.world = None  # combined once
         counts = self.sums.get("frequency", torch.zeros(self.num_experts, dtype=torch.float64))
         safe = counts.clamp(min=1)
         out: dict[str, torch.Tensor] = {"frequency": counts}

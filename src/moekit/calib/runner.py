@@ -109,6 +109,9 @@ class LayerStreamer:
         batch_size: rows per forward of one layer.
         attention_mask: like ``input_ids`` (1 = a real token), for padded rows.
         budget: where hidden states live (memory, or files above a size).
+        shard: in a torch.distributed run, keep only this rank's share of the batches
+            (`moekit.distributed.shard`); ``world`` is then the group, ``mine`` the
+            indices of its batches, ``first_token`` the global position of its first token.
     """
 
     def __init__(
@@ -119,6 +122,7 @@ class LayerStreamer:
         batch_size: int = 8,
         attention_mask: torch.Tensor | list[torch.Tensor] | None = None,
         budget: ActivationBudget | None = None,
+        shard: bool = False,
     ) -> None:
         self.lent = lent
         self.device = lent.device
@@ -129,6 +133,15 @@ class LayerStreamer:
                 else list(attention_mask)
         self.budget = budget or ActivationBudget()
         self.calls: list[list[LayerCall]] = []  # [batch][layer], on the CPU
+        self.world, self.first_token, self.mine = None, 0, range(len(self.batches))
+        if shard:
+            from moekit.distributed import current, my_batches
+
+            self.world = current()
+            self.mine = my_batches(len(self.batches), self.world)  # indices of this rank's batches among all
+            self.first_token = sum(b.numel() for b in self.batches[: self.mine.start])
+            self.batches = self.batches[self.mine.start: self.mine.stop]
+            self.masks = self.masks[self.mine.start: self.mine.stop] if self.masks is not None else None
 
     def _base_inputs(self, b: int) -> dict[str, torch.Tensor]:
         inputs = {"input_ids": self.batches[b].to(self.device)}

@@ -213,6 +213,7 @@ def evaluate(
     progress: bool = True,
     device: torch.device | str | None = None,
     activations=None,
+    shard: bool = True,
 ) -> EvalResult:
     """Perplexity, next-token accuracy and per-layer routing on a token stream.
 
@@ -231,6 +232,9 @@ def evaluate(
         routing: also measure router entropy and load imbalance per MoE layer.
         device: where a model in memory computes (a `LayeredModel` has its own).
         activations: an `ActivationBudget` (default: hidden states in memory).
+        shard: in a torch.distributed run (`moekit.distributed`), each rank scores its
+            share of the windows and the sums of token losses, hits and counts (and the
+            routing statistics) are combined: the result is the one-process result.
     """
     from moekit.arch.discover import view_layer
     from moekit.calib.runner import LayerStreamer
@@ -239,7 +243,13 @@ def evaluate(
     lent = model if isinstance(model, LayeredModel) else LayeredModel.in_memory(model, device=device)
     context_length, stride = check_scoring(lent.model.config, tokens, context_length=context_length, stride=stride)
     ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size)
-    streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations)
+    streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations, shard=shard)
+    ids, scored = ids[streamer.mine.start: streamer.mine.stop], scored[streamer.mine.start: streamer.mine.stop]
+    if streamer.world is not None:  # ranks given other inputs would add up unrelated losses
+        from moekit.distributed.agree import agree_streamed
+
+        agree_streamed(lent, tokens, {"settings": [context_length, stride, batch_size, routing]}, streamer.world,
+                       "evaluation")
     recorder = _RoutingRecorder(scored) if routing and lent.family is not None else None  # dense: no routing
     if recorder is not None:
         from moekit.runtime.routing_policy import routing_policy
@@ -263,6 +273,8 @@ def evaluate(
             correct += int((logits.argmax(-1) == targets)[keep].sum())
             count += int(keep.sum())
             advance(1, "head")
+    if streamer.world is not None:
+        nll, correct, count = _combine(streamer.world, nll, correct, count, recorder)
     mean_nll = nll / count
     return EvalResult(
         perplexity=math.exp(mean_nll),
@@ -274,3 +286,22 @@ def evaluate(
         layers=(layers := recorder.summary() if recorder else []),
         experts_per_token=sum(l.experts_per_token for l in layers) / len(layers) if layers else None,
     )
+
+
+def _combine(world, nll: float, correct: int, count: int, recorder: _RoutingRecorder | None) -> tuple[float, int, int]:
+    """Sums of every rank's token losses, hits and counts (exact: counts are integers,
+    losses float64 sums), and of the routing recorder's entropies and loads."""
+    from moekit.distributed import all_sum, reduce_sums
+
+    values = {"nll": nll, "correct": correct, "count": count}
+    if recorder is not None:
+        values["tokens"] = recorder.tokens
+        values.update({f"entropy.{i}": e for i, e in recorder.entropy.items()})
+        values.update({f"kept.{i}": k for i, k in recorder.kept.items()})
+    total = reduce_sums(values, world, "combining evaluation sums")
+    if recorder is not None:
+        recorder.tokens = int(total["tokens"])
+        recorder.entropy = {i: total[f"entropy.{i}"] for i in recorder.entropy}
+        recorder.kept = {i: int(total[f"kept.{i}"]) for i in recorder.kept}
+        recorder.load = {i: all_sum(load, world, "combining expert loads") for i, load in recorder.load.items()}
+    return total["nll"], int(total["correct"]), int(total["count"])

@@ -28,6 +28,7 @@ from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.calib.calibrate import new_accumulator, observing
 from moekit.calib.runner import watching
 from moekit.calib.stats import CalibrationStats, ModelDigest
+from moekit.distributed import agree_layer
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
@@ -115,7 +116,7 @@ class RecipePass:
         self.budget = budget or ActivationBudget()
         self.stats_meta = stats_meta
         self.given = given
-        self.streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=self.budget)
+        self.streamer = LayerStreamer(lent, input_ids, batch_size=batch_size, budget=self.budget, shard=True)
 
     def run(self, *, writer=None, work=None, collect: tuple[int, frozenset[str]] | None = None,
             advance=lambda n=1, status=None: None, on_layer=None) -> PassResult:
@@ -177,7 +178,8 @@ class RecipePass:
                     self._apply(phase, index, view, stats, result, advance)
                     continue
                 wanted = collect[1] if collect is not None and p == last else phase.wanted
-                accumulator = new_accumulator(view, wanted, phase.hidden_sample if collect is None else 0, self.seed)
+                accumulator = new_accumulator(view, wanted, phase.hidden_sample if collect is None else 0, self.seed,
+                                              self.streamer)
                 result.digests[p].add_router(view.router.weight)
                 self.streamer.forward(index, layer, streams[p], observe=observing(view, accumulator),
                                       on_batch=lambda b: advance(1, status))
@@ -239,7 +241,7 @@ class RecipePass:
             candidates[("mlp_loss", index)] = candidate
         accumulator = None
         if view is not None:
-            accumulator = new_accumulator(view, wanted - block_wanted, 0, self.seed)
+            accumulator = new_accumulator(view, wanted - block_wanted, 0, self.seed, self.streamer)
             digest.add_router(view.router.weight)
         measured = forward_measuring(self.streamer, index, layer, stream, family=family, moe=view is not None,
                                      wanted=block_wanted, on_batch=on_batch,
@@ -252,6 +254,7 @@ class RecipePass:
             report = step.apply_layer(self.lent.model, view, stats, plan=self.plans.get(position),
                                       on_progress=lambda s: advance(0, s))
             result.per_layer.setdefault(position, {})[index] = report
+        agree_layer(self.lent.layers[index], self.streamer.world, index)  # every rank holds the same edit
 
     def _apply_on_inputs(self, phase: Phase, index: int, layer: nn.Module, view, hidden: HiddenStates,
                          result: PassResult, advance, status: str, reference: torch.Tensor | None) -> None:

@@ -1,0 +1,79 @@
+"""What a compress across ranks adds to a one-process compress: refusals of what is not
+combined yet, one work folder per rank, agreement on where a resumed run starts, and the
+hand-over to rank 0 for the output.
+
+Every rank keeps its own work folder (its share of the hidden states after each finished
+layer) next to the output: rank 0's is the usual ``.<out>.moekit-work/``, rank r's
+``.<out>.moekit-work.rank<r>/``. Rank 0 alone writes shards and the output; once the pass
+is over, the ranks meet once more and rank 0 removes the others' folders when it is done.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch.distributed as dist
+
+from moekit.distributed.agree import agree_inputs, weights_index
+from moekit.distributed.collectives import answered, gather_objects
+from moekit.distributed.world import World
+from moekit.errors import MoekitError
+
+RANK_SUFFIX = ".rank"
+
+
+def refuse_unsupported(phases: list, world: World | None) -> None:
+    """Steps that run whole layers on their inputs (GPTQ's Hessians, routing-policy
+    targets, router repair) collect per-token data outside the observers, which is not
+    combined across ranks yet: refused rather than computed from one rank's rows."""
+    if world is None:
+        return
+    steps = sorted({step.type for phase in phases if phase.reads_inputs for _, step in phase.steps
+                    if step.reads_inputs})
+    if steps:
+        raise MoekitError(f"{', '.join(steps)} with calibration inputs (GPTQ, a routing-policy target) cannot run "
+                          f"across {world.size} processes yet; run this recipe with one process (without torchrun), "
+                          "or use round-to-nearest / a fixed policy parameter.")
+
+
+def agree_compress(facts: dict[str, Any], lent, world: World | None) -> None:
+    """`agree_inputs` on a compress's run facts, with the checkpoint described by its
+    tensors and file sizes (each node may hold its own copy, at its own path)."""
+    if world is None:
+        return
+    shared = {k: v for k, v in facts.items() if k not in ("model", "checkpoint")}
+    agree_inputs({**shared, "weights": weights_index(lent)}, world, "compress")
+
+
+def rank_work_path(path: Path, world: World | None) -> Path:
+    """Where this rank keeps its work folder."""
+    return path if world is None or world.main else path.with_name(f"{path.name}{RANK_SUFFIX}{world.rank}")
+
+
+def agree_progress(finished: list[int], world: World | None) -> None:
+    """A resumed run starts at the same layer on every rank; refuse when their work folders
+    finished different layers (a rank died after the others had committed a layer)."""
+    if world is None:
+        return
+    everyone = gather_objects(finished[-1] if finished else -1, world, "comparing the ranks' finished layers")
+    if len(set(everyone)) > 1:
+        described = ", ".join(f"rank {r}: {'none' if last < 0 else f'0..{last}'}" for r, last in enumerate(everyone))
+        raise MoekitError(f"the ranks' work folders finished different layers ({described}), so --resume cannot "
+                          "continue them together yet; delete the work folders (.<out>.moekit-work*) to start over.")
+
+
+def pass_done(world: World | None, work_path: Path) -> None:
+    """Every rank has finished (and committed) its last layer: meet, then rank 0 removes
+    the other ranks' work folders that it can see (all of them on one machine or a shared
+    file system). Other ranks' folders are only deleted once the output is written."""
+    if world is None:
+        return
+    with answered(world, "finishing the pass"):
+        dist.barrier()
+
+
+def remove_rank_folders(work_path: Path) -> None:
+    for folder in work_path.parent.glob(f"{work_path.name}{RANK_SUFFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
