@@ -39,6 +39,8 @@ def compress_command(
                                                                  "model and data: used instead of calibrating.")] = None,
     max_shard_size: Annotated[str, typer.Option(parser=size_option, metavar="SIZE", help="An output up to this size is one "
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
+    materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
+                                              "a standard checkpoint (original size) that loads anywhere.")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -57,12 +59,13 @@ def compress_command(
 
     with user_errors():
         check_model(model)
+        name, recipe = recipe, _materialized(recipe) if materialize else recipe
         if plan_only:
             report = plan(model, recipe, dtype=dtype)
             if json_out:
                 print_json(report)
                 return
-            table = _size_table(f"{report['model']}: what {recipe} will give (planned, no weights read)", report)
+            table = _size_table(f"{report['model']}: what {name} will give (planned, no weights read)", report)
             table.add_row("experts per MoE layer", _counts(report["before"]), _counts(report["after"]))
             for q in report["after"].get("quantization", []):
                 group = f"groups of {q['group_size']}" if q["group_size"] else "one scale per channel"
@@ -137,3 +140,10 @@ def _size_table(title: str, report: dict) -> Table:
 def _counts(sizes: dict) -> str:
     counts = sorted(set(sizes["experts_per_layer"].values()))
     return ", ".join(map(str, counts)) if counts else "-"
+
+
+def _materialized(recipe: str):
+    from moekit.recipe import load_recipe
+    from moekit.recipe.steps.decompose import materialized
+
+    return materialized(load_recipe(recipe))

@@ -190,3 +190,16 @@ def _widths(config) -> tuple[int, int]:
 
     layer = moe_layers(_skeleton(config))[0]
     return layer.experts.hidden_size, layer.experts.intermediate_size
+
+
+def materialized(recipe):
+    """``recipe`` (a `moekit.Recipe`) with every ``decompose`` step multiplying its factors back
+    (``materialize: true``): what ``moekit compress --materialize`` runs.
+
+    Raises:
+        MoekitError: the recipe has no decompose step (there is nothing to materialize).
+    """
+    if not any(step.type == "decompose" for step in recipe.steps):
+        raise MoekitError("--materialize applies to decompose steps, and this recipe has none; drop --materialize.")
+    return type(recipe)(steps=[step.model_copy(update={"materialize": True}) if step.type == "decompose" else step
+                               for step in recipe.steps])
