@@ -184,7 +184,7 @@ def compress(
                        device=where, stats=given and given.meta["model_fingerprint"])
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
     work = WorkFolder(rank_work_path(work_folder_for(out), world), facts, resume=resume)
-    agree_progress(work.finished_layers(), world)
+    agree_progress(work, world)
     if on_start is not None and (world is None or world.main):
         on_start(work)
     budget = ActivationBudget(budget_bytes, work.path / "activations")

@@ -83,25 +83,31 @@ def rows(root: Path, n: int = 6, length: int = 32) -> torch.Tensor:
     return torch.randint(0, vocab, (n, length), generator=torch.Generator().manual_seed(0))
 
 
-def calibrate_and_evaluate(rank: int, root: Path) -> dict:
+def calibrate_and_evaluate(rank: int, root: Path, batch_size: int = 2) -> dict:
+    """Every statistic of 6 rows of 32 tokens (a hidden sample of 100 of their 192 tokens),
+    and the perplexity of a 200-token stream in windows of 16."""
     import moekit
     from moekit.eval.perplexity import evaluate
     from moekit.io.layered import LayeredModel
 
     stats = moekit.calibrate(LayeredModel.from_checkpoint(root / "model"), rows(root), statistics=STATISTICS,
-                             batch_size=2, hidden_sample=100, seed=3, progress=False)
+                             batch_size=batch_size, hidden_sample=100, seed=3, progress=False)
     result = evaluate(LayeredModel.from_checkpoint(root / "model"), rows(root, 5, 40).flatten(), context_length=16,
-                      stride=8, batch_size=3, progress=False)
+                      stride=8, batch_size=batch_size + 1, progress=False)
     return {"stats": stats.layers, "tokens": stats.tokens, "eval": result.to_dict()}
 
 
-def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = None, resume: bool = False) -> dict:
-    """`moekit.compress` on the tiny checkpoint; ``kill_after``: rank 1 SIGKILLs itself once
-    it has finished that layer (a real kill -9 at a known point)."""
+def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = None, resume: bool = False,
+             hang: bool = False) -> dict:
+    """`moekit.compress` on the tiny checkpoint (``recipe``: one, or one per rank);
+    ``kill_after``: rank 1 SIGKILLs itself once it has finished that layer (a real kill -9
+    at a known point), or with ``hang`` stops answering there for 8 s first."""
     import moekit
 
     def on_event(name: str, index: int) -> None:
         if kill_after is not None and rank == 1 and name == "layer" and index == kill_after:
+            if hang:  # long enough for the others' timeout (the tests set 3 s), short enough for CI
+                time.sleep(8)
             os.kill(os.getpid(), signal.SIGKILL)
 
     recipe = recipe[rank] if isinstance(recipe, list) else recipe

@@ -40,8 +40,8 @@ def agree_inputs(facts: dict[str, Any], world: World | None, what: str) -> None:
     if differ:
         ranks = [r for r, theirs in enumerate(everyone) if theirs != everyone[0]]
         raise MoekitError(
-            f"the ranks of this {what} were not given the same inputs: {', '.join(differ)} of rank(s) "
-            f"{', '.join(map(str, ranks))} differ(s) from rank 0's. Start every rank with the same command line, "
+            f"the ranks of this {what} were not given the same inputs: rank(s) {', '.join(map(str, ranks))} were "
+            f"given another {' and '.join(differ)} than rank 0. Start every rank with the same command line, "
             f"model files and data (on several nodes: the same checkpoint and moekit version on each)."
         )
 

@@ -52,16 +52,33 @@ def rank_work_path(path: Path, world: World | None) -> Path:
     return path if world is None or world.main else path.with_name(f"{path.name}{RANK_SUFFIX}{world.rank}")
 
 
-def agree_progress(finished: list[int], world: World | None) -> None:
-    """A resumed run starts at the same layer on every rank; refuse when their work folders
-    finished different layers (a rank died after the others had committed a layer)."""
+def agree_progress(work, world: World | None) -> None:
+    """A resumed run starts at the same layer on every rank. Ranks meet after each layer
+    before committing it (`layer_done`), so after a rank died they are at most one layer
+    apart: the ones ahead step back to the others' last layer. Refused (naming each rank's
+    progress) when that is not possible."""
     if world is None:
         return
-    everyone = gather_objects(finished[-1] if finished else -1, world, "comparing the ranks' finished layers")
-    if len(set(everyone)) > 1:
-        described = ", ".join(f"rank {r}: {'none' if last < 0 else f'0..{last}'}" for r, last in enumerate(everyone))
-        raise MoekitError(f"the ranks' work folders finished different layers ({described}), so --resume cannot "
-                          "continue them together yet; delete the work folders (.<out>.moekit-work*) to start over.")
+    work.keep_previous = True
+    finished = work.finished_layers()
+    last = finished[-1] if finished else -1
+    everyone = gather_objects(last, world, "comparing the ranks' finished layers")
+    common = min(everyone)
+    if max(everyone) - common > 1 or (last > common and common >= 0 and not work.hidden_folder(common).is_dir()):
+        described = ", ".join(f"rank {r}: {'none' if n < 0 else f'0..{n}'}" for r, n in enumerate(everyone))
+        raise MoekitError(f"the ranks' work folders finished different layers ({described}) and cannot resume "
+                          "together; delete the work folders (.<out>.moekit-work*) to start over.")
+    if last > common:
+        work.forget(last)
+        work.resumed = common >= 0
+
+
+def layer_done(world: World | None, index: int) -> None:
+    """Every rank has computed decoder layer ``index``; only then does each commit it."""
+    if world is None:
+        return
+    with answered(world, f"finishing layer {index}"):
+        dist.barrier()
 
 
 def pass_done(world: World | None, work_path: Path) -> None:

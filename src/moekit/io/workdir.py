@@ -86,12 +86,24 @@ class WorkFolder:
     def record(self, index: int) -> dict:
         return json.loads((self.path / "done" / f"{index:05d}.json").read_text())
 
+    # A run across torch.distributed ranks keeps the hidden states before the last finished
+    # layer too: a rank that died while committing a layer the others had committed makes
+    # them step back one layer (`forget`) to resume together (`moekit.distributed.runs`).
+    keep_previous = False
+
     def commit(self, index: int, record: dict) -> None:
         """Mark layer ``index`` finished (its shard and hidden states written before)."""
         _write_json(self.path / "done" / f"{index:05d}.json", record)
+        kept = {f"hidden-{index:05d}", *([f"hidden-{index - 1:05d}"] if self.keep_previous else [])}
         for older in self.path.glob("hidden-*"):
-            if older.name != f"hidden-{index:05d}":
+            if older.name not in kept:
                 shutil.rmtree(older, ignore_errors=True)
+
+    def forget(self, index: int) -> None:
+        """Mark the last finished layer ``index`` unfinished: a resumed run redoes it from
+        the hidden states before it (kept with ``keep_previous``)."""
+        (self.path / "done" / f"{index:05d}.json").unlink()
+        shutil.rmtree(self.hidden_folder(index), ignore_errors=True)
 
     def hidden_folder(self, index: int) -> Path:
         return self.path / f"hidden-{index:05d}"

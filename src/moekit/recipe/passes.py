@@ -29,6 +29,7 @@ from moekit.calib.calibrate import new_accumulator, observing
 from moekit.calib.runner import watching
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.distributed import agree_layer
+from moekit.distributed.runs import layer_done
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
@@ -198,6 +199,7 @@ class RecipePass:
             else:  # a planning pass writes nothing: what a step left for the writer goes
                 ledger(self.lent.model).discard(f"{self.lent.layers_path}.{index}.")
             if work is not None:  # the layer as the steps left it (a step may have changed its top-k or sublayer)
+                layer_done(self.streamer.world, index)  # ranks commit a layer only once all have computed it
                 view = view_layer(self.lent.model, index)
                 self._commit(work, index, view, [*streams, *references.values()], result, routers_before)
             if on_layer is not None:
