@@ -28,13 +28,20 @@ def edit_save_reload(
         edit(model)
         with torch.no_grad():
             in_memory[family] = model(ids).logits
-        folders.append(str(moekit.save(model, root / family)))
+        folders.append(moekit.save(model, root / family))
+    reloaded = plain_logits(root, folders, ids)
+    return in_memory, dict(zip(FAMILIES, reloaded, strict=True))
+
+
+def plain_logits(root: Path, folders: list[Path], ids: torch.Tensor) -> list[torch.Tensor]:
+    """Logits for ``ids`` of each folder loaded by plain transformers, in one process that
+    never imports moekit (`plain_reload.py`); ``root`` holds the exchanged files."""
     save_file({"input_ids": ids}, root / "ids.safetensors")
     subprocess.run(
         [sys.executable, str(Path(__file__).parent / "plain_reload.py"), str(root / "ids.safetensors"),
-         str(root / "logits.safetensors"), *folders],
+         str(root / "logits.safetensors"), *map(str, folders)],
         check=True, capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same numerics as here
     )
     reloaded = load_file(root / "logits.safetensors")
-    return in_memory, {family: reloaded[str(i)] for i, family in enumerate(FAMILIES)}
+    return [reloaded[str(i)] for i in range(len(folders))]

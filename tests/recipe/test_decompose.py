@@ -5,14 +5,9 @@ logits, it composes with pruning, and bad input is refused before any weight is 
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.arch.factored import is_factored
@@ -23,6 +18,7 @@ from moekit.recipe.steps.decompose import Decompose
 from moekit.zoo.tiny import tiny_model
 from tests.checkpoints import write_checkpoints
 from tests.conftest import FAMILIES
+from tests.reload import plain_logits
 
 SUPPORTED = [f for f in FAMILIES if f not in ("gpt_oss", "llama4")]
 IDS = torch.randint(3, 300, (8, 24), generator=torch.Generator().manual_seed(0))
@@ -115,15 +111,6 @@ def _compress(sources, family, out, *steps, **options):
                            progress=False, **CALIB, **options)
 
 
-def _plain_logits(folders: list[Path], ids: torch.Tensor, root: Path) -> list[torch.Tensor]:
-    save_file({"input_ids": ids}, root / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"), str(root / "ids.safetensors"),
-                    str(root / "logits.safetensors"), *map(str, folders)], check=True, capture_output=True, text=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    logits = load_file(root / "logits.safetensors")
-    return [logits[str(i)] for i in range(len(folders))]
-
-
 def test_compress_writes_factors_and_a_materialized_output_loads_in_plain_transformers(sources, tmp_path):
     """Through the layer stream: the factored output is moekit's format with the planned
     sizes, its streamed evaluation is the loaded model's, and materialize: true writes a
@@ -150,7 +137,7 @@ def test_compress_writes_factors_and_a_materialized_output_loads_in_plain_transf
         report = _compress(sources, family, tmp_path / f"{family}-std", {**step, "materialize": True}, dtype="float32")
         assert report["format"] == "standard"
         standard.append(tmp_path / f"{family}-std")
-    for plain, factored in zip(_plain_logits(standard, ids, tmp_path), factored_logits):
+    for plain, factored in zip(plain_logits(tmp_path, standard, ids), factored_logits):
         torch.testing.assert_close(plain, factored, rtol=1e-4, atol=1e-4)
 
 

@@ -6,14 +6,10 @@ memory, and of a brute-force run of the original model without the dropped layer
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
 import moekit
@@ -46,12 +42,9 @@ def _without(family: str, dropped: list[int]) -> torch.Tensor:
 
 def _plain_logits(root: Path, folders: list[Path]) -> list[torch.Tensor]:
     """Logits of each folder loaded by plain transformers, in a process without moekit."""
-    save_file({"input_ids": IDS}, root / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"), str(root / "ids.safetensors"),
-                    str(root / "logits.safetensors"), *map(str, folders)], check=True, capture_output=True, text=True,
-                   env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())})
-    out = load_file(root / "logits.safetensors")
-    return [out[str(i)] for i in range(len(folders))]
+    from tests.reload import plain_logits
+
+    return plain_logits(root, folders, IDS)
 
 
 def _drop_choice(family: str, position: int) -> list[int]:
