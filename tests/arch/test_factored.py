@@ -117,3 +117,25 @@ def test_materialize_gives_back_the_family_module_with_the_products():
     assert isinstance(moekit.moe_layers(model)[0].experts.module.gate_up_proj, torch.nn.Parameter)
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, factored, rtol=1e-4, atol=1e-5)
+
+
+def test_a_routing_policy_routes_factored_experts_as_it_routes_their_products():
+    from moekit.methods.dynamic.policy import ThresholdPolicy
+    from moekit.runtime.routing_policy import counting_expert_calls
+
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
+    factored = tiny_model("deepseek_v3")
+    for layer in moekit.moe_layers(factored):
+        install(factored, layer.index, _random_factored(layer, rank=3, base=True, seed=layer.index))
+    dense = tiny_model("deepseek_v3")
+    for layer, twin in zip(moekit.moe_layers(factored), moekit.moe_layers(dense), strict=True):
+        with torch.no_grad():
+            twin.experts.module.gate_up_proj.copy_(layer.experts.module.gate_up_proj)
+            twin.experts.module.down_proj.copy_(layer.experts.module.down_proj)
+    for model in (factored, dense):
+        moekit.set_routing_policy(model, ThresholdPolicy(p=0.5))
+    with torch.no_grad(), counting_expert_calls(factored) as calls:
+        out = factored(ids).logits
+    assert calls.overall() < moekit.moe_layers(factored)[0].top_k
+    with torch.no_grad():
+        torch.testing.assert_close(out, dense(ids).logits, rtol=1e-4, atol=1e-5)
