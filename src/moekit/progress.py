@@ -37,6 +37,13 @@ def plain_line_due(before: float, done: float, total: float, *, lines: int = 10)
     return done // every > before // every or done >= total
 
 
+def _other_rank() -> bool:
+    """A torch.distributed rank other than 0 (torchrun sets RANK): rank 0 alone shows progress."""
+    import os
+
+    return os.environ.get("RANK", "0") != "0" and int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
 STATUS_EVERY = 5.0  # seconds between plain status lines within one unit of work
 
 
@@ -49,7 +56,7 @@ def progress_bar(
     ``advance(0, status)`` reports work inside one unit (a layer's search, its refit): the
     bar's status changes, and where no bar is drawn a plain line is printed at most every
     ``STATUS_EVERY`` seconds, so long units are not silent in a log file either."""
-    if not enabled:
+    if not enabled or _other_rank():
         yield lambda n=1, status=None: None
         return
     columns = (

@@ -101,13 +101,13 @@ def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = 
              hang: bool = False) -> dict:
     """`moekit.compress` on the tiny checkpoint (``recipe``: one, or one per rank);
     ``kill_after``: rank 1 SIGKILLs itself once it has finished that layer (a real kill -9
-    at a known point), or with ``hang`` stops answering there for 8 s first."""
+    at a known point), or with ``hang`` stops answering there for 5 s first."""
     import moekit
 
     def on_event(name: str, index: int) -> None:
         if kill_after is not None and rank == 1 and name == "layer" and index == kill_after:
-            if hang:  # long enough for the others' timeout (the tests set 3 s), short enough for CI
-                time.sleep(8)
+            if hang:  # long enough for the others' timeout (the tests set 2 s), short enough for CI
+                time.sleep(5)
             os.kill(os.getpid(), signal.SIGKILL)
 
     recipe = recipe[rank] if isinstance(recipe, list) else recipe
@@ -115,3 +115,24 @@ def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = 
                              batch_size=2, evaluate=True, eval_data=str(root / "data"), eval_max_tokens=1024,
                              progress=False, resume=resume, on_event=on_event)
     return {"steps": report.get("steps"), "before": report["before"], "after": report.get("after"), "out": report["out"]}
+
+
+def command(rank: int, argv: list[str]) -> dict:
+    """``moekit ARGV`` as torchrun runs it on each rank (`moekit.cli.main`): its exit code and
+    what it printed on stdout."""
+    import contextlib
+    import io
+    import sys
+
+    from moekit.cli import main
+
+    printed = io.StringIO()
+    sys.argv = ["moekit", *argv]
+    code = 0
+    with contextlib.redirect_stdout(printed):
+        try:
+            main()
+        except SystemExit as exc:
+            code = exc.code or 0
+        text = printed.getvalue() if sys.stdout is printed else ""  # ranks other than 0 print into /dev/null
+    return {"code": code, "stdout": text}

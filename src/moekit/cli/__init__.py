@@ -84,4 +84,7 @@ if _handled_imports and _previous is not None:  # None: set outside Python, cann
 
 def main() -> None:
     _exit_on_interrupt()  # a command that wants Ctrl-C itself (train's checkpoint) sets its own, then restores this
+    from moekit.cli._distributed import join_ranks
+
+    join_ranks()  # under torchrun: one of several ranks (moekit.distributed)
     app()

@@ -66,6 +66,10 @@ def calibrate_command(
             seed=seed, progress=not json_out, meta={"model_name": name, **tokens.describe()},
         )
         spill.close()
+        from moekit.distributed import current
+
+        if (world := current()) is not None and not world.main:
+            return  # under torchrun every rank holds the combined statistics; rank 0 writes them
         folder = result.save(out)
         summary = {"out": str(folder), "layers": len(result.layers), "tokens": next(iter(result.tokens.values())),
                    "statistics": result.statistics, "seconds": result.meta["seconds"],

@@ -86,6 +86,8 @@ def compress_command(
                           activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
                           max_shard_size=max_shard_size,
                           on_start=None if json_out else _announce)
+        if report.get("rank"):  # under torchrun, another rank than 0: rank 0 reports
+            return
         if json_out:
             print_json(report)
             return

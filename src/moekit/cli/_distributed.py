@@ -1,0 +1,36 @@
+"""`torchrun ... -m moekit COMMAND`: every rank joins the group before the command runs.
+
+The command itself is the same on every rank (the API shares the rows out and combines
+the statistics, `moekit.distributed`); rank 0 alone prints on stdout and draws progress,
+so a launch prints one report, not one per rank. Errors are printed by every rank: a
+problem of one node (a missing file) must reach the user from that node.
+"""
+
+from __future__ import annotations
+
+import atexit
+import os
+import sys
+
+from moekit.cli._common import err_console
+
+
+def join_ranks() -> None:
+    """Join the torchrun group, when this process is one of its ranks (exit 2 with one line
+    when the rendezvous fails: a wrong MASTER_ADDR, a port in use, a rank that never came)."""
+    from moekit.distributed import world as group
+
+    if not group.launched():
+        return
+    from moekit.errors import MoekitError
+
+    try:
+        world = group.init()
+    except (MoekitError, RuntimeError, ValueError) as exc:
+        err_console.print(f"[bold red]error:[/] rank {os.environ.get('RANK')}: could not join the torchrun group "
+                          f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); check "
+                          "MASTER_ADDR/MASTER_PORT (--rdzv-endpoint) and that every rank was started.", highlight=False)
+        raise SystemExit(2) from None
+    atexit.register(group.finish)
+    if world is not None and not world.main:
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
