@@ -136,3 +136,23 @@ def command(rank: int, argv: list[str]) -> dict:
             code = exc.code or 0
         text = printed.getvalue() if sys.stdout is printed else ""  # ranks other than 0 print into /dev/null
     return {"code": code, "stdout": text}
+
+
+def progress_agreement(rank: int, folder: Path, finished: list[list[int]]) -> list[int] | str:
+    """A work folder per rank with layers ``finished[rank]`` committed, then
+    `agree_progress`: the layers each rank then counts as finished."""
+    from moekit.distributed import current
+    from moekit.distributed.runs import agree_progress
+    from moekit.errors import MoekitError
+    from moekit.io.workdir import WorkFolder
+
+    work = WorkFolder(folder / f"rank{rank}", {"run": 1}, resume=False)
+    work.keep_previous = True
+    for index in finished[rank]:
+        work.hidden_folder(index).mkdir()
+        work.commit(index, {})
+    try:
+        agree_progress(WorkFolder(work.path, {"run": 1}, resume=True), current())
+    except MoekitError as exc:
+        return str(exc)
+    return work.finished_layers()

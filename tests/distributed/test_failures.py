@@ -39,3 +39,14 @@ def test_a_hung_rank_stops_the_others_after_the_timeout(root, tmp_path):  # noqa
     survivor = results[0]
     assert "did not answer within 2s" in survivor["error"], survivor
     assert survivor["seconds"] < 15
+
+
+def test_ranks_one_layer_apart_resume_together(tmp_path):
+    """A rank killed while committing a layer the others had committed leaves them one
+    layer ahead: they step back to its last layer; further apart is refused."""
+    results = ranks.run_ranks(ranks.progress_agreement, 2, tmp_path / "a", [[0, 1, 2], [0, 1]])
+    assert [r["result"] for r in results] == [[0, 1], [0, 1]]
+    results = ranks.run_ranks(ranks.progress_agreement, 2, tmp_path / "b", [[0], []])
+    assert [r["result"] for r in results] == [[], []]
+    results = ranks.run_ranks(ranks.progress_agreement, 2, tmp_path / "c", [[0, 1, 2], [0]])
+    assert all("rank 0: 0..2, rank 1: 0..0" in r["result"] for r in results), results
