@@ -4,12 +4,14 @@ Every statistic moekit collects is either a sum over tokens (counts, sums, sums 
 squares, Gram matrices: `all_sum`), a maximum (`all_max`), or a set of per-token rows
 (the hidden sample, chosen routing weights: `gather_rows`, in rank order). Tensors travel
 in their own dtype (float64 sums stay float64) on the group's device and come back where
-they were. ``traffic`` counts the bytes each rank hands to collectives, for benchmarks.
+they were. ``traffic`` counts the bytes each rank hands to collectives and the time spent
+in them, for benchmarks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Iterator
 
 import torch
@@ -18,13 +20,14 @@ import torch.distributed as dist
 from moekit.distributed.world import World
 from moekit.errors import MoekitError
 
-traffic = {"bytes": 0, "calls": 0}
+traffic = {"bytes": 0, "calls": 0, "seconds": 0.0}  # seconds: in collectives, waiting for the others included
 
 
 @contextlib.contextmanager
 def answered(world: World, what: str) -> Iterator[None]:
     """Turn a collective that failed because another rank died, hung past the timeout or
     disagreed into one line saying so (gloo and nccl raise RuntimeError subclasses)."""
+    start = time.perf_counter()
     try:
         yield
     except RuntimeError as exc:
@@ -34,6 +37,8 @@ def answered(world: World, what: str) -> Iterator[None]:
             f"{world.timeout:g}s ({detail}). See that rank's output for why; `moekit compress` continues from the "
             f"last layer every rank finished when rerun with --resume (set the wait with $MOEKIT_DIST_TIMEOUT)."
         ) from None
+    finally:
+        traffic["seconds"] += time.perf_counter() - start
 
 
 def _count(tensor: torch.Tensor) -> None:

@@ -46,14 +46,19 @@ def _combine_sample(acc: LayerAccumulator, world: World) -> None:
     """The hidden sample keeps the states with the smallest keys (a hash of the seed and
     the global token position); the union of each rank's smallest holds the global
     smallest, and sorting it by key gives exactly the single process's sample, in its
-    order."""
+    order. Only keys travel to every rank (8 bytes a state); each state itself is sent
+    only when it is among the chosen, so a layer exchanges about one sample of states
+    whatever the number of ranks (not one per rank)."""
     sample = acc._sample if acc._sample is not None else torch.zeros(0, acc.hidden_size)
     keys = acc._sample_keys if acc._sample_keys is not None else torch.zeros(0, dtype=torch.int64)
-    pool = gather_rows(sample.cpu(), world, "gathering the hidden sample")
-    pool_keys = gather_rows(keys.cpu(), world, "gathering the hidden sample")
-    best = pool_keys.argsort()[: acc.sample_size]
+    every_key = gather_rows(keys.cpu(), world, "gathering the hidden sample's keys")
+    cut = every_key.sort().values[: acc.sample_size]
+    chosen = torch.isin(keys.cpu(), cut)  # this rank's states that are in the global sample
+    pool = gather_rows(sample.cpu()[chosen], world, "gathering the hidden sample")
+    pool_keys = gather_rows(keys.cpu()[chosen], world, "gathering the hidden sample")
+    order = pool_keys.argsort()
     device = sample.device
-    acc._sample, acc._sample_keys = pool[best].to(device), pool_keys[best].to(device)
+    acc._sample, acc._sample_keys = pool[order].to(device), pool_keys[order].to(device)
 
 
 def reduce_sums(values: dict[str, float | int], world: World, what: str) -> dict[str, float]:
