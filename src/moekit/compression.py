@@ -181,7 +181,8 @@ def compress(
     refuse_unsupported(phases, world)
     given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
     facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, stored=stored, compute=compute,
-                       device=where, stats=given and given.meta["model_fingerprint"])
+                       device=where, stats=given and given.meta["model_fingerprint"],
+                       **({"ranks": world.size} if world is not None else {}))  # a rank's work holds its share of rows
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
     work = WorkFolder(rank_work_path(work_folder_for(out), world), facts, resume=resume)
     agree_progress(work, world)

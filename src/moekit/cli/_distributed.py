@@ -15,6 +15,9 @@ import sys
 from moekit.cli._common import err_console
 
 
+RANKED = {"calibrate", "compress", "eval"}  # the commands that share rows out and combine statistics
+
+
 def join_ranks() -> None:
     """Join the torchrun group, when this process is one of its ranks (exit 2 with one line
     when the rendezvous fails: a wrong MASTER_ADDR, a port in use, a rank that never came)."""
@@ -22,6 +25,11 @@ def join_ranks() -> None:
 
     if not group.launched():
         return
+    command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
+    if command is not None and command not in RANKED:
+        err_console.print(f"[bold red]error:[/] moekit {command} does not share its work across ranks (only "
+                          f"{', '.join(sorted(RANKED))} do); run it without torchrun.", highlight=False)
+        raise SystemExit(2)
     from moekit.errors import MoekitError
 
     try:

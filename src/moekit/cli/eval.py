@@ -55,6 +55,11 @@ def eval_command(
         if stride >= context_length:
             raise MoekitError(f"--stride {stride} must be below --context-length {context_length}, so that each "
                               "window keeps left context.")
+        from moekit.distributed import current
+
+        if current() is not None and (tasks is not None or speed):  # they run the whole model on every rank
+            raise MoekitError("--tasks and --speed do not share their work across ranks; run them without torchrun "
+                              "(perplexity and accuracy do).")
         for name in names:
             within_positions(name, "--context-length", context_length)
             if speed:
