@@ -25,7 +25,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def _child(target, rank: int, size: int, port: int, dist_timeout: float, out: str, args: tuple) -> None:
+def _child(target, rank: int, size: int, port: int, dist_timeout: float, out: str, args: tuple, kwargs: dict) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(size), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", TRANSFORMERS_VERBOSITY="error")
     torch.set_num_threads(1)
@@ -34,7 +34,7 @@ def _child(target, rank: int, size: int, port: int, dist_timeout: float, out: st
     start = time.monotonic()
     try:
         distributed.init(timeout=dist_timeout)
-        result = {"result": target(rank, *args)}
+        result = {"result": target(rank, *args, **kwargs)}
     except BaseException as exc:  # noqa: BLE001 - the test reads what each rank ended with
         result = {"error": f"{type(exc).__name__}: {exc}"}
     result["seconds"] = time.monotonic() - start
@@ -42,8 +42,8 @@ def _child(target, rank: int, size: int, port: int, dist_timeout: float, out: st
     distributed.finish()
 
 
-def run_ranks(target, size: int, *args, dist_timeout: float = 30.0, timeout: float = 120.0) -> list[dict]:
-    """``target(rank, *args)`` on ``size`` ranks. Each entry: {"result": ...} or {"error":
+def run_ranks(target, size: int, *args, dist_timeout: float = 30.0, timeout: float = 120.0, **kwargs) -> list[dict]:
+    """``target(rank, *args, **kwargs)`` on ``size`` ranks. Each entry: {"result": ...} or {"error":
     "Type: message"}, with "seconds" (from joining the group to the end) — or
     {"exitcode": n} for a rank that died without a word."""
     # fork: a rank starts with moekit, torch and transformers already imported (a spawned
@@ -52,7 +52,7 @@ def run_ranks(target, size: int, *args, dist_timeout: float = 30.0, timeout: flo
     ctx = mp.get_context("fork" if "fork" in mp.get_all_start_methods() else "spawn")
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="moekit-ranks-") as out:
-        procs = [ctx.Process(target=_child, args=(target, rank, size, port, dist_timeout, out, args))
+        procs = [ctx.Process(target=_child, args=(target, rank, size, port, dist_timeout, out, args, kwargs))
                  for rank in range(size)]
         for p in procs:
             p.start()
@@ -98,7 +98,7 @@ def calibrate_and_evaluate(rank: int, root: Path, batch_size: int = 2) -> dict:
 
 
 def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = None, resume: bool = False,
-             hang: bool = False) -> dict:
+             hang: bool = False, samples: int = 6) -> dict:
     """`moekit.compress` on the tiny checkpoint (``recipe``: one, or one per rank);
     ``kill_after``: rank 1 SIGKILLs itself once it has finished that layer (a real kill -9
     at a known point), or with ``hang`` stops answering there for 5 s first."""
@@ -111,9 +111,9 @@ def compress(rank: int, root: Path, recipe, out: Path, kill_after: int | None = 
             os.kill(os.getpid(), signal.SIGKILL)
 
     recipe = recipe[rank] if isinstance(recipe, list) else recipe
-    report = moekit.compress(str(root / "model"), recipe, out_dir=out, data=str(root / "data"), n_samples=6, seq_len=32,
-                             batch_size=2, evaluate=True, eval_data=str(root / "data"), eval_max_tokens=1024,
-                             progress=False, resume=resume, on_event=on_event)
+    report = moekit.compress(str(root / "model"), recipe, out_dir=out, data=str(root / "data"), n_samples=samples,
+                             seq_len=32, batch_size=2, evaluate=True, eval_data=str(root / "data"),
+                             eval_max_tokens=256 * max(samples, 4), progress=False, resume=resume, on_event=on_event)
     return {"steps": report.get("steps"), "before": report["before"], "after": report.get("after"), "out": report["out"]}
 
 

@@ -65,16 +65,25 @@ def test_fewer_batches_than_ranks_is_refused(root):
     assert all("3 batch(es) of rows cannot be shared by 4 ranks" in r.get("error", "") for r in results), results
 
 
-@pytest.mark.parametrize("recipe", ["prune-50", "merge-50"])
-def test_compress_equals_one_process(root, tmp_path, recipe):
-    one = ranks.compress(0, root, recipe, tmp_path / "one")
-    results = ranks.run_ranks(ranks.compress, 2, root, recipe, tmp_path / "two")
+# a planning pass (global budget) and a second calibration; a drop chosen by measured loss
+GLOBAL = {"steps": [{"type": "prune", "method": "frequency", "keep": 4, "budget": "global"}, {"type": "merge", "keep": 3}]}
+DROP = {"steps": [{"type": "drop_blocks", "count": 1, "criterion": "loss"}]}
+
+
+@pytest.mark.parametrize("recipe, size", [("prune-50", 2), ("merge-50", 2), ("prune-50", 4), (GLOBAL, 2), (DROP, 2)],
+                         ids=["prune-50", "merge-50", "prune-50-4-ranks", "global-then-merge", "drop-by-loss"])
+def test_compress_equals_one_process(root, tmp_path, recipe, size):
+    one = ranks.compress(0, root, recipe, tmp_path / "one", samples=4 * size)
+    results = ranks.run_ranks(ranks.compress, size, root, recipe, tmp_path / "two", samples=4 * size)
     assert all("result" in r for r in results), results
-    main, other = results[0]["result"], results[1]["result"]
+    main, other = results[0]["result"], results[-1]["result"]
     assert main["steps"] == one["steps"]  # the same experts kept (and merged), with the same scores
     assert main["before"]["eval"] == one["before"]["eval"] and main["after"]["eval"] == one["after"]["eval"]
     assert other["out"] is None and sorted(p.name for p in tmp_path.iterdir()) == ["one", "two"]  # rank 0 wrote
-    expected, got = load_file(tmp_path / "one" / "model.safetensors"), load_file(tmp_path / "two" / "model.safetensors")
-    assert got.keys() == expected.keys()
-    for name, tensor in expected.items():
-        torch.testing.assert_close(got[name], tensor, rtol=RTOL, atol=1e-7, msg=name)
+    files = sorted(p.name for p in (tmp_path / "one").glob("*.safetensors"))
+    assert files and sorted(p.name for p in (tmp_path / "two").glob("*.safetensors")) == files
+    for file in files:
+        expected, got = load_file(tmp_path / "one" / file), load_file(tmp_path / "two" / file)
+        assert got.keys() == expected.keys()
+        for name, tensor in expected.items():
+            torch.testing.assert_close(got[name], tensor, rtol=RTOL, atol=1e-7, msg=name)
