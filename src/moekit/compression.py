@@ -27,8 +27,7 @@ from torch import nn
 from moekit.arch.adapters import FAMILIES, not_an_moe
 from moekit.arch.summary import summarize
 from moekit.distributed import current
-from moekit.distributed.runs import (agree_compress, agree_progress, pass_done, rank_work_path, refuse_unsupported,
-                                     remove_rank_folders)
+from moekit.distributed.runs import agree_compress, agree_progress, pass_done, rank_work_path, remove_rank_folders
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
@@ -178,7 +177,6 @@ def compress(
     lent = fresh()  # checks every shard and tensor shape before anything is written
     phases = phases_of(recipe)
     world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes
-    refuse_unsupported(phases, world)
     given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
     facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, stored=stored, compute=compute,
                        device=where, stats=given and given.meta["model_fingerprint"],

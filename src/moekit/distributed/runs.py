@@ -1,6 +1,6 @@
-"""What a compress across ranks adds to a one-process compress: refusals of what is not
-combined yet, one work folder per rank, agreement on where a resumed run starts, and the
-hand-over to rank 0 for the output.
+"""What a compress across ranks adds to a one-process compress: agreement on its inputs,
+one work folder per rank, agreement on where a resumed run starts, and the hand-over to
+rank 0 for the output.
 
 Every rank keeps its own work folder (its share of the hidden states after each finished
 layer) next to the output: rank 0's is the usual ``.<out>.moekit-work/``, rank r's
@@ -22,20 +22,6 @@ from moekit.distributed.world import World
 from moekit.errors import MoekitError
 
 RANK_SUFFIX = ".rank"
-
-
-def refuse_unsupported(phases: list, world: World | None) -> None:
-    """Steps that run whole layers on their inputs (GPTQ's Hessians, routing-policy
-    targets, router repair) collect per-token data outside the observers, which is not
-    combined across ranks yet: refused rather than computed from one rank's rows."""
-    if world is None:
-        return
-    steps = sorted({step.type for phase in phases if phase.reads_inputs for _, step in phase.steps
-                    if step.reads_inputs})
-    if steps:
-        raise MoekitError(f"{', '.join(steps)} with calibration inputs (GPTQ, a routing-policy target) cannot run "
-                          f"across {world.size} processes yet; run this recipe with one process (without torchrun), "
-                          "or use round-to-nearest / a fixed policy parameter.")
 
 
 def agree_compress(facts: dict[str, Any], lent, world: World | None) -> None:

@@ -66,3 +66,19 @@ def reduce_sums(values: dict[str, float | int], world: World, what: str) -> dict
     names = sorted(values)
     total = all_sum(torch.tensor([float(values[n]) for n in names], dtype=torch.float64), world, what)
     return dict(zip(names, total.tolist(), strict=True))
+
+
+def combine_hessian(hessian, world: World) -> None:
+    """A GPTQ `HessianAccumulator` of this rank's rows becomes that of every rank's: its
+    Σ w·x·xᵀ, token count and total weight are plain sums."""
+    counts = torch.tensor([hessian.tokens, hessian.total_weight], dtype=torch.float64)
+    reduced = all_sum_many({"xtx": hessian.xtx, "counts": counts}, world, "combining Hessians")
+    hessian.xtx = reduced["xtx"]
+    hessian.tokens, hessian.total_weight = int(reduced["counts"][0].item()), float(reduced["counts"][1].item())
+
+
+def gather_batches(batches: list[torch.Tensor], world: World, width: int, what: str) -> list[torch.Tensor]:
+    """Per-token rows a layer's batches gave on this rank ([n_b, width] each) → every
+    rank's, as one tensor in the order one process would have produced them."""
+    local = torch.cat([b.cpu() for b in batches]) if batches else torch.zeros(0, width)
+    return [gather_rows(local, world, what)]

@@ -278,6 +278,10 @@ class RecipePass:
             observe = watching(view.block, lambda x: logits.append(view.router.logits(x.reshape(-1, x.shape[-1]))
                                                                    .float().cpu()))
         self.streamer.forward(index, layer, reference, observe=observe)
+        if view is not None and self.streamer.world is not None:  # every rank's tokens, in one process's order
+            from moekit.distributed.statistics import gather_batches
+
+            logits = gather_batches(logits, self.streamer.world, view.num_experts, "gathering router logits")
         return torch.cat(logits) if logits else None
 
     def _check_router(self, index: int, digest: str) -> None:

@@ -155,7 +155,7 @@ def stages(layer: nn.Module, view: MoELayer | None, linears: dict[str, nn.Linear
 @torch.no_grad()
 def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantization, *,
                    run: Callable[..., None], on_progress: Callable[[str], None] | None = None,
-                   reference_logits: torch.Tensor | None = None) -> LayerResult:
+                   reference_logits: torch.Tensor | None = None, world=None) -> LayerResult:
     """Quantize decoder layer ``layer`` (whose MoE block ``view`` shows, None for a dense
     layer) in place: its weights become the dequantized values, and the integers and scales
     are returned for the checkpoint.
@@ -166,6 +166,9 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
         reference_logits: [N, E] the router's logits on the same tokens in the model before
             quantization; with ``spec.router_repair`` the router is re-fitted towards them
             (`repair_router`).
+        world: a `moekit.distributed.World` when ``run`` pushes only this rank's share of
+            the rows: the Hessians and the MoE block's inputs are then combined across
+            ranks (the stage order, read from the first batch, is the same on every rank).
     """
     say = on_progress or (lambda status: None)
     linears = target_linears(layer, view) if spec.linear is not None else {}
@@ -190,6 +193,13 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
                 observe.enter_context(watching(moe.block, lambda x: kept.append(
                     x.reshape(-1, x.shape[-1]).detach().float().cpu())))
             run(observe)
+        if world is not None:  # every rank computes the same edit from every rank's rows
+            from moekit.distributed.statistics import combine_hessian, gather_batches
+
+            if hessian is not None:
+                combine_hessian(hessian, world)
+            if _MOE in stage:
+                kept = gather_batches(kept, world, moe.experts.hidden_size, "gathering the MoE block's inputs")
         h = hessian.finish() if hessian is not None else None  # one Hessian for the stage's Linears
         for name in names:
             _quantize_linear(name, linears[name], h, spec, result)

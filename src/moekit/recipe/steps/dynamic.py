@@ -145,6 +145,10 @@ class RoutingPolicyStep(Step):
                 weights.append(layer.router.route(layer.router.logits(flat))[1].float())
 
         inputs.run(watching(layer.block, see))
+        if inputs.streamer.world is not None:  # this rank's rows: the value is calibrated on every rank's
+            from moekit.distributed.statistics import gather_batches
+
+            weights = gather_batches(weights, inputs.streamer.world, layer.top_k, "gathering routing weights")
         if plan is not None:  # scope global: the planned value; what it keeps here is measured
             from moekit.methods.dynamic.calibrate import kept_per_token
 

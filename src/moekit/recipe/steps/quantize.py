@@ -199,7 +199,7 @@ class Quantize(Step):
             raise MoekitError("quantize works on a whole decoder layer with its calibration inputs: run it through "
                               "moekit.compress.")
         return self._quantize(model, inputs.layer, inputs.prefix, layer, run=inputs.run, on_progress=on_progress,
-                              plan=plan, reference=inputs.reference_logits)
+                              plan=plan, reference=inputs.reference_logits, world=inputs.streamer.world)
 
     def apply(self, model: nn.Module, stats, *, progress: bool = False) -> dict:
         """A model held in memory, round to nearest only (GPTQ reads the inputs a streamed
@@ -215,7 +215,7 @@ class Quantize(Step):
             for index, decoder in enumerate(family_of(model).decoder_layers(model))})
 
     def _quantize(self, model: nn.Module, decoder: nn.Module, prefix: str, view, *, run, on_progress=None,
-                  plan=None, reference=None) -> dict:
+                  plan=None, reference=None, world=None) -> dict:
         from moekit.io import compressed
         from moekit.methods.quantize.sequential import LayerQuantization, quantize_layer
 
@@ -234,7 +234,8 @@ class Quantize(Step):
             expert_calibration=self.expert_calibration, min_tokens=self.min_tokens, damp=self.damp,
             act_order=self.act_order, block_size=self.block_size, scale_dtype=book.scale_dtype,
             router_repair=self.router_repair, router_ridge=self.router_ridge)
-        result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress, reference_logits=reference)
+        result = quantize_layer(decoder, view, spec, run=run, on_progress=on_progress, reference_logits=reference,
+                                world=world)
         for name, weight in result.linears.items():
             book.params[f"{prefix}{name}.weight"] = compressed.single(weight)
         report: dict = {"linears": len(result.linears), "group_size": linear_group, "expert_group_size": expert_group}
