@@ -22,6 +22,7 @@ def my_batches(count: int, world: World | None) -> range:
     if count < world.size:
         raise MoekitError(
             f"{count} batch(es) of rows cannot be shared by {world.size} ranks: each rank needs at least one. "
-            f"Use more rows (--samples) or a smaller --batch-size, or start fewer processes (--nproc-per-node)."
+            f"Use more rows (calibration: --samples; evaluation: more tokens) or a smaller --batch-size, or start "
+            f"fewer processes (--nproc-per-node)."
         )
     return range(count * world.rank // world.size, count * (world.rank + 1) // world.size)

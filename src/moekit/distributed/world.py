@@ -20,6 +20,7 @@ import torch.distributed as dist
 from moekit.errors import MoekitError
 
 TIMEOUT_ENV = "MOEKIT_DIST_TIMEOUT"
+BACKEND_ENV = "MOEKIT_DIST_BACKEND"  # gloo or nccl, to override the choice by the machine
 DEFAULT_TIMEOUT = 1800.0  # s: rank 0 writes each layer while the others wait in the next collective
 
 
@@ -81,7 +82,8 @@ def init(*, backend: str | None = None, timeout: float | None = None) -> World |
     caller already initialised torch.distributed).
 
     Args:
-        backend: ``gloo`` or ``nccl`` (default: nccl when this machine has a CUDA GPU).
+        backend: ``gloo`` or ``nccl`` (default: ``$MOEKIT_DIST_BACKEND``, else nccl when
+            this machine has a CUDA GPU).
         timeout: seconds a collective waits for the other ranks (default:
             ``$MOEKIT_DIST_TIMEOUT`` or 1800). A rank that dies or hangs makes the others
             stop with an error after at most this long.
@@ -94,9 +96,16 @@ def init(*, backend: str | None = None, timeout: float | None = None) -> World |
     if not dist.is_available():
         raise MoekitError("this torch build has no torch.distributed; run with one process or install a full torch.")
     _timeout = timeout if timeout is not None else timeout_from_env()
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or os.environ.get(BACKEND_ENV) or ("nccl" if torch.cuda.is_available() else "gloo")
+    if backend not in ("gloo", "nccl"):
+        raise MoekitError(f"torch.distributed backend {backend!r}: moekit runs on gloo (CPUs) or nccl (GPUs).")
     if backend == "nccl":  # one GPU per rank: moekit's "cuda" then means this rank's
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        local, count = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+        if local >= count:
+            raise MoekitError(f"rank with LOCAL_RANK {local} has no GPU of its own: this node has {count}. Start at "
+                              f"most {count} processes per node (--nproc-per-node {count}), or set "
+                              f"{BACKEND_ENV}=gloo to run on the CPUs.")
+        torch.cuda.set_device(local)
     dist.init_process_group(backend, timeout=timedelta(seconds=_timeout))
     return current()
 
