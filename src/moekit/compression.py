@@ -213,7 +213,7 @@ def compress(
             advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
         result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
                             (lambda i: on_event("layer", i)))
-    pass_done(world, work.path)
+    pass_done(world)
     if writer is None:  # another rank: its share is done, rank 0 writes the output
         budget.close()
         return {**report, "rank": world.rank, "out": None}

@@ -48,10 +48,11 @@ def agree_progress(work, world: World | None) -> None:
     work.keep_previous = True
     finished = work.finished_layers()
     last = finished[-1] if finished else -1
-    everyone = gather_objects(last, world, "comparing the ranks' finished layers")
-    common = min(everyone)
-    if max(everyone) - common > 1 or (last > common and common >= 0 and not work.hidden_folder(common).is_dir()):
-        described = ", ".join(f"rank {r}: {'none' if n < 0 else f'0..{n}'}" for r, n in enumerate(everyone))
+    can_step_back = last <= 0 or work.hidden_folder(last - 1).is_dir()
+    everyone = gather_objects((last, can_step_back), world, "comparing the ranks' finished layers")
+    common = min(n for n, _ in everyone)  # every rank decides from the same list: all resume, or all refuse
+    if any(n - common > 1 or (n > common and not back) for n, back in everyone):
+        described = ", ".join(f"rank {r}: {'none' if n < 0 else f'0..{n}'}" for r, (n, _) in enumerate(everyone))
         raise MoekitError(f"the ranks' work folders finished different layers ({described}) and cannot resume "
                           "together; delete the work folders (.<out>.moekit-work*) to start over.")
     if last > common:
@@ -67,10 +68,9 @@ def layer_done(world: World | None, index: int) -> None:
         dist.barrier()
 
 
-def pass_done(world: World | None, work_path: Path) -> None:
-    """Every rank has finished (and committed) its last layer: meet, then rank 0 removes
-    the other ranks' work folders that it can see (all of them on one machine or a shared
-    file system). Other ranks' folders are only deleted once the output is written."""
+def pass_done(world: World | None) -> None:
+    """Every rank has finished (and committed) its last layer: meet, so that rank 0 writes
+    the output, and removes the others' work folders, only once none is still writing."""
     if world is None:
         return
     with answered(world, "finishing the pass"):
@@ -78,5 +78,7 @@ def pass_done(world: World | None, work_path: Path) -> None:
 
 
 def remove_rank_folders(work_path: Path) -> None:
+    """Rank 0, its output written: the other ranks' work folders it can see (all of them on
+    one machine or a shared file system; on other nodes' own disks they stay)."""
     for folder in work_path.parent.glob(f"{work_path.name}{RANK_SUFFIX}*"):
         shutil.rmtree(folder, ignore_errors=True)
