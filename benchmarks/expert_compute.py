@@ -8,14 +8,18 @@ random fp32 weights, random routing (softmax weights over a random top-k). Timed
 module's forward under ``eager``, ``grouped_mm`` and ``batched_mm`` (skipped where it would
 gather a weight copy per token–expert pair bigger than ``--gather-limit``), and
 ``MoELayer.routed_forward`` (tokens grouped by expert, one pair of matmuls per active
-expert: moekit's reference forward). Best of ``--repeat`` runs after one warm-up (other
-jobs on the machine only ever add time). All four agree to fp32 rounding (checked).
-Writes benchmarks/results/expert_compute.json and prints a Markdown table.
+expert: moekit's reference forward), and ``grouped_mm`` with its grouped GEMMs replaced by
+a loop of ``torch.mm`` over the experts' row blocks (``mm_loop``: is the CPU grouped GEMM
+anything but that loop?). Best of ``--repeat`` runs after one warm-up (other jobs on the
+machine only ever add time). All agree to fp32 rounding; which are bit for bit
+``grouped_mm``'s is recorded (``equal_to_grouped_mm``). Writes
+benchmarks/results/expert_compute.json and prints a Markdown table.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -36,6 +40,29 @@ def best_seconds(fn, repeat: int) -> float:
         fn()
         best = min(best, time.perf_counter() - start)
     return best
+
+
+def _mm_loop(input: torch.Tensor, weight: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    out = input.new_empty(input.shape[0], weight.shape[-1])
+    start = 0
+    for i, end in enumerate(offs.tolist()):
+        if end > start:
+            torch.mm(input[start:end], weight[i], out=out[start:end])
+        start = end
+    return out
+
+
+@contextlib.contextmanager
+def grouped_gemm_as_mm_loop():
+    """transformers' grouped_mm forward with each grouped GEMM done by `_mm_loop`."""
+    import transformers.integrations.moe as moe
+
+    original = moe._grouped_mm
+    moe._grouped_mm = lambda input, weight, offs: _mm_loop(input.to(weight.dtype), weight, offs)
+    try:
+        yield
+    finally:
+        moe._grouped_mm = original
 
 
 def main() -> None:
@@ -88,20 +115,30 @@ def main() -> None:
                 outputs["per_expert_loop"] = layer.routed_forward(hidden, index, weights)
 
         result["per_expert_loop"] = best_seconds(loop, args.repeat)
+
+        def mm_loop():
+            config._experts_implementation = "grouped_mm"
+            with torch.no_grad(), grouped_gemm_as_mm_loop():
+                outputs["mm_loop"] = experts(hidden, index, weights)
+
+        result["mm_loop"] = best_seconds(mm_loop, args.repeat)
         reference = outputs["grouped_mm"]
         result["max_abs_diff"] = max(float((o - reference).abs().max()) for o in outputs.values())
+        result["equal_to_grouped_mm"] = sorted(k for k, o in outputs.items() if torch.equal(o, reference))
         rows.append(result)
     report = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": datetime.date.today().isoformat(),
               "torch": torch.__version__, "threads": args.threads, "hidden": args.hidden, "width": args.width,
               "experts": args.experts, "top_k": args.top_k, "rows": rows}
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2) + "\n")
-    print("| call | eager ms | grouped_mm ms | batched_mm ms | per-expert loop ms | max abs diff |")
-    print("|---|---|---|---|---|---|")
+    print("| call | eager ms | grouped_mm ms | batched_mm ms | per-expert loop ms | grouped_mm, GEMMs as mm loop ms "
+          "| max abs diff | bit-equal to grouped_mm |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         cells = [f"{r[k] * 1e3:.2f}" if r[k] is not None else "not run (gathers too much)"
-                 for k in ("eager", "grouped_mm", "batched_mm", "per_expert_loop")]
-        print(f"| {r['case']} ({r['tokens']} token{'s' if r['tokens'] > 1 else ''}) | " + " | ".join(cells) + f" | {r['max_abs_diff']:.1e} |")
+                 for k in ("eager", "grouped_mm", "batched_mm", "per_expert_loop", "mm_loop")]
+        print(f"| {r['case']} ({r['tokens']} token{'s' if r['tokens'] > 1 else ''}) | " + " | ".join(cells)
+              + f" | {r['max_abs_diff']:.1e} | {', '.join(r['equal_to_grouped_mm'])} |")
 
 
 if __name__ == "__main__":
