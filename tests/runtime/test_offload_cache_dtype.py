@@ -56,9 +56,9 @@ def test_the_minimum_counts_the_cache_dtype_and_the_scratch(tmp_path):
         offload(tmp_path, expert_memory=fp32 - 1, cache_dtype="float32")
     with pytest.raises(MoekitError, match="not a floating-point dtype"):
         offload(tmp_path, expert_memory="1GB", cache_dtype="int8")
-    # a share of the routed experts' bytes in the cache dtype: 75% of 16 bf16 experts is 12 of
-    # them, less the scratch (2 fp32 experts = 4) leaves 8 slots
-    assert offload(tmp_path, expert_memory="75%").moekit_capacity == {0: 4, 2: 4}
+    # a share of the routed experts' bytes in the cache dtype, the scratch on top
+    assert offload(tmp_path, expert_memory="75%").moekit_capacity == {0: 6, 2: 6}
+    assert offload(tmp_path, expert_memory="100%").moekit_capacity == {0: 8, 2: 8}
 
 
 def test_a_narrower_cache_dtype_rounds_like_a_model_with_rounded_experts(input_ids):

@@ -48,7 +48,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
             loaded model (experts kept in CPU memory as the slow tier; the model is changed
             in place).
         expert_memory: bytes of expert cache over all layers (int or ``"4GB"``, ``"512MiB"``),
-            or a share of the routed experts' bytes in the cache dtype (``"25%"``).
+            or a share of the routed experts' bytes in the cache dtype (``"25%"``; the
+            scratch upcast experts are computed from comes on top).
         device: where non-expert weights, the cache and the compute are.
         policy: ``lru``, ``lfu`` or ``prior`` (needs ``stats``).
         prefetch: guess layer l+1's experts from layer l's input and load them early.
@@ -96,7 +97,7 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     # upcast experts are computed from one scratch for all layers
     scratch = max((SCRATCH_EXPERTS * sum(numels[L.index].values()) * dtype.itemsize for L in layers
                    if any(d != dtype for d in cached[L.index].values())), default=0)
-    budget = budget_bytes(expert_memory, sum(sizes[L.index] * L.num_experts for L in layers))
+    budget = budget_bytes(expert_memory, sum(sizes[L.index] * L.num_experts for L in layers), scratch)
     priors = _priors(stats, layers) if policy == "prior" else {}
     stored = sorted({str(d).removeprefix("torch.") for c in cached.values() for d in c.values()})
     capacity = allocate(budget, {L.index: L.num_experts for L in layers}, {L.index: L.top_k for L in layers}, sizes,

@@ -16,7 +16,8 @@ of two experts (`moekit.runtime.offloaded_experts`), shared by all layers since 
 one after another. It is taken from ``expert_memory`` first. Then every layer gets its
 top-k slots (less is refused, naming the minimum), and the rest goes slot by slot to the
 layer with the smallest resident fraction, or, with a prior, where a slot pins the most
-calibration mass per byte (`allocate`).
+calibration mass per byte (`allocate`). A share (``"25%"``) is of the routed experts' bytes
+in the cache dtype, the scratch on top.
 """
 
 from __future__ import annotations
@@ -46,9 +47,10 @@ def parse_cache_dtype(value: torch.dtype | str | None) -> torch.dtype | str:
     return dtype
 
 
-def budget_bytes(expert_memory: int | str, total: int) -> int:
-    """``expert_memory`` in bytes: a size (``"2GB"``, an int) or a share of ``total``, the
-    routed experts' bytes in their cache dtypes (``"25%"``)."""
+def budget_bytes(expert_memory: int | str, total: int, scratch: int = 0) -> int:
+    """``expert_memory`` in bytes: a size (``"2GB"``, an int), or a share (``"25%"``) of
+    ``total``, the routed experts' bytes in their cache dtypes, with the ``scratch`` on top
+    (so ``"100%"`` keeps every expert resident)."""
     from moekit.devices import parse_bytes
 
     if isinstance(expert_memory, str) and expert_memory.strip().endswith("%"):
@@ -58,7 +60,7 @@ def budget_bytes(expert_memory: int | str, total: int) -> int:
             share = -1.0
         if not 0 < share <= 1:
             raise MoekitError(f"expert_memory {expert_memory!r}: a share of the routed experts must be in (0%, 100%].")
-        return int(total * share)
+        return int(total * share) + scratch
     return parse_bytes(expert_memory)
 
 
