@@ -13,6 +13,8 @@ the markdown of BENCHMARKS.md, with the scaling model for Qwen3-235B-A22B (`scal
 
     python benchmarks/distributed.py                        # moekit/ref-fine, 64 x 256 tokens
     python benchmarks/distributed.py --repeat 3             # best of 3 per configuration
+    python benchmarks/synthetic.py /tmp/s24-narrow --layers 24 --hidden 256 --experts 32 --expert-width 96 --top-k 4
+    python benchmarks/distributed.py --model /tmp/s24-narrow --name "synthetic 24 layers (ref-fine's widths)"
     python benchmarks/distributed.py --render
 """
 
@@ -88,9 +90,11 @@ def measure(args) -> None:
                 runs.append(launch(args, world, stats))
                 print(json.dumps(runs[-1]), flush=True)
     RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
-                                   "date": time.strftime("%Y-%m-%d"), "machine": "x86_64, 2 cores, 24 GiB, shared",
-                                   "runs": runs}, indent=1))
+    everything = json.loads(RESULTS.read_text()) if RESULTS.is_file() else {}
+    everything[args.name or args.model] = {"model": args.model, "samples": args.samples, "seq_len": args.seq_len,
+                                           "date": time.strftime("%Y-%m-%d"),
+                                           "machine": "x86_64, 2 cores, 24 GiB, shared", "runs": runs}
+    RESULTS.write_text(json.dumps(everything, indent=1))
 
 
 # -- the scaling model --------------------------------------------------------------------
@@ -152,8 +156,14 @@ def scaling(tokens: int, gpus: int, statistics: str, sample: int, per_node: int 
 
 
 def render() -> None:
-    data = json.loads(RESULTS.read_text())
-    print(f"{data['model']}, {data['samples']} x {data['seq_len']} tokens, {data['machine']}, {data['date']}\n")
+    for name, data in json.loads(RESULTS.read_text()).items():
+        print(f"{name}: {data['model']}, {data['samples']} x {data['seq_len']} tokens, {data['machine']}, "
+              f"{data['date']}\n")
+        render_runs(data)
+    render_model()
+
+
+def render_runs(data: dict) -> None:
     print("| statistics | ranks | launch wall (s) | calibration pass (s) | speed-up of the pass | bytes exchanged per "
           "MoE layer and rank | in collectives per layer (s) | load average before → after |")
     print("|---|---|---|---|---|---|---|---|")
@@ -169,7 +179,11 @@ def render() -> None:
         waited = ", ".join(f"{r['collective_s_per_layer']:.3f}" for r in run["ranks"])
         print(f"| {stats} | {world} | {run['wall_s']:.1f} | {_pass(run):.2f} | {speedup:.2f}x | "
               f"{exchanged} | {waited} | {run['load_before']} → {run['load_after']} |")
-    print("\nScaling model, Qwen3-235B-A22B (seconds of one calibration pass; assumptions in `ASSUMED`):\n")
+    print()
+
+
+def render_model() -> None:
+    print("Scaling model, Qwen3-235B-A22B (seconds of one calibration pass; assumptions in `ASSUMED`):\n")
     print("| tokens | statistics | GPUs | read per layer | compute per layer | hidden states to and from the GPU "
           "per layer | exchange per layer | pass | speed-up |")
     print("|---|---|---|---|---|---|---|---|---|")
@@ -190,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--model", default="moekit/ref-fine")
+    parser.add_argument("--name", help="the results' name (default: the model)")
     parser.add_argument("--stats", default="CLI default", choices=sorted(STATISTICS))
     parser.add_argument("--samples", type=int, default=64)
     parser.add_argument("--seq-len", type=int, default=256)
