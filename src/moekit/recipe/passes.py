@@ -268,6 +268,7 @@ class RecipePass:
             report = step.apply_layer(self.lent.model, view, None, plan=self.plans.get(position),
                                       on_progress=lambda s: advance(0, f"{status}: {s}"), inputs=inputs)
             result.per_layer.setdefault(position, {})[index] = report
+        agree_layer(layer, self.streamer.world, index)  # every rank holds the same edit
 
     def _router_logits(self, index: int, layer: nn.Module, view, reference: HiddenStates) -> torch.Tensor | None:
         """Advance ``reference`` through the layer as it is now, returning its router's
