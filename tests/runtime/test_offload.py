@@ -150,3 +150,20 @@ def test_llama4_loads_only_the_experts_its_tokens_chose(input_ids):
     for token, expected in zip(input_ids[0, :6], reference):
         assert torch.equal(_logits(offloaded, token.view(1, 1)), expected)
     assert {len(experts) for _, _, experts in offloaded.moekit_offload.trace} == {k}
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_a_top_1_model_with_one_slot_per_layer_equals_the_full_model(family, input_ids):
+    """grouped_mm over a single expert takes its row count from the data and would multiply
+    the skipped rows too (other bits); the runtime never calls it with fewer than two."""
+    model = tiny_model(family, seed=0)
+    model.config.num_experts_per_tok = 1
+    for layer in moekit.moe_layers(model):
+        for module in layer.block.modules():
+            if hasattr(module, "top_k"):
+                module.top_k = 1
+    reference = _logits(model, input_ids)
+    size, n_layers, k = _expert_bytes(model)
+    offloaded = offload(model, expert_memory=size * n_layers)
+    assert k == 1 and set(offloaded.moekit_capacity.values()) == {1}
+    assert torch.equal(_logits(offloaded, input_ids), reference)

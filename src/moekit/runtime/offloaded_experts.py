@@ -223,6 +223,9 @@ class OffloadedExperts:
             renumber = torch.full((count + 1,), n, dtype=torch.long, device=slots.device)
             renumber[used] = torch.arange(len(used), device=slots.device)
             slots, count = renumber[slots], n
+        elif count == 1:  # a one-slot cache (top-1): a second, never-used expert, for the reason above
+            params = {name: s.expand(2, *s.shape[1:]).contiguous() for name, s in self.slots.items()}
+            slots, count = slots.masked_fill(slots >= 1, 2), 2
         saved = (module.num_experts, module._is_expert_parallel)
         module._parameters.update(params)
         module.num_experts, module._is_expert_parallel = count, True  # slot `count` = skipped sentinel
