@@ -133,19 +133,24 @@ class OffloadedExperts:
         self.stats.add(self.stats.misses, self.layer, len(step.loads))
         self.stats.bytes_moved += self._apply(step)
 
-    # -- compute ----------------------------------------------------------------------
-    def forward(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
-                top_k_weights: torch.Tensor) -> torch.Tensor:
-        """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-        self._wait()  # a background prefetch into this layer's slots must land first
-        needed = sorted(i for i in top_k_index.unique().tolist() if i < self.num_experts)
+    def _demand(self, needed: list[int], tokens: int) -> None:
+        """Start a call of ``tokens`` tokens that needs ``needed``: wait for this layer's
+        background prefetch, count, record, and score the guess made for it."""
+        self._wait()
         if self.first:
-            self.stats.tokens += hidden.shape[0]
+            self.stats.tokens += tokens
         if self.stats.record_trace:
             self.stats.trace.append(("demand", self.layer, needed))
         if self.guess is not None:
             self.stats.score_guess(self.guess, set(needed))
             self.guess = None
+
+    # -- compute ----------------------------------------------------------------------
+    def forward(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
+                top_k_weights: torch.Tensor) -> torch.Tensor:
+        """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
+        needed = sorted(i for i in top_k_index.unique().tolist() if i < self.num_experts)
+        self._demand(needed, hidden.shape[0])
         parts = self.cache.plan(needed)
         table = self.slot_table
         index = top_k_index.clamp(max=self.num_experts)
@@ -176,16 +181,9 @@ class OffloadedExperts:
         nonzero row are loaded, each multiplied by the module's own forward on its full
         ``[T, H]`` block as a batch of one; the others' outputs are left zero, as they are
         in the full model. -> ``[E·T, H]``."""
-        self._wait()
         blocks = routed_in.view(self.num_experts, -1, routed_in.shape[-1])
         needed = blocks.ne(0).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        if self.first:
-            self.stats.tokens += blocks.shape[1]
-        if self.stats.record_trace:
-            self.stats.trace.append(("demand", self.layer, needed))
-        if self.guess is not None:
-            self.stats.score_guess(self.guess, set(needed))
-            self.guess = None
+        self._demand(needed, blocks.shape[1])
         out = torch.zeros_like(blocks)
         forward = type(module).forward
         for part in self.cache.plan(needed):
