@@ -32,7 +32,7 @@ def test_run_json_text_equals_the_full_models_greedy_text():
                                       pad_token_id=tokenizer.pad_token_id or tokenizer.eos_token_id)
     assert report["text"] == tokenizer.decode(full[0, ids.shape[1]:], skip_special_tokens=True)
     assert report["new_tokens"] == full.shape[1] - ids.shape[1]
-    assert report["slots"] == {"0": 3, "2": 3}
+    assert report["slots"] == {"0": 3, "2": 3} and report["cache_dtype"] == "float32"  # the tiny model's own
     assert report["tokens"] == ids.shape[1] + report["new_tokens"] - 1  # the last token is never fed back
     assert report["bytes_moved_per_token"] == report["bytes_moved"] / report["tokens"]
     assert report["bytes_moved"] == (report["misses"] + report["prefetch_loads"]) * EXPERT_BYTES
@@ -55,6 +55,8 @@ def test_run_refuses_a_budget_below_top_k_and_prior_without_stats():
     assert result.exit_code == 2 and "--stats" in result.output
     result = runner.invoke(app, ["run", TINY, "--expert-memory", "plenty"])
     assert result.exit_code == 2 and "not a size" in result.output
+    result = runner.invoke(app, ["run", TINY, "--cache-dtype", "int8", "--threads", "1"])
+    assert result.exit_code == 2 and "not a floating-point dtype" in result.output
 
 
 def test_run_help_imports_nothing_heavy():
