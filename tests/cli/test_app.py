@@ -19,5 +19,6 @@ def test_version_is_the_installed_distributions():
 
 def test_no_arguments_lists_every_command():
     result = runner.invoke(app, [])
-    for command in ("analyze", "calibrate", "compress", "eval", "inspect", "run", "train"):
+    for command in ("analyze", "calibrate", "combine", "compress", "eval", "inspect", "run", "split", "train",
+                    "upcycle"):
         assert command in result.output

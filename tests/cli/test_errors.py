@@ -126,6 +126,9 @@ COMMANDS = {  # every command, as it would read MODEL, writing into OUT
     "train --init": ["train", "--init", "{model}", "-o", "{out}", "--steps", "1", "--seq-len", "16"],
     "analyze": ["analyze", "{model}", "-o", "{out}", "--samples", "2", "--seq-len", "16"],
     "run": ["run", "{model}", "--max-new-tokens", "2"],
+    "upcycle": ["upcycle", "{model}", "-o", "{out}"],
+    "split": ["split", "{model}", "-o", "{out}", "--samples", "2", "--seq-len", "16"],
+    "combine": ["combine", "{model}", "{model}", "-o", "{out}"],
 }
 
 

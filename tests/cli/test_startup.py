@@ -9,7 +9,7 @@ from pathlib import Path
 # Modules that take seconds to import; none of them may load for the help or the version.
 HEAVY = ("torch", "transformers", "datasets", "lm_eval", "scipy", "safetensors", "moekit.train", "moekit.calib",
          "moekit.eval", "moekit.io", "moekit.recipe", "moekit.compression", "moekit.planning")
-COMMANDS = ("analyze", "calibrate", "compress", "eval", "inspect", "run", "train")
+COMMANDS = ("analyze", "calibrate", "combine", "compress", "eval", "inspect", "run", "split", "train", "upcycle")
 
 
 def moekit_command() -> list[str]:

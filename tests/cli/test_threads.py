@@ -11,7 +11,7 @@ from moekit.cli import app
 from tests.training_inputs import write_corpus, write_spec
 
 runner = CliRunner()
-COMPUTING = ("analyze", "calibrate", "compress", "eval", "run", "train")
+COMPUTING = ("analyze", "calibrate", "combine", "compress", "eval", "run", "split", "train", "upcycle")
 
 
 @pytest.mark.parametrize("command", COMPUTING)
