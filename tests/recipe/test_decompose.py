@@ -180,3 +180,20 @@ def test_bad_input_is_refused_before_any_weight_is_read(model, steps, message, t
     with pytest.raises(MoekitError, match=message):
         moekit.compress(model, {"steps": steps}, out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_run_resumes_to_the_same_output(sources, tmp_path):
+    """Stopped after its first decoder layer, the run resumed with resume=True writes the
+    uninterrupted run's bytes (the finished layers' factored structure is replayed)."""
+    steps = ({"type": "prune", "method": "reap", "remove": 0.5}, {"type": "decompose", "keep_params": 0.5})
+
+    def stop(event, index):
+        if event == "layer" and index == 0:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        _compress(sources, "mixtral", tmp_path / "resumed", *steps, on_event=stop)
+    _compress(sources, "mixtral", tmp_path / "resumed", *steps, resume=True)
+    _compress(sources, "mixtral", tmp_path / "whole", *steps)
+    for name in ("moekit-model.safetensors", "config.json"):
+        assert (tmp_path / "resumed" / name).read_bytes() == (tmp_path / "whole" / name).read_bytes(), name

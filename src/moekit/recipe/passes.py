@@ -314,6 +314,7 @@ class RecipePass:
             "experts": view.num_experts if view is not None else None,
             "top_k": view.top_k if view is not None else None,
             "mlp_dropped": index in (getattr(self.lent.model.config, "moekit_dropped_mlp_layers", None) or []),
+            "factored": (getattr(self.lent.model.config, "moekit_factored_experts", None) or {}).get(str(index)),
             "routers": [d.routers[-1] if len(d.routers) > before else None  # the phases that saw its router
                         for d, before in zip(result.digests, routers_before, strict=True)],
             "seconds": result.seconds,
@@ -344,6 +345,12 @@ class RecipePass:
                     set_top_k(self.lent.model, {index: record["top_k"]})
             if record["experts"] is not None:
                 keep_experts(self.lent.model, {index: list(range(record["experts"]))})
+            if record.get("factored"):  # after the counts: experts decompose factored (`moekit.arch.factored`)
+                from moekit.arch.factored import FACTORED_KEY, restore_factored
+
+                records = dict(getattr(self.lent.model.config, FACTORED_KEY, None) or {})
+                setattr(self.lent.model.config, FACTORED_KEY, {**records, str(index): record["factored"]})
+                restore_factored(self.lent.model)
             for p, router in enumerate(record["routers"][: last + 1]):
                 if router is not None:
                     result.digests[p].routers.append(router)
