@@ -73,3 +73,26 @@ def test_a_routing_policy_composes_skipped_experts_are_never_loaded(family, inpu
     kept = [len(e) for _, _, e in offloaded.moekit_offload.trace]
     routed = [len(e) for _, _, e in plain.moekit_offload.trace]
     assert all(a <= b for a, b in zip(kept, routed)) and sum(kept) < sum(routed)  # the sentinel E is no expert
+
+
+def test_a_factored_output_is_refused_with_the_fix_before_any_weight_is_read(tmp_path, input_ids, monkeypatch):
+    """A decompose output's experts are low-rank factors, which the expert cache does not
+    hold: the refusal names --materialize, from the config alone."""
+    import moekit.io.layered
+    from moekit.calib.calibrate import calibrate
+    from moekit.errors import MoekitError
+    from moekit.recipe.steps.decompose import Decompose
+
+    model = tiny_model("qwen3_moe")
+    step = Decompose(keep_params=0.5)
+    step.apply(model, calibrate(model, input_ids, statistics=step.needs(), hidden_sample=step.hidden_sample(),
+                                progress=False))
+    write_checkpoint(model, tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("weights were read")
+
+    monkeypatch.setattr(moekit.io.layered, "open_model", never)
+    for source in (tmp_path, model):
+        with pytest.raises(MoekitError, match="experts are factored .* moekit compress --materialize"):
+            offload(source, expert_memory="1MB")

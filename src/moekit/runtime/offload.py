@@ -83,6 +83,7 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
                           "result, or {layer: scores}).")
     requested = parse_cache_dtype(cache_dtype)
     budget_bytes(expert_memory, 0)  # a malformed size is refused before the model is read
+    _refuse_factored(model)
     device = torch.device(device)
     if isinstance(model, nn.Module):
         _check_family(moe_layers(model))  # before anything of the model is moved
@@ -137,6 +138,19 @@ def _weighted_input(layer) -> bool:
     """Llama-4: routing weights scale the experts' input and its experts module, which has no
     transformers experts implementation, multiplies every expert (`forward_weighted_input`)."""
     return layer.router.spec.weight_on_input and not hasattr(layer.experts.module, "_is_expert_parallel")
+
+
+def _refuse_factored(model) -> None:
+    """From the config alone, before any weight is read: a decompose output's experts are
+    low-rank factors (`moekit.arch.factored`), not the per-expert weights the cache holds."""
+    from moekit.arch.factored import FACTORED_KEY
+    from moekit.io.load import load_config
+
+    config = model.config if isinstance(model, nn.Module) else load_config(model)
+    if getattr(config, FACTORED_KEY, None):
+        raise MoekitError("this model's experts are factored (a decompose output in moekit's format), which "
+                          "offloading cannot cache; write a standard checkpoint with moekit compress --materialize "
+                          "and offload that.")
 
 
 def _check_family(layers) -> None:
