@@ -5,7 +5,8 @@ Configurations per share kept: activation-aware per-expert SVD and the shared ba
 low-rank deltas (D²-MoE), each with and without ``refit`` (defaults: whitening by the
 expert's input second moment, damping 1.0, ranks by error); SVD whitened by the
 gate-weighted moment (SVD-LLM's objective on the routed output, damping 0.01) and plain SVD
-(no whitening) as baselines of the whitening; and REAP + refit and HC-SMoE + refit removing 25% / 50% of the
+(no whitening) as baselines of the whitening; SVD with ``budget: global`` (the layers share
+the budget by their measured error); and REAP + refit and HC-SMoE + refit removing 25% / 50% of the
 experts (exactly the same routed parameters). One calibration per model (64 × 256 tokens of
 the shipped ``stdlib:calib``, hidden sample of 8192 per layer) feeds every configuration;
 each then runs in its own process (load, apply the step, round to the checkpoint's bf16 as
@@ -18,6 +19,7 @@ prefill 512 tokens of stdlib:eval + 128 decode steps, timed round-robin
 
     OMP_NUM_THREADS=1 python benchmarks/decomposition.py --models moekit/ref-fine moekit/ref-coarse
     python benchmarks/decomposition.py --render
+    OMP_NUM_THREADS=1 python benchmarks/decomposition.py --only "svd, global budget" --runs 0   # some configurations
 
 Results merge into ``benchmarks/results/decomposition.json`` (rerun to resume).
 """
@@ -52,6 +54,7 @@ def configs(keep: float) -> dict[str, dict]:
     out["svd, gate-weighted whitening"] = {"type": "decompose", "method": "svd", "keep_params": keep,
                                            "weighting": "gate", "damp": 0.01}
     out["plain svd (not whitened)"] = {"type": "decompose", "method": "svd", "keep_params": keep, "whiten": False}
+    out["svd, global budget"] = {"type": "decompose", "method": "svd", "keep_params": keep, "budget": "global"}
     out["REAP + refit"] = {"type": "prune", "method": "reap", "remove": round(1 - keep, 2), "refit": True}
     out["HC-SMoE + refit"] = {"type": "merge", "grouping": "hcsmoe", "router": "mean", "remove": round(1 - keep, 2),
                               "refit": True}
@@ -108,7 +111,7 @@ def run_child(*args) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def run_model(model_name: str, results: dict, eval_every: int, runs: int) -> None:
+def run_model(model_name: str, results: dict, eval_every: int, runs: int, only: list[str] | None = None) -> None:
     on_disk = json.loads(RESULTS.read_text())["models"] if RESULTS.is_file() else {}
     entry = results["models"].setdefault(model_name, on_disk.get(model_name, {"rows": {}}))
     folders = {}
@@ -118,7 +121,7 @@ def run_model(model_name: str, results: dict, eval_every: int, runs: int) -> Non
         todo = {"original": {}} | {f"{keep:.0%} {label}": step for keep in KEEP for label, step in configs(keep).items()}
         for name, step in todo.items():
             folders[name] = work / name.replace(" ", "_").replace("%", "").replace("(", "").replace(")", "")
-            if name in entry["rows"] and folders[name].is_dir():
+            if name in entry["rows"] and (folders[name].is_dir() or only and name.partition(" ")[2] not in only):
                 continue
             if not stats_dir.exists():
                 entry["calibration"] = calibrate(model_name, stats_dir)
@@ -225,6 +228,8 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=3, help="timed generations per model (0: no speed)")
     parser.add_argument("--render", action="store_true", help="print the tables of the results and exit")
     parser.add_argument("--layer-speed", action="store_true", help="time one layer at Qwen3-30B-A3B's shapes only")
+    parser.add_argument("--only", nargs="+", help="run these configurations (labels without the share kept) and "
+                        "keep the other rows as they are")
     args = parser.parse_args()
     if args.layer_speed:
         import torch
@@ -239,7 +244,7 @@ def main() -> None:
         return
     results = {"calibration": base.CALIB, "hidden_sample": 8192, "eval_every": args.eval_every, "models": {}}
     for model_name in args.models:
-        run_model(model_name, results, args.eval_every, args.runs)
+        run_model(model_name, results, args.eval_every, args.runs, args.only)
     print(render(results))
 
 

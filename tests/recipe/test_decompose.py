@@ -162,6 +162,8 @@ def test_it_follows_pruning_and_materialized_it_can_be_quantized(sources, tmp_pa
     ("moekit/tiny-qwen3_moe", [{"type": "decompose", "keep_params": 0.5, "rank": 4}], "exactly one of keep_params"),
     ("moekit/tiny-qwen3_moe", [{"type": "decompose"}], "exactly one of keep_params"),
     ("moekit/tiny-qwen3_moe", [{"type": "decompose", "rank": 17}], "rank=17 is above .* from 1 to 16"),
+    ("moekit/tiny-qwen3_moe", [{"type": "decompose", "rank": 4, "budget": "global"}], "budget: global shares "
+                                                                                     "keep_params"),
     ("moekit/tiny-qwen3_moe", [{"type": "decompose", "keep_params": 0.1, "method": "shared_basis"}],
      "shared_basis stores one full base"),
     ("moekit/tiny-gpt_oss", [{"type": "decompose", "keep_params": 0.5}], "gpt_oss is not supported: its experts carry "

@@ -174,13 +174,13 @@ class RecipePass:
                     self._check_router(index, result.digests[p].routers[-1])
                     stats = self.given.only(index)
                     if collect is not None and p == last:
-                        collected[index], tokens[index] = stats[index], stats.tokens[index]
+                        collected[index], tokens[index] = self._planned(phase, view, stats), stats.tokens[index]
                         continue
                     self._apply(phase, index, view, stats, result, advance)
                     continue
                 wanted = collect[1] if collect is not None and p == last else phase.wanted
-                accumulator = new_accumulator(view, wanted, phase.hidden_sample if collect is None else 0, self.seed,
-                                              self.streamer)
+                sample = phase.hidden_sample if collect is None or "hidden_sample" in wanted else 0
+                accumulator = new_accumulator(view, wanted, sample, self.seed, self.streamer)
                 result.digests[p].add_router(view.router.weight)
                 self.streamer.forward(index, layer, streams[p], observe=observing(view, accumulator),
                                       on_batch=lambda b: advance(1, status))
@@ -188,7 +188,7 @@ class RecipePass:
                                          meta={**self.stats_meta, "statistics": sorted(wanted)})
                 result.seconds[p] += time.perf_counter() - start
                 if collect is not None and p == last:
-                    collected[index], tokens[index] = stats[index], accumulator.tokens
+                    collected[index], tokens[index] = self._planned(phase, view, stats), accumulator.tokens
                     continue
                 self._apply(phase, index, view, stats, result, advance)
             if writer is not None and index not in dropped:
@@ -222,6 +222,18 @@ class RecipePass:
                 for index in step.blocks_dropped(self.plans.get(position)):
                     out.setdefault(int(index), q)
         return out
+
+    @staticmethod
+    def _planned(phase: Phase, view, stats: CalibrationStats) -> dict[str, torch.Tensor]:
+        """A planning pass's statistics of layer ``view.index``, or what the phase's planning
+        steps measure from them on the lent layer (`Step.plan_measure`) in their place."""
+        entry, measured = dict(stats[view.index]), {}
+        for _, step in phase.steps:
+            if step.plan_needs():
+                measured |= step.plan_measure(view, stats)
+        if measured:  # what it was measured from is too big to keep for every layer
+            entry.pop("hidden_sample", None)
+        return entry | measured
 
     def _measure_block(self, index: int, layer: nn.Module, view, stream: HiddenStates, wanted: frozenset[str],
                        block_wanted: frozenset[str], candidates: dict, digest: ModelDigest,
@@ -396,7 +408,8 @@ def plan_passes(work, fresh, input_ids, phases, *, batch_size, seed, budget, sta
         lent = fresh()
         from moekit.calib.blocks import BLOCK_STATISTICS
 
-        if p == 0 and given is not None and not needs & set(BLOCK_STATISTICS):  # the statistics are all there: no planning pass
+        # the statistics are all there: no planning pass (unless a step measures the lent layers from its inputs)
+        if p == 0 and given is not None and not needs & {*BLOCK_STATISTICS, "hidden_sample"}:
             for pos, step in planners:
                 plans[pos] = step.plan(lent.model, given)
             continue

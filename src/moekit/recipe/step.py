@@ -94,6 +94,13 @@ class Step(BaseModel):
         only). The result reaches `apply_layer` as ``plan``."""
         return None
 
+    def plan_measure(self, layer: MoELayer, stats: Any) -> dict:
+        """What a planning pass keeps of layer ``layer.index`` for `plan` in place of its
+        `plan_needs` statistics ``stats``, measured while the layer's weights are lent (empty:
+        keep the statistics). For a plan that reads the layer's weights and calibration
+        inputs: a hidden sample of every layer would not fit in memory, a summary does."""
+        return {}
+
     def top_k_after(self, top_k: int) -> int:
         """The top-k every MoE layer has after this step, known before any calibration
         (the largest, where layers differ): later steps are checked against it."""

@@ -72,3 +72,18 @@ def test_uniform_allocation_spreads_the_units_evenly():
     energies = [torch.tensor([3.0, 2.0, 1.0]), torch.tensor([5.0, 0.5, 0.1]), torch.tensor([1.0, 0.9, 0.8])]
     assert allocate.uniform(energies, 4) == [2, 1, 1]  # one each, the spare to the largest next σ² (2.0)
     assert allocate.rank_units(100, 7, [3, 3, 3]) == 9 and allocate.rank_units(20, 7, [3, 3, 3]) == 2
+
+
+def test_allocation_across_layers_minimises_the_summed_relative_error_as_brute_force():
+    """Each layer's σ² count relative to its own total; the units per layer match the best
+    of every rank of every expert of every layer."""
+    g = torch.Generator().manual_seed(1)
+    energies = {i: torch.rand(2, 3, generator=g, dtype=torch.float64).sort(descending=True).values * scale
+                for i, scale in ((0, 1.0), (3, 50.0))}
+    rows = [(i, e / energies[i].sum()) for i in energies for e in energies[i]]
+    for units in range(0, 13):
+        chosen = allocate.across_layers(energies, units)
+        assert sum(chosen.values()) == units
+        best = min((sum(float(e[r:].sum()) for (_, e), r in zip(rows, choice)), choice)
+                   for choice in itertools.product(range(4), repeat=4) if sum(choice) == units)
+        assert chosen == {0: sum(best[1][:2]), 3: sum(best[1][2:])}

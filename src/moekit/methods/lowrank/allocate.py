@@ -47,3 +47,28 @@ def uniform(energies: list[torch.Tensor], units: int) -> list[int]:
         ranks[best] += 1
         left -= 1
     return ranks
+
+
+def across_layers(energies: dict[int, torch.Tensor], units: int) -> dict[int, int]:
+    """Rank units per layer for one projection type with a model-wide ``units`` (``budget:
+    global``): ``energies[i]`` [E_i, m] are layer i's σ² per expert, each row
+    non-increasing, all layers' units the same size. Each layer's σ² are divided by its
+    total, so what is minimised is the summed *relative* whitened error of the layers (the
+    ``relative_error`` the step reports): the layers' inputs differ in scale (the residual
+    stream grows with depth), and absolute errors would send the budget to the last
+    layers. A layer's relative error as a function of its units is then the tail of its
+    sorted σ² — convex — and keeping the ``units`` largest normalised σ² over all layers'
+    experts (`by_error`) is an exact solution; ``tests/methods/lowrank`` checks it against
+    brute force."""
+    layers = sorted(energies)
+    rows, owner = [], []
+    for i in layers:
+        total = float(energies[i].double().sum())
+        scaled = energies[i].double() / total if total > 0 else energies[i].double() * 0
+        rows += list(scaled)
+        owner += [i] * len(scaled)
+    counts = by_error(rows, units)
+    out = dict.fromkeys(layers, 0)
+    for i, count in zip(owner, counts):
+        out[i] += count
+    return out

@@ -34,13 +34,16 @@ from moekit.methods.lowrank.svd import Factors, factorize
 class LayerFactors:
     """The factored layer: per expert (B, A) of gate/up [2I, r]·[r, H] and of down
     [H, s]·[s, I], optional bases [2I, H] and [H, I], and the relative weighted error of each
-    projection type on the calibration sample (dropped σ² / all σ²)."""
+    projection type on the calibration sample (dropped σ² / all σ²); ``energies`` per projection
+    type, [E, m] σ² of every expert (zero for an expert the sample never routes to): what
+    ``budget: global`` plans from."""
 
     gate_up: list[tuple[torch.Tensor, torch.Tensor]]
     down: list[tuple[torch.Tensor, torch.Tensor]]
     gate_up_base: torch.Tensor | None = None
     down_base: torch.Tensor | None = None
     errors: dict[str, float] = field(default_factory=dict)
+    energies: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def params(self) -> int:
         parts = [t for pair in (*self.gate_up, *self.down) for t in pair]
@@ -53,7 +56,8 @@ class Settings:
     """``keep``: share of the layer's routed-expert parameters kept (or ``rank``: one rank
     for every expert and projection); ``allocation``: ``error`` or ``uniform`` ranks;
     ``whiten``: activation-aware (False: plain SVD); ``weighting``: ``tokens`` or ``gate``
-    (see the module docstring); ``damp``: see `moekit.methods.lowrank.svd`."""
+    (see the module docstring); ``damp``: see `moekit.methods.lowrank.svd`; ``units``: the
+    rank units of (gate/up, down) a cross-layer plan gave this layer, instead of ``keep``'s."""
 
     shared_basis: bool = False
     keep: float | None = 0.5
@@ -62,6 +66,7 @@ class Settings:
     whiten: bool = True
     weighting: str = "tokens"
     damp: float = 1.0
+    units: tuple[int, int] | None = None
 
 
 def projection_budget(keep: float, num_experts: int, out_features: int, in_features: int, base: bool) -> int:
@@ -92,9 +97,10 @@ def decompose_layer(layer: MoELayer, hidden: torch.Tensor, settings: Settings) -
 
     # gate/up
     ins = [x[token] for token, _ in routes]
-    gate_up, base_gu, err_gu = _factor_projection(
+    gate_up, base_gu, err_gu, energy_gu = _factor_projection(
         [experts.gate_up[j] for j in range(layer.num_experts)], [moment(i, g) for i, (_, g) in zip(ins, routes)],
-        [(i.double() * g[:, None]).pow(2).sum() for i, (_, g) in zip(ins, routes)], settings)
+        [(i.double() * g[:, None]).pow(2).sum() for i, (_, g) in zip(ins, routes)], settings,
+        settings.units[0] if settings.units else None)
     gate_up = [(b.to(dtype), a.to(dtype)) for b, a in gate_up]
     base_gu = base_gu.to(dtype) if base_gu is not None else None
 
@@ -103,16 +109,19 @@ def decompose_layer(layer: MoELayer, hidden: torch.Tensor, settings: Settings) -
     for j, (token, _) in enumerate(routes):
         product = gate_up[j][0] @ gate_up[j][1]
         mids.append(experts.intermediate(j, ins[j], product + base_gu if base_gu is not None else product))
-    down, base_d, err_d = _factor_projection(
+    down, base_d, err_d, energy_d = _factor_projection(
         [experts.down[j] for j in range(layer.num_experts)], [moment(h, g) for h, (_, g) in zip(mids, routes)],
-        [(h.double() * g[:, None]).pow(2).sum() for h, (_, g) in zip(mids, routes)], settings)
+        [(h.double() * g[:, None]).pow(2).sum() for h, (_, g) in zip(mids, routes)], settings,
+        settings.units[1] if settings.units else None)
     return LayerFactors(gate_up, [(b.to(dtype), a.to(dtype)) for b, a in down], base_gu,
-                        base_d.to(dtype) if base_d is not None else None, {"gate_up": err_gu, "down": err_d})
+                        base_d.to(dtype) if base_d is not None else None, {"gate_up": err_gu, "down": err_d},
+                        {"gate_up": energy_gu, "down": energy_d})
 
 
 def _factor_projection(weights: list[torch.Tensor], moments: list[torch.Tensor | None],
-                       importance: list[torch.Tensor], settings: Settings):
-    """((B, A) per expert, the base or None, relative error) for one projection type."""
+                       importance: list[torch.Tensor], settings: Settings, units: int | None):
+    """((B, A) per expert, the base or None, relative error, σ² [E, m]) for one projection
+    type; ``units``: rank units to spend (None: what ``settings.keep`` pays for)."""
     E = len(weights)
     out_features, in_features = weights[0].shape
     base = None
@@ -125,16 +134,19 @@ def _factor_projection(weights: list[torch.Tensor], moments: list[torch.Tensor |
         target = w.double() - base if base is not None else w
         factors.append(factorize(target, cov, damp=settings.damp))
     limits = [len(f.energy) for f in factors]
+    # an expert the sample never routes to was factored unweighted: its σ² are in other
+    # units, and the data says its error costs nothing
+    unseen = [settings.whiten and cov is None for cov in moments]
+    energies = [f.energy * 0 if skip else f.energy for f, skip in zip(factors, unseen)]
     if settings.rank is not None:
         ranks = [min(settings.rank, m) for m in limits]
     else:
-        budget = projection_budget(settings.keep, E, out_features, in_features, base is not None)
-        units = allocate.rank_units(budget, out_features + in_features, limits)
+        if units is None:
+            budget = projection_budget(settings.keep, E, out_features, in_features, base is not None)
+            units = allocate.rank_units(budget, out_features + in_features, limits)
         choose = allocate.by_error if settings.allocation == "error" else allocate.uniform
-        # an expert the sample never routes to was factored unweighted: its σ² are in other
-        # units, and the data says its error costs nothing
-        unseen = [settings.whiten and cov is None for cov in moments]
-        ranks = choose([f.energy * 0 if skip else f.energy for f, skip in zip(factors, unseen)], units)
+        ranks = choose(energies, units)
     total = sum(float(f.energy.sum()) for f in factors)
     dropped = sum(f.error(r) for f, r in zip(factors, ranks))
-    return [f.truncated(r) for f, r in zip(factors, ranks)], base, dropped / total if total > 0 else 0.0
+    return ([f.truncated(r) for f, r in zip(factors, ranks)], base, dropped / total if total > 0 else 0.0,
+            torch.stack(energies))

@@ -4,6 +4,7 @@
       - type: decompose
         method: svd            # or shared_basis: a base per projection + low-rank deltas (D²-MoE)
         keep_params: 0.5       # share of routed-expert parameters kept (or rank: one rank for all)
+        budget: uniform        # every layer keeps that share (or global: the model's layers share it)
         allocation: error      # ranks per expert by the whitened error they remove (or uniform)
         refit: true            # re-fit the down output factors to the original layer output
 
@@ -11,6 +12,13 @@ Each layer is factored from its calibration sample (`moekit.methods.lowrank.laye
 experts module replaced by `moekit.arch.factored.FactoredExperts`, recorded in config.json
 (moekit's format, restored by `moekit.load`); ``materialize: true`` multiplies the factors
 back into the family's own experts instead, for a standard checkpoint of the original size.
+
+``budget: global`` spends the model's routed-expert parameters where they remove most error:
+a planning pass factors each layer (one at a time, as the edit pass does) and keeps only
+its experts' squared singular values, from which each layer's relative whitened error at
+every rank is known in closed form; `moekit.methods.lowrank.allocate.across_layers` then
+gives every layer its rank units of each projection type, the model-wide total being what
+the uniform budget spends, and each layer splits its units between experts as before.
 """
 
 from __future__ import annotations
@@ -38,6 +46,7 @@ class Decompose(Step):
     keep_params: float | None = Field(default=None, description="share of routed-expert parameters kept, in (0, 1)")
     rank: int | None = Field(default=None, description="one rank for every expert's projections")
     allocation: Literal["error", "uniform"] = "error"
+    budget: Literal["uniform", "global"] = "uniform"
     whiten: bool = True
     weighting: Literal["tokens", "gate"] = "tokens"
     damp: float = Field(default=1.0, ge=0, description="relative damping of the input second moments")
@@ -56,6 +65,9 @@ class Decompose(Step):
                              "parameters to keep, e.g. 0.5 for half")
         if self.rank is not None and self.rank < 1:
             raise ValueError(f"rank={self.rank} must be at least 1")
+        if self.budget == "global" and self.keep_params is None:
+            raise ValueError("budget: global shares keep_params between the layers; give keep_params instead of "
+                             "rank, or drop budget: global")
         return self
 
     def needs(self) -> set[str]:
@@ -66,6 +78,53 @@ class Decompose(Step):
 
     def writes_native(self, model: nn.Module, plan) -> bool:
         return not self.materialize
+
+    # -- a global budget: a planning pass measures every layer --------------------------
+    def plan_needs(self) -> set[str]:
+        return {"hidden_sample"} if self.budget == "global" else set()
+
+    def plan_measure(self, layer, stats) -> dict:
+        """Every expert's σ² of each projection type, [E, m] (the layer factored as the
+        uniform budget would: down's whitening depends on the factored gate/up)."""
+        from moekit.methods.lowrank.layer import decompose_layer
+
+        factors = decompose_layer(layer, stats.hidden_inputs(layer.index, self.samples), self._settings())
+        return {f"lowrank_{kind}": energy for kind, energy in factors.energies.items()}
+
+    def plan(self, model: nn.Module, stats) -> dict[int, list[int]]:
+        """{MoE layer: [gate/up rank units, down rank units]} spending, per projection type,
+        the units the uniform budget spends in all layers together, at the least summed
+        relative error. In memory (`Step.apply`), the layers are measured here."""
+        from moekit.arch.discover import moe_layers
+        from moekit.methods.lowrank import allocate
+        from moekit.methods.lowrank.layer import projection_budget
+
+        layers = [layer for layer in moe_layers(model) if layer.index in stats.layers]
+        measured = {layer.index: stats[layer.index] if "lowrank_gate_up" in stats[layer.index]
+                    else self.plan_measure(layer, stats.only(layer.index)) for layer in layers}
+        chosen = []
+        for kind, out_in in (("gate_up", lambda I, H: (2 * I, H)), ("down", lambda I, H: (H, I))):
+            shapes = {layer.index: out_in(layer.experts.intermediate_size, layer.experts.hidden_size)
+                      for layer in layers}
+            if len({sum(shape) for shape in shapes.values()}) > 1:  # a rank unit must cost the same everywhere
+                raise MoekitError("decompose: budget: global needs experts of the same widths in every MoE layer; "
+                                  "use budget: uniform for this model.")
+            total = sum(allocate.rank_units(
+                projection_budget(self.keep_params, layer.num_experts, *shapes[layer.index],
+                                  self.method == "shared_basis"), sum(shapes[layer.index]),
+                [min(shapes[layer.index])] * layer.num_experts) for layer in layers)
+            chosen.append(allocate.across_layers({i: m[f"lowrank_{kind}"] for i, m in measured.items()}, total))
+        return {layer.index: [chosen[0][layer.index], chosen[1][layer.index]] for layer in layers}
+
+    def report_plan(self, plan) -> dict:
+        return {"budget": "global", "rank_units": {str(i): units for i, units in plan.items()}} if plan else {}
+
+    def _settings(self, units=None):
+        from moekit.methods.lowrank.layer import Settings
+
+        return Settings(shared_basis=self.method == "shared_basis", keep=self.keep_params, rank=self.rank,
+                        allocation=self.allocation, whiten=self.whiten, weighting=self.weighting, damp=self.damp,
+                        units=tuple(units) if units is not None else None)
 
     # -- checks before any weight loads ---------------------------------------------------
     def check(self, info: ModelInfo) -> None:
@@ -123,7 +182,12 @@ class Decompose(Step):
         return (f"decompose: memory while a layer is factored, besides the layer: its {self.samples} calibration "
                 "inputs (samples × H × 4 B), one expert's input second moments (H² + I², float64) and the layer's "
                 "factors before truncation (up to twice its expert weights, float64). The parameters are exact; how "
-                "the ranks are split between experts is chosen on calibration data (shown evenly)."
+                "the ranks are split between experts"
+                + (" and layers (budget: global; the model-wide total is the uniform budget's)" if self.budget == "global"
+                   else "") + " is chosen on calibration data (shown evenly)."
+                + (" budget: global first runs a planning pass that factors each layer once more (as long again as "
+                   "the edit) and keeps only its experts' squared singular values (E × (min(2I, H) + min(H, I)) "
+                   "float64 per layer)." if self.budget == "global" else "")
                 + (" materialize: the output multiplies the factors back (a standard checkpoint of the original "
                    "size)." if self.materialize else ""))
 
@@ -133,7 +197,7 @@ class Decompose(Step):
 
         from moekit.arch.edit import set_expert_weights
         from moekit.arch.factored import FactoredExperts, install
-        from moekit.methods.lowrank.layer import Settings, decompose_layer
+        from moekit.methods.lowrank.layer import decompose_layer
         from moekit.methods.lowrank.refit import refit_factored_down
         from moekit.methods.refit import routed_output
 
@@ -143,9 +207,7 @@ class Decompose(Step):
         goal = routed_output(layer, hidden).double() if self.refit else None
         if on_progress is not None:
             on_progress(f"layer {layer.index}: decompose")
-        factors = decompose_layer(layer, hidden, Settings(
-            shared_basis=self.method == "shared_basis", keep=self.keep_params, rank=self.rank,
-            allocation=self.allocation, whiten=self.whiten, weighting=self.weighting, damp=self.damp))
+        factors = decompose_layer(layer, hidden, self._settings(plan.get(layer.index) if plan else None))
         result = {"params_before": before, "params_after": factors.params(),
                   "relative_error": {k: round(v, 6) for k, v in factors.errors.items()},
                   "gate_up_ranks": [a.shape[0] for _, a in factors.gate_up],
