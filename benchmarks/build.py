@@ -4,12 +4,15 @@ the same continued training as the dense model itself.
 Each variant is built from ``--dense`` (default: the shipped ``moekit/ref-dense`` once it
 exists), evaluated on rows of 256 tokens spread over the shipped ``stdlib:eval`` split
 (step 0), then trained with `moekit train --init` (router losses on) for ``--steps`` steps
-of 16 × 256 tokens on the ``stdlib`` train split; the dense model is trained the same way.
+of 16 × 256 tokens on the ``stdlib`` train split at peak ``--lr``; the dense model is
+trained the same way. The default lr is the dense reference's last one (1e-4: its final
+cosine stage ends at 10% of 1e-3), as Sparse Upcycling continues the dense schedule;
+re-warming a converged model to a higher lr first costs it what it had learned.
 Every run resumes where it stopped (rerun the same command), so the whole benchmark can
 span sessions. Writes ``benchmarks/results/build.json`` and ``build.png`` (the learning
 curves) and prints the Markdown table.
 
-    python benchmarks/build.py --dense runs/reference/ref-dense/stage-3/model --steps 500
+    python benchmarks/build.py --steps 250 [--lr 1e-4] [--only NAME ...]
     python benchmarks/build.py --render benchmarks/results/build.json
 """
 
@@ -83,7 +86,8 @@ def train(init: Path | None, out: Path, steps: int, *, data: str = "stdlib", eva
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dense", type=Path, help="the dense model (default: moekit/ref-dense)")
-    parser.add_argument("--steps", type=int, default=500, help="continued-training steps for every model")
+    parser.add_argument("--steps", type=int, default=250, help="continued-training steps for every model")
+    parser.add_argument("--lr", type=float, default=1e-4, help="peak lr of the continued training")
     parser.add_argument("--work", type=Path, default=Path("runs") / "build")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "build.json")
@@ -97,11 +101,11 @@ def main() -> None:
     dense = args.dense or check_model("moekit/ref-dense")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()
     results = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "date": str(date.today()),
-               "commit": commit, "dense": str(dense), "steps": args.steps, "tokens_per_step": 16 * 256,
-               "runs": {}}
+               "commit": commit, "dense": str(dense), "steps": args.steps, "lr": args.lr,
+               "tokens_per_step": 16 * 256, "runs": {}}
     if args.out.is_file():  # runs of the same setting measured earlier (--only, or another session) stay
         earlier = json.loads(args.out.read_text())
-        if (earlier["dense"], earlier["steps"]) == (str(dense), args.steps):
+        if (earlier["dense"], earlier["steps"], earlier.get("lr", 3e-4)) == (str(dense), args.steps, args.lr):
             results["runs"] = earlier["runs"]
     runs = {"dense (continued)": ("dense", {})} | variants()
     for name, (kind, options) in runs.items():
@@ -112,7 +116,7 @@ def main() -> None:
         report = {} if kind == "dense" else build(kind, dense, built, options)
         entry = {"kind": kind, "options": options, "step0": evaluate(built)}
         entry.update({k: report[k] for k in ("max_abs_logit_difference", "layers") if k in report})
-        entry["trained"] = train(built, folder / "train", args.steps)
+        entry["trained"] = train(built, folder / "train", args.steps, lr=args.lr)
         entry["final"] = evaluate(Path(entry["trained"]["model"]))
         results["runs"][name] = entry
         args.out.write_text(json.dumps(results, indent=2) + "\n")
@@ -140,7 +144,8 @@ def plot(results: dict, path: Path) -> None:
 
 
 def render(results: dict) -> str:
-    lines = [f"dense model: `{results['dense']}`; {results['steps']} steps of continued training each",
+    lines = [f"dense model: `{results['dense']}`; {results['steps']} steps of continued training each, "
+             f"peak lr {results.get('lr', 3e-4):g}",
              "", "| model | perplexity at step 0 | after training | max \\|Δ logit\\| at step 0 |", "|---|---|---|---|"]
     for name, run in results["runs"].items():
         difference = run.get("max_abs_logit_difference")
