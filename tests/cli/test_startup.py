@@ -32,9 +32,14 @@ def test_help_and_version_import_nothing_heavy():
     every = [["--help"], ["--version"], *[[c, "--help"] for c in COMMANDS]]
     probe = (
         "import sys\n"
-        "from moekit.cli import app\n"
+        "from moekit.cli import app, main\n"
         f"for args in {every!r}:\n"
         "    app(args, standalone_mode=False)\n"
+        "sys.argv = ['moekit', '--help']\n"  # and the console script's own entry (it joins torchrun's ranks)
+        "try:\n"
+        "    main()\n"
+        "except SystemExit:\n"
+        "    pass\n"
         f"print('heavy:', sorted(m for m in sys.modules if m.startswith({HEAVY!r})))\n"
     )
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120)

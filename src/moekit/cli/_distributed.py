@@ -21,10 +21,12 @@ RANKED = {"calibrate", "compress", "eval"}  # the commands that share rows out a
 def join_ranks() -> None:
     """Join the torchrun group, when this process is one of its ranks (exit 2 with one line
     when the rendezvous fails: a wrong MASTER_ADDR, a port in use, a rank that never came)."""
+    from moekit.torchrun import launched
+
+    if not launched():  # before importing torch.distributed: every command starts here
+        return
     from moekit.distributed import world as group
 
-    if not group.launched():
-        return
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command is not None and command not in RANKED:
         err_console.print(f"[bold red]error:[/] moekit {command} does not share its work across ranks (only "

@@ -18,6 +18,7 @@ import torch
 import torch.distributed as dist
 
 from moekit.errors import MoekitError
+from moekit.torchrun import launched  # noqa: F401 (moekit.distributed.launched)
 
 TIMEOUT_ENV = "MOEKIT_DIST_TIMEOUT"
 BACKEND_ENV = "MOEKIT_DIST_BACKEND"  # gloo or nccl, to override the choice by the machine
@@ -47,11 +48,6 @@ class World:
 
 
 _timeout = DEFAULT_TIMEOUT
-
-
-def launched() -> bool:
-    """True in a process a launcher started as one of several ranks (``WORLD_SIZE`` > 1)."""
-    return "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1
 
 
 def current() -> World | None:
