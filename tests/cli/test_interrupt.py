@@ -15,9 +15,15 @@ from tests.training_inputs import write_corpus, write_spec
 INTERRUPTED = 130
 
 
+def _ctrl_c_as_in_a_terminal() -> None:
+    # a suite started in the background (`pytest &` without job control) ignores SIGINT,
+    # and children inherit that; moekit keeps an inherited ignore on purpose
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start(*args: object, cwd: Path) -> subprocess.Popen:
     return subprocess.Popen([*moekit_command(), *map(str, args)], cwd=cwd, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, preexec_fn=_ctrl_c_as_in_a_terminal)
 
 
 def interrupt_when_a_line_starts(process: subprocess.Popen, prefix: str) -> tuple[str, str]:
