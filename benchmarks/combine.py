@@ -41,6 +41,8 @@ def main() -> None:
     parser.add_argument("--seed-steps", type=int, default=400)
     parser.add_argument("--branch-steps", type=int, default=300)
     parser.add_argument("--router-steps", type=int, default=150)
+    parser.add_argument("--protocols", nargs="+", choices=("all", "mlp"), default=["all", "mlp"],
+                        help="what learns in the branches: every weight (BTX), the MLPs only, or both")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--work", type=Path, default=Path("runs") / "combine")
     parser.add_argument("--out", type=Path, default=RESULTS / "combine.json")
@@ -59,7 +61,8 @@ def main() -> None:
     runs["seed (mix)"] = train(None, args.work / "seed", args.seed_steps, data=str(mix), lr=2e-3, arch=str(spec),
                                tokenizer=REPO / "src" / "moekit" / "zoo" / "ref-fine")
     seed = Path(runs["seed (mix)"]["model"])
-    for protocol, suffix in (("all", ""), ("mlp", "-mlp")):  # what learns in the branches
+    for protocol in args.protocols:  # what learns in the branches
+        suffix = "" if protocol == "all" else "-mlp"
         label = "" if protocol == "all" else " (MLP only)"
         a, b = f"A: seed + stdlib{label}", f"B: seed + man{label}"
         runs[a] = train(seed, args.work / f"stdlib{suffix}", args.branch_steps, data="stdlib", lr=1e-3,

@@ -109,7 +109,14 @@ def test_a_shipped_dense_model_builds_moes_and_the_moe_commands_say_so(name, cor
     assert not (tmp_path / "out").exists()
     scores = _run("eval", name, "--data", corpus, "--context-length", 32, "--stride", 16, "--max-tokens", 64)
     assert scores["models"][name]["tokens"] == 63
-    built = _run("upcycle", name, "-o", tmp_path / "moe", "--experts", 4, "--top-k", 2)
+    # the shared-expert family (qwen3_moe, the default, is tested in tests/build); then healed
+    built = _run("upcycle", name, "-o", tmp_path / "moe", "--experts", 4, "--top-k", 2, "--family", "glm4_moe")
     assert built["max_abs_logit_difference"] < 1e-4
-    assert load_config(tmp_path / "moe").model_type == "qwen3_moe"
+    assert load_config(tmp_path / "moe").model_type == "glm4_moe"
     assert _run("inspect", tmp_path / "moe")["total_params"] > 0
+    healed = _run("train", "--init", tmp_path / "moe", "--data", corpus, "--steps", 2, "--seq-len", 16,
+                  "--batch-size", 2, "-o", tmp_path / "run")
+    assert healed["steps"] == 2
+    before, after = (moekit.load(f).model.layers[0].mlp.gate.e_score_correction_bias
+                     for f in (tmp_path / "moe", tmp_path / "run" / "model"))
+    assert before.abs().sum() == 0 < after.abs().sum()  # the aux-loss-free balancing ran by default

@@ -14,8 +14,8 @@ from moekit.cli._options import SEED_MAX, real
 
 @app.command()
 def train(
-    arch: str = typer.Option("qwen3_moe", help="Family name (qwen3_moe, mixtral, olmoe, deepseek_v3), "
-                             "reference preset (ref-fine, ref-coarse), or a YAML/JSON model config file."),
+    arch: str = typer.Option("qwen3_moe", help="Family name (qwen3_moe, mixtral, olmoe, deepseek_v3, glm4_moe, "
+                             "qwen3), reference preset (ref-fine, ref-coarse, ref-dense), or a YAML/JSON model config file."),
     init: Path = typer.Option(None, help="Continue training this model (an HF model folder or a shipped name such "
                               "as moekit/ref-fine) instead of starting from scratch."),
     data: str = typer.Option("stdlib", help="Corpus: 'stdlib', file, directory, glob, or 'hf:NAME[:SPLIT]'."),

@@ -18,7 +18,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, Pre
 
 from moekit.errors import MoekitError, read_json, read_yaml, validation_problems
 
-FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "qwen3"]
+FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe", "qwen3"]
 
 # Dense families moekit trains too (the starting points of upcycling and splitting):
 # every layer has one MLP of ``intermediate_size``; no router, no router losses.
@@ -34,7 +34,16 @@ FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
         "moe_intermediate_size",
         {"first_k_dense_replace": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
     ),
+    # GLM-4.5: DeepSeek-V3's routed layer (sigmoid router, selection bias, shared expert)
+    # with grouped-query attention; what `moekit upcycle --family glm4_moe` writes.
+    "glm4_moe": (
+        "n_routed_experts",
+        "moe_intermediate_size",
+        {"first_k_dense_replace": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
+    ),
 }
+# Families whose routers carry a selection-only correction bias (aux-loss-free balancing).
+BIASED_FAMILIES = {"deepseek_v3", "glm4_moe"}
 _EXPERTS_KEYS = {"num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts"}
 
 

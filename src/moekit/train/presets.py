@@ -6,7 +6,7 @@ their sizes were settled on short runs (see that script's docstring for the numb
 
 from __future__ import annotations
 
-from moekit.train.config import FAMILIES, ModelSpec
+from moekit.train.config import BIASED_FAMILIES, FAMILIES, ModelSpec
 
 REFERENCE: dict[str, ModelSpec] = {
     # Fine-grained: many small experts, top-4 (Qwen3-MoE / OLMoE style).
@@ -31,7 +31,7 @@ REFERENCE: dict[str, ModelSpec] = {
 
 def small_spec(family: str) -> ModelSpec:
     """A small model of ``family`` that trains at a few thousand tokens/s on one core."""
-    extra = {"n_group": 1, "topk_group": 1} if family == "deepseek_v3" else {}
+    extra = {"n_group": 1, "topk_group": 1} if family in BIASED_FAMILIES else {}
     return ModelSpec(family=family, hidden_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
                      num_experts=8, top_k=2, expert_intermediate_size=128, extra=extra)
 

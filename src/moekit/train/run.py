@@ -31,6 +31,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
     from moekit.train.checkpoint import latest_state
+    from moekit.train.config import BIASED_FAMILIES
     from moekit.train.presets import preset
     from moekit.train.trainer import check_resumable, first_steps
 
@@ -40,7 +41,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     config, model = _model_config(arch, init, folder)
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
-        bias_rate = 1e-3 if config.model_type == "deepseek_v3" else 0.0
+        bias_rate = 1e-3 if config.model_type in BIASED_FAMILIES else 0.0
     saved = latest_state(out / "checkpoints")
     # Clamped to the step count the run started with, so that raising --steps keeps it.
     warmup = max(0, min(settings.pop("warmup"), (first_steps(saved["log"]) if saved else settings["steps"]) - 1))

@@ -106,7 +106,7 @@ def train(
     layers = routed_layers(model)
     biased = [layer for layer in layers if layer.router.correction_bias is not None]
     if config.bias_update_rate > 0 and not biased:
-        raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3); set it to 0.")
+        raise MoekitError("bias_update_rate > 0 needs routers with a correction bias (deepseek_v3, glm4_moe); set it to 0.")
     if config.train_only == "routers":
         freeze_all_but_routers(model, layers)
     elif config.train_only == "mlp":
