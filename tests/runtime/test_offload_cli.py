@@ -59,6 +59,24 @@ def test_run_refuses_a_budget_below_top_k_and_prior_without_stats():
     assert result.exit_code == 2 and "not a floating-point dtype" in result.output
 
 
+def test_run_computes_misses_in_place_with_the_same_text_and_says_so(tmp_path):
+    """--compute-misses auto on a CPU: in memory, computing where the weights are is always
+    the cheaper side (no copy), so nothing is loaded and the text is the full model's."""
+    result = runner.invoke(app, ["run", TINY, "--prompt", "hello world", "--max-new-tokens", "4", "--json",
+                                 "--compute-misses", "auto", "--expert-memory", str(2 * EXPERT_BYTES * LAYERS),
+                                 "--threads", "1"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    plain = json.loads(runner.invoke(app, ["run", TINY, "--prompt", "hello world", "--max-new-tokens", "4",
+                                           "--json", "--threads", "1"]).stdout)
+    assert report["text"] == plain["text"] and report["slow_tier"] == "memory"
+    assert report["miss_cost"]["mode"] == "auto" and plain["miss_cost"] is None and plain["computed_in_place"] == 0
+    moekit.load(TINY).save_pretrained(tmp_path)
+    tokenizer_for(TINY).save_pretrained(tmp_path)
+    refused = runner.invoke(app, ["run", str(tmp_path), "--compute-misses", "always", "--threads", "1"])
+    assert refused.exit_code == 2 and "--slow-tier memory" in refused.output
+
+
 def test_run_help_imports_nothing_heavy():
     probe = ("import sys\nfrom moekit.cli import app\napp(['run', '--help'], standalone_mode=False)\n"
              "print('heavy:', sorted(m for m in sys.modules if m.startswith(('torch', 'transformers', 'moekit.runtime',"

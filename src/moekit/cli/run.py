@@ -88,6 +88,12 @@ def run_command(
         help="Dtype of the cached experts: auto (as the checkpoint stores them when the compute dtype holds that "
              "exactly, e.g. bfloat16 experts for float32 compute: half the memory, same outputs), float32, "
              "bfloat16 (from a float32 checkpoint: rounded, outputs change), float16.")] = "auto",
+    slow_tier: Annotated[Optional[str], typer.Option(
+        help="Where missed experts come from: disk (the checkpoint's files, per expert; default on a CPU) or memory "
+             "(all routed experts read once into CPU RAM, pinned; default on a GPU).")] = None,
+    compute_misses: Annotated[Optional[str], typer.Option(
+        help="Compute a missed expert on the CPU from its slow-tier copy instead of loading it (Fiddler): never, "
+             "always, or auto (a cost model measured at start; default on a GPU with the slow tier in memory).")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts (no streamed text).")] = False,
     threads: Threads = None,
 ) -> None:
@@ -114,7 +120,8 @@ def run_command(
         prior = _statistics(stats) if stats else None
         started = time.perf_counter()
         offloaded = offload(name, expert_memory=expert_memory, device=where, policy=policy, prefetch=prefetch,
-                            stats=prior, dtype=dtype, cache_dtype=cache_dtype, record_trace=False)
+                            stats=prior, dtype=dtype, cache_dtype=cache_dtype, record_trace=False,
+                            slow_tier=slow_tier, compute_misses=compute_misses)
         budget = offloaded.moekit_expert_memory
         load_s = time.perf_counter() - started
         ids = tokenizer(prompt, return_tensors="pt").input_ids.to(where)
@@ -137,7 +144,8 @@ def run_command(
     decode_s = ended - streamer.first_token_at if streamer.first_token_at else None
     report = {
         "model": name, "device": str(where), "policy": policy, "prefetch": prefetch, "expert_memory": budget,
-        "cache_dtype": offloaded.moekit_cache_dtype,
+        "cache_dtype": offloaded.moekit_cache_dtype, "slow_tier": offloaded.moekit_slow_tier,
+        "miss_cost": offloaded.moekit_miss_cost.as_dict() if offloaded.moekit_miss_cost else None,
         "slots": offloaded.moekit_capacity, "prompt_tokens": ids.shape[1], "new_tokens": new,
         "load_s": round(load_s, 3), "generate_s": round(ended - started, 3),
         "tokens_per_s": new / (ended - started),
@@ -155,6 +163,7 @@ def run_command(
         + (f"; decode {report['decode_tokens_per_s']:.2f} tokens/s" if report["decode_tokens_per_s"] else "") + "), "
         f"hit rate [bold]{report['hit_rate']:.1%}[/], {report['misses_per_token']:.2f} misses and "
         f"{report['bytes_moved_per_token'] / 2**20:.2f} MiB moved per token"
+        + (f" ({report['computed_in_place']} misses computed in place)" if report["computed_in_place"] else "")
         + (f", prefetch precision {precision:.1%} recall {recall:.1%}" if precision is not None else "")
         + (f", peak memory {peak / 2**20:.0f} MiB" if peak else ""), highlight=False)
 

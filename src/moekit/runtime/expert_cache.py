@@ -96,6 +96,14 @@ class LayerCache:
             self._last[e] = self._clock
         return self._bring(experts, protected=set(experts))
 
+    def note(self, experts: Sequence[int]) -> None:
+        """Count a use of ``experts`` without loading them (they were computed where they
+        are: `moekit.runtime.miss_compute`)."""
+        self._clock += 1
+        for e in experts:
+            self._uses[e] = self._uses.get(e, 0) + 1
+            self._last[e] = self._clock
+
     def prefetch(self, experts: Sequence[int]) -> Step:
         """Load guessed ``experts`` ahead of their request (at most ``capacity`` are taken,
         in the order given). Guesses count as a use for LRU (they are about to be used) but

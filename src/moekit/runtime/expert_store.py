@@ -50,7 +50,8 @@ class MemoryExperts:
 
     def read_into(self, expert: int, out: dict[str, torch.Tensor]) -> None:
         for name, t in self.tensors.items():
-            out[name].copy_(t[expert])
+            # to a GPU from pinned memory: queued on the current stream, the CPU goes on
+            out[name].copy_(t[expert], non_blocking=out[name].device.type == "cuda")
 
     @contextlib.contextmanager
     def reading(self) -> Iterator[None]:

@@ -9,7 +9,10 @@ loaded on ``device`` as usual. Each MoE layer's routed experts are served from a
 ``capacity_l`` slots (`moekit.runtime.offloaded_experts`); the slow tier is the
 checkpoint's safetensors read per expert on demand when the model is given as a folder
 (`moekit.runtime.expert_store.DiskExperts`), or the model's own tensors in CPU memory when
-it is given in memory (or is one of the built-in tiny models, which have no files).
+it is given in memory (or is one of the built-in tiny models, which have no files), or a
+folder's experts read once into CPU memory (``slow_tier="memory"``, the default on a GPU,
+pinned there). From CPU memory a miss may be computed where it is instead of loaded
+(``compute_misses``; `moekit.runtime.miss_compute`).
 
 Budget: ``expert_memory`` bytes (or a share such as ``"25%"`` of the routed experts) over all
 layers; experts are cached in the dtype the checkpoint stores them in when the compute dtype
@@ -21,8 +24,9 @@ naming the minimum), the rest goes to the layers where it helps most
 Prefetch (mixtral-offloading's speculative gating): a forward pre-hook on MoE block l
 applies block l+1's router to block l's input and loads the guessed experts of l+1 before
 l+1 runs. What to load (and evict) is decided on the caller's thread, so counters and
-evictions are deterministic; the copies run on one background thread, and layer l+1's call
-waits for its own before computing, so it never changes outputs, only what is resident.
+evictions are deterministic; the copies run on one background thread (on a GPU, queued on a
+CUDA stream of their own), and layer l+1's call waits for its own before computing, so it
+never changes outputs, only what is resident.
 """
 
 from __future__ import annotations
@@ -34,13 +38,16 @@ import torch
 from torch import nn
 
 from moekit.errors import MoekitError
+from moekit.runtime import slow_tier as slow_tier_module
 from moekit.runtime.expert_cache import POLICIES, LayerCache
+from moekit.runtime.miss_compute import attach as attach_miss_compute
 from moekit.runtime.offload_stats import OffloadStats
 
 
 def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, device: str | torch.device = "cpu",
             policy: str = "lru", prefetch: bool = False, stats=None, dtype: torch.dtype = torch.float32,
-            cache_dtype: torch.dtype | str = "auto", record_trace: bool = True, background: bool = True) -> nn.Module:
+            cache_dtype: torch.dtype | str = "auto", record_trace: bool = True, background: bool = True,
+            slow_tier: str | None = None, compute_misses: str | None = None) -> nn.Module:
     """A model ready for ``generate`` with its routed experts offloaded.
 
     Args:
@@ -62,7 +69,16 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
             experts: logits then differ from the fully loaded model's).
         record_trace: keep every cache request in ``model.moekit_offload.trace``.
         background: prefetch copies on a background thread (the cache's decisions stay on
-            the caller's thread, so counters and evictions do not depend on timing).
+            the caller's thread, so counters and evictions do not depend on timing); on a
+            GPU they are queued on a CUDA stream of their own.
+        slow_tier: where a folder's experts are read from on a miss: ``"disk"`` (its
+            safetensors, per expert; the default on a CPU device) or ``"memory"`` (every
+            routed expert read once into CPU memory, pinned for a GPU: the default on a GPU
+            device; needs RAM for all of them). A model given in memory is its own tier.
+        compute_misses: ``"never"``, ``"auto"`` or ``"always"``: compute a missed expert on
+            the CPU from the slow tier instead of loading it (Fiddler), as a cost model
+            measured here decides (`moekit.runtime.miss_compute`). Default ``"auto"`` on a GPU
+            with the slow tier in memory, else ``"never"``; needs the slow tier in memory.
 
     Returns:
         The model; ``model.moekit_offload`` is its `OffloadStats`.
@@ -70,7 +86,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     Raises:
         MoekitError: unknown policy, ``prior`` without statistics, a budget below every
             layer's top-k experts and the scratch to compute them from (the minimum is
-            stated), a family whose experts cannot be offloaded.
+            stated), a family whose experts cannot be offloaded, misses computed in place
+            from a disk tier.
     """
     from moekit.arch.discover import moe_layers
     from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
@@ -85,11 +102,17 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     budget_bytes(expert_memory, 0)  # a malformed size is refused before the model is read
     _refuse_factored(model)
     device = torch.device(device)
+    tier, mode = slow_tier_module.choose(model, device, slow_tier, compute_misses)
     if isinstance(model, nn.Module):
         _check_family(moe_layers(model))  # before anything of the model is moved
-    model, sources = _open(model, device=device, dtype=dtype)
+    model, sources = slow_tier_module.open_experts(model, device=device, dtype=dtype)
     layers = moe_layers(model)
     _check_family(layers)
+    if mode == "auto" and any(_weighted_input(L) for L in layers):
+        raise MoekitError("compute_misses='auto' times transformers' grouped_mm experts path, which Llama-4's "
+                          "experts do not take; choose 'always' or 'never'.")
+    if tier == "memory":
+        sources = {i: slow_tier_module.in_memory(source, pin=device.type == "cuda") for i, source in sources.items()}
     cached = {L.index: {name: cache_dtype_for(stored, dtype, requested)
                         for name, stored in sources[L.index].stored_dtypes().items()} for L in layers}
     numels = {L.index: {n: p[0].numel() for n, p in L.experts.module.named_parameters(recurse=False)
@@ -119,6 +142,13 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         states.append(state)
     if states:
         states[0].first = True
+    if mode != "never":
+        attach_miss_compute(layers, states, sources, mode, dtype, shared_scratch,
+                        model.config.get_text_config().hidden_size)
+    if device.type == "cuda":
+        stream = torch.cuda.Stream(device)
+        for state in states:
+            state.stream = stream
     model.config._experts_implementation = IMPLEMENTATION
     if prefetch:
         from concurrent.futures import ThreadPoolExecutor
@@ -131,6 +161,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     model.moekit_capacity = capacity
     model.moekit_cache_dtype = "/".join(stored)
     model.moekit_expert_memory = budget
+    model.moekit_slow_tier = tier
+    model.moekit_miss_cost = states[0].cost if states and states[0].cost else None
     return model
 
 
@@ -172,70 +204,6 @@ def _priors(stats, layers) -> dict[int, list[float]]:
                               f"{layer.num_experts} experts (statistics of another model?).")
         out[layer.index] = scores
     return out
-
-
-def _open(model, *, device: torch.device, dtype: torch.dtype):
-    """(model with non-expert weights on ``device``, {layer: slow-tier source})."""
-    from moekit.arch.discover import moe_layers
-    from moekit.io.load import TINY_PREFIX, load
-    from moekit.runtime.expert_store import MemoryExperts
-
-    if isinstance(model, (str, os.PathLike)) and str(model).startswith(TINY_PREFIX):
-        model = load(str(model), dtype=dtype)
-    if isinstance(model, nn.Module):
-        if any(hasattr(L.experts.module, "_moekit_offload") for L in moe_layers(model)):
-            raise MoekitError("this model is already offloaded (its experts are not in it any more); offload the "
-                              "original model or its folder.")
-        sources = {}
-        for layer in moe_layers(model):
-            module = layer.experts.module
-            sources[layer.index] = MemoryExperts({n: p.detach().to("cpu") for n, p in
-                                                  module.named_parameters(recurse=False)
-                                                  if p.shape[0] == layer.num_experts})
-        # move only what is not a routed expert
-        _to_device_except_experts(model, {id(L.experts.module) for L in moe_layers(model)}, device, dtype)
-        return model.eval(), sources
-    return _open_folder(str(model), device=device, dtype=dtype)
-
-
-def _to_device_except_experts(model: nn.Module, skip: set[int], device, dtype) -> None:
-    for module in model.modules():
-        if id(module) in skip:
-            continue
-        for store in (module._parameters, module._buffers):
-            for name, t in store.items():
-                if t is not None and t.device.type != "meta" and (t.device != device or t.dtype != dtype):
-                    value = t.to(device, dtype if t.is_floating_point() else t.dtype)
-                    store[name] = nn.Parameter(value, requires_grad=False) if isinstance(t, nn.Parameter) else value
-
-
-def _open_folder(name: str, *, device: torch.device, dtype: torch.dtype):
-    from moekit.arch.discover import moe_layers
-    from moekit.io.layered import _LAYER_KEY, open_model
-    from moekit.runtime.expert_store import DiskExperts
-
-    lent = open_model(name, dtype=dtype, device=device)
-    model = lent.model
-    meta_keys = dict.fromkeys(model.state_dict(), True)
-    sources = {}
-    by_layer: dict[int, list[str]] = {}
-    for key in lent.checkpoint.names():
-        match = _LAYER_KEY.search(key)
-        if match:
-            by_layer.setdefault(int(match.group(1)), []).append(key)
-    paths = {id(m): n for n, m in model.named_modules()}
-    for layer in moe_layers(model):
-        module = layer.experts.module
-        shapes = {n: tuple(p.shape) for n, p in module.named_parameters(recurse=False) if p.shape[0] == layer.num_experts}
-        sources[layer.index] = DiskExperts(lent.checkpoint, model, paths[id(module)], shapes,
-                                           by_layer.get(layer.index, []), meta_keys, native=lent._native)
-    expert_keys = {k for s in sources.values() for k in [*s.direct.values(),
-                                                         *(n for p in s.per_expert.values() for ks in p.values()
-                                                           for n in ks)]}
-    for index in range(len(lent)):  # everything but the routed experts, one layer at a time
-        keys = [k for k in by_layer.get(index, []) if k not in expert_keys]
-        lent._read(keys, what=f"decoder layer {index}", modules=lent.layers[index])
-    return model.eval(), sources
 
 
 def _install_prefetch(layers, states) -> None:

@@ -2,7 +2,9 @@
 
 One `OffloadStats` is shared by every offloaded layer of a model (``model.moekit_offload``
 holds it). A *hit* is an expert a call needed that was resident; a *miss* is one that had
-to be loaded before the call could compute. Bytes moved are the bytes written into the
+to be loaded before the call could compute, or was computed where its weights are
+(`moekit.runtime.miss_compute`; those are counted in ``in_place`` too, and only the rows they
+were sent, there and back, in ``activation_bytes``). Bytes moved are the bytes written into the
 fast tier (the cache, in its compute dtype), by demand loads and by prefetch loads alike,
 so "bytes moved per token" is the traffic the slow tier has to serve. Tokens are counted
 at the first offloaded layer (each token passes every layer once).
@@ -29,6 +31,8 @@ class OffloadStats:
     warm_bytes: int = 0  # loaded before the first token (the prior policy's pinned experts)
     tokens: int = 0
     prefetch_loads: int = 0
+    in_place: dict[int, int] = field(default_factory=dict)  # misses computed where the weights are
+    activation_bytes: int = 0  # rows sent to those experts and back (`moekit.runtime.miss_compute`)
     predicted: int = 0
     predicted_used: int = 0
     needed_with_guess: int = 0
@@ -88,4 +92,5 @@ class OffloadStats:
                 "hit_rate": self.hit_rate, "misses_per_token": self.misses_per_token,
                 "bytes_moved": self.bytes_moved, "bytes_moved_per_token": self.bytes_moved_per_token,
                 "warm_bytes": self.warm_bytes, "prefetch_loads": self.prefetch_loads,
+                "computed_in_place": sum(self.in_place.values()), "activation_bytes": self.activation_bytes,
                 "prefetch_precision": self.prefetch_precision, "prefetch_recall": self.prefetch_recall}

@@ -31,6 +31,8 @@ Per call (``hidden [T, H]``, ``top_k_index [T, k]``, ``top_k_weights [T, k]``):
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -67,6 +69,9 @@ class OffloadedExperts:
         self.guess: set[int] | None = None  # the prefetch guess for the next call
         self.loader = None  # a one-thread executor: prefetch copies in the background
         self.pending = None  # its copy for this layer not yet waited for
+        self.stream = None  # a CUDA stream prefetch copies run on (GPU devices)
+        self.compute = None  # a `SlowTierCompute`: misses the `cost` says so are computed in place
+        self.cost = None
         self.params = {name: p for name, p in module.named_parameters(recurse=False) if p.shape[0] == self.num_experts}
         cache_dtypes = cache_dtypes or {}
         self.slots = {name: nn.Parameter(torch.empty((cache.capacity, *p.shape[1:]), device=device,
@@ -97,7 +102,10 @@ class OffloadedExperts:
         self.stats.evictions.extend((self.layer, e) for e in step.evictions)  # here: in the order decided
         if background is not None and step.loads:
             self._wait()
-            self.pending = background.submit(self._copy, step)
+            # on a GPU the copies go on their own stream, queued after what the compute
+            # stream has queued so far (it may still read the slots being replaced)
+            after = torch.cuda.current_stream(self.slot_table.device) if self.stream is not None else None
+            self.pending = background.submit(self._copy, step, after)
         else:
             self._copy(step)
         return len(step.loads) * self.expert_bytes
@@ -105,17 +113,30 @@ class OffloadedExperts:
     def _wait(self) -> None:
         if self.pending is not None:
             pending, self.pending = self.pending, None
-            pending.result()  # re-raises a failed read (a vanished folder) here, in the caller
+            done = pending.result()  # re-raises a failed read (a vanished folder) here, in the caller
+            if done is not None:  # a CUDA event: the compute stream waits for the copies, the CPU does not
+                torch.cuda.current_stream(self.slot_table.device).wait_event(done)
 
-    def _copy(self, step: Step) -> None:
-        for expert in step.evictions:
-            self.slot_table[expert] = self.cache.capacity
-        if step.loads:
-            with self.source.reading():
-                for expert, slot in step.loads:
-                    # copy_ casts the stored dtype to the compute dtype exactly
-                    self.source.read_into(expert, {name: slots[slot] for name, slots in self.slots.items()})
-                    self.slot_table[expert] = slot
+    def _copy(self, step: Step, after=None):
+        """Evict and load ``step``'s experts; on the copy stream when ``after`` (the compute
+        stream to follow) is given, returning the event that marks the copies done."""
+        stream = self.stream if after is not None else None
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            if stream is not None:
+                stream.wait_stream(after)
+            for expert in step.evictions:
+                self.slot_table[expert] = self.cache.capacity
+            if step.loads:
+                with self.source.reading():
+                    for expert, slot in step.loads:
+                        # copy_ casts the stored dtype to the compute dtype exactly
+                        self.source.read_into(expert, {name: slots[slot] for name, slots in self.slots.items()})
+                        self.slot_table[expert] = slot
+            if stream is None:
+                return None
+            done = torch.cuda.Event()
+            done.record(stream)
+            return done
 
     def prefetch(self, experts: list[int]) -> None:
         """Load guessed experts before the call that needs them (counted as moved bytes)."""
@@ -133,14 +154,27 @@ class OffloadedExperts:
         self.stats.add(self.stats.misses, self.layer, len(step.loads))
         self.stats.bytes_moved += self._apply(step)
 
-    def _demand(self, needed: list[int], tokens: int) -> None:
-        """Start a call of ``tokens`` tokens that needs ``needed``: wait for this layer's
-        background prefetch, count, record, and score the guess made for it."""
+    def _in_place(self, rows_of: dict[int, int]) -> list[int]:
+        """Missed experts to compute where they are rather than load (none without a
+        `SlowTierCompute`); counted as misses, and as a use of each for LFU."""
+        if self.compute is None:
+            return []
+        chosen = [e for e, n in sorted(rows_of.items()) if e not in self.cache.slot_of and self.cost.in_place(n)]
+        if chosen:
+            self.cache.note(chosen)
+            self.stats.add(self.stats.misses, self.layer, len(chosen))
+            self.stats.add(self.stats.in_place, self.layer, len(chosen))
+        return chosen
+
+    def _demand(self, needed: list[int], tokens: int, requested: list[int] | None = None) -> None:
+        """Start a call of ``tokens`` tokens that needs ``needed`` (``requested`` of them
+        from the cache, the trace's record): wait for this layer's background prefetch,
+        count, record, and score the guess made for it."""
         self._wait()
         if self.first:
             self.stats.tokens += tokens
         if self.stats.record_trace:
-            self.stats.trace.append(("demand", self.layer, needed))
+            self.stats.trace.append(("demand", self.layer, needed if requested is None else requested))
         if self.guess is not None:
             self.stats.score_guess(self.guess, set(needed))
             self.guess = None
@@ -149,12 +183,16 @@ class OffloadedExperts:
     def forward(self, module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         """hidden [T, H], top_k_index [T, k], top_k_weights [T, k] -> [T, H]."""
-        needed = sorted(i for i in top_k_index.unique().tolist() if i < self.num_experts)
-        self._demand(needed, hidden.shape[0])
-        parts = self.cache.plan(needed)
+        ids, counts = top_k_index.unique(return_counts=True)
+        rows_of = {e: n for e, n in zip(ids.tolist(), counts.tolist()) if e < self.num_experts}
+        needed = sorted(rows_of)
+        in_place = self._in_place(rows_of)
+        loaded = [e for e in needed if e not in in_place]
+        self._demand(needed, hidden.shape[0], loaded)
+        parts = self.cache.plan(loaded)
         table = self.slot_table
         index = top_k_index.clamp(max=self.num_experts)
-        if len(parts) <= 1 and len(needed) <= self.group:
+        if not in_place and len(parts) <= 1 and len(needed) <= self.group:
             if parts:
                 self._request(parts[0])
             return self._run(module, hidden, table[index], top_k_weights)
@@ -162,6 +200,10 @@ class OffloadedExperts:
         rows = hidden.repeat_interleave(k, dim=0)  # [T·k, H]: row t·k + j is token t's j-th choice
         flat_index, flat_weights = index.reshape(-1, 1), top_k_weights.reshape(-1, 1)
         out = torch.zeros_like(rows)
+        if in_place:  # where the weights are (`moekit.runtime.miss_compute`): rows there and back
+            self.stats.activation_bytes += 2 * sum(rows_of[e] for e in in_place) * rows[0].nbytes
+            computed = self.compute.run(module, rows, flat_index, flat_weights, in_place)
+            out = torch.where(torch.isin(flat_index, torch.tensor(in_place, device=flat_index.device)), computed, out)
         for part in parts:
             self._request(part)
             for start in range(0, len(part), self.group):
@@ -183,10 +225,15 @@ class OffloadedExperts:
         in the full model. -> ``[E·T, H]``."""
         blocks = routed_in.view(self.num_experts, -1, routed_in.shape[-1])
         needed = blocks.ne(0).flatten(1).any(dim=1).nonzero().flatten().tolist()
-        self._demand(needed, blocks.shape[1])
+        in_place = self._in_place(dict.fromkeys(needed, blocks.shape[1]))
+        loaded = [e for e in needed if e not in in_place]
+        self._demand(needed, blocks.shape[1], loaded)
         out = torch.zeros_like(blocks)
         forward = type(module).forward
-        for part in self.cache.plan(needed):
+        for expert in in_place:
+            self.stats.activation_bytes += 2 * blocks[expert].nbytes
+            out[expert] = self.compute.one(module, forward, blocks[expert], expert)
+        for part in self.cache.plan(loaded):
             self._request(part)
             for expert in part:
                 module._parameters.update(self._weights([int(self.slot_table[expert])], 1))
@@ -209,8 +256,6 @@ class OffloadedExperts:
         return params
 
     def _run(self, module: nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
-        from transformers.integrations.moe import grouped_mm_experts_forward
-
         params, count = self.slots, self.cache.capacity
         if self.scratch is not None:  # upcast the slots this call uses; renumber them 0..n-1 (n = skipped)
             used = slots[slots < count].unique()
@@ -224,14 +269,23 @@ class OffloadedExperts:
         elif count == 1:  # a one-slot cache (top-1): a second, never-used expert, for the reason above
             params = {name: s.expand(2, *s.shape[1:]).contiguous() for name, s in self.slots.items()}
             slots, count = slots.masked_fill(slots >= 1, 2), 2
-        saved = (module.num_experts, module._is_expert_parallel)
-        module._parameters.update(params)
-        module.num_experts, module._is_expert_parallel = count, True  # slot `count` = skipped sentinel
-        try:
-            return grouped_mm_experts_forward(module, hidden, slots, weights)
-        finally:
-            module._parameters.update(self.meta)
-            module.num_experts, module._is_expert_parallel = saved
+        return grouped_call(module, hidden, slots, weights, params, count)
+
+
+def grouped_call(module: nn.Module, hidden: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
+                 params: dict[str, torch.Tensor], count: int) -> torch.Tensor:
+    """transformers' ``grouped_mm`` forward of ``module`` with its fused parameters swapped for
+    ``params`` ``{name: [count, ...]}`` (index ``count`` = a skipped row), then put back."""
+    from transformers.integrations.moe import grouped_mm_experts_forward
+
+    saved = (dict(module._parameters), module.num_experts, module._is_expert_parallel)
+    module._parameters.update(params)
+    module.num_experts, module._is_expert_parallel = count, True  # expert `count` = skipped sentinel
+    try:
+        return grouped_mm_experts_forward(module, hidden, index, weights)
+    finally:
+        module._parameters.update(saved[0])
+        module.num_experts, module._is_expert_parallel = saved[1:]
 
 
 SCRATCH_EXPERTS = 2  # one upcast expert computed at a time; 2 for grouped_mm's histc (see `_run`)
