@@ -74,8 +74,7 @@ def test_a_cost_model_that_splits_the_misses_keeps_outputs_and_the_cache_replays
 
 
 def test_the_cost_model_picks_the_cheaper_side_and_flips_at_the_crossover():
-    cost = MissCost(transfer=10.0, cpu_fixed=1.0, cpu_per_row=2.0, device_fixed=0.5, device_per_row=0.25,
-                    rows_per_row=0.25)
+    cost = MissCost(transfer=10.0, cpu_fixed=1.0, cpu_per_row=2.25, device_fixed=0.5, device_per_row=0.25)
     for rows in range(1, 40):
         here, there = 1.0 + 2.25 * rows, 10.5 + 0.25 * rows
         assert cost.in_place(rows) == (here < there)
@@ -85,10 +84,10 @@ def test_the_cost_model_picks_the_cheaper_side_and_flips_at_the_crossover():
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
-def test_the_measured_costs_are_positive_and_on_a_cpu_no_rows_travel(model):
+def test_the_costs_are_measured_without_touching_the_cache(model):
     offloaded = offload(model, expert_memory=_slot_bytes(model), compute_misses="auto")
     cost = offloaded.moekit_miss_cost
-    assert cost.mode == "auto" and cost.transfer > 0 and cost.rows_per_row == 0.0
+    assert cost.mode == "auto" and cost.transfer > 0
     assert cost.cpu_fixed + cost.cpu_per_row > 0 and cost.device_fixed + cost.device_per_row > 0
     assert offloaded.moekit_offload.bytes_moved == 0  # measuring wrote into a spare buffer, not the cache
 

@@ -9,10 +9,10 @@ tokens and loses for many; where the line falls depends on the machine. `MissCos
 measures both on the running machine when a model is offloaded (`measure_miss_cost`) and
 decides per missed expert from the ``n`` rows routed to it:
 
-    in place  iff  cpu(n) + rows(n)  <  transfer + device(n)
+    in place  iff  cpu(n)  <  transfer + device(n)
 
-cpu(n) and device(n) are fitted as ``a + b·n`` from timings at 1 and `WIDE` rows; transfer
-is the copy of one expert into a slot; rows(n) the activations' round trip. An expert
+cpu(n) (the rows' round trip included) and device(n) are fitted as ``a + b·n`` from timings
+at 1 and `WIDE` rows; transfer is the copy of one expert into a slot. An expert
 computed in place is not loaded, so the cache keeps what it holds (LFU still counts the
 use). Modes (``compute_misses``): ``"never"`` loads every miss (the plain cache),
 ``"always"`` computes every miss in place, ``"auto"`` asks the cost model.
@@ -41,28 +41,26 @@ WIDE = 64  # rows of the second timing point of the linear fits
 @dataclass(frozen=True)
 class MissCost:
     """Measured seconds: one expert's copy into a slot (``transfer``), its compute for ``n``
-    rows on the CPU (``cpu_fixed + cpu_per_row·n``) and on the device from a slot
-    (``device_fixed + device_per_row·n``), and the activations' round trip per row
-    (``rows_per_row``; zero when the device is the CPU)."""
+    rows on the CPU, the rows sent there and back (``cpu_fixed + cpu_per_row·n``), and on
+    the device from a slot (``device_fixed + device_per_row·n``)."""
 
     transfer: float
     cpu_fixed: float
     cpu_per_row: float
     device_fixed: float
     device_per_row: float
-    rows_per_row: float = 0.0
     mode: str = "auto"
 
     def in_place(self, rows: int) -> bool:
         """Compute a missed expert with ``rows`` rows routed to it on the CPU?"""
         if self.mode != "auto":
             return self.mode == "always"
-        here = self.cpu_fixed + (self.cpu_per_row + self.rows_per_row) * rows
+        here = self.cpu_fixed + self.cpu_per_row * rows
         return here < self.transfer + self.device_fixed + self.device_per_row * rows
 
     def as_dict(self) -> dict:
         return {"mode": self.mode, "transfer_s": self.transfer, "cpu_s": [self.cpu_fixed, self.cpu_per_row],
-                "device_s": [self.device_fixed, self.device_per_row], "rows_s_per_row": self.rows_per_row}
+                "device_s": [self.device_fixed, self.device_per_row]}
 
 
 def cpu_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -91,20 +89,25 @@ class SlowTierCompute:
             return 0
         return SCRATCH_EXPERTS * sum(t[0].numel() for t in tensors.values())
 
-    def run(self, module: nn.Module, rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor,
-            experts: list[int]) -> torch.Tensor:
-        """rows [R, H], index [R, 1], weights [R, 1] -> [R, H] on rows' device: each row routed
-        to one of ``experts`` weighted by its expert's output, every other row zero."""
+    def send(self, rows: torch.Tensor, index: torch.Tensor, weights: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """rows [R, H], index [R, 1], weights [R, 1] copied to the CPU. Called before the
+        device's own experts are queued: a copy to the CPU waits for all work queued before
+        it, so sending first lets the GPU compute the resident experts while the CPU
+        computes these."""
+        return rows.to("cpu", self.dtype), index.to("cpu"), weights.to("cpu", self.dtype)
+
+    def run(self, module: nn.Module, sent: tuple[torch.Tensor, ...], experts: list[int]) -> torch.Tensor:
+        """The `send` rows -> [R, H] on the CPU: each row routed to one of ``experts``
+        weighted by its expert's output, every other row zero."""
         from moekit.runtime.offloaded_experts import grouped_call
 
-        here = rows.to("cpu", self.dtype)
-        index, weights = index.to("cpu"), weights.to("cpu", self.dtype)
+        here, index, weights = sent
         sentinel = self.num_experts
         if not self.upcast:  # the fused tensors as they are: unchosen rows go to the sentinel
             chosen = torch.isin(index, torch.tensor(experts))
             out = grouped_call(module, here, torch.where(chosen, index, sentinel), weights, self.tensors,
                                self.num_experts)
-            return torch.where(chosen, out, 0).to(rows.device, rows.dtype)
+            return torch.where(chosen, out, 0)
         out = torch.zeros_like(here)
         shapes = {name: t.shape[1:] for name, t in self.tensors.items()}
         for expert in experts:  # upcast one expert at a time, as the cache's scratch does
@@ -115,8 +118,7 @@ class SlowTierCompute:
             mine = index == expert
             result = grouped_call(module, here, torch.where(mine, 0, 2), weights, params, 2)
             out = torch.where(mine, result, out)
-        return out.to(rows.device, rows.dtype)
-
+        return out
 
     def one(self, module: nn.Module, forward, block: torch.Tensor, expert: int) -> torch.Tensor:
         """Llama-4's layout: ``forward(module, block [T, H])`` with ``expert``'s weights as the
@@ -133,7 +135,8 @@ def measure_miss_cost(module: nn.Module, state, compute: SlowTierCompute, mode: 
                       repeats: int = 3) -> MissCost:
     """`MissCost` of ``state``'s layer (an `OffloadedExperts`) on this machine: the copy of
     expert 0 into a spare buffer shaped like one slot, the compute from slot 0 (whatever it
-    holds: only time is measured) and from the slow tier, each at 1 and `WIDE` rows."""
+    holds: only time is measured) and from the slow tier with the rows' round trip, each at
+    1 and `WIDE` rows."""
     if mode != "auto":
         return MissCost(0.0, 0.0, 0.0, 0.0, 0.0, mode=mode)
     device = state.slot_table.device
@@ -160,15 +163,11 @@ def measure_miss_cost(module: nn.Module, state, compute: SlowTierCompute, mode: 
         rows = torch.randn(n, hidden_size, dtype=state.dtype, device=device)
         first = torch.zeros(n, 1, dtype=torch.long, device=device)
         ones = torch.ones(n, 1, dtype=state.dtype, device=device)
-        cpu[n] = timed(lambda: compute.run(module, rows, first, ones, [0]))
+        cpu[n] = timed(lambda: compute.run(module, compute.send(rows, first, ones), [0]).to(device))
         dev[n] = timed(lambda: state._run(module, rows, first, ones))
     per_row_cpu = max(cpu[WIDE] - cpu[1], 0.0) / (WIDE - 1)
     per_row_dev = max(dev[WIDE] - dev[1], 0.0) / (WIDE - 1)
-    trip = 0.0
-    if device.type != "cpu":
-        rows = torch.randn(WIDE, hidden_size, dtype=state.dtype, device=device)
-        trip = timed(lambda: rows.to("cpu").to(device)) / WIDE
-    return MissCost(transfer, cpu[1] - per_row_cpu, per_row_cpu, dev[1] - per_row_dev, per_row_dev, trip, mode)
+    return MissCost(transfer, cpu[1] - per_row_cpu, per_row_cpu, dev[1] - per_row_dev, per_row_dev, mode)
 
 
 def _sync(device: torch.device) -> None:

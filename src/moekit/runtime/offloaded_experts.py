@@ -200,10 +200,9 @@ class OffloadedExperts:
         rows = hidden.repeat_interleave(k, dim=0)  # [T·k, H]: row t·k + j is token t's j-th choice
         flat_index, flat_weights = index.reshape(-1, 1), top_k_weights.reshape(-1, 1)
         out = torch.zeros_like(rows)
-        if in_place:  # where the weights are (`moekit.runtime.miss_compute`): rows there and back
+        if in_place:  # where the weights are (`moekit.runtime.miss_compute`): rows there first
+            sent = self.compute.send(rows, flat_index, flat_weights)
             self.stats.activation_bytes += 2 * sum(rows_of[e] for e in in_place) * rows[0].nbytes
-            computed = self.compute.run(module, rows, flat_index, flat_weights, in_place)
-            out = torch.where(torch.isin(flat_index, torch.tensor(in_place, device=flat_index.device)), computed, out)
         for part in parts:
             self._request(part)
             for start in range(0, len(part), self.group):
@@ -213,6 +212,9 @@ class OffloadedExperts:
                 in_group = torch.isin(flat_index, group)
                 slots = torch.where(in_group, table[flat_index], self.cache.capacity)
                 out = torch.where(in_group, self._run(module, rows, slots, flat_weights), out)
+        if in_place:  # the CPU computes while the device runs what was queued above
+            computed = self.compute.run(module, sent, in_place).to(rows.device, rows.dtype)
+            out = torch.where(torch.isin(flat_index, torch.tensor(in_place, device=flat_index.device)), computed, out)
         return out.view(tokens, k, -1).sum(dim=1).to(hidden.dtype)
 
     def forward_weighted_input(self, module: nn.Module, routed_in: torch.Tensor) -> torch.Tensor:
