@@ -233,7 +233,12 @@ def compress(
                         **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
     report["after"] = summary(lent.model, stored)
-    report["format"] = "moekit-nonuniform" if native else _quantized_format(recipe) or "standard"
+    from moekit.arch.factored import FACTORED_KEY
+
+    factored = getattr(lent.model.config, FACTORED_KEY, None) or any(
+        step.type == "decompose" and not step.materialize for step in recipe.steps)
+    report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
+                        else _quantized_format(recipe) or "standard")
     report["activations"] = budget.report()
     budget.close()
 

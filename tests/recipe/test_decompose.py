@@ -123,7 +123,7 @@ def test_compress_writes_factors_and_a_materialized_output_loads_in_plain_transf
     for family in ("qwen3_moe", "mixtral"):
         report = _compress(sources, family, tmp_path / family, step, evaluate=True, eval_data=str(sources / "data"),
                            dtype="float32")
-        assert report["format"] == "moekit-nonuniform"
+        assert report["format"] == "moekit-factored"
         planned = moekit.plan(str(sources / family), {"steps": [step]}, dtype="float32")["after"]
         assert planned == {key: value for key, value in report["after"].items() if key != "eval"}  # exact
         model = moekit.load(str(tmp_path / family))

@@ -112,6 +112,9 @@ def compress_command(
             console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
                           "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
                           "moekit.load(folder), not plain transformers.[/]")
+        elif report["format"] == "moekit-factored":
+            console.print("[yellow]experts are stored as low-rank factors in moekit's format: load it with "
+                          "moekit.load(folder); --materialize writes a standard checkpoint instead.[/]")
         elif report["format"] == "compressed-tensors-mixed":
             console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
                           "scheme, so load it with moekit.load(folder).[/]")
