@@ -213,14 +213,15 @@ class DiskExperts:
 
     def _read_raw(self, key: str, index: int | None, out: torch.Tensor) -> bool:
         """Read ``key`` (its slice ``[index]``) from the file straight into ``out`` when it is
-        stored as is in ``out``'s dtype and ``out`` is contiguous (one system call: no mapped
-        pages counted as the process's memory, no intermediate copy; measured about 1.5x
-        faster per miss than copying from the mapped file); False when it cannot."""
+        stored as is in ``out``'s dtype and ``out`` is contiguous CPU memory (one system call:
+        no mapped pages counted as the process's memory, no intermediate copy; measured about
+        1.5x faster per miss than copying from the mapped file); False when it cannot (a GPU
+        slot is copied to from the mapped file)."""
         from moekit.io.checkpoint import _DTYPES
 
         entry = self.checkpoint.tensors[key]
         if entry.offset < 0 or key in self.checkpoint.packed or not out.is_contiguous() \
-                or _DTYPES.get(entry.dtype) != out.dtype:
+                or _DTYPES.get(entry.dtype) != out.dtype or out.device.type != "cpu":
             return False
         nbytes = out.numel() * out.element_size()
         start = entry.offset + (index or 0) * nbytes
