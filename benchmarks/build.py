@@ -146,11 +146,21 @@ def plot(results: dict, path: Path) -> None:
 def render(results: dict) -> str:
     lines = [f"dense model: `{results['dense']}`; {results['steps']} steps of continued training each, "
              f"peak lr {results.get('lr', 3e-4):g}",
-             "", "| model | perplexity at step 0 | after training | max \\|Δ logit\\| at step 0 |", "|---|---|---|---|"]
+             "", "| model | perplexity at step 0 | after training | accuracy after | max \\|Δ logit\\| at step 0 "
+             "| training s |", "|---|---|---|---|---|---|"]
     for name, run in results["runs"].items():
         difference = run.get("max_abs_logit_difference")
         lines.append(f"| {name} | {run['step0']['perplexity']:.3f} | {run['final']['perplexity']:.3f} | "
-                     f"{'-' if difference is None else f'{difference:.1e}'} |")
+                     f"{100 * run['final']['accuracy']:.2f}% | {'—' if difference is None else f'{difference:.1e}'} | "
+                     f"{run['trained']['train_seconds']:.0f} |")
+    splits = {name: run["layers"] for name, run in results["runs"].items() if run["kind"] == "split"}
+    if splits:  # what split.json reports: the MLP output's share the chosen top-k reproduce (oracle's)
+        layers = sorted(next(iter(splits.values())), key=int)
+        lines += ["", "| split: share of the MLP's output reproduced at step 0 (oracle top-k) | "
+                  + " | ".join(f"layer {i}" for i in layers) + " |", "|---" * (len(layers) + 1) + "|"]
+        for name, per_layer in splits.items():
+            lines.append(f"| {name} | " + " | ".join(
+                f"{per_layer[i]['reproduced_share']:.1%} ({per_layer[i]['oracle_share']:.1%})" for i in layers) + " |")
     return "\n".join(lines)
 
 
