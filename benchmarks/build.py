@@ -91,10 +91,12 @@ def main() -> None:
     parser.add_argument("--work", type=Path, default=Path("runs") / "build")
     parser.add_argument("--only", nargs="*", help="variant names to run (default: all)")
     parser.add_argument("--out", type=Path, default=RESULTS / "build.json")
-    parser.add_argument("--render", type=Path, help="print the table of a results file and stop")
+    parser.add_argument("--render", type=Path, help="print the table of a results file, redraw its PNG, and stop")
     args = parser.parse_args()
-    if args.render:
-        print(render(json.loads(args.render.read_text())))
+    if args.render:  # and redraw its curves beside it
+        results = json.loads(args.render.read_text())
+        plot(results, args.render.with_suffix(".png"))
+        print(render(results))
         return
     from moekit.io.load import check_model
 
@@ -132,10 +134,14 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 5))
-    for name, run in results["runs"].items():
+    figure, axis = plt.subplots(figsize=(9, 5.5))
+    colours = plt.get_cmap("tab20").colors  # twelve runs: tab10 would repeat colours
+    style = {"dense": ("-", 2.5), "upcycle": ("-", 1.2), "split": ("--", 1.2)}
+    for i, (name, run) in enumerate(results["runs"].items()):
         evals = run["trained"]["evals"]
-        axis.plot([e["step"] for e in evals], [e["loss"] for e in evals], label=name)
+        line, width = style[run["kind"]]
+        axis.plot([e["step"] for e in evals], [e["loss"] for e in evals], line, linewidth=width,
+                  color="black" if run["kind"] == "dense" else colours[i % len(colours)], label=name)
     axis.set_xlabel(f"continued-training step ({results['tokens_per_step']} tokens each)")
     axis.set_ylabel("eval loss")
     axis.legend(fontsize=7)
