@@ -19,7 +19,7 @@ def test_decompose_then_inspect_and_materialize(tmp_path):
     result = runner.invoke(app, ["compress", MODEL, "--recipe", "decompose-50", "-o", str(tmp_path / "f"), *SMALL])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
-    assert report["format"] == "moekit-nonuniform" and (tmp_path / "f" / "moekit.json").is_file()
+    assert report["format"] == "moekit-factored" and (tmp_path / "f" / "moekit.json").is_file()
     shown = runner.invoke(app, ["inspect", str(tmp_path / "f"), "--json"])
     assert shown.exit_code == 0, shown.output
     summary = json.loads(shown.stdout)
