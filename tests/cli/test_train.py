@@ -48,6 +48,9 @@ def test_tiny_run_writes_a_loadable_model_and_resumes(tmp_path, corpus):
     assert more.exit_code == 0, more.output
     assert (tmp_path / "more" / "tokenizer" / "tokenizer.json").read_text() == (
         tmp_path / "run" / "tokenizer" / "tokenizer.json").read_text()
+    # a trained model continues at a low peak lr unless told (higher ones hurt: benchmarks/build.py)
+    lrs = [json.loads((tmp_path / run / "train_log.json").read_text())["config"]["lr"] for run in ("run", "more")]
+    assert lrs == [2e-3, 1e-4]
 
 
 @pytest.mark.parametrize(

@@ -30,7 +30,9 @@ def train(
     steps: int = typer.Option(200, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
-    lr: float = typer.Option(2e-3, parser=real(0, above=True), help="Peak learning rate (AdamW)."),
+    lr: float = typer.Option(None, parser=real(0, above=True), help="Peak learning rate (AdamW); default 2e-3 "
+                             "from scratch, 1e-4 with --init (a trained model: higher rates made upcycled and "
+                             "combined models worse in benchmarks/build.py and combine.py)."),
     warmup: int = typer.Option(20, min=0, help="Linear warmup steps, then cosine decay."),
     aux_loss_coef: float = typer.Option(0.01, parser=real(0), help="Weight of the load-balancing loss."),
     z_loss_coef: float = typer.Option(1e-3, parser=real(0), help="Weight of the router z-loss."),
@@ -50,6 +52,8 @@ def train(
     """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
     from moekit.train.run import run_training  # torch and transformers: not for --help
 
+    if lr is None:
+        lr = 1e-4 if init is not None else 2e-3
     with user_errors():
         result = run_training(
             arch=arch, init=init, data=data, eval_data=eval_data, text_field=text_field, tokenizer=tokenizer,
