@@ -52,8 +52,6 @@ def train(
     """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
     from moekit.train.run import run_training  # torch and transformers: not for --help
 
-    if lr is None:
-        lr = 1e-4 if init is not None else 2e-3
     with user_errors():
         result = run_training(
             arch=arch, init=init, data=data, eval_data=eval_data, text_field=text_field, tokenizer=tokenizer,

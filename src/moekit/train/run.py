@@ -20,8 +20,10 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
                  dtype: str = "auto", console=None, **settings) -> dict:
     """Validate everything, prepare data, train, and save ``out/model``. Returns a summary.
 
-    ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps`` and
-    ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias".
+    ``settings`` are `TrainConfig` fields, with ``warmup`` for ``warmup_steps``,
+    ``bias_update_rate=None`` meaning "1e-3 where routers have a correction bias", and
+    ``lr=None`` (or absent) "2e-3 from scratch, 1e-4 with ``init``" (continuing a trained
+    model at higher rates made it worse in benchmarks/build.py and combine.py).
     ``dtype`` is what ``out/model`` stores: ``auto`` keeps the ``init`` checkpoint's dtype
     (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
@@ -39,6 +41,8 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     folder = check_model(str(init)) if init is not None else None
     stored = output_dtype(dtype, stored_dtype(str(init)) if init is not None else torch.float32)
     config, model = _model_config(arch, init, folder)
+    if settings.get("lr") is None:
+        settings["lr"] = 1e-4 if init is not None else 2e-3
     bias_rate = settings.pop("bias_update_rate")
     if bias_rate is None:
         bias_rate = 1e-3 if config.model_type in BIASED_FAMILIES else 0.0
