@@ -144,7 +144,7 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         states[0].first = True
     if mode != "never":
         attach_miss_compute(layers, states, sources, mode, dtype, shared_scratch,
-                        model.config.get_text_config().hidden_size)
+                            model.config.get_text_config().hidden_size)
     if device.type == "cuda":
         stream = torch.cuda.Stream(device)
         for state in states:
