@@ -60,8 +60,9 @@ def test_run_refuses_a_budget_below_top_k_and_prior_without_stats():
 
 
 def test_run_computes_misses_in_place_with_the_same_text_and_says_so(tmp_path):
-    """--compute-misses auto on a CPU: in memory, computing where the weights are is always
-    the cheaper side (no copy), so nothing is loaded and the text is the full model's."""
+    """--compute-misses auto on a CPU, where the tiny model is its own memory tier: whichever
+    side the measured costs pick for each miss, the text is the full model's, and the run
+    reports its tier and cost model."""
     result = runner.invoke(app, ["run", TINY, "--prompt", "hello world", "--max-new-tokens", "4", "--json",
                                  "--compute-misses", "auto", "--expert-memory", str(2 * EXPERT_BYTES * LAYERS),
                                  "--threads", "1"])

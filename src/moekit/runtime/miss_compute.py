@@ -19,7 +19,8 @@ use). Modes (``compute_misses``): ``"never"`` loads every miss (the plain cache)
 
 Only a slow tier in CPU memory can compute (`moekit.runtime.expert_store.MemoryExperts`).
 On a CPU device the cache and the slow tier are both CPU memory, so in place saves the
-copy and nothing else: ``"auto"`` then always computes in place. There it is exact: the
+copy and nothing else: ``"auto"`` then computes in place unless the timings' noise says
+otherwise (both sides compute alike). There it is exact either way: the
 CPU computes each expert's rows with one ``mm`` of their own, as from a slot, so logits
 stay bit for bit those of the fully loaded model (tested). On a GPU the CPU's rounding
 differs from the GPU's, as in Fiddler.
