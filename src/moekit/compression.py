@@ -235,8 +235,7 @@ def compress(
     report["after"] = summary(lent.model, stored)
     from moekit.arch.factored import FACTORED_KEY
 
-    factored = getattr(lent.model.config, FACTORED_KEY, None) or any(
-        step.type == "decompose" and not step.materialize for step in recipe.steps)
+    factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
     report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
                         else _quantized_format(recipe) or "standard")
     report["activations"] = budget.report()

@@ -24,23 +24,19 @@ FamilyName = Literal["qwen3_moe", "mixtral", "olmoe", "deepseek_v3", "glm4_moe",
 # every layer has one MLP of ``intermediate_size``; no router, no router losses.
 DENSE_FAMILIES = {"qwen3"}
 
+# DeepSeek-V3's layout of the routed layer, shared by the families that use it.
+_SIGMOID_ROUTED = ("n_routed_experts", "moe_intermediate_size",
+                   {"first_k_dense_replace": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1})
+
 # Per family: (config key of E, config key of the expert intermediate size, fixed extras).
 FAMILIES: dict[str, tuple[str, str, dict[str, Any]]] = {
     "qwen3_moe": ("num_experts", "moe_intermediate_size", {"mlp_only_layers": [], "decoder_sparse_step": 1}),
     "mixtral": ("num_local_experts", "intermediate_size", {}),
     "olmoe": ("num_experts", "intermediate_size", {}),
-    "deepseek_v3": (
-        "n_routed_experts",
-        "moe_intermediate_size",
-        {"first_k_dense_replace": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
-    ),
+    "deepseek_v3": _SIGMOID_ROUTED,
     # GLM-4.5: DeepSeek-V3's routed layer (sigmoid router, selection bias, shared expert)
     # with grouped-query attention; what `moekit upcycle --family glm4_moe` writes.
-    "glm4_moe": (
-        "n_routed_experts",
-        "moe_intermediate_size",
-        {"first_k_dense_replace": 0, "n_shared_experts": 1, "n_group": 1, "topk_group": 1},
-    ),
+    "glm4_moe": _SIGMOID_ROUTED,
 }
 # Families whose routers carry a selection-only correction bias (aux-loss-free balancing).
 BIASED_FAMILIES = {"deepseek_v3", "glm4_moe"}
