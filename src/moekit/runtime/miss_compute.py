@@ -110,12 +110,8 @@ class SlowTierCompute:
                                self.num_experts)
             return torch.where(chosen, out, 0)
         out = torch.zeros_like(here)
-        shapes = {name: t.shape[1:] for name, t in self.tensors.items()}
         for expert in experts:  # upcast one expert at a time, as the cache's scratch does
-            params = self.scratch.views(shapes, 2)
-            for name, buffer in params.items():
-                buffer[0].copy_(self.tensors[name][expert])
-                buffer[1].zero_()
+            params = self.scratch.upcast(self.tensors, [expert], 2)
             mine = index == expert
             result = grouped_call(module, here, torch.where(mine, 0, 2), weights, params, 2)
             out = torch.where(mine, result, out)

@@ -251,11 +251,7 @@ class OffloadedExperts:
         into the scratch."""
         if self.scratch is None:
             return {name: s[slots[0]:slots[0] + n] for name, s in self.slots.items()}
-        params = self.scratch.views({name: s.shape[1:] for name, s in self.slots.items()}, n)
-        for i, slot in enumerate(slots):
-            for name, buffer in params.items():
-                buffer[i].copy_(self.slots[name][slot])
-        return params
+        return self.scratch.upcast(self.slots, slots, n)
 
     def _run(self, module: nn.Module, hidden: torch.Tensor, slots: torch.Tensor, weights: torch.Tensor):
         params, count = self.slots, self.cache.capacity
@@ -308,6 +304,15 @@ class Scratch:
             out[name] = self.buffer[offset:offset + size].view(n, *shape)
             offset += size
         return out
+
+    def upcast(self, fused: dict[str, torch.Tensor], rows: list[int], n: int) -> dict[str, torch.Tensor]:
+        """``{name: [n, ...]}`` views whose first rows are ``fused[name][rows]`` cast to the
+        buffer's dtype (the other rows hold whatever they held: no index selects them)."""
+        params = self.views({name: t.shape[1:] for name, t in fused.items()}, n)
+        for i, row in enumerate(rows):
+            for name, buffer in params.items():
+                buffer[i].copy_(fused[name][row])
+        return params
 
 
 def offloaded_experts_forward(module: nn.Module, hidden: torch.Tensor, top_k_index: torch.Tensor,
