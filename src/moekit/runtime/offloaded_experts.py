@@ -166,7 +166,7 @@ class OffloadedExperts:
             self.stats.add(self.stats.in_place, self.layer, len(chosen))
         return chosen
 
-    def _demand(self, needed: list[int], tokens: int, requested: list[int] | None = None) -> None:
+    def _demand(self, needed: list[int], tokens: int, requested: list[int]) -> None:
         """Start a call of ``tokens`` tokens that needs ``needed`` (``requested`` of them
         from the cache, the trace's record): wait for this layer's background prefetch,
         count, record, and score the guess made for it."""
@@ -174,7 +174,7 @@ class OffloadedExperts:
         if self.first:
             self.stats.tokens += tokens
         if self.stats.record_trace:
-            self.stats.trace.append(("demand", self.layer, needed if requested is None else requested))
+            self.stats.trace.append(("demand", self.layer, requested))
         if self.guess is not None:
             self.stats.score_guess(self.guess, set(needed))
             self.guess = None
