@@ -100,3 +100,21 @@ def _optional_submodule(root: nn.Module, path: str) -> nn.Module | None:
 
 
 __all__ = ["DecoderLayerInfo", "decoder_layers", "family_of", "moe_layers", "view_layer", "UnsupportedModelError"]
+
+
+def decoder_stack(model: nn.Module):
+    """(MoE family or None, path of the decoder-layer list). A dense model (the start of
+    upcycling, a dense reference) has no MoE family; its layers are where transformers'
+    decoder models keep them, ``<base model>.layers``."""
+    try:
+        family = find_family(model)
+        return family, family.layers
+    except UnsupportedModelError:
+        prefix = getattr(model, "base_model_prefix", "")
+        path = f"{prefix}.layers" if prefix else "layers"
+        try:
+            if isinstance(model.get_submodule(path), nn.ModuleList):
+                return None, path
+        except AttributeError:
+            pass
+        raise

@@ -143,7 +143,7 @@ def install(model: nn.Module, layer_index: int, factored: FactoredExperts) -> No
     """Put ``factored`` in place of decoder layer ``layer_index``'s experts and record its
     ranks in the config. The replaced module is kept on the ``meta`` device (shapes, no
     memory) for `materialize`."""
-    from moekit.io.layered import to_meta
+    from moekit.arch.storage import to_meta
 
     block, name = _block_and_name(model, layer_index)
     original = getattr(block, name)

@@ -49,7 +49,7 @@ def layer_signatures(config) -> list[tuple]:
 @lru_cache(maxsize=16)
 def _signatures(config_json: str) -> tuple:
     model = skeleton(_config(config_json))
-    from moekit.io.layered import decoder_stack
+    from moekit.arch.discover import decoder_stack
 
     _, path = decoder_stack(model)
     out = []

@@ -35,3 +35,17 @@ def storage_dtypes(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.dtyp
         keep |= set(getattr(model, "_keep_in_fp32_modules", None) or ())
     return {name: torch.float32 if any(k in name for k in keep) else dtype
             for name, t in saved_tensors(model) if t.is_floating_point()}
+
+
+def to_meta(module: nn.Module) -> None:
+    """Replace ``module``'s parameters and persistent buffers by ``meta`` tensors of the same
+    shapes (freeing their memory); non-persistent buffers (rotary tables), which are not in
+    checkpoints, stay."""
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is not None and param.device.type != "meta":
+                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
+                                                     requires_grad=param.requires_grad)
+        for name, buffer in list(sub._buffers.items()):
+            if buffer is not None and name not in sub._non_persistent_buffers_set and buffer.device.type != "meta":
+                sub._buffers[name] = torch.empty_like(buffer, device="meta")

@@ -66,7 +66,7 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
     from transformers import AutoModelForCausalLM
 
     from moekit.io.checkpoint import Checkpoint
-    from moekit.io.layered import to_meta
+    from moekit.arch.storage import to_meta
     from moekit.io.save import atomic_dir
     from moekit.io.shards import OUTER, ShardWriter
 

@@ -28,6 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.arch.discover import decoder_stack
+from moekit.arch.storage import to_meta
 from moekit.errors import MoekitError
 
 _LAYER_KEY = re.compile(r"(?:^|\.)layers\.(\d+)\.")
@@ -219,27 +221,6 @@ class LayeredModel:
                                   "the checkpoint is incomplete.")
 
 
-def decoder_stack(model: nn.Module):
-    """(MoE family or None, path of the decoder-layer list). A dense model (the start of
-    upcycling, a dense reference) has no MoE family; its layers are where transformers'
-    decoder models keep them, ``<base model>.layers``."""
-    from moekit.arch.adapters import find_family
-    from moekit.errors import UnsupportedModelError
-
-    try:
-        family = find_family(model)
-        return family, family.layers
-    except UnsupportedModelError:
-        prefix = getattr(model, "base_model_prefix", "")
-        path = f"{prefix}.layers" if prefix else "layers"
-        try:
-            if isinstance(model.get_submodule(path), nn.ModuleList):
-                return None, path
-        except AttributeError:
-            pass
-        raise
-
-
 def _glibc():
     import ctypes
     import sys
@@ -285,20 +266,6 @@ def _synchronous_loading():
             del os.environ["HF_DEACTIVATE_ASYNC_LOAD"]
         else:
             os.environ["HF_DEACTIVATE_ASYNC_LOAD"] = before
-
-
-def to_meta(module: nn.Module) -> None:
-    """Replace ``module``'s parameters and persistent buffers by ``meta`` tensors of the same
-    shapes (freeing their memory); non-persistent buffers (rotary tables), which are not in
-    checkpoints, stay."""
-    for sub in module.modules():
-        for name, param in list(sub._parameters.items()):
-            if param is not None and param.device.type != "meta":
-                sub._parameters[name] = nn.Parameter(torch.empty_like(param, device="meta"),
-                                                     requires_grad=param.requires_grad)
-        for name, buffer in list(sub._buffers.items()):
-            if buffer is not None and name not in sub._non_persistent_buffers_set and buffer.device.type != "meta":
-                sub._buffers[name] = torch.empty_like(buffer, device="meta")
 
 
 def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype, device: torch.device) -> None:

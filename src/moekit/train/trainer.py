@@ -186,7 +186,7 @@ def freeze_all_but_mlps(model: nn.Module) -> None:
     """Leave only each decoder layer's MLP sublayer trainable (a dense MLP, or an MoE block
     with its router): branches of one seed trained this way keep the seed's attention, so
     `moekit combine` loses nothing by averaging it (Branch-Train-MiX's weak point)."""
-    from moekit.io.layered import decoder_stack
+    from moekit.arch.discover import decoder_stack
 
     _, layers_path = decoder_stack(model)
     mlps = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)

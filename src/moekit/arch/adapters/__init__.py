@@ -51,7 +51,7 @@ def find_family(model: nn.Module) -> Family:
 def not_an_moe(model_type: str | None, what: str, detail: str = "") -> str:
     """The refusal for a model no family views; for a dense model moekit builds MoEs from,
     the commands that do."""
-    from moekit.build.upcycle import TARGETS  # build depends on arch, not the reverse
+    from moekit.arch.adapters.dense import TARGETS
 
     fix = (" It is a dense model: `moekit upcycle` or `moekit split` builds an MoE from it."
            if model_type in TARGETS else "")
