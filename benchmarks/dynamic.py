@@ -134,7 +134,7 @@ def run_synthetic(results: dict, layers: int, runs: int, timed: bool = True) -> 
     random model; the weights do not change, so one copy in memory is timed with each
     policy installed in turn (the compressed copies are deleted once their policy is read)."""
     import moekit
-    from moekit.runtime.routing_policy import POLICY_KEY
+    from moekit.methods.dynamic.install import POLICY_KEY
 
     folder = WORK / f"synthetic-{layers}"
     if not folder.is_dir():

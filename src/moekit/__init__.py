@@ -37,7 +37,7 @@ _API = {
     "plan": "moekit.planning",
     "Recipe": "moekit.recipe.recipe",
     "save": "moekit.io.save",
-    "set_routing_policy": "moekit.runtime.routing_policy",
+    "set_routing_policy": "moekit.methods.dynamic.install",
     "offload": "moekit.runtime.offload",
 }
 __all__ = sorted(_API)

@@ -121,7 +121,7 @@ def test_materialize_gives_back_the_family_module_with_the_products():
 
 def test_a_routing_policy_routes_factored_experts_as_it_routes_their_products():
     from moekit.methods.dynamic.policy import ThresholdPolicy
-    from moekit.runtime.routing_policy import counting_expert_calls
+    from moekit.methods.dynamic.install import counting_expert_calls
 
     ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(4))
     factored = tiny_model("deepseek_v3")

@@ -12,7 +12,7 @@ import moekit
 from moekit.data.tokens import calibration_tokens, tokenizer_for
 from moekit.errors import MoekitError
 from moekit.methods.dynamic.policy import SkipPolicy
-from moekit.runtime.routing_policy import counting_expert_calls, routing_policy
+from moekit.methods.dynamic.install import counting_expert_calls, routing_policy
 from tests.checkpoints import write_checkpoints
 
 FAMILIES = ["qwen3_moe", "deepseek_v3", "mixtral"]

@@ -58,7 +58,7 @@ def test_quantized_checkpoint_is_dequantized_into_the_cache(tmp_path):
 @pytest.mark.parametrize("family", ["qwen3_moe", "deepseek_v3"])
 def test_a_routing_policy_composes_skipped_experts_are_never_loaded(family, input_ids):
     from moekit.methods.dynamic.policy import SkipPolicy
-    from moekit.runtime.routing_policy import set_routing_policy
+    from moekit.methods.dynamic.install import set_routing_policy
 
     full = tiny_model(family, seed=0)
     set_routing_policy(full, SkipPolicy(beta=0.9))

@@ -23,7 +23,7 @@ from moekit.errors import MoekitError
 _LAYER_SETTINGS = ("layer_type", "attention_type", "sliding_window", "use_rope", "is_moe_layer", "is_sliding")
 _MOEKIT_PER_LAYER = ("moekit_num_experts_per_layer", "moekit_top_k_per_layer")
 _DROPPED_MLP = "moekit_dropped_mlp_layers"
-_POLICY = "moekit_routing_policy"  # `moekit.runtime.routing_policy`
+_POLICY = "moekit_routing_policy"  # `moekit.methods.dynamic.install`
 
 
 def skeleton(config) -> nn.Module:

@@ -252,7 +252,7 @@ def evaluate(
                        "evaluation")
     recorder = _RoutingRecorder(scored) if routing and lent.family is not None else None  # dense: no routing
     if recorder is not None:
-        from moekit.runtime.routing_policy import routing_policy
+        from moekit.methods.dynamic.install import routing_policy
 
         recorder.policy = routing_policy(lent.model)
     n_layers, n_batches = len(lent), len(ids)

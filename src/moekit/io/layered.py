@@ -101,7 +101,7 @@ class LayeredModel:
         lent._check_shapes()
         lent._read(lent._keys.get(None, []), what="the embeddings, final norm and head")
         model.tie_weights()
-        from moekit.runtime.routing_policy import reinstall_saved_policy
+        from moekit.methods.dynamic.install import reinstall_saved_policy
 
         reinstall_saved_policy(model)  # hooks on the skeleton's modules serve every lent layer
         return lent

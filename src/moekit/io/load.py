@@ -67,7 +67,7 @@ def load(
     from moekit.io.compressed import is_packed, load_packed
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
 
-    from moekit.runtime.routing_policy import reinstall_saved_policy
+    from moekit.methods.dynamic.install import reinstall_saved_policy
 
     if is_nonuniform(path):
         model = load_nonuniform(path, dtype=dtype).to(device)

@@ -123,7 +123,7 @@ class RoutingPolicyStep(Step):
             check_target(self.base_policy(), target, info.top_k)
 
     def apply_layer(self, model: nn.Module, layer, stats, *, plan=None, on_progress=None, inputs=None) -> dict:
-        from moekit.runtime.routing_policy import set_layer_policy
+        from moekit.methods.dynamic.install import set_layer_policy
 
         if layer is None:  # a dense decoder layer: nothing routes
             return {}

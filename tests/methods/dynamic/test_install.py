@@ -11,7 +11,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 import moekit
 from moekit.errors import MoekitError
 from moekit.methods.dynamic.policy import SkipPolicy, ThresholdPolicy, apply_keep
-from moekit.runtime.routing_policy import counting_expert_calls, renormalizes, set_routing_policy
+from moekit.methods.dynamic.install import counting_expert_calls, renormalizes, set_routing_policy
 
 from ..arch.test_layer import _block_io
 
