@@ -13,7 +13,7 @@ from moekit.errors import MoekitError
 from moekit.methods.dynamic.policy import SkipPolicy, ThresholdPolicy, apply_keep
 from moekit.methods.dynamic.install import counting_expert_calls, renormalizes, set_routing_policy
 
-from ..arch.test_layer import _block_io
+from tests.arch.test_layer import _block_io
 
 POLICIES = [SkipPolicy(beta=0.6), ThresholdPolicy(p=0.5, max_k=2)]
 
