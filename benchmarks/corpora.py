@@ -91,7 +91,7 @@ def stdlib_sample(split: str) -> Path:
     folder = ROOT / f"stdlib-{split}"
     if (folder / ".complete").is_file():
         return folder
-    from moekit.data.corpus import load_corpus
+    from moekit.data.sources import load_corpus
 
     folder.mkdir(parents=True, exist_ok=True)
     total = 0

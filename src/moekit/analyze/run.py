@@ -58,8 +58,8 @@ def corpus_rows(source: str, tokenizer, *, samples: int, seq_len: int, seed: int
                 text_field: str = "text") -> torch.Tensor:
     """Up to ``samples`` rows of ``seq_len`` tokens (a seeded choice, kept in corpus
     order) from the corpus ``source``; refused with the minimum when it is too small."""
-    from moekit.data.corpus import load_corpus
     from moekit.data.packing import tokenize_corpus
+    from moekit.data.sources import load_corpus
 
     stream = tokenize_corpus(load_corpus(source, text_field=text_field), tokenizer).long()
     n = stream.numel() // seq_len
@@ -160,7 +160,7 @@ def analyze(
     from moekit.analyze.collect import LayerCounts
     from moekit.calib.calibrate import check_input_ids
     from moekit.calib.runner import LayerStreamer
-    from moekit.calib.stats import data_fingerprint
+    from moekit.data.tokens import data_fingerprint
     from moekit.io.layered import LayeredModel
     from moekit.progress import progress_bar
 

@@ -10,8 +10,14 @@ import torch
 from torch import nn
 
 from moekit.arch.layer import MoELayer
-from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator, known_statistic
-from moekit.calib.stats import CalibrationStats, ModelDigest, data_fingerprint
+from moekit.calib.observers import (
+    STATISTICS,
+    BatchContext,
+    LayerAccumulator,
+    known_statistic,
+)
+from moekit.calib.stats import CalibrationStats, ModelDigest
+from moekit.data.tokens import data_fingerprint
 from moekit.distributed.agree import agree_streamed
 from moekit.errors import MoekitError
 from moekit.io.layered import LayeredModel

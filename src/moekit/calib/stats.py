@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from moekit.data.tokens import data_fingerprint
 from moekit.errors import MoekitError
 
 FORMAT_VERSION = 1
@@ -61,14 +62,6 @@ def model_fingerprint(model: nn.Module) -> str:
     for layer in moe_layers(model):
         digest.add_router(layer.router.weight)
     return digest.hexdigest()
-
-
-def data_fingerprint(input_ids: torch.Tensor) -> str:
-    """sha256 of the token ids and their shape."""
-    ids = input_ids.detach().to(torch.int64).cpu().contiguous()
-    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
-    digest.update(ids.numpy().tobytes())
-    return digest.hexdigest()[:16]
 
 
 @dataclass

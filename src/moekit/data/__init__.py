@@ -1,9 +1,10 @@
 """Corpora, tokenizers, packed sequences and the shipped calibration/evaluation texts."""
 
-from moekit.data.corpus import Corpus, Document, load_corpus
+from moekit.data.corpus import Corpus, Document
 from moekit.data.packing import pack, tokenize_corpus, unigram_log_perplexity
-from moekit.data.shipped import read_shipped, write_shipped
-from moekit.data.stdlib import split_of, stdlib_corpus
+from moekit.data.shipped import read_shipped, stdlib_corpus, write_shipped
+from moekit.data.sources import load_corpus
+from moekit.data.stdlib import split_of
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer
 
 __all__ = [

@@ -14,8 +14,15 @@ import platform
 from functools import lru_cache
 from pathlib import Path
 
-from moekit.data.corpus import Document
-from moekit.data.stdlib import _CALIB_END, _EVAL_END, manifest, scan_stdlib, split_sha256
+from moekit.data.corpus import Corpus, Document
+from moekit.data.stdlib import (
+    _CALIB_END,
+    _EVAL_END,
+    SPLITS,
+    manifest,
+    scan_stdlib,
+    split_sha256,
+)
 from moekit.errors import MoekitError
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"
@@ -78,3 +85,20 @@ def write_shipped(directory: Path = SHIPPED_DIR, root: Path | None = None) -> di
     (directory / "manifest.json").write_text(json.dumps(info, indent=1) + "\n")
     _read.cache_clear()
     return info
+
+
+def stdlib_corpus(split: str = "train") -> Corpus:
+    """The ``stdlib`` corpus, one split.
+
+    ``train`` comes from the local standard library; ``calib`` and ``eval`` from the
+    files shipped with moekit (identical on every machine).
+    """
+    if split not in SPLITS:
+        raise MoekitError(f"unknown stdlib split {split!r}; use one of {', '.join(SPLITS)}.")
+    if split != "train":
+        return Corpus(read_shipped(split), source=f"stdlib:{split}")
+    splits, not_utf8 = scan_stdlib()
+    # A path shipped as calib/eval never trains, even if this Python's copy differs.
+    held_out = shipped_paths()
+    docs = [d for d in splits["train"] if d.name not in held_out]
+    return Corpus(docs, source="stdlib:train", skipped={"not utf-8": not_utf8} if not_utf8 else {})

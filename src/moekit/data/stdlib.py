@@ -20,7 +20,7 @@ import hashlib
 import sysconfig
 from pathlib import Path
 
-from moekit.data.corpus import Corpus, Document
+from moekit.data.corpus import Document
 
 SPLITS = ("train", "calib", "eval")
 _BUCKETS = 1000
@@ -85,23 +85,3 @@ def manifest(documents: list[Document]) -> dict:
             for d in documents
         ],
     }
-
-
-def stdlib_corpus(split: str = "train") -> Corpus:
-    """The ``stdlib`` corpus, one split.
-
-    ``train`` comes from the local standard library; ``calib`` and ``eval`` from the
-    files shipped with moekit (identical on every machine).
-    """
-    from moekit.data.shipped import read_shipped, shipped_paths
-    from moekit.errors import MoekitError
-
-    if split not in SPLITS:
-        raise MoekitError(f"unknown stdlib split {split!r}; use one of {', '.join(SPLITS)}.")
-    if split != "train":
-        return Corpus(read_shipped(split), source=f"stdlib:{split}")
-    splits, not_utf8 = scan_stdlib()
-    # A path shipped as calib/eval never trains, even if this Python's copy differs.
-    held_out = shipped_paths()
-    docs = [d for d in splits["train"] if d.name not in held_out]
-    return Corpus(docs, source="stdlib:train", skipped={"not utf-8": not_utf8} if not_utf8 else {})

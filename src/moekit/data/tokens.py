@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -9,12 +10,20 @@ from pathlib import Path
 import torch
 from transformers import PreTrainedTokenizerBase
 
-from moekit.data.corpus import load_corpus
 from moekit.data.packing import pack, tokenize_corpus
+from moekit.data.sources import load_corpus
 from moekit.errors import MoekitError
 
 DEFAULT_CALIBRATION = "stdlib:calib"
 DEFAULT_EVALUATION = "stdlib:eval"
+
+
+def data_fingerprint(input_ids: torch.Tensor) -> str:
+    """sha256 of the token ids and their shape."""
+    ids = input_ids.detach().to(torch.int64).cpu().contiguous()
+    digest = hashlib.sha256(str(tuple(ids.shape)).encode())
+    digest.update(ids.numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 @dataclass
@@ -26,8 +35,6 @@ class TokenData:
 
     @property
     def fingerprint(self) -> str:
-        from moekit.calib.stats import data_fingerprint
-
         return data_fingerprint(self.input_ids)
 
     def describe(self) -> dict:

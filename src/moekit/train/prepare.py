@@ -21,7 +21,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import PreTrainedTokenizerFast
 
-from moekit.data.corpus import Corpus, load_corpus
+from moekit.data.corpus import Corpus
+from moekit.data.sources import load_corpus
 from moekit.data.packing import pack, tokenize_corpus, unigram_log_perplexity
 from moekit.data.stdlib import manifest, split_of
 from moekit.data.tokenizer import load_tokenizer, save_tokenizer, train_tokenizer

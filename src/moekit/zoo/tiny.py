@@ -139,7 +139,7 @@ def make_tiny_tokenizer(directory: Path = TINY_TOKENIZER_DIR) -> Path:
     """Train the tiny models' tokenizer on the shipped ``stdlib:calib`` split and save it
     (done once, by maintainers: ``python scripts/make_tiny_tokenizer.py``). The split is
     fixed text and BPE training is deterministic, so the result is the same everywhere."""
-    from moekit.data.stdlib import stdlib_corpus
+    from moekit.data.shipped import stdlib_corpus
     from moekit.data.tokenizer import save_tokenizer, train_tokenizer
 
     return save_tokenizer(train_tokenizer(stdlib_corpus("calib").texts(), vocab_size=TINY_VOCAB), directory)
