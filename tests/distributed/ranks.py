@@ -161,7 +161,6 @@ def progress_agreement(rank: int, folder: Path, finished: list[list[int]]) -> li
 def hessian(rank: int, size: int) -> torch.Tensor:
     """GPTQ's Hessian of 6 batches of inputs, this rank adding its share, then combined."""
     from moekit.distributed import current, my_batches
-    from moekit.distributed.statistics import combine_hessian
     from moekit.methods.quantize.gptq import HessianAccumulator
 
     batches = torch.randn(6, 40, 16, generator=torch.Generator().manual_seed(0))
@@ -169,5 +168,5 @@ def hessian(rank: int, size: int) -> torch.Tensor:
     for b in my_batches(len(batches), current()):
         accumulator.add(batches[b])
     if size > 1:
-        combine_hessian(accumulator, current())
+        accumulator.reduce(current())
     return accumulator.finish()

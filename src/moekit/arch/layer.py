@@ -8,7 +8,8 @@ reconstruction objectives later; fast kernels live in `moekit.runtime`.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -213,3 +214,14 @@ class MoELayer:
         return out, logits, top_k_index, top_k_weights
 
     __call__ = forward
+
+
+@contextmanager
+def watching(module: nn.Module, see: Callable[[torch.Tensor], None]) -> Iterator[None]:
+    """While open, ``see(x)`` gets the first input of every call of ``module`` (its hidden
+    states: what observers, Hessians and routers are computed from)."""
+    handle = module.register_forward_pre_hook(lambda _m, args: see(args[0]))
+    try:
+        yield
+    finally:
+        handle.remove()

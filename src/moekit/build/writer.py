@@ -65,8 +65,8 @@ def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dic
     from accelerate import init_empty_weights
     from transformers import AutoModelForCausalLM
 
-    from moekit.io.checkpoint import Checkpoint
     from moekit.arch.storage import to_meta
+    from moekit.io.checkpoint import Checkpoint
     from moekit.io.save import atomic_dir
     from moekit.io.shards import OUTER, ShardWriter
 
@@ -190,7 +190,7 @@ class MlpInputs:
         self.hidden = self.streamer.capture()
 
     def at(self, index: int) -> torch.Tensor:
-        from moekit.calib.runner import watching
+        from moekit.arch.layer import watching
 
         layer = self.lent.layer(index)
         kept: list[torch.Tensor] = []

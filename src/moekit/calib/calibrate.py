@@ -16,9 +16,8 @@ from moekit.calib.observers import (
     LayerAccumulator,
     known_statistic,
 )
-from moekit.calib.stats import CalibrationStats, ModelDigest
+from moekit.calib.stats import CalibrationStats, ModelDigest, agree_streamed
 from moekit.data.tokens import data_fingerprint
-from moekit.distributed.agree import agree_streamed
 from moekit.errors import MoekitError
 from moekit.io.layered import LayeredModel
 from moekit.progress import progress_bar
@@ -54,7 +53,7 @@ def check_statistics(statistics: Iterable[str], hidden_sample: int) -> frozenset
 @contextlib.contextmanager
 def observing(view: MoELayer, accumulator: LayerAccumulator) -> Iterator[None]:
     """While open, every input of ``view``'s MoE block updates ``accumulator``."""
-    from moekit.calib.runner import watching
+    from moekit.arch.layer import watching
 
     with watching(view.block, lambda x: accumulator.update(BatchContext(view, x.reshape(-1, x.shape[-1])))):
         yield

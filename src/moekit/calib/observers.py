@@ -15,11 +15,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from moekit.arch.layer import MoELayer
+
+if TYPE_CHECKING:
+    from moekit.distributed.world import World
 
 # name -> (what it is, needs routed outputs)
 STATISTICS: dict[str, str] = {
@@ -68,6 +71,7 @@ def known_statistic(name: str) -> bool:
     size, _, fit = name.removeprefix(QUANT_ERROR).partition("_")
     return name in STATISTICS or (name.startswith(QUANT_ERROR) and size.isdigit() and fit in ("", "fit"))
 _ROUTED_OUTPUTS = {"reap", "ean", "man", "msan", "peak"}
+_MAXIMA = {"peak"}  # combined across ranks by max, not sum
 
 
 @dataclass
@@ -225,13 +229,57 @@ class LayerAccumulator:
         best = pool_keys.argsort()[: self.sample_size]
         self._sample, self._sample_keys = pool[best], pool_keys[best]
 
+    def reduce(self, world: World) -> None:
+        """Replace this layer's running sums, token count, hidden sample and chosen weights by
+        those of all ranks together (every rank gets the same). A collective: every rank calls
+        it for the same layer in the same order.
+
+        Each rank pushed the same whole batches one process would (`moekit.distributed.shard`),
+        so every per-token value is the one a single process computes, bit for bit; only the
+        order in which float64 sums are added differs (per rank, then across ranks). The
+        statistics therefore equal the single-process ones to float64 rounding (relative 1e-12
+        before they are stored as float32, where they almost always come out identical),
+        counts exactly, maxima and the hidden sample bit for bit."""
+        from moekit.distributed.collectives import all_max, all_sum_many, gather_rows
+
+        sums = {n: t for n, t in self.sums.items() if n not in _MAXIMA}
+        tokens = torch.tensor([self.tokens], dtype=torch.int64)
+        reduced = all_sum_many({**sums, "_tokens": tokens}, world, f"combining layer statistics ({len(sums)} sums)")
+        self.tokens = int(reduced.pop("_tokens").item())
+        self.sums.update(reduced)
+        for name in _MAXIMA & self.sums.keys():
+            self.sums[name] = all_max(self.sums[name], world, "combining expert peaks")
+        if self.sample_size > 0 and "hidden_sample" in self.wanted:  # the same test on every rank
+            self._combine_sample(world)
+        if "routing_weights" in self.wanted:
+            local = torch.cat(self._chosen) if self._chosen else torch.zeros(0, 1)
+            self._chosen = [gather_rows(local.cpu(), world, "gathering routing weights")]
+
+    def _combine_sample(self, world: World) -> None:
+        """The hidden sample keeps the states with the smallest keys (a hash of the seed and
+        the global token position); the union of each rank's smallest holds the global
+        smallest, and sorting it by key gives exactly the single process's sample, in its
+        order. Only keys travel to every rank (8 bytes a state); each state itself is sent
+        only when it is among the chosen, so a layer exchanges about one sample of states
+        whatever the number of ranks (not one per rank)."""
+        from moekit.distributed.collectives import gather_rows
+
+        sample = self._sample if self._sample is not None else torch.zeros(0, self.hidden_size)
+        keys = self._sample_keys if self._sample_keys is not None else torch.zeros(0, dtype=torch.int64)
+        every_key = gather_rows(keys.cpu(), world, "gathering the hidden sample's keys")
+        cut = every_key.sort().values[: self.sample_size]
+        chosen = torch.isin(keys.cpu(), cut)  # this rank's states that are in the global sample
+        pool = gather_rows(sample.cpu()[chosen], world, "gathering the hidden sample")
+        pool_keys = gather_rows(keys.cpu()[chosen], world, "gathering the hidden sample")
+        order = pool_keys.argsort()
+        device = sample.device
+        self._sample, self._sample_keys = pool[order].to(device), pool_keys[order].to(device)
+
     def finish(self) -> dict[str, torch.Tensor]:
         """The statistics as float32 tensors; experts never routed get zeros, not NaN. In a
         torch.distributed run this is a collective: the ranks' sums are combined first."""
         if self.world is not None:
-            from moekit.distributed import reduce_accumulator
-
-            reduce_accumulator(self, self.world)
+            self.reduce(self.world)
             self.world = None  # combined once
         counts = self.sums.get("frequency", torch.zeros(self.num_experts, dtype=torch.float64))
         safe = counts.clamp(min=1)

@@ -19,7 +19,7 @@ first layer replaced by the stored final hidden state and the others by identiti
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import AbstractContextManager, contextmanager, nullcontext
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -61,17 +61,6 @@ class _Stand(nn.Module):
         if self.calls is not None:
             self.calls.append(LayerCall(args=args, kwargs=kwargs))
         return self.replace if self.replace is not None else hidden_states
-
-
-@contextmanager
-def watching(module: nn.Module, see: Callable[[torch.Tensor], None]) -> Iterator[None]:
-    """While open, ``see(x)`` gets the first input of every call of ``module`` (its hidden
-    states: what observers, Hessians and routers are computed from)."""
-    handle = module.register_forward_pre_hook(lambda _m, args: see(args[0]))
-    try:
-        yield
-    finally:
-        handle.remove()
 
 
 def _to(value: Any, device: torch.device, memo: dict[int, torch.Tensor] | None = None) -> Any:

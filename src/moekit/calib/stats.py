@@ -152,3 +152,15 @@ class CalibrationStats:
             layers.setdefault(int(index), {})[name] = tensor
         tokens = {int(i): n for i, n in meta.pop("tokens", {}).items()}
         return cls(layers=dict(sorted(layers.items())), tokens=tokens, meta=meta)
+
+
+def agree_streamed(lent, tokens: torch.Tensor, settings: dict[str, Any], world, what: str) -> None:
+    """`agree_inputs` for a streamed calibration or evaluation: the model's config and
+    weights index, the token rows and ``settings``."""
+    if world is None:
+        return
+    from moekit.distributed.agree import agree_inputs, weights_index
+
+    agree_inputs({"config": ModelDigest(lent.model.config).config_fingerprint(), "weights": weights_index(lent),
+                  "data": data_fingerprint(tokens.reshape(1, -1) if tokens.ndim == 1 else tokens), **settings},
+                 world, what)

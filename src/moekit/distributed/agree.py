@@ -91,15 +91,3 @@ def agree_layer(module: nn.Module, world: World | None, index: int) -> bool:
             dist.broadcast(buffer, src=0)
             tensor.data.copy_(buffer.to(tensor.device))
     return True
-
-
-def agree_streamed(lent, tokens: torch.Tensor, settings: dict[str, Any], world: World | None, what: str) -> None:
-    """`agree_inputs` for a streamed calibration or evaluation: the model's config and
-    weights index, the token rows and ``settings``."""
-    if world is None:
-        return
-    from moekit.calib.stats import ModelDigest, data_fingerprint
-
-    agree_inputs({"config": ModelDigest(lent.model.config).config_fingerprint(), "weights": weights_index(lent),
-                  "data": data_fingerprint(tokens.reshape(1, -1) if tokens.ndim == 1 else tokens), **settings},
-                 world, what)

@@ -105,3 +105,17 @@ def gather_objects(obj, world: World, what: str) -> list:
     with answered(world, what):
         dist.all_gather_object(out, obj)
     return out
+
+
+def reduce_sums(values: dict[str, float | int], world: World, what: str) -> dict[str, float]:
+    """Python scalars summed over ranks in float64 (evaluation's losses and counts)."""
+    names = sorted(values)
+    total = all_sum(torch.tensor([float(values[n]) for n in names], dtype=torch.float64), world, what)
+    return dict(zip(names, total.tolist(), strict=True))
+
+
+def gather_batches(batches: list[torch.Tensor], world: World, width: int, what: str) -> list[torch.Tensor]:
+    """Per-token rows a layer's batches gave on this rank ([n_b, width] each) → every
+    rank's, as one tensor in the order one process would have produced them."""
+    local = torch.cat([b.cpu() for b in batches]) if batches else torch.zeros(0, width)
+    return [gather_rows(local, world, what)]

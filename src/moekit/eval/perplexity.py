@@ -104,7 +104,7 @@ class _RoutingRecorder:
     @contextlib.contextmanager
     def attached(self, layer) -> Iterator[None]:
         """While open, layer ``layer`` (a `MoELayer` view) records each batch it routes."""
-        from moekit.calib.runner import watching
+        from moekit.arch.layer import watching
 
         self.layers.append(layer)
         self.entropy[layer.index] = 0.0
@@ -246,7 +246,7 @@ def evaluate(
     streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations, shard=shard)
     ids, scored = ids[streamer.mine.start: streamer.mine.stop], scored[streamer.mine.start: streamer.mine.stop]
     if streamer.world is not None:  # ranks given other inputs would add up unrelated losses
-        from moekit.distributed.agree import agree_streamed
+        from moekit.calib.stats import agree_streamed
 
         agree_streamed(lent, tokens, {"settings": [context_length, stride, batch_size, routing]}, streamer.world,
                        "evaluation")

@@ -24,9 +24,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from moekit.arch.layer import watching
 from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.calib.calibrate import new_accumulator, observing
-from moekit.calib.runner import watching
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.distributed import agree_layer
 from moekit.distributed.runs import layer_done
@@ -292,7 +292,7 @@ class RecipePass:
                                                                    .float().cpu()))
         self.streamer.forward(index, layer, reference, observe=observe)
         if view is not None and self.streamer.world is not None:  # every rank's tokens, in one process's order
-            from moekit.distributed.statistics import gather_batches
+            from moekit.distributed.collectives import gather_batches
 
             logits = gather_batches(logits, self.streamer.world, view.num_experts, "gathering router logits")
         return torch.cat(logits) if logits else None
@@ -428,7 +428,6 @@ def needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any])
     """Whether the output keeps different expert counts per layer (moekit's format),
     known before the pass from the steps' counts and the plans."""
     from moekit.arch.discover import moe_layers
-
     from moekit.arch.edit import DROPPED_MLP_KEY, TOP_K_KEY
 
     if any(getattr(model.config, key, None) for key in (TOP_K_KEY, DROPPED_MLP_KEY)):  # an input in moekit's format

@@ -38,6 +38,16 @@ class HessianAccumulator:
         self.tokens = 0
         self.total_weight = 0.0
 
+    def reduce(self, world) -> None:
+        """This rank's sums become every rank's (a collective over a `moekit.distributed.World`):
+        Σ w·x·xᵀ, the token count and the total weight are plain sums."""
+        from moekit.distributed.collectives import all_sum_many
+
+        counts = torch.tensor([self.tokens, self.total_weight], dtype=torch.float64)
+        reduced = all_sum_many({"xtx": self.xtx, "counts": counts}, world, "combining Hessians")
+        self.xtx = reduced["xtx"]
+        self.tokens, self.total_weight = int(reduced["counts"][0].item()), float(reduced["counts"][1].item())
+
     def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
         """Accumulate Σ w_t x_t x_tᵀ for ``x`` [n, in] (leading dims are flattened) and
         per-token ``weight`` [n] (all ones when None)."""

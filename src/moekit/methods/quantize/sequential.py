@@ -35,8 +35,7 @@ from typing import Literal
 import torch
 from torch import nn
 
-from moekit.arch.layer import MoELayer
-from moekit.calib.runner import watching
+from moekit.arch.layer import MoELayer, watching
 from moekit.methods.quantize.gptq import HessianAccumulator, quantize_gptq
 from moekit.methods.quantize.rtn import quantize_rtn
 from moekit.methods.quantize.scheme import QuantizedWeight, QuantScheme
@@ -194,10 +193,10 @@ def quantize_layer(layer: nn.Module, view: MoELayer | None, spec: LayerQuantizat
                     x.reshape(-1, x.shape[-1]).detach().float().cpu())))
             run(observe)
         if world is not None:  # every rank computes the same edit from every rank's rows
-            from moekit.distributed.statistics import combine_hessian, gather_batches
+            from moekit.distributed.collectives import gather_batches
 
             if hessian is not None:
-                combine_hessian(hessian, world)
+                hessian.reduce(world)
             if _MOE in stage:
                 kept = gather_batches(kept, world, moe.experts.hidden_size, "gathering the MoE block's inputs")
         h = hessian.finish() if hessian is not None else None  # one Hessian for the stage's Linears

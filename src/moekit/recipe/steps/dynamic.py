@@ -134,7 +134,7 @@ class RoutingPolicyStep(Step):
         if inputs is None:
             raise MoekitError("routing_policy with a target reads each layer's calibration inputs: run it through "
                               "moekit.compress, or give the parameter itself.")
-        from moekit.calib.runner import watching
+        from moekit.arch.layer import watching
         from moekit.methods.dynamic.calibrate import calibrate_value
 
         weights: list[torch.Tensor] = []
@@ -146,7 +146,7 @@ class RoutingPolicyStep(Step):
 
         inputs.run(watching(layer.block, see))
         if inputs.streamer.world is not None:  # this rank's rows: the value is calibrated on every rank's
-            from moekit.distributed.statistics import gather_batches
+            from moekit.distributed.collectives import gather_batches
 
             weights = gather_batches(weights, inputs.streamer.world, layer.top_k, "gathering routing weights")
         if plan is not None:  # scope global: the planned value; what it keeps here is measured
