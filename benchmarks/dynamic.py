@@ -91,9 +91,8 @@ def speeds(models: dict[str, Callable[[], torch.nn.Module]], runs: int, decode: 
     round, so that drifting machine load touches all alike."""
     import statistics
 
-    from moekit.eval.speed import measure_speed
-
     from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.eval.speed import measure_speed
 
     # real text: a policy's work depends on how confidently the router routes it
     prompt = evaluation_stream("stdlib:eval", tokenizer_for("moekit/ref-fine")).input_ids[None, :512]
@@ -134,7 +133,7 @@ def run_synthetic(results: dict, layers: int, runs: int, timed: bool = True) -> 
     random model; the weights do not change, so one copy in memory is timed with each
     policy installed in turn (the compressed copies are deleted once their policy is read)."""
     import moekit
-    from moekit.methods.dynamic.install import POLICY_KEY
+    from moekit.arch.layout import POLICY_KEY
 
     folder = WORK / f"synthetic-{layers}"
     if not folder.is_dir():

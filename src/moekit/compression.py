@@ -27,14 +27,26 @@ from torch import nn
 from moekit.arch.adapters import FAMILIES, not_an_moe
 from moekit.arch.summary import summarize
 from moekit.distributed import current
-from moekit.distributed.runs import agree_compress, agree_progress, pass_done, rank_work_path, remove_rank_folders
+from moekit.distributed.runs import (
+    agree_compress,
+    agree_progress,
+    pass_done,
+    rank_work_path,
+    remove_rank_folders,
+)
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
-from moekit.recipe.passes import RecipePass, check_given, needs_native_format, phases_of, plan_passes
+from moekit.recipe.passes import (
+    RecipePass,
+    check_given,
+    needs_native_format,
+    phases_of,
+    plan_passes,
+)
 
 
 def model_info(config: Any) -> ModelInfo:
@@ -52,9 +64,8 @@ def model_info(config: Any) -> ModelInfo:
 def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
     """The recipe, checked step by step against ``name``'s config (no weights read), each
     step against the expert count the steps before it leave; returns it with that config."""
+    from moekit.arch.layout import FACTORED_KEY
     from moekit.io.load import load_config
-
-    from moekit.arch.factored import FACTORED_KEY
 
     recipe = load_recipe(recipe)
     config = load_config(name)
@@ -233,7 +244,7 @@ def compress(
                         **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
     report["after"] = summary(lent.model, stored)
-    from moekit.arch.factored import FACTORED_KEY
+    from moekit.arch.layout import FACTORED_KEY
 
     factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
     report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native

@@ -17,11 +17,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-import torch
-from torch import nn
-
 from moekit.arch.discover import moe_layers
-from moekit.arch.edit import PER_LAYER_KEY, keep_experts
+from moekit.arch.edit import keep_experts
+from moekit.arch.edit import skeleton as build_skeleton
 from moekit.errors import MoekitError
 from moekit.recipe import Recipe
 
@@ -54,7 +52,7 @@ def plan(
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
-    skeleton = _skeleton(config)
+    skeleton = build_skeleton(config)
     before = summary(skeleton, source)
     exact = True
     quantized = []
@@ -83,21 +81,6 @@ def plan(
         after["quantization"] = quantized
     return {"model": name, "recipe": recipe.to_dict(), "dtype": str(stored).removeprefix("torch."),
             "before": before, "after": after, "exact_per_layer": exact, "notes": notes}
-
-
-def _skeleton(config: Any) -> nn.Module:
-    """The model of ``config`` on the meta device, with a non-uniform checkpoint's counts."""
-    from transformers import AutoModelForCausalLM
-
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
-    if per_layer:
-        keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
-    from moekit.arch.edit import restore_moekit_layout
-
-    restore_moekit_layout(model)
-    return model
 
 
 def _spread_ids(num_experts: int, keep: int, n_group: int) -> list[int]:

@@ -216,9 +216,9 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     """average_bits 3: the experts' bits (chosen across all layers by the MILP) fit the bytes
     of every expert at 3 bits; each expert is packed at its own width and `moekit.load`
     decompresses it with its own scheme (at most 2**bits values per scale group)."""
+    from moekit.arch.edit import skeleton
     from moekit.io.load import load_config
     from moekit.methods.quantize.allocate import budget_for_average_bits
-    from moekit.planning import _skeleton
     from moekit.recipe.steps.quantize import Quantize
 
     step = {**W4, "average_bits": 3.0}
@@ -226,7 +226,7 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     bits = {(int(i), j): b for i, layer in report["bits"].items() for j, b in enumerate(layer)}
     assert set(bits.values()) <= {2, 3, 4, 8} and len(set(bits.values())) > 1
     quantize = Quantize.model_validate(step)
-    costs = quantize.expert_costs(_skeleton(load_config(str(sources / "qwen3_moe"))))
+    costs = quantize.expert_costs(skeleton(load_config(str(sources / "qwen3_moe"))))
     assert sum(costs[key][b] for key, b in bits.items()) <= budget_for_average_bits(costs, 3.0)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]

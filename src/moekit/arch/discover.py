@@ -9,6 +9,7 @@ from torch import nn
 from moekit.arch.adapters import Family, find_family
 from moekit.arch.experts import Experts
 from moekit.arch.layer import MoELayer, Router, SharedExperts
+from moekit.arch.layout import layer_top_k
 from moekit.errors import UnsupportedModelError
 
 
@@ -67,9 +68,9 @@ def _view_layer(model: nn.Module, family: Family, index: int, layer: nn.Module) 
     config = model.config
     experts = Experts(getattr(block, family.experts), family.experts_spec)
     top_k = int(getattr(config, family.top_k_key))
-    per_layer = getattr(config, "moekit_top_k_per_layer", None)  # `moekit.arch.edit.set_top_k`
-    if per_layer and str(index) in per_layer:
-        top_k = int(per_layer[str(index)])
+    own = layer_top_k(config, index)  # `moekit.arch.edit.set_top_k`
+    if own is not None:
+        top_k = own
     router = Router(
         getattr(block, family.router),
         family.routing.resolve(config, top_k),

@@ -16,6 +16,7 @@ from torch import nn
 from moekit.arch.adapters import find_family
 from moekit.arch.discover import moe_layers
 from moekit.arch.layer import MoELayer
+from moekit.arch.layout import DROPPED_MLP_KEY, PER_LAYER_KEY, TOP_K_KEY
 from moekit.errors import MoekitError
 
 # Attributes under which HF modules cache the number of experts (block, router, experts,
@@ -23,7 +24,6 @@ from moekit.errors import MoekitError
 _COUNTERS = ("num_experts", "num_local_experts", "n_routed_experts")
 _EXPERT_TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "up_proj", "up_proj_bias")
 
-PER_LAYER_KEY = "moekit_num_experts_per_layer"
 
 
 def keep_experts(model: nn.Module, keep: Mapping[int, Sequence[int]]) -> None:
@@ -246,18 +246,7 @@ def _set_counters(root: nn.Module, value: int, only_existing: bool = False) -> N
 
 
 # -- fewer expert calls: top-k, dropped MLP sublayers, dropped decoder blocks ------------
-TOP_K_KEY = "moekit_top_k_per_layer"
-DROPPED_MLP_KEY = "moekit_dropped_mlp_layers"
 _TOP_K_COUNTERS = ("top_k", "num_experts_per_tok")
-
-
-def nonstandard_keys(config) -> list[str]:
-    """The moekit config keys a standard transformers checkpoint cannot honour (different
-    expert counts or top-k per layer, MoE sublayers removed): their presence means moekit's
-    own format (`moekit.io.nonuniform`)."""
-    from moekit.arch.factored import FACTORED_KEY
-
-    return [key for key in (PER_LAYER_KEY, TOP_K_KEY, DROPPED_MLP_KEY, FACTORED_KEY) if getattr(config, key, None)]
 
 
 def set_top_k(model: nn.Module, top_k: Mapping[int, int]) -> None:
@@ -352,18 +341,32 @@ def drop_mlp(model: nn.Module, indices: Sequence[int]) -> None:
     sync_expert_counts(model)
 
 
+def skeleton(config, **build) -> nn.Module:
+    """The model a saved config describes, on ``meta``: the family's structure
+    (`moekit.arch.skeleton.model_from_config`, which takes ``build``) with moekit's
+    recorded per-layer edits applied (`restore_moekit_layout`)."""
+    from moekit.arch.skeleton import model_from_config
+
+    model = model_from_config(config, **build)
+    restore_moekit_layout(model)
+    return model
+
+
 def restore_moekit_layout(model: nn.Module) -> None:
-    """Give a skeleton built from a config the per-layer edits moekit's format records
-    (top-k per layer, dropped MoE sublayers, factored experts), so its shapes and routing are
-    the saved ones."""
+    """Give a model built from a config the per-layer edits moekit's format records (expert
+    counts, top-k per layer, dropped MoE sublayers, factored experts), so its shapes and
+    routing are the saved ones."""
+    from moekit.arch.factored import restore_factored
+
+    per_layer = {int(i): n for i, n in (getattr(model.config, PER_LAYER_KEY, None) or {}).items()}
+    if per_layer:
+        keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
     dropped = getattr(model.config, DROPPED_MLP_KEY, None) or []
     if dropped:
         drop_mlp(model, dropped)
-    per_layer = getattr(model.config, TOP_K_KEY, None) or {}
-    if per_layer:
-        set_top_k(model, {int(i): int(k) for i, k in per_layer.items()})
-    from moekit.arch.factored import restore_factored
-
+    top_k = getattr(model.config, TOP_K_KEY, None) or {}
+    if top_k:
+        set_top_k(model, {int(i): int(k) for i, k in top_k.items()})
     restore_factored(model)
 
 

@@ -30,9 +30,8 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
+from moekit.arch.layout import FACTORED_KEY
 from moekit.errors import MoekitError
-
-FACTORED_KEY = "moekit_factored_experts"
 
 
 class FactoredExperts(nn.Module):

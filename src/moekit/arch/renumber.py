@@ -16,28 +16,11 @@ from __future__ import annotations
 import copy
 from functools import lru_cache
 
-from torch import nn
-
+from moekit.arch.layout import DROPPED_MLP_KEY, PER_LAYER_KEYS, POLICY_KEY
+from moekit.arch.skeleton import model_from_config
 from moekit.errors import MoekitError
 
 _LAYER_SETTINGS = ("layer_type", "attention_type", "sliding_window", "use_rope", "is_moe_layer", "is_sliding")
-_MOEKIT_PER_LAYER = ("moekit_num_experts_per_layer", "moekit_top_k_per_layer")
-_DROPPED_MLP = "moekit_dropped_mlp_layers"
-_POLICY = "moekit_routing_policy"  # `moekit.methods.dynamic.install`
-
-
-def skeleton(config) -> nn.Module:
-    """The family's model built from ``config`` on the meta device (shapes only)."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-    from transformers.initialization import no_init_weights
-
-    config = copy.deepcopy(config)
-    for key in (*_MOEKIT_PER_LAYER, _DROPPED_MLP):  # the plain family structure
-        if hasattr(config, key):
-            delattr(config, key)
-    with init_empty_weights(include_buffers=False), no_init_weights():
-        return AutoModelForCausalLM.from_config(config)
 
 
 def layer_signatures(config) -> list[tuple]:
@@ -48,7 +31,7 @@ def layer_signatures(config) -> list[tuple]:
 
 @lru_cache(maxsize=16)
 def _signatures(config_json: str) -> tuple:
-    model = skeleton(_config(config_json))
+    model = model_from_config(_config(config_json), plain=True)
     from moekit.arch.discover import decoder_stack
 
     _, path = decoder_stack(model)
@@ -70,7 +53,7 @@ def moe_layer_indices(config) -> list[int]:
 def _moe_layers(config_json: str) -> tuple[int, ...]:
     from moekit.arch.adapters import find_family
 
-    model = skeleton(_config(config_json))
+    model = model_from_config(_config(config_json), plain=True)
     family = find_family(model)
     return tuple(i for i, layer in enumerate(family.decoder_layers(model))
                  if family.is_moe_block(getattr(layer, family.block, None)))
@@ -100,7 +83,7 @@ def renumbered_config(config, kept: list[int]):
     bad = [i for i in kept if not 0 <= i < n]
     if bad:
         raise MoekitError(f"layers {bad} do not exist; the model has decoder layers 0..{n - 1}.")
-    moe = set(moe_layer_indices(config)) - {int(i) for i in getattr(config, _DROPPED_MLP, None) or []}
+    moe = set(moe_layer_indices(config)) - {int(i) for i in getattr(config, DROPPED_MLP_KEY, None) or []}
     if not moe & set(kept):
         raise MoekitError(f"the kept layers {kept} hold no MoE layer (MoE layers: {sorted(moe)}); keep at least one "
                           "of them.")
@@ -133,18 +116,18 @@ def renumbered_config(config, kept: list[int]):
             out.moe_layer_end_index = max(new_moe)
         if interval > 1 and any((i + 1) % interval for i in new_moe):
             out.moe_layer_interval = 1  # checked below: fine when no dense layer sits between
-    for key in _MOEKIT_PER_LAYER:
+    for key in PER_LAYER_KEYS:
         per_layer = getattr(config, key, None)
         if per_layer:
             setattr(out, key, {str(new_of[int(i)]): v for i, v in per_layer.items() if int(i) in new_of})
-    policy = getattr(config, _POLICY, None)  # a routing policy's per-layer values, keyed by decoder layer
+    policy = getattr(config, POLICY_KEY, None)  # a routing policy's per-layer values, keyed by decoder layer
     if isinstance(policy, dict):
-        setattr(out, _POLICY, {key: {str(new_of[int(i)]): v for i, v in value.items() if int(i) in new_of}
+        setattr(out, POLICY_KEY, {key: {str(new_of[int(i)]): v for i, v in value.items() if int(i) in new_of}
                                if isinstance(value, dict) and all(str(i).isdigit() for i in value) else value
                                for key, value in policy.items()})
-    dropped = getattr(config, _DROPPED_MLP, None)
+    dropped = getattr(config, DROPPED_MLP_KEY, None)
     if dropped:
-        setattr(out, _DROPPED_MLP, [new_of[int(i)] for i in dropped if int(i) in new_of])
+        setattr(out, DROPPED_MLP_KEY, [new_of[int(i)] for i in dropped if int(i) in new_of])
     old, new = layer_signatures(config), layer_signatures(out)
     for i, before in enumerate(kept):
         if old[before] != new[i]:

@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from moekit.arch.discover import decoder_layers, family_of
+from moekit.arch.layout import dropped_mlp_layers
 from moekit.arch.storage import saved_tensors, storage_dtypes
 
 
@@ -74,7 +75,7 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
     for info in decoder_layers(model):
         moe = info.moe
         if moe is None:  # a dense MLP, or none at all (`moekit.arch.edit.drop_mlp`)
-            dropped = info.index in (getattr(model.config, "moekit_dropped_mlp_layers", None) or [])
+            dropped = info.index in dropped_mlp_layers(model.config)
             layers.append(LayerSummary(index=info.index, kind="no MLP" if dropped else "dense"))
             continue
         layer_routed = sum(p.numel() for p in moe.experts.module.parameters())

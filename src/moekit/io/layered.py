@@ -75,10 +75,10 @@ class LayeredModel:
         skeleton's shapes first, so a checkpoint that disagrees with its config fails here,
         naming the file and the tensor, before any work. ``from_config`` goes to
         transformers' ``from_config`` (e.g. ``experts_implementation``)."""
-        from accelerate import init_empty_weights
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoConfig
 
-        from moekit.arch.edit import PER_LAYER_KEY, keep_experts, nonstandard_keys, restore_moekit_layout
+        from moekit.arch.edit import skeleton
+        from moekit.arch.layout import PER_LAYER_KEY, nonstandard_keys
         from moekit.io.checkpoint import Checkpoint
 
         folder = Path(folder)
@@ -88,14 +88,10 @@ class LayeredModel:
         if checkpoint.packed:  # read decompressed (`Checkpoint`): the skeleton is the dense model
             config.quantization_config = None
             del config.quantization_config
-        with init_empty_weights(include_buffers=False):
-            model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=trust_remote_code,
-                                                     **from_config)
+        # moekit's format: each layer's expert count, top-k, dropped sublayer, factors
+        model = skeleton(config, dtype=dtype, trust_remote_code=trust_remote_code, **from_config)
         model.tie_weights()  # before the checks: a tied head is not stored under its own name
-        per_layer = {int(i): n for i, n in (getattr(config, PER_LAYER_KEY, None) or {}).items()}
-        if per_layer:  # moekit's non-uniform format: cut each layer's skeleton to its count
-            keep_experts(model, {i: list(range(n)) for i, n in per_layer.items()})
-        restore_moekit_layout(model)  # per-layer top-k, dropped MoE sublayers
+        per_layer = getattr(config, PER_LAYER_KEY, None) or {}
         lent = cls(model.eval(), device=torch.device(device), checkpoint=checkpoint, dtype=dtype)
         lent._native = per_layer != {} or bool(nonstandard_keys(config)) or (folder / "moekit.json").is_file()
         lent._check_shapes()

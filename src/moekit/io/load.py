@@ -66,7 +66,6 @@ def load(
         return _tiny(name).to(device=device, dtype=dtype)
     from moekit.io.compressed import is_packed, load_packed
     from moekit.io.nonuniform import is_nonuniform, load_nonuniform
-
     from moekit.methods.dynamic.install import reinstall_saved_policy
 
     if is_nonuniform(path):

@@ -32,7 +32,6 @@ import torch
 from safetensors.torch import save_model
 from torch import nn
 
-
 FORMAT = "moekit-nonuniform-experts"
 WEIGHTS = "moekit-model.safetensors"
 MARKER = "moekit.json"

@@ -17,11 +17,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from moekit.arch.edit import PER_LAYER_KEY
+from moekit.arch.layout import PER_LAYER_KEY, nonstandard_keys
 from moekit.arch.storage import saved_tensors, storage_dtypes
 from moekit.errors import MoekitError
 from moekit.progress import silence_transformers_bars
-
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
 
@@ -105,8 +104,6 @@ def _current_umask() -> int:
 
 def check_standard(model: nn.Module) -> None:
     """Refuse what plain transformers cannot load: different expert counts per layer."""
-    from moekit.arch.edit import nonstandard_keys
-
     per_layer = getattr(model.config, PER_LAYER_KEY, None)
     others = [key for key in nonstandard_keys(model.config) if key != PER_LAYER_KEY]
     if others:
@@ -155,8 +152,6 @@ def write_checkpoint(model: nn.Module, folder: Path) -> str:
     """Write ``model`` into the existing ``folder`` as a standard checkpoint, or in moekit's
     non-uniform format when its layers keep different numbers of experts (which a standard
     checkpoint cannot express). Returns the format written: "standard" or "moekit-nonuniform"."""
-    from moekit.arch.edit import nonstandard_keys
-
     if nonstandard_keys(model.config):
         from moekit.io.nonuniform import write_nonuniform
 

@@ -70,7 +70,6 @@ class ShardWriter:
         fp32 output), rename to the checkpoint layout (views) and write tensor by tensor
         (safetensors' ``save_file`` would hold all their bytes as one more copy)."""
         from moekit.arch.storage import saved_tensors
-
         from moekit.io import compressed
 
         self.plan = storage_dtypes(self.model, self.dtype)  # a step may have added tensors (factored experts)

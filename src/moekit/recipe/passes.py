@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from moekit.arch.layer import watching
+from moekit.arch.layout import dropped_mlp_layers, factored_record
 from moekit.calib.activations import ActivationBudget, HiddenStates
 from moekit.calib.calibrate import new_accumulator, observing
 from moekit.calib.stats import CalibrationStats, ModelDigest
@@ -325,8 +326,8 @@ class RecipePass:
             "reports": {str(pos): layers[index] for pos, layers in result.per_layer.items() if index in layers},
             "experts": view.num_experts if view is not None else None,
             "top_k": view.top_k if view is not None else None,
-            "mlp_dropped": index in (getattr(self.lent.model.config, "moekit_dropped_mlp_layers", None) or []),
-            "factored": (getattr(self.lent.model.config, "moekit_factored_experts", None) or {}).get(str(index)),
+            "mlp_dropped": index in dropped_mlp_layers(self.lent.model.config),
+            "factored": factored_record(self.lent.model.config, index),
             "routers": [d.routers[-1] if len(d.routers) > before else None  # the phases that saw its router
                         for d, before in zip(result.digests, routers_before, strict=True)],
             "seconds": result.seconds,
@@ -358,7 +359,8 @@ class RecipePass:
             if record["experts"] is not None:
                 keep_experts(self.lent.model, {index: list(range(record["experts"]))})
             if record.get("factored"):  # after the counts: experts decompose factored (`moekit.arch.factored`)
-                from moekit.arch.factored import FACTORED_KEY, restore_factored
+                from moekit.arch.factored import restore_factored
+                from moekit.arch.layout import FACTORED_KEY
 
                 records = dict(getattr(self.lent.model.config, FACTORED_KEY, None) or {})
                 setattr(self.lent.model.config, FACTORED_KEY, {**records, str(index): record["factored"]})
@@ -428,7 +430,7 @@ def needs_native_format(model: nn.Module, recipe: Recipe, plans: dict[int, Any])
     """Whether the output keeps different expert counts per layer (moekit's format),
     known before the pass from the steps' counts and the plans."""
     from moekit.arch.discover import moe_layers
-    from moekit.arch.edit import DROPPED_MLP_KEY, TOP_K_KEY
+    from moekit.arch.layout import DROPPED_MLP_KEY, TOP_K_KEY
 
     if any(getattr(model.config, key, None) for key in (TOP_K_KEY, DROPPED_MLP_KEY)):  # an input in moekit's format
         return True

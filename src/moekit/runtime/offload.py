@@ -90,8 +90,19 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
             from a disk tier.
     """
     from moekit.arch.discover import moe_layers
-    from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
-    from moekit.runtime.offloaded_experts import SCRATCH_EXPERTS, IMPLEMENTATION, OffloadedExperts, Scratch, register
+    from moekit.runtime.offload_budget import (
+        allocate,
+        budget_bytes,
+        cache_dtype_for,
+        parse_cache_dtype,
+    )
+    from moekit.runtime.offloaded_experts import (
+        IMPLEMENTATION,
+        SCRATCH_EXPERTS,
+        OffloadedExperts,
+        Scratch,
+        register,
+    )
 
     if policy not in POLICIES:
         raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")
@@ -175,7 +186,7 @@ def _weighted_input(layer) -> bool:
 def _refuse_factored(model) -> None:
     """From the config alone, before any weight is read: a decompose output's experts are
     low-rank factors (`moekit.arch.factored`), not the per-expert weights the cache holds."""
-    from moekit.arch.factored import FACTORED_KEY
+    from moekit.arch.layout import FACTORED_KEY
     from moekit.io.load import load_config
 
     config = model.config if isinstance(model, nn.Module) else load_config(model)

@@ -25,10 +25,10 @@ from dataclasses import dataclass, field
 
 from torch import nn
 
+from moekit.arch.layout import POLICY_KEY
 from moekit.errors import MoekitError
 from moekit.methods.dynamic.policy import _Policy, apply_keep, policy_from_dict
 
-POLICY_KEY = "moekit_routing_policy"
 _INSTALLED = "_moekit_policy_handle"
 
 

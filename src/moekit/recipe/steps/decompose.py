@@ -248,9 +248,9 @@ class Decompose(Step):
 def _widths(config) -> tuple[int, int]:
     """(hidden size, expert width) of a config's routed experts, from its meta skeleton."""
     from moekit.arch.discover import moe_layers
-    from moekit.planning import _skeleton
+    from moekit.arch.edit import skeleton
 
-    layer = moe_layers(_skeleton(config))[0]
+    layer = moe_layers(skeleton(config))[0]
     return layer.experts.hidden_size, layer.experts.intermediate_size
 
 

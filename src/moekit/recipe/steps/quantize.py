@@ -109,7 +109,10 @@ class Quantize(Step):
         what it adds to the residual stream, whichever layer it is in), within the byte
         budget of every expert at ``average_bits`` (`allocate_bits`: a MILP, proven within 0.01% of the optimum)."""
         from moekit.calib.observers import QUANT_BITS, quant_error_name
-        from moekit.methods.quantize.allocate import allocate_bits, budget_for_average_bits
+        from moekit.methods.quantize.allocate import (
+            allocate_bits,
+            budget_for_average_bits,
+        )
 
         name = quant_error_name(self.group_size, fit=self.fit_group_size)
         costs = self.expert_costs(model)
@@ -181,7 +184,9 @@ class Quantize(Step):
                               "not read; use method: gptq.")
         if info.config is None:
             return
-        skeleton = _skeleton(info.config)
+        from moekit.arch.edit import skeleton as build_skeleton
+
+        skeleton = build_skeleton(info.config)
         if "experts" in self.targets and not _experts_saved_per_expert(skeleton):
             raise MoekitError(
                 f"quantize: {info.family} checkpoints store routed experts as fused 3-D tensors, which "
@@ -256,15 +261,6 @@ class Quantize(Step):
         if notes:
             report["notes"] = notes
         return report
-
-
-def _skeleton(config) -> nn.Module:
-    """The model built on the meta device from its config (no weights), for checks."""
-    from accelerate import init_empty_weights
-    from transformers import AutoModelForCausalLM
-
-    with init_empty_weights():
-        return AutoModelForCausalLM.from_config(config)
 
 
 def _experts_saved_per_expert(skeleton: nn.Module) -> bool:
