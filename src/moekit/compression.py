@@ -40,13 +40,9 @@ from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
-from moekit.recipe.passes import (
-    RecipePass,
-    check_given,
-    needs_native_format,
-    phases_of,
-    plan_passes,
-)
+from moekit.recipe.decisions import check_given, needs_native_format, plan_passes
+from moekit.recipe.passes import RecipePass
+from moekit.recipe.phases import phases_of
 
 
 def model_info(config: Any) -> ModelInfo:

@@ -11,7 +11,8 @@ import moekit
 from moekit.arch.edit import drop_mlp, set_top_k
 from moekit.io.layered import LayeredModel
 from moekit.recipe import Recipe
-from moekit.recipe.passes import RecipePass, phases_of
+from moekit.recipe.passes import Collect, RecipePass
+from moekit.recipe.phases import phases_of
 from moekit.zoo.tiny import tiny_model
 from tests.skipped_layer import SkippedLayer
 
@@ -23,7 +24,7 @@ def _streamed(family: str) -> dict:
     recipe = Recipe.from_dict({"steps": [{"type": "drop_blocks", "count": 1}]})
     lent = LayeredModel.in_memory(tiny_model(family))
     runner = RecipePass(lent, IDS, phases_of(recipe), plans={}, batch_size=3, seed=0, budget=None, stats_meta={})
-    return runner.run(collect=(0, NAMES)).collected.layers
+    return runner.run(sink=Collect(0, NAMES)).collected.layers
 
 
 def _change(x: torch.Tensor, y: torch.Tensor) -> float:
