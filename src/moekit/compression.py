@@ -27,13 +27,7 @@ from torch import nn
 from moekit.arch.adapters import FAMILIES, not_an_moe
 from moekit.arch.summary import summarize
 from moekit.distributed import current
-from moekit.distributed.runs import (
-    agree_compress,
-    agree_progress,
-    pass_done,
-    rank_work_path,
-    remove_rank_folders,
-)
+from moekit.distributed.runs import agree_compress, agree_progress, pass_done, rank_work_path, remove_rank_folders
 from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel

@@ -9,6 +9,8 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from pydantic import ValidationError
 
+INTERRUPTED = 130  # the exit code of a command stopped by Ctrl-C: what shells report (128 + SIGINT)
+
 
 class MoekitError(Exception):
     """A problem with the user's input, reported before any heavy work starts.

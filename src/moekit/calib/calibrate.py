@@ -10,12 +10,7 @@ import torch
 from torch import nn
 
 from moekit.arch.layer import MoELayer
-from moekit.calib.observers import (
-    STATISTICS,
-    BatchContext,
-    LayerAccumulator,
-    known_statistic,
-)
+from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator, known_statistic
 from moekit.calib.stats import CalibrationStats, ModelDigest, agree_streamed
 from moekit.data.tokens import data_fingerprint
 from moekit.errors import MoekitError

@@ -1,4 +1,5 @@
-"""The `moekit` command: one module per sub-command, each a thin layer over the API."""
+"""The `moekit` command: one module per sub-command, each a thin layer over the API,
+registered on the app (`moekit.cli.app`) when this package gathers them."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import os
 import signal
 import threading
 
-INTERRUPTED = 130  # what shells report for a process ended by Ctrl-C (128 + SIGINT)
+from moekit.errors import INTERRUPTED
 
 
 def _interrupted(*_: object) -> None:
@@ -31,40 +32,7 @@ def _exit_on_interrupt() -> bool:
 _previous = signal.getsignal(signal.SIGINT)
 _handled_imports = _exit_on_interrupt()
 
-import typer  # noqa: E402
-
-from moekit.cli._options import OneLineUsage  # noqa: E402
-
-app = typer.Typer(
-    name="moekit",
-    cls=OneLineUsage,  # a flag out of range or unknown: one line, exit 2
-    help="Make Mixture-of-Experts models smaller and faster; build new ones.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version  # the installed versions, without importing torch (seconds)
-
-        from moekit import __version__
-
-        typer.echo(f"moekit {__version__} (transformers {version('transformers')}, torch {version('torch')})")
-        raise typer.Exit()
-
-
-@app.callback()
-def _root(
-    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
-                                 help="Print moekit's version (and transformers', torch's) and exit."),
-) -> None:
-    """Make Mixture-of-Experts models smaller and faster; build new ones.
-
-    With no MODEL, every command uses moekit's shipped reference model.
-    """
-
+from moekit.cli.app import app  # noqa: E402,F401  (the face gathers the commands on it)
 
 # Sub-commands register themselves on `app` when imported.
 from moekit.cli import analyze as _analyze  # noqa: E402,F401

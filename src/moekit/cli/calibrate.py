@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moekit.cli import app
+from moekit.cli.app import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed

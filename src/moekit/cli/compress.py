@@ -7,7 +7,7 @@ from typing import Annotated, Optional
 import typer
 from rich.table import Table
 
-from moekit.cli import app
+from moekit.cli.app import app
 from moekit.cli._common import Threads, console, print_json, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device, size_option

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Annotated, Optional
 import typer
 from rich.table import Table
 
-from moekit.cli import app
+from moekit.cli.app import app
 from moekit.cli._common import console, print_json, user_errors
 
 if TYPE_CHECKING:

@@ -14,7 +14,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moekit.cli import app
+from moekit.cli.app import app
 from moekit.cli._common import Threads, console, err_console, print_json, user_errors
 from moekit.cli._streaming import ComputeDtype, Device, size_option
 

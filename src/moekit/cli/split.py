@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from moekit.cli import app
+from moekit.cli.app import app
 from moekit.cli._build import Dense, JsonOut, Out, Seed, TopK
 from moekit.cli._common import Threads, console, print_json, user_errors
 

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import typer
 
-from moekit.cli import INTERRUPTED, app
+from moekit.cli.app import app
+from moekit.errors import INTERRUPTED
 from moekit.cli._common import Threads, console, err_console, print_json, user_errors
 from moekit.cli._options import SEED_MAX, real
 

@@ -15,14 +15,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from moekit.data.corpus import Corpus, Document
-from moekit.data.stdlib import (
-    _CALIB_END,
-    _EVAL_END,
-    SPLITS,
-    manifest,
-    scan_stdlib,
-    split_sha256,
-)
+from moekit.data.stdlib import _CALIB_END, _EVAL_END, SPLITS, manifest, scan_stdlib, split_sha256
 from moekit.errors import MoekitError
 
 SHIPPED_DIR = Path(__file__).parent / "shipped"

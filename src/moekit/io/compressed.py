@@ -258,9 +258,7 @@ def unpacked_shape(module: PackedModule, shapes: dict[str, tuple[int, ...]], rea
 def decompress(module: PackedModule, tensors: dict[str, torch.Tensor]) -> torch.Tensor:
     """The dense weight [out, in] (in the scale's dtype) from the module's parts
     ``tensors`` ({part name: tensor}), with compressed-tensors' own decompressor."""
-    from compressed_tensors.compressors.pack_quantized import (
-        PackedQuantizationCompressor,
-    )
+    from compressed_tensors.compressors.pack_quantized import PackedQuantizationCompressor
 
     state = {part: tensors[name] for part, name in module.parts.items()}
     return PackedQuantizationCompressor.decompress(state, module.scheme)["weight"]

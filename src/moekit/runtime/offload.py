@@ -90,19 +90,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
             from a disk tier.
     """
     from moekit.arch.discover import moe_layers
-    from moekit.runtime.offload_budget import (
-        allocate,
-        budget_bytes,
-        cache_dtype_for,
-        parse_cache_dtype,
-    )
-    from moekit.runtime.offloaded_experts import (
-        IMPLEMENTATION,
-        SCRATCH_EXPERTS,
-        OffloadedExperts,
-        Scratch,
-        register,
-    )
+    from moekit.runtime.offload_budget import allocate, budget_bytes, cache_dtype_for, parse_cache_dtype
+    from moekit.runtime.offloaded_experts import IMPLEMENTATION, SCRATCH_EXPERTS, OffloadedExperts, Scratch, register
 
     if policy not in POLICIES:
         raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")

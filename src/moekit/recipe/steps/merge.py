@@ -12,11 +12,7 @@ from torch import nn
 from moekit.arch.edit import keep_experts, set_expert_weights, set_router_weights
 from moekit.methods.merge.align import match, neuron_features, permute
 from moekit.methods.merge.average import fitted_router_row, weighted_mean
-from moekit.methods.merge.grouping import (
-    dominant_groups,
-    hierarchical_groups,
-    per_routing_group,
-)
+from moekit.methods.merge.grouping import dominant_groups, hierarchical_groups, per_routing_group
 from moekit.methods.prune.criteria import CRITERIA, score
 from moekit.recipe.step import register_step
 from moekit.recipe.steps import refit

@@ -12,12 +12,7 @@ from moekit.arch.discover import moe_layers
 from moekit.arch.edit import keep_experts
 from moekit.errors import MoekitError
 from moekit.methods.prune.criteria import CRITERIA, score
-from moekit.methods.prune.reconstruction import (
-    ReconstructionObjective,
-    count_candidates,
-    most_evaluations,
-    search,
-)
+from moekit.methods.prune.reconstruction import ReconstructionObjective, count_candidates, most_evaluations, search
 from moekit.methods.prune.select import global_allocation, super_experts, top_experts
 from moekit.progress import counting_status
 from moekit.recipe.step import ModelInfo, register_step

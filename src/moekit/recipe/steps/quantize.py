@@ -109,10 +109,7 @@ class Quantize(Step):
         what it adds to the residual stream, whichever layer it is in), within the byte
         budget of every expert at ``average_bits`` (`allocate_bits`: a MILP, proven within 0.01% of the optimum)."""
         from moekit.calib.observers import QUANT_BITS, quant_error_name
-        from moekit.methods.quantize.allocate import (
-            allocate_bits,
-            budget_for_average_bits,
-        )
+        from moekit.methods.quantize.allocate import allocate_bits, budget_for_average_bits
 
         name = quant_error_name(self.group_size, fit=self.fit_group_size)
         costs = self.expert_costs(model)

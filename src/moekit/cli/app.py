@@ -1,0 +1,41 @@
+"""The `moekit` app object the sub-commands register on, and its root options."""
+
+from __future__ import annotations
+
+import typer
+
+from moekit.cli._options import OneLineUsage
+
+app = typer.Typer(
+    name="moekit",
+    cls=OneLineUsage,  # a flag out of range or unknown: one line, exit 2
+    help="Make Mixture-of-Experts models smaller and faster; build new ones.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import (
+            version,  # the installed versions, without importing torch (seconds)
+        )
+
+        from moekit import __version__
+
+        typer.echo(f"moekit {__version__} (transformers {version('transformers')}, torch {version('torch')})")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                 help="Print moekit's version (and transformers', torch's) and exit."),
+) -> None:
+    """Make Mixture-of-Experts models smaller and faster; build new ones.
+
+    With no MODEL, every command uses moekit's shipped reference model.
+    """
+
+
