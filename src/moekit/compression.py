@@ -150,13 +150,12 @@ def compress(
     from moekit.io.layered import open_model
     from moekit.io.load import default_model, stored_dtype
     from moekit.io.save import atomic_dir, output_dtype
+    from moekit.io.outputs import check_output, writing
     from moekit.io.workdir import WorkFolder, work_folder_for
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists():
-        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+    out = check_output(out_dir)  # before anything is read
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
@@ -182,83 +181,89 @@ def compress(
                        device=where, stats=given and given.meta["model_fingerprint"],
                        **({"ranks": world.size} if world is not None else {}))  # a rank's work holds its share of rows
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
-    work = WorkFolder(rank_work_path(work_folder_for(out), world), facts, resume=resume)
-    agree_progress(work, world)
-    if on_start is not None and (world is None or world.main):
-        on_start(work)
-    budget = ActivationBudget(budget_bytes, work.path / "activations")
-    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
-                              "notes": notes, "device": str(where),
-                              "compute_dtype": str(compute).removeprefix("torch.")}
-    if eval_rows is not None:
-        report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
+    work_path, work = rank_work_path(work_folder_for(out), world), None
 
-    stats_meta = {"model_name": name, **calib.describe()}
-    plans = plan_passes(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
-                   stats_meta=stats_meta, progress=progress, given=given)
-    lent = fresh()
-    native = needs_native_format(lent.model, recipe, plans)
-    if native and any(step.type == "quantize" for step in recipe.steps):
-        raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k per "
-                          "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
-                          "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
-    ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
-    writer = ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main else None
-    runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
-                        budget=budget, stats_meta=stats_meta, given=given)
-    total = len(lent) * len(runner.streamer.batches) * len(phases)
-    with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
-        if work.resumed:
-            advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
-        result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
-                            (lambda i: on_event("layer", i)))
-    pass_done(world)
-    if writer is None:  # another rank: its share is done, rank 0 writes the output
-        budget.close()
-        return {**report, "rank": world.rank, "out": None}
-    writer.write_outer(f"{lent.layers_path}.")
-    dropped = sorted(runner.dropped_blocks())
-    parts = [i for i in range(len(lent)) if i not in dropped]
-    if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
-        from moekit.arch.edit import drop_blocks
+    def kept() -> str:  # a write that failed keeps the finished layers for --resume
+        return work.keep_or_remove() if work is not None else ""
 
-        drop_blocks(lent.model, dropped)
-    report["calibration"] = [
-        {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
-         "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
-         **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
-        for p, phase in enumerate(phases)]
-    report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
-                        **step.report(result.per_layer.get(position, {}))}
-                       for position, step in enumerate(recipe.steps)]
-    report["after"] = summary(lent.model, stored)
-    from moekit.arch.factored import FACTORED_KEY
-
-    factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
-    report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
-                        else _quantized_format(recipe) or "standard")
-    report["activations"] = budget.report()
-    budget.close()
-
-    with atomic_dir(out) as tmp:
-        written = writer.finish(tmp, [*parts, OUTER], max_shard_size=parse_bytes(max_shard_size),
-                                on_file=on_event and (lambda n: on_event("saved", n)))
-        if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
-            from moekit.io.checkpoint import Checkpoint
-
-            report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
-        tok.save_pretrained(tmp)
+    with writing(out, partial=[work_path], on_failure=kept):
+        work = WorkFolder(work_path, facts, resume=resume)
+        agree_progress(work, world)
+        if on_start is not None and (world is None or world.main):
+            on_start(work)
+        budget = ActivationBudget(budget_bytes, work.path / "activations")
+        report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
+                                  "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
+                                  "notes": notes, "device": str(where),
+                                  "compute_dtype": str(compute).removeprefix("torch.")}
         if eval_rows is not None:
-            saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
-            report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress, shard=False)  # rank 0 alone
-        report["seconds"] = round(time.perf_counter() - start, 2)
-        report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "README.md").write_text(model_card(report))
-    work.remove()
-    remove_rank_folders(work.path)
+            report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
+
+        stats_meta = {"model_name": name, **calib.describe()}
+        plans = plan_passes(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
+                       stats_meta=stats_meta, progress=progress, given=given)
+        lent = fresh()
+        native = needs_native_format(lent.model, recipe, plans)
+        if native and any(step.type == "quantize" for step in recipe.steps):
+            raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k per "
+                              "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
+                              "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
+        ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
+        writer = ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main else None
+        runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
+                            budget=budget, stats_meta=stats_meta, given=given)
+        total = len(lent) * len(runner.streamer.batches) * len(phases)
+        with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
+            if work.resumed:
+                advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
+            result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
+                                (lambda i: on_event("layer", i)))
+        pass_done(world)
+        if writer is None:  # another rank: its share is done, rank 0 writes the output
+            budget.close()
+            return {**report, "rank": world.rank, "out": None}
+        writer.write_outer(f"{lent.layers_path}.")
+        dropped = sorted(runner.dropped_blocks())
+        parts = [i for i in range(len(lent)) if i not in dropped]
+        if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
+            from moekit.arch.edit import drop_blocks
+
+            drop_blocks(lent.model, dropped)
+        report["calibration"] = [
+            {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
+             "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
+             **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
+            for p, phase in enumerate(phases)]
+        report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
+                            **step.report(result.per_layer.get(position, {}))}
+                           for position, step in enumerate(recipe.steps)]
+        report["after"] = summary(lent.model, stored)
+        from moekit.arch.factored import FACTORED_KEY
+
+        factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
+        report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
+                            else _quantized_format(recipe) or "standard")
+        report["activations"] = budget.report()
+        budget.close()
+
+        with atomic_dir(out) as tmp:
+            written = writer.finish(tmp, [*parts, OUTER], max_shard_size=parse_bytes(max_shard_size),
+                                    on_file=on_event and (lambda n: on_event("saved", n)))
+            if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
+                from moekit.io.checkpoint import Checkpoint
+
+                report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
+            tok.save_pretrained(tmp)
+            if eval_rows is not None:
+                saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
+                report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress, shard=False)  # rank 0 alone
+            report["seconds"] = round(time.perf_counter() - start, 2)
+            report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "README.md").write_text(model_card(report))
+        work.remove()
+        remove_rank_folders(work.path)
     report["out"] = str(out)
     return report
 

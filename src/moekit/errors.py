@@ -14,8 +14,26 @@ class MoekitError(Exception):
     """A problem with the user's input, reported before any heavy work starts.
 
     The message always says what is wrong and what to do instead; the CLI prints it
-    without a traceback.
+    without a traceback and exits with ``exit_code``.
     """
+
+    exit_code = 2  # bad input: what shells and argument parsers use for a usage error
+
+
+class WriteFailed(MoekitError):
+    """Writing an output failed while the work ran (the disk filled up, a file outgrew the
+    size limit, the file system turned read-only): the input was fine. The message says
+    what failed, what was removed or kept, and the fix (`moekit.io.workdir.writing`)."""
+
+    exit_code = 74  # sysexits' EX_IOERR; 1 is what Python exits with on a bug's traceback
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+        self.notes: list[str] = []  # what was removed or kept, added as the failure unwinds
+
+    def __str__(self) -> str:
+        return " ".join([self.problem, *self.notes, self.fix])
 
 
 class UnsupportedModelError(MoekitError):

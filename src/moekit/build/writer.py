@@ -39,10 +39,9 @@ class DenseSource:
         from transformers import AutoConfig
 
         from moekit.io.load import check_model
+        from moekit.io.outputs import check_output
 
-        out = Path(out_dir).expanduser().resolve()
-        if out.exists():
-            raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+        out = check_output(out_dir)  # before any weight is read
         folder = check_model(str(dense))
         if folder is None:
             raise MoekitError(f"{dense} is not a checkpoint folder; moekit builds MoEs from a dense model's "

@@ -17,14 +17,38 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
 
 
+def print_error(message: str, *, every_rank: bool = False) -> None:
+    """``error: MESSAGE`` on stderr. Under torchrun every rank reaches the same refusal from
+    the same command line and files, so the first rank of each node alone prints it: once
+    on one machine, and a problem of one node (a file missing there) still reaches the user
+    from that node. ``every_rank``: the message is about this rank (joining the group)."""
+    from rich.markup import escape
+
+    from moekit.torchrun import local_rank
+
+    if every_rank or local_rank() == 0:
+        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """A MoekitError is the user's problem, not a bug: one red line and exit code 2."""
+    """A MoekitError is the user's problem, not a bug: one red line and exit code 2. A write
+    that failed (`moekit.errors.WriteFailed`, or a full disk under a temporary file): one
+    line and exit code 74."""
     try:
         yield
     except MoekitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=2) from None
+        print_error(str(exc))
+        raise typer.Exit(code=exc.exit_code) from None
+    except Exception as exc:
+        from moekit.errors import WriteFailed
+        from moekit.io.outputs import failed_write
+
+        line = failed_write(exc)
+        if line is None:
+            raise
+        print_error(line)
+        raise typer.Exit(code=WriteFailed.exit_code) from None
 
 
 def print_json(payload: Any) -> None:

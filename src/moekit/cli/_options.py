@@ -31,13 +31,11 @@ def _one_line() -> Iterator[None]:
     except _USAGE_ERROR as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             raise  # `moekit` alone: its "error" is the help, which must stay whole
-        from rich.markup import escape
-
-        from moekit.cli._common import err_console
+        from moekit.cli._common import print_error
 
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}", highlight=False)
+        print_error(f"{exc.format_message()}{hint}")
         raise typer.Exit(code=2) from None
 
 

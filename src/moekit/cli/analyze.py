@@ -41,8 +41,6 @@ def analyze_command(
     domain specialisation, expert attribution; with two models, side by side.
 
     The model streams from its checkpoint one decoder layer at a time."""
-    from pathlib import Path
-
     from moekit.analyze import analyze
     from moekit.analyze.compare import check_same_tokenizer, compare
     from moekit.analyze.report import write
@@ -50,6 +48,7 @@ def analyze_command(
     from moekit.data.tokens import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model
+    from moekit.io.outputs import check_output
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))
@@ -58,9 +57,7 @@ def analyze_command(
         for name in names:
             check_model(name)
             within_positions(name, "--seq-len", seq_len)
-        if Path(out).expanduser().exists():
-            raise MoekitError(f"{Path(out).expanduser().resolve()} already exists; moekit never writes into an "
-                              "existing folder. Choose a new one with -o.")
+        check_output(out)  # before any data is read or weight loaded
         specs = [s.strip() for s in data.split(",") if s.strip()]
         if focus is not None and focus not in specs:
             specs.append(focus)

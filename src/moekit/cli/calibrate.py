@@ -44,17 +44,12 @@ def calibrate_command(
     from moekit.calib.calibrate import calibrate, check_statistics
     from moekit.data.tokens import calibration_tokens, tokenizer_for
     from moekit.io.load import check_model, default_model
+    from moekit.io.outputs import check_output
 
     with user_errors():
         name = model or default_model()
         check_model(name)
-        from pathlib import Path
-
-        if Path(out).expanduser().exists():
-            from moekit.errors import MoekitError
-
-            raise MoekitError(f"{Path(out).expanduser().resolve()} already exists; moekit never writes into an "
-                              "existing folder. Choose a new one with -o.")
+        check_output(out)  # before any data is read or weight loaded
         within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         check_statistics(wanted, hidden_sample or 0)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import MoekitError
+from moekit.io.outputs import folder_size, remove_partial, size_text
 
 SUFFIX = ".moekit-work"
 
@@ -68,8 +69,12 @@ class WorkFolder:
                     f"it cannot be resumed with these. Delete it to start over, or rerun the original command."
                 )
         else:
-            (path / "done").mkdir(parents=True)
-            _write_json(record, {"fingerprint": self.fingerprint, "facts": facts})
+            try:
+                (path / "done").mkdir(parents=True)
+                _write_json(record, {"fingerprint": self.fingerprint, "facts": facts})
+            except BaseException:  # a folder without run.json would be refused as another run's
+                self.remove()
+                raise
         self.resumed = resume and self.finished_layers() != []
 
     def _progress(self) -> str:
@@ -117,6 +122,23 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def keep_or_remove(self) -> str:
+        """After a failed write (a full disk): keep what ``--resume`` continues from, delete
+        the rest (half-written files, hidden states spilled for this session only), or the
+        whole folder when no layer was finished. Says which, in a sentence."""
+        shutil.rmtree(self.path / "activations", ignore_errors=True)  # rewritten by every session
+        remove_partial(self.path)
+        done = self.finished_layers()
+        for hidden in self.path.glob("hidden-*"):  # written, but its layer not committed: redone on resume
+            if not done or int(hidden.name.removeprefix("hidden-")) > done[-1]:
+                shutil.rmtree(hidden, ignore_errors=True)
+        if not done and not self.plans():  # nothing a resumed run would skip
+            self.remove()
+            return f"No layer was finished, so the work folder {self.path} was removed."
+        finished = f"layers 0..{done[-1]}" if done else "the plan of the first pass"
+        return (f"The work folder {self.path} keeps {finished} ({size_text(folder_size(self.path))}): rerun the same "
+                "command with --resume to continue from there, or delete that folder.")
 
 
 def _write_json(path: Path, data: Any) -> None:
