@@ -150,7 +150,7 @@ def compress(
     from moekit.io.layered import open_model
     from moekit.io.load import default_model, stored_dtype
     from moekit.io.save import atomic_dir, output_dtype
-    from moekit.io.outputs import check_output, writing
+    from moekit.io.outputs import check_output, missing_folders, remove_empty, writing
     from moekit.io.workdir import WorkFolder, work_folder_for
 
     start = time.perf_counter()
@@ -181,10 +181,12 @@ def compress(
                        device=where, stats=given and given.meta["model_fingerprint"],
                        **({"ranks": world.size} if world is not None else {}))  # a rank's work holds its share of rows
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
-    work_path, work = rank_work_path(work_folder_for(out), world), None
+    work_path, work, made = rank_work_path(work_folder_for(out), world), None, missing_folders(out)
 
-    def kept() -> str:  # a write that failed keeps the finished layers for --resume
-        return work.keep_or_remove() if work is not None else ""
+    def kept() -> str:  # a write that failed keeps the finished layers for --resume, or leaves nothing
+        said = work.keep_or_remove() if work is not None else ""
+        remove_empty(made)
+        return said
 
     with writing(out, partial=[work_path], on_failure=kept):
         work = WorkFolder(work_path, facts, resume=resume)

@@ -36,6 +36,10 @@ SERVER = textwrap.dedent('''
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
             sys.argv = ["moekit", *case["args"]]
+            if case.get("fsize"):  # "the disk fills up": a write past this many bytes fails with EFBIG
+                import resource, signal
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (Python ignores it too) instead of killing
+                resource.setrlimit(resource.RLIMIT_FSIZE, (case["fsize"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             code = 0
             try:
                 moekit.cli.main()
@@ -59,9 +63,11 @@ class Moekit:
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
 
-    def __call__(self, *args) -> tuple[int, str, str]:
+    def __call__(self, *args, fsize: int | None = None) -> tuple[int, str, str]:
+        """``fsize``: no file may grow past this many bytes (RLIMIT_FSIZE), as if the disk were full."""
         out, err = self.workdir / "stdout", self.workdir / "stderr"
-        case = {"args": [str(a) for a in args], "cwd": str(self.workdir), "stdout": str(out), "stderr": str(err)}
+        case = {"args": [str(a) for a in args], "cwd": str(self.workdir), "stdout": str(out), "stderr": str(err),
+                "fsize": fsize}
         self.server.stdin.write(json.dumps(case) + "\n")
         self.server.stdin.flush()
         code = int(self.server.stdout.readline())
@@ -143,6 +149,27 @@ def test_a_folder_that_is_no_checkpoint_is_refused_first(moekit, files, tmp_path
     if folder == "pickle-only":
         assert "safetensors only" in message and "dtype" not in message and "tokenizer" not in message
     assert not (tmp_path / "out").exists()
+
+
+WRITERS = [command for command, args in COMMANDS.items() if "{out}" in args]
+DENSE = "moekit/ref-dense"  # what upcycle, split and combine build from
+
+
+@pytest.mark.parametrize("command, where, says", [
+    *[(command, "{files}/latin1.txt/out", "{files}/latin1.txt is a file, not a folder")  # NotADirectoryError
+      for command in WRITERS],
+    *[(command, "/proc/moekit-out/out", "/proc takes no new folders") for command in ("compress", "train --init")],
+    *[(command, "{files}/latin1.txt", "{files}/latin1.txt is a file; moekit writes its output as a new folder")
+      for command in ("calibrate", "train --init")],  # train writes into an existing folder, not into a file
+])
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(moekit, files, command, where, says):
+    """Each of these failed with a traceback after the work, before: the check asks the file
+    system itself (root may write wherever the mode bits say no, never under a file or in /proc)."""
+    model = DENSE if command in ("upcycle", "split", "combine") else "moekit/tiny-mixtral"
+    before = sorted(p.name for p in files.iterdir())
+    message = _refused(moekit(*_args(command, model, where.format(files=files))), says.format(files=files))
+    assert message.endswith("with -o.")
+    assert sorted(p.name for p in files.iterdir()) == before  # the check's probe folder is gone too
 
 
 @pytest.mark.parametrize("folder, file", [("truncated-weights", "model.safetensors"), ("bad-config", "config.json")])
