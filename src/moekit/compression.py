@@ -141,16 +141,19 @@ def compress(
 
     Raises:
         MoekitError: before any weights load, for an invalid recipe, an unsupported
-            model, an existing ``out_dir``, a work folder of another run; before
-            calibration, for unusable data.
+            model, an ``out_dir`` that exists or cannot be created, a work folder of
+            another run; before calibration, for unusable data.
+        WriteFailed: a write failed while the work ran (a full disk): the finished layers
+            stay in the work folder for ``resume`` (the message says where), the rest is
+            removed.
     """
     from moekit.calib.activations import ActivationBudget
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.devices import parse_bytes, resolve_compute_dtype, resolve_device
     from moekit.io.layered import open_model
     from moekit.io.load import default_model, stored_dtype
-    from moekit.io.save import atomic_dir, output_dtype
     from moekit.io.outputs import check_output, missing_folders, remove_empty, writing
+    from moekit.io.save import atomic_dir, output_dtype
     from moekit.io.workdir import WorkFolder, work_folder_for
 
     start = time.perf_counter()
@@ -207,11 +210,13 @@ def compress(
         lent = fresh()
         native = needs_native_format(lent.model, recipe, plans)
         if native and any(step.type == "quantize" for step in recipe.steps):
-            raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k per "
-                              "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
-                              "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
+            raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k "
+                              "per layer, or MoE sublayers dropped), which cannot also be quantized yet; before "
+                              "quantize, use budget: uniform, one top-k for all layers, and drop_blocks rather than "
+                              "drop_layers.")
         ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
-        writer = ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main else None
+        writer = (ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main
+                  else None)
         runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
                             budget=budget, stats_meta=stats_meta, given=given)
         total = len(lent) * len(runner.streamer.batches) * len(phases)
@@ -233,7 +238,8 @@ def compress(
             drop_blocks(lent.model, dropped)
         report["calibration"] = [
             {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
-             "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
+             "model_fingerprint": result.digests[p].hexdigest(),
+             "data_fingerprint": calib.describe()["data_fingerprint"],
              **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
             for p, phase in enumerate(phases)]
         report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),

@@ -41,7 +41,7 @@ def test_compress_keeps_its_finished_layers_and_resume_completes(moekit, tmp_pat
     assert message.rstrip().endswith("or choose an output folder on another disk with -o.")
     assert _left(tmp_path) == [work.name]  # no output, no .out.partial-*: the work folder alone
     assert not list(work.rglob("*.partial")) and not (work / "activations").exists()
-    code, printed, err = moekit(*COMPRESS, "-o", out, "--resume")
+    code, _, err = moekit(*COMPRESS, "-o", out, "--resume")
     assert code == 0, err
     assert (out / "model.safetensors").is_file() and _left(tmp_path) == [out.name]
 

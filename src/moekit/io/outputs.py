@@ -31,8 +31,8 @@ _ELSEWHERE = "choose an output folder on another disk with -o"
 _WRITE_ERRORS = {
     errno.ENOSPC: ("the disk is full", f"Free space there, or {_ELSEWHERE}."),
     errno.EDQUOT: ("the disk quota is used up", f"Free space within your quota, or {_ELSEWHERE}."),
-    errno.EFBIG: ("a file outgrew the largest size allowed", f"Raise the limit (ulimit -f; the file system's "
-                                                            f"largest file), or {_ELSEWHERE}."),
+    errno.EFBIG: ("a file outgrew the largest size allowed",
+                  f"Raise the limit (ulimit -f; the file system's largest file), or {_ELSEWHERE}."),
     errno.EROFS: ("the file system is read-only", "Choose an output folder you can write with -o."),
 }
 # These mean a failed write only for a file of the output (reading an input can give them too).
@@ -55,7 +55,8 @@ def check_output(out_dir: str | os.PathLike, *, run_folder: bool = False) -> Pat
             raise MoekitError(f"{out} is a file; moekit writes its output as a new folder. Choose another path "
                               "with -o.")
         if not run_folder:
-            raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one with -o.")
+            raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one "
+                              "with -o.")
         _probe(out, out)
         return out
     holder = out.parent
