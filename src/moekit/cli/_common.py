@@ -11,7 +11,7 @@ from typing import Annotated, Any, Optional
 import typer
 from rich.console import Console
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, WriteFailed
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
@@ -21,7 +21,8 @@ def print_error(message: str, *, every_rank: bool = False) -> None:
     """``error: MESSAGE`` on stderr. Under torchrun every rank reaches the same refusal from
     the same command line and files, so the first rank of each node alone prints it: once
     on one machine, and a problem of one node (a file missing there) still reaches the user
-    from that node. ``every_rank``: the message is about this rank (joining the group)."""
+    from that node. ``every_rank``: the message is about this rank (joining the group, a write
+    that failed on its disk)."""
     from rich.markup import escape
 
     from moekit.torchrun import local_rank
@@ -38,16 +39,15 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MoekitError as exc:
-        print_error(str(exc))
+        print_error(str(exc), every_rank=isinstance(exc, WriteFailed))  # a rank's own disk, its own folders
         raise typer.Exit(code=exc.exit_code) from None
     except Exception as exc:
-        from moekit.errors import WriteFailed
         from moekit.io.outputs import failed_write
 
         line = failed_write(exc)
         if line is None:
             raise
-        print_error(line)
+        print_error(line, every_rank=True)
         raise typer.Exit(code=WriteFailed.exit_code) from None
 
 
