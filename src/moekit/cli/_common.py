@@ -10,11 +10,31 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from moekit.errors import MoekitError
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
+
+
+def say(text: str, *, label: str = "", style: str = "", to: Console | None = None) -> None:
+    """Print ``text`` exactly as it is. Rich would read any ``[word]`` in it as markup and
+    drop it (the extra of ``pip install 'moekit[lmeval]'``, a shape ``[n, H]``, a folder
+    ``run[2]``), so nothing moekit prints from its messages, paths or names goes through
+    markup: only ``label`` does (moekit's own, e.g. ``"[bold red]error:[/]"``), then a space."""
+    line = Text.from_markup(f"{label} ") if label else Text()
+    line.append(text, style=style)
+    (to or console).print(line, highlight=False)
+
+
+def error(message: str) -> None:
+    """The one line a user error prints (stderr)."""
+    say(message, label="[bold red]error:[/]", to=err_console)
+
+
+def note(message: str, *, to: Console | None = None) -> None:
+    say(message, label="[yellow]note:[/]", to=to)
 
 
 @contextlib.contextmanager
@@ -23,7 +43,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MoekitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
+        error(str(exc))
         raise typer.Exit(code=2) from None
 
 

@@ -12,7 +12,7 @@ import atexit
 import os
 import sys
 
-from moekit.cli._common import err_console
+from moekit.cli._common import error
 
 
 RANKED = {"calibrate", "compress", "eval"}  # the commands that share rows out and combine statistics
@@ -29,17 +29,17 @@ def join_ranks() -> None:
 
     command = next((arg for arg in sys.argv[1:] if not arg.startswith("-")), None)
     if command is not None and command not in RANKED:
-        err_console.print(f"[bold red]error:[/] moekit {command} does not share its work across ranks (only "
-                          f"{', '.join(sorted(RANKED))} do); run it without torchrun.", highlight=False)
+        error(f"moekit {command} does not share its work across ranks (only {', '.join(sorted(RANKED))} do); run it "
+              "without torchrun.")
         raise SystemExit(2)
     from moekit.errors import MoekitError
 
     try:
         world = group.init()
     except (MoekitError, RuntimeError, ValueError) as exc:
-        err_console.print(f"[bold red]error:[/] rank {os.environ.get('RANK')}: could not join the torchrun group "
-                          f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); check "
-                          "MASTER_ADDR/MASTER_PORT (--rdzv-endpoint) and that every rank was started.", highlight=False)
+        error(f"rank {os.environ.get('RANK')}: could not join the torchrun group "
+              f"({str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}); check "
+              "MASTER_ADDR/MASTER_PORT (--rdzv-endpoint) and that every rank was started.")
         raise SystemExit(2) from None
     atexit.register(group.finish)
     if world is not None and not world.main:
