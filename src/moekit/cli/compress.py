@@ -36,8 +36,9 @@ def compress_command(
     activation_budget: ActivationBudget = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run an interruption left in the hidden work "
                                                           "folder next to --out (starts afresh if there is none).")] = False,
-    stats: Annotated[Optional[str], typer.Option("--stats", help="Statistics folder `moekit calibrate` wrote for this "
-                                                                 "model and data: used instead of calibrating.")] = None,
+    stats: Annotated[Optional[str], typer.Option(
+        "--stats", metavar="FOLDER", help="Statistics folder `moekit calibrate` wrote for this model and data: used "
+                                          "instead of calibrating.")] = None,
     max_shard_size: Annotated[str, typer.Option(parser=size_option, metavar="SIZE", help="An output up to this size is one "
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "

@@ -96,8 +96,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     if policy not in POLICIES:
         raise MoekitError(f"{setting('policy', policy)} is not one of {', '.join(POLICIES)}.")
     if policy == "prior" and stats is None:
-        raise MoekitError(f"the prior policy pins the experts calibration saw most; pass {setting('stats')} "
-                          "(moekit.calibrate's result, or {layer: scores}).")
+        raise MoekitError("the prior policy pins the experts calibration saw most; pass stats= (moekit.calibrate's "
+                          "result, or {layer: scores}).")  # `moekit run` asks for --stats before it gets here
     requested = parse_cache_dtype(cache_dtype)
     budget_bytes(expert_memory, 0)  # a malformed size is refused before the model is read
     _refuse_factored(model)
