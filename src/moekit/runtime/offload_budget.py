@@ -80,9 +80,9 @@ def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], si
     minimum = sum(capacity[i] * sizes[i] for i in capacity) + scratch
     if budget < minimum:
         extra = f", plus {_human(scratch)} to compute from" if scratch else ""
-        raise MoekitError(f"{setting('expert_memory')} ({budget:,} bytes) is less than every MoE layer's top-k experts "
-                          f"need at once: the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts of each of "
-                          f"{len(capacity)} layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}"
+        raise MoekitError(f"{setting('expert_memory')} ({budget:,} bytes) is less than every MoE layer's top-k "
+                          f"experts need at once: the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts "
+                          f"of each of {len(capacity)} layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}"
                           f"{detail}{extra}).")
     left = budget - minimum
     if prior is not None:  # each layer's scores as shares of its mass, best first
