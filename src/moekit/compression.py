@@ -60,12 +60,15 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     config = load_config(name)
     info = model_info(config)
     factored = bool(getattr(config, FACTORED_KEY, None))  # experts held as factors edit no further
-    for step in recipe.steps:
-        if factored and step.type in ("prune", "merge", "quantize", "decompose"):
-            raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. Put "
-                              f"{step.type} before decompose, or give decompose materialize: true.")
+    for position, step in enumerate(recipe.steps):
+        try:
+            if factored and step.type in ("prune", "merge", "quantize", "decompose"):
+                raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. "
+                                  f"Put {step.type} before decompose, or give decompose materialize: true.")
+            step.check(info)
+        except MoekitError as exc:  # named as the recipe's own validation names a step (each check says its type)
+            raise MoekitError(f"{recipe.where(position)}: {str(exc).removeprefix(f'{step.type}: ')}") from None
         factored = factored or (step.type == "decompose" and not step.materialize)
-        step.check(info)
         top_k = step.top_k_after(info.top_k)
         info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts),  # what the next sees
                                    top_k=top_k, routing=dataclasses.replace(info.routing, top_k=top_k))
@@ -180,8 +183,8 @@ def compress(
     phases = phases_of(recipe)
     world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes
     given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
-    facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, stored=stored, compute=compute,
-                       device=where, stats=given and given.meta["model_fingerprint"],
+    facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, dtype=stored,
+                       compute_dtype=compute, device=where, stats=given and given.meta["model_fingerprint"],
                        **({"ranks": world.size} if world is not None else {}))  # a rank's work holds its share of rows
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
     work_path, work, made = rank_work_path(work_folder_for(out), world), None, missing_folders(out)
@@ -288,13 +291,14 @@ def _quantized_format(recipe: Recipe) -> str | None:
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
     """Everything a compress's output depends on: a work folder is resumed only when all
-    of it is the same (a checkpoint replaced in place changes its files' sizes and times)."""
+    of it is the same (a checkpoint replaced in place changes its files' sizes and times).
+    Named as a refused resume names what differs (`moekit.io.workdir`)."""
     from moekit import __version__
 
     checkpoint = lent.checkpoint.fingerprint() if lent.checkpoint is not None else name
-    return {"model": name, "checkpoint": checkpoint, "recipe": recipe.to_dict(),
-            "data": calib.describe()["data_fingerprint"], "moekit": __version__, "torch": torch.__version__,
-            **{k: str(v) for k, v in settings.items()}}
+    return {"model": name, "checkpoint files": checkpoint, "recipe": recipe.to_dict(),
+            "calibration data": calib.describe()["data_fingerprint"], "moekit version": __version__,
+            "torch version": torch.__version__, **{k: str(v).removeprefix("torch.") for k, v in settings.items()}}
 
 
 def _sample_shortfall(recipe: Recipe, n_samples: int, seq_len: int) -> list[str]:
@@ -333,7 +337,32 @@ def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard:
     length = rows.shape[1]
     result = evaluate(model, rows, batch_size=batch_size, progress=progress, routing=False,
                       context_length=length, stride=max(length - 1, 1), shard=shard)
-    return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
+    return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
+            "rows": rows.shape[0], "row_length": length}
+
+
+def eval_tokens(scores: dict) -> str:
+    """What an evaluation scored, in words: each row's first token has nothing before it to
+    be predicted from, so 128 rows of 256 tokens score 32,640 predictions."""
+    if "rows" not in scores:  # a report.json written before rows were recorded
+        return f"{scores['tokens']:,} tokens predicted"
+    return f"{scores['tokens']:,} tokens predicted: {scores['rows']} rows of {scores['row_length']}"
+
+
+def stored_as(report: dict) -> str:
+    """What the output's weights are stored as, in words: its dtype, or for a quantized output
+    the packed bit widths first (``4-bit Linear and expert weights, the rest bfloat16``)."""
+    quantize = [step for step in report["recipe"]["steps"] if step["type"] == "quantize"]
+    if not quantize:
+        return report["dtype"]
+    step = quantize[-1]
+    bits = {"linear": f"{step['bits']}-bit", "experts": f"{step['expert_bits'] or step['bits']}-bit"}
+    if step.get("average_bits") is not None:
+        bits["experts"] = f"{step['average_bits']:g}-bit on average"
+    parts = [f"{bits[t]} {'Linear' if t == 'linear' else 'expert'} weights" for t in step["targets"]]
+    if len(parts) == 2 and bits["linear"] == bits["experts"]:
+        parts = [f"{bits['linear']} Linear and expert weights"]
+    return f"{' and '.join(parts)}, the rest {report['dtype']}"
 
 
 def model_card(report: dict) -> str:
@@ -358,18 +387,19 @@ def model_card(report: dict) -> str:
         "|---|---|---|",
         f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
         f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
-        f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
+        f"| bytes as stored (output: {stored_as(report)}) | {before['bytes']:,} | {after['bytes']:,} |",
         f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
         f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
         f"{', '.join(str(after['experts_per_layer'].get(i, '-')) for i in layers)} |",
     ]
     if "eval" in before:
         lines += [
-            f"| perplexity ({before['eval']['tokens']} tokens) | {before['eval']['perplexity']:.3f} | "
+            f"| perplexity ({eval_tokens(before['eval'])}) | {before['eval']['perplexity']:.3f} | "
             f"{after['eval']['perplexity']:.3f} |",
             f"| next-token accuracy | {before['eval']['accuracy']:.2%} | {after['eval']['accuracy']:.2%} |",
         ]
-    lines += ["", "Experts kept in each layer (original ids) are listed in `report.json`.", ""]
+    removed = before["experts_per_layer"] != after["experts_per_layer"]
+    lines += ["", *(["Experts kept in each layer (original ids) are listed in `report.json`.", ""] if removed else [])]
     if report["format"] == "standard":
         lines += ["This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` "
                   "loads it without moekit."]

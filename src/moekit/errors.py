@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -38,6 +41,32 @@ class WriteFailed(MoekitError):
 
 class UnsupportedModelError(MoekitError):
     """The model is not an MoE family moekit knows, or has no routed-expert layers."""
+
+
+# Whether messages are being built for the command line (set by `moekit.cli` while a command
+# runs): one message serves both, naming the setting as its reader wrote it.
+_FOR_COMMAND_LINE = contextvars.ContextVar("moekit_for_command_line", default=False)
+_NO_VALUE = object()
+
+
+def setting(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str:
+    """A setting named the way the user gave it: the Python parameter (``slow_tier`` or
+    ``slow_tier='memory'``) from the API, the flag (``--slow-tier`` or ``--slow-tier memory``;
+    ``flag`` where it is not the parameter's name with dashes) from the command line."""
+    if _FOR_COMMAND_LINE.get():
+        flag = flag or "--" + name.replace("_", "-")
+        return flag if value is _NO_VALUE else f"{flag} {value}"
+    return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+@contextlib.contextmanager
+def command_line_messages() -> Iterator[None]:
+    """While inside, `setting` names flags: what `moekit.cli` runs every command in."""
+    token = _FOR_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FOR_COMMAND_LINE.reset(token)
 
 
 def validation_problems(exc: ValidationError, *, default_field: str = "") -> str:

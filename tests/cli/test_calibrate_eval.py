@@ -60,7 +60,7 @@ def test_calibrate_writes_reusable_statistics(workspace):
     [
         (["--samples", "100000"], "fewer than the 100000"),
         (["--seq-len", "100000"], "--seq-len 100000 is beyond the 256 positions of"),
-        (["--stats", "vibes"], "unknown statistics"),
+        (["--statistics", "vibes"], "unknown statistics"),
     ],
 )
 def test_calibrate_bad_input(workspace, args, message, tmp_path):
@@ -98,6 +98,8 @@ def _second_model(workspace, name, *, tokenizer_text=None, **config_changes):
     if not folder.exists():
         model = AutoModelForCausalLM.from_pretrained(workspace / "model")
         for key, value in config_changes.items():
+            if key == "vocab_size":  # the weights too: a config alone that disagrees with them is refused first
+                model.resize_token_embeddings(value)
             setattr(model.config, key, value)
         model.save_pretrained(folder)
         text = tokenizer_text or TEXT

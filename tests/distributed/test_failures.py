@@ -65,7 +65,7 @@ def test_a_refusal_under_torchrun_is_printed_once(tmp_path):
     """The real launcher, two ranks: the refusal every rank reaches is printed once (by the
     first rank of the node) and each rank exits 2; torchrun's own summary, and its exit
     code 1, are the launcher's and follow whatever the ranks do (README, "Past one machine").
-    A refusal once the group is joined goes through the same `print_error` (15 s more to
+    A refusal once the group is joined goes through the same `error` (15 s more to
     launch: not repeated here)."""
     argv, refusal = ["inspect", "moekit/tiny-mixtral"], "error: moekit inspect does not share its work across ranks"
     # torchrun looks at its ranks every 3 s, not 0.1 s: both reach the refusal before it ends the other

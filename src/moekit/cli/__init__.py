@@ -33,11 +33,11 @@ _handled_imports = _exit_on_interrupt()
 
 import typer  # noqa: E402
 
-from moekit.cli._options import OneLineUsage  # noqa: E402
+from moekit.cli._help import MoekitGroup  # noqa: E402
 
 app = typer.Typer(
     name="moekit",
-    cls=OneLineUsage,  # a flag out of range or unknown: one line, exit 2
+    cls=MoekitGroup,  # a flag out of range or unknown: one line, exit 2; help without type names
     help="Make Mixture-of-Experts models smaller and faster; build new ones.",
     no_args_is_help=True,
     add_completion=False,

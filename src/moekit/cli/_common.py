@@ -10,6 +10,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from moekit.errors import MoekitError, WriteFailed
 
@@ -17,18 +18,30 @@ console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
 
 
-def print_error(message: str, *, every_rank: bool = False) -> None:
-    """``error: MESSAGE`` on stderr. Under torchrun every rank reaches the same refusal from
-    the same command line and files, so the first rank of each node alone prints it: once
-    on one machine, and a problem of one node (a file missing there) still reaches the user
-    from that node. ``every_rank``: the message is about this rank (joining the group, a write
-    that failed on its disk)."""
-    from rich.markup import escape
+def say(text: str, *, label: str = "", style: str = "", to: Console | None = None) -> None:
+    """Print ``text`` exactly as it is. Rich would read any ``[word]`` in it as markup and
+    drop it (the extra of ``pip install 'moekit[lmeval]'``, a shape ``[n, H]``, a folder
+    ``run[2]``), so nothing moekit prints from its messages, paths or names goes through
+    markup: only ``label`` does (moekit's own, e.g. ``"[bold red]error:[/]"``), then a space."""
+    line = Text.from_markup(f"{label} ") if label else Text()
+    line.append(text, style=style)
+    (to or console).print(line, highlight=False)
 
+
+def error(message: str, *, every_rank: bool = False) -> None:
+    """The one line a user error prints: ``error: MESSAGE`` on stderr. Under torchrun every
+    rank reaches the same refusal from the same command line and files, so the first rank of
+    each node alone prints it: once on one machine, and a problem of one node (a file
+    missing there) still reaches the user from that node. ``every_rank``: the message is
+    about this rank (joining the group, a write that failed on its disk)."""
     from moekit.torchrun import local_rank
 
     if every_rank or local_rank() == 0:
-        err_console.print(f"[bold red]error:[/] {escape(message)}", highlight=False)
+        say(message, label="[bold red]error:[/]", to=err_console)
+
+
+def note(message: str, *, to: Console | None = None) -> None:
+    say(message, label="[yellow]note:[/]", to=to)
 
 
 @contextlib.contextmanager
@@ -39,7 +52,7 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MoekitError as exc:
-        print_error(str(exc), every_rank=isinstance(exc, WriteFailed))  # a rank's own disk, its own folders
+        error(str(exc), every_rank=isinstance(exc, WriteFailed))  # a rank's own disk, its own folders
         raise typer.Exit(code=exc.exit_code) from None
     except Exception as exc:
         from moekit.io.outputs import failed_write
@@ -47,7 +60,7 @@ def user_errors() -> Iterator[None]:
         line = failed_write(exc)
         if line is None:
             raise
-        print_error(line, every_rank=True)
+        error(line, every_rank=True)
         raise typer.Exit(code=WriteFailed.exit_code) from None
 
 

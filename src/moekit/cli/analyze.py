@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.cli import app
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, print_json, say, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
 @app.command("analyze")
 def analyze_command(
+    out: Annotated[str, typer.Option("--out", "-o", help="New folder for the report.")],
     models: Annotated[Optional[list[str]], typer.Argument(
         help="One model, or two to compare on the same tokens (default: the reference).")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="New folder for the report.")] = "routing-report",
     data: Annotated[str, typer.Option(help="Comma-separated corpora (stdlib:eval, files, folders, globs); several "
                                            "give domain statistics.")] = "stdlib:eval",
     focus: Annotated[Optional[str], typer.Option(help="A corpus (one of --data, or added to them) to attribute: loss "
@@ -91,11 +91,10 @@ def analyze_command(
             return
         for r in results:
             s = r.summary
-            console.print(
-                f"[bold]{r.model}[/]: {s['moe_layers']} MoE layers, {r.meta['tokens']} tokens, "
+            say(
+                f"{r.model}: {s['moe_layers']} MoE layers, {r.meta['tokens']} tokens, "
                 f"{r.meta['seconds']:.1f}s — entropy/log E {s['entropy_normalized']:.3f}, load max/mean "
                 f"{s['imbalance']:.2f}, token-id lookup {s['token_lookup_agreement']:.1%} (baseline "
                 f"{s['token_static_agreement']:.1%}), next-layer recall@k "
-                + ("–" if s["prefetch_recall"] is None else f"{s['prefetch_recall']:.1%}"), highlight=False)
-        console.print(f"wrote {len(written['figures'])} figures, report.html and analysis.json to "
-                      f"[bold]{written['out']}[/]")
+                + ("–" if s["prefetch_recall"] is None else f"{s['prefetch_recall']:.1%}"))
+        say(f"wrote {len(written['figures'])} figures, report.html and analysis.json to {written['out']}")

@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moekit.cli import app
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, console, note, print_json, say, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device, size_option
 
@@ -35,8 +36,9 @@ def compress_command(
     activation_budget: ActivationBudget = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run an interruption left in the hidden work "
                                                           "folder next to --out (starts afresh if there is none).")] = False,
-    stats: Annotated[Optional[str], typer.Option("--stats", help="Statistics folder `moekit calibrate` wrote for this "
-                                                                 "model and data: used instead of calibrating.")] = None,
+    stats: Annotated[Optional[str], typer.Option(
+        "--stats", metavar="FOLDER", help="Statistics folder `moekit calibrate` wrote for this model and data: used "
+                                          "instead of calibrating.")] = None,
     max_shard_size: Annotated[str, typer.Option(parser=size_option, metavar="SIZE", help="An output up to this size is one "
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
@@ -50,7 +52,7 @@ def compress_command(
     if list_presets:
         for name, path in presets().items():
             first = path.read_text().splitlines()[0].lstrip("# ")
-            console.print(f"[bold]{name}[/]: {first}", highlight=False)
+            say(first, label=f"[bold]{name}[/]:")
         return
     from moekit.compression import compress
     from moekit.errors import MoekitError
@@ -74,8 +76,8 @@ def compress_command(
                               + (f" (experts {q['expert_bits']})" if q["expert_bits"] != q["bits"] else "")
                               + f", {group}, {q['average_bits']:.2f} bits/weight with scales")
             console.print(table)
-            for note in report["notes"]:
-                console.print(f"[yellow]note:[/] {note}", highlight=False)
+            for line in report["notes"]:
+                note(line)
             return
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
@@ -91,23 +93,26 @@ def compress_command(
         if json_out:
             print_json(report)
             return
+        from moekit.compression import eval_tokens
+
         before, after = report["before"], report["after"]
         table = _size_table(f"{report['model']} → {report['out']}", report)
         if "eval" in before:
-            table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
+            table.add_row(f"perplexity ({eval_tokens(before['eval'])})", f"{before['eval']['perplexity']:.3f}",
+                          f"{after['eval']['perplexity']:.3f}")
             table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
         console.print(table)
         for step in report["steps"]:  # what the fewer-calls steps chose, and why
             if "scores" in step:
                 scores = ", ".join(f"{i}: {v:.4g}" for i, v in step["scores"].items())
-                console.print(f"{step['type']}: dropped layers {step['dropped']} (lowest {step['criterion']} "
-                              f"score; per layer {scores})", highlight=False)
+                say(f"{step['type']}: dropped layers {step['dropped']} (lowest {step['criterion']} score; per layer "
+                    f"{scores})")
             elif step["type"] in ("drop_blocks", "drop_layers"):
-                console.print(f"{step['type']}: dropped layers {step['dropped']}", highlight=False)
+                say(f"{step['type']}: dropped layers {step['dropped']}")
             elif step["type"] == "topk":
-                console.print(f"topk: top-k per MoE layer {step['top_k']}", highlight=False)
-        for note in report["notes"]:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
+                say(f"topk: top-k per MoE layer {step['top_k']}")
+        for line in report["notes"]:
+            note(line)
         if report["format"] == "moekit-nonuniform":
             console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
                           "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
@@ -127,18 +132,19 @@ def compress_command(
 def _announce(work) -> None:
     """The first lines of a long run say where its resumable state is."""
     verb = "resuming from" if work.resumed else "work folder (finished layers; rerun with --resume after an interruption):"
-    console.print(f"[dim]{verb} {work.path}[/]", highlight=False)
+    say(f"{verb} {work.path}", style="dim")
 
 
 def _size_table(title: str, report: dict) -> Table:
     """Parameters, active parameters per token and bytes, before and after."""
+    from moekit.compression import stored_as
     before, after = report["before"], report["after"]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")  # model names and paths are not markup
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
     table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
-    table.add_row(f"bytes (after: {report['dtype']})", f"{before['bytes']:,}", f"{after['bytes']:,}")
+    table.add_row(f"bytes stored (after: {stored_as(report)})", f"{before['bytes']:,}", f"{after['bytes']:,}")
     return table
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moekit.cli import app
 from moekit.cli._common import Threads, console, print_json, user_errors
@@ -106,10 +107,12 @@ def eval_command(
                 payload["tasks"] = {"names": harness.names, "limit": limit, "samples": first.samples}
             print_json(payload)
             return
-        table = Table(title=f"evaluation on {data} ({next(iter(results.values())).tokens} tokens)", title_justify="left")
+        # corpus and model names as given, not read as markup
+        table = Table(title=Text(f"evaluation on {data} ({next(iter(results.values())).tokens} tokens)"),
+                      title_justify="left")
         table.add_column("metric")
         for name in names:
-            table.add_column(name, justify="right")
+            table.add_column(Text(name), justify="right")
         table.add_row("perplexity", *[f"{r.perplexity:.3f}" for r in results.values()])
         table.add_row("next-token accuracy", *[f"{r.accuracy:.2%}" for r in results.values()])
         if any(r.experts_per_token is not None for r in results.values()):

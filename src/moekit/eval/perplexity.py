@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.progress import progress_bar
 
 
@@ -163,12 +163,12 @@ def check_scoring(config, tokens: torch.Tensor, *, context_length: int | None = 
     context_length = context_length or min(512, max_positions)
     stride = stride or max(context_length // 2, 1)
     if context_length > max_positions:
-        raise MoekitError(f"context_length {context_length} is beyond the model's {max_positions} positions; "
-                          f"lower --context-length to at most {max_positions}.")
+        raise MoekitError(f"{setting('context_length', context_length)} is beyond the model's {max_positions} "
+                          f"positions; use at most {max_positions}.")
     if not 0 < stride < context_length:
         raise MoekitError(
-            f"stride must be in 1..{context_length - 1} (below context_length, so that each window "
-            f"keeps left context); got {stride}."
+            f"{setting('stride', stride)} must be in 1..{context_length - 1} (below {setting('context_length')}, so "
+            "that each window keeps left context)."
         )
     if tokens.numel() < 2 or tokens.shape[-1] < 2:
         raise MoekitError("evaluation needs at least 2 tokens per sequence; the data is too short.")

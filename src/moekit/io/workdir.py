@@ -60,13 +60,13 @@ class WorkFolder:
                     f"Add --resume to continue it, or delete that folder to start over."
                 )
             try:
-                earlier = json.loads(record.read_text())["fingerprint"]
-            except (OSError, json.JSONDecodeError, KeyError):
-                earlier = None
-            if earlier != self.fingerprint:
+                earlier = json.loads(record.read_text())
+            except (OSError, json.JSONDecodeError):
+                earlier = {}
+            if not isinstance(earlier, dict) or earlier.get("fingerprint") != self.fingerprint:
                 raise MoekitError(
-                    f"{path} was made by a run with another model, recipe, data, settings or moekit version; "
-                    f"it cannot be resumed with these. Delete it to start over, or rerun the original command."
+                    f"{path} was made by a run with {_differences(earlier, facts)}; it cannot be resumed with "
+                    f"these. Delete it to start over, or rerun the original command."
                 )
         else:
             try:
@@ -139,6 +139,29 @@ class WorkFolder:
         finished = f"layers 0..{done[-1]}" if done else "the plan of the first pass"
         return (f"The work folder {self.path} keeps {finished} ({size_text(folder_size(self.path))}): rerun the same "
                 "command with --resume to continue from there, or delete that folder.")
+
+
+def _differences(earlier: Any, facts: dict[str, Any]) -> str:
+    """What differs between the run that made a work folder and this one, each fact named,
+    old → new where both are short (a recipe, a fingerprint of many files, is only named)."""
+    before = earlier.get("facts") if isinstance(earlier, dict) else None
+    if not isinstance(before, dict):  # unreadable, or written before run.json kept the facts
+        return "another model, recipe, data, settings or moekit version (its run.json does not say which)"
+    now = json.loads(json.dumps(facts, default=str))  # as run.json holds them
+
+    def shown(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    changes = []
+    for key in sorted(before.keys() | now.keys(), key=lambda k: (list(now).index(k) if k in now else len(now), k)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if old is not None and new is not None and max(len(shown(old)), len(shown(new))) <= 40:
+            changes.append(f"{key} {shown(old)} → {shown(new)}")
+        else:
+            changes.append(f"another {key}")
+    return ", ".join(changes) or "other settings"
 
 
 def _write_json(path: Path, data: Any) -> None:

@@ -30,7 +30,7 @@ from moekit.calib.runner import watching
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.distributed import agree_layer
 from moekit.distributed.runs import layer_done
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.progress import progress_bar
@@ -299,8 +299,8 @@ class RecipePass:
 
     def _check_router(self, index: int, digest: str) -> None:
         if self.given.meta.get("routers", {}).get(str(index)) != digest:
-            raise MoekitError(f"the statistics given with --stats were computed on another model: layer {index}'s "
-                              "router differs from theirs. Calibrate this model, or drop --stats.")
+            raise MoekitError(f"the statistics given with {setting('stats')} were computed on another model: layer "
+                              f"{index}'s router differs from theirs. Calibrate this model, or drop {setting('stats')}.")
 
     # -- streams and resuming ---------------------------------------------------------
     def _streams(self, count: int, work, first: int) -> tuple[list[HiddenStates], dict[int, HiddenStates]]:
@@ -378,7 +378,8 @@ def check_given(folder, lent, input_ids: torch.Tensor, first: Phase):
     given = CalibrationStats.load(folder, input_ids=input_ids)
     if given.meta.get("config_fingerprint") != ModelDigest(lent.model.config).config_fingerprint():
         raise MoekitError(f"the statistics in {folder} were computed on another model "
-                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop --stats.")
+                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop "
+                          f"{setting('stats')}.")
     missing = sorted(first.wanted - set(given.statistics))
     short = "hidden_sample" in first.wanted and given.meta.get("hidden_sample", 0) < first.hidden_sample
     if missing or short:
@@ -387,7 +388,8 @@ def check_given(folder, lent, input_ids: torch.Tensor, first: Phase):
         what = f"the statistics {missing}" if missing else \
             f"a hidden sample of {first.hidden_sample} (it has {given.meta.get('hidden_sample', 0)})"
         raise MoekitError(f"the recipe needs {what}, which {folder} does not hold; make them with "
-                          f"moekit calibrate MODEL --stats {wanted}{sample} (same data options), or drop --stats.")
+                          f"moekit calibrate MODEL --statistics {wanted}{sample} (same data options), or drop "
+                          f"{setting('stats')}.")
     return given
 
 
