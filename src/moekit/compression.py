@@ -72,12 +72,37 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     return recipe, config
 
 
-def summary(model: nn.Module, stored: torch.dtype) -> dict:
+def summary(model: nn.Module, stored: torch.dtype, checkpoint=None) -> dict:
     """Sizes for reports: parameters (total, active per token, routed), bytes as stored in
-    ``stored``, experts per MoE layer."""
+    ``stored`` (or, given the `Checkpoint` the model was read from, as that checkpoint
+    stores them: a quantized input's packed bytes, not its dequantized floats), experts
+    per MoE layer."""
     s = summarize(model, stored_dtype=stored)
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
-            "bytes": s.total_bytes, "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
+            "bytes": checkpoint.stored_bytes if checkpoint is not None else s.total_bytes,
+            "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
+
+
+def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
+    """A quantized (compressed-tensors) input is refused before any work unless
+    ``dequantize``: it is read dequantized, so the output would silently store floats.
+    With ``dequantize``, the note that the CLI, ``report.json`` and the card carry."""
+    from moekit.io.compressed import quantized_input, refuse_quantized
+    from moekit.io.load import resolve_folder
+
+    folder = resolve_folder(name)
+    if not dequantize:
+        refuse_quantized(name, folder, doing="compressing it",
+                         fix="Compress the unquantized model it was made from with a recipe that ends in quantize "
+                             "(e.g. --recipe prune-50-w4), or pass --dequantize (Python: dequantize=True) to write "
+                             "dequantized weights on purpose.")
+        return []
+    described = quantized_input(folder)
+    if described is None:
+        return []
+    return [f"the input is a quantized checkpoint ({described}), read dequantized (--dequantize): the output "
+            f"stores {str(stored).removeprefix('torch.')} weights, not the input's quantized ones, unless the "
+            "recipe quantizes them again; \"before\" counts the input's bytes as stored."]
 
 
 def compress(
@@ -102,6 +127,7 @@ def compress(
     resume: bool = False,
     stats: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
+    dequantize: bool = False,
     progress: bool = True,
     on_start=None,
     on_event=None,
@@ -132,6 +158,9 @@ def compress(
             made for another model or data or lacks a statistic the recipe needs.
         max_shard_size: an output up to this size is one ``model.safetensors``; a bigger
             one is written as one shard per decoder layer with an index.
+        dequantize: accept a quantized (compressed-tensors) input, read dequantized: the
+            output stores floats (unless the recipe quantizes again), and the report says
+            so. Without it such an input is refused before any work.
         on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
         on_event: called with ("layer", index) when a decoder layer is finished and kept
             in the work folder, and ("saved", n) when the n-th output file is in place.
@@ -160,12 +189,13 @@ def compress(
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
+    dequantized = quantized_source(name, dequantize, stored)
     where = resolve_device(device)
     compute = resolve_compute_dtype(compute_dtype, where)
     budget_bytes = parse_bytes(activation_budget)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
-    notes = _sample_shortfall(recipe, n_samples, seq_len)
+    notes = dequantized + _sample_shortfall(recipe, n_samples, seq_len)
     eval_rows = None
     if evaluate:
         eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids, eval_max_tokens,
@@ -188,7 +218,7 @@ def compress(
         on_start(work)
     budget = ActivationBudget(budget_bytes, work.path / "activations")
     report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
+                              "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source, lent.checkpoint),
                               "notes": notes, "device": str(where),
                               "compute_dtype": str(compute).removeprefix("torch.")}
     if eval_rows is not None:

@@ -205,3 +205,42 @@ def test_a_jsonl_field_that_is_missing_points_at_a_flag_the_command_has(moekit, 
         _refused(moekit(command, *model, "--data", tmp_path / "rows.jsonl", *writes), "--text-field")
         code, help_text, _ = moekit(command, "--help")
         assert code == 0 and "--text-field" in help_text, command
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    """A real 4-bit compressed-tensors checkpoint, as `compress --recipe w4a16` writes one."""
+    import moekit
+    from tests.checkpoints import write_checkpoints
+
+    root = write_checkpoints(tmp_path_factory.mktemp("quantized"), ["qwen3_moe"], documents=2)
+    moekit.compress(str(root / "qwen3_moe"), {"steps": [{"type": "quantize", "method": "rtn", "bits": 4,
+                                                         "group_size": 8}]},
+                    out_dir=root / "w4", data=str(root / "data"), n_samples=2, seq_len=16, dtype="bfloat16",
+                    progress=False)
+    return root / "w4"
+
+
+@pytest.mark.parametrize("command, fix", [
+    ("compress", "--dequantize"), ("compress --plan", "--dequantize"), ("train --init", "moekit compress RUN/model"),
+    ("upcycle", "moekit compress OUT"), ("split", "moekit compress OUT"), ("combine", "moekit compress OUT")])
+def test_a_quantized_input_is_refused_by_every_command_that_writes_weights(moekit, quantized, tmp_path, command,
+                                                                            fix):
+    """Read dequantized, its weights would be written as floats: the output would silently
+    lose the quantization and grow several times (a 4-bit model compressed to 2x its bytes)."""
+    message = _refused(moekit(*_args(command, quantized, tmp_path / "out")), quantized,
+                       "quantized checkpoint (compressed-tensors, 4-bit weights)", fix)
+    if command.startswith("compress"):
+        assert "recipe that ends in quantize" in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_compress_dequantize_says_so_and_counts_the_input_as_stored(moekit, quantized, tmp_path):
+    from moekit.io.checkpoint import Checkpoint
+
+    code, out, err = moekit("compress", quantized, "--plan", "--dequantize", "--recipe", "reap-25", "--json")
+    assert code == 0, err
+    planned = json.loads(out)
+    assert planned["before"]["bytes"] == Checkpoint(quantized).stored_bytes  # packed, not the floats read
+    assert any("quantized checkpoint (compressed-tensors, 4-bit weights), read dequantized (--dequantize)" in note
+               for note in planned["notes"])

@@ -41,6 +41,9 @@ def compress_command(
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
                                               "a standard checkpoint (original size) that loads anywhere.")] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Accept a quantized (compressed-tensors) MODEL, "
+                                             "read dequantized: the output stores floats unless the recipe quantizes "
+                                             "again (refused without this flag).")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -61,7 +64,7 @@ def compress_command(
         check_model(model)
         name, recipe = recipe, _materialized(recipe) if materialize else recipe
         if plan_only:
-            report = plan(model, recipe, dtype=dtype)
+            report = plan(model, recipe, dtype=dtype, dequantize=dequantize)
             if json_out:
                 print_json(report)
                 return
@@ -84,7 +87,7 @@ def compress_command(
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,
                           activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
-                          max_shard_size=max_shard_size,
+                          max_shard_size=max_shard_size, dequantize=dequantize,
                           on_start=None if json_out else _announce)
         if report.get("rank"):  # under torchrun, another rank than 0: rank 0 reports
             return
