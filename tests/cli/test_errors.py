@@ -235,9 +235,13 @@ def test_a_quantized_input_is_refused_by_every_command_that_writes_weights(moeki
     assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
 
 
-def test_compress_dequantize_says_so_and_counts_the_input_as_stored(moekit, quantized, tmp_path):
+def test_a_quantized_input_is_counted_as_stored_and_dequantize_says_so(moekit, quantized, tmp_path):
     from moekit.io.checkpoint import Checkpoint
 
+    code, out, err = moekit("inspect", quantized, "--json")
+    assert code == 0, err
+    assert json.loads(out)["total_bytes"] == Checkpoint(quantized).stored_bytes  # not its dequantized floats
+    assert set(json.loads(out)["bytes_by_dtype"]) == {"bfloat16", "int32", "int64"}  # scales, packed, shapes
     code, out, err = moekit("compress", quantized, "--plan", "--dequantize", "--recipe", "reap-25", "--json")
     assert code == 0, err
     planned = json.loads(out)
