@@ -78,9 +78,31 @@ def summary(model: nn.Module, stored: torch.dtype, checkpoint=None) -> dict:
     stores them: a quantized input's packed bytes, not its dequantized floats), experts
     per MoE layer."""
     s = summarize(model, stored_dtype=stored)
+    moe = [l for l in s.layers if l.kind == "moe"]
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
             "bytes": checkpoint.stored_bytes if checkpoint is not None else s.total_bytes,
-            "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
+            "experts_per_layer": {str(l.index): l.num_experts for l in moe},
+            "experts_per_token": sum(l.top_k for l in moe) / len(moe) if moe else 0.0}  # mean top-k over MoE layers
+
+
+def with_routing_policy(sizes: dict, model: nn.Module, steps: list[dict]) -> dict:
+    """``sizes`` (`summary`) of a model whose last ``routing_policy`` step (its report in
+    ``steps``) computes fewer experts per token than top-k: ``experts_per_token`` becomes the
+    mean the policy kept on the calibration tokens, ``active_params_with_policy`` the mean
+    parameters per token that follow (``active_params`` stays at the full top-k), both None
+    when the policy's parameter was given rather than calibrated (nothing was measured)."""
+    policy = getattr(model.config, "moekit_routing_policy", None)
+    step = next((s for s in reversed(steps) if s["type"] == "routing_policy"), None)
+    if step is None or not policy:
+        return sizes
+    measured = {int(i): v for i, v in (step.get("experts_per_token") or {}).items()}
+    sizes = {**sizes, "routing_policy": policy["kind"], "experts_per_token": None, "active_params_with_policy": None}
+    layers = [l for l in summarize(model).layers if l.kind == "moe"]
+    if measured and all(l.index in measured for l in layers):
+        sizes["experts_per_token"] = round(sum(measured[l.index] for l in layers) / len(layers), 4)
+        saved = sum(l.routed_params * (l.top_k - measured[l.index]) / l.num_experts for l in layers)
+        sizes["active_params_with_policy"] = round(sizes["active_params"] - saved)
+    return sizes
 
 
 def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
@@ -262,12 +284,14 @@ def compress(
     report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
                         **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
-    report["after"] = summary(lent.model, stored)
+    report["after"] = with_routing_policy(summary(lent.model, stored), lent.model, report["steps"])
     from moekit.arch.factored import FACTORED_KEY
 
     factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
     report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
                         else _quantized_format(recipe) or "standard")
+    report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
+        getattr(lent.model.config, "moekit_routing_policy", None)))
     report["activations"] = budget.report()
     budget.close()
 
@@ -353,6 +377,47 @@ def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard:
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
 
 
+# What plain transformers (`AutoModelForCausalLM.from_pretrained`, no moekit imported) makes of
+# each output, tested on every format in a process that never imports moekit
+# (tests/test_who_loads.py): "same" — it loads it and computes what `moekit.load` computes;
+# "ignores_routing_policy" — it loads the weights but routes every token to all top-k
+# experts, so its results differ; "fails" — it raises (moekit's own formats are written
+# without model.safetensors; mixed-width experts fail transformers' weight conversion).
+def plain_transformers(format: str, *, routing_policy: bool) -> str:
+    if format in ("moekit-nonuniform", "moekit-factored", "compressed-tensors-mixed"):
+        return "fails"
+    return "ignores_routing_policy" if routing_policy else "same"
+
+
+def who_loads(report: dict) -> str:
+    """Who can load the output and with what result: the card's and the CLI's sentence."""
+    fmt, plain = report["format"], report.get("plain_transformers", "same")
+    if fmt == "compressed-tensors":
+        what = ("Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
+                "in config.json), the format vLLM and SGLang serve (not tested with moekit's output). "
+                "`transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit when the "
+                "`compressed-tensors` package is installed")
+    elif fmt == "compressed-tensors-mixed":
+        return ("Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
+                "different bit widths. transformers decompresses every fused expert with one scheme, so "
+                "`from_pretrained` fails on this folder: load it with `moekit.load(folder)`.")
+    elif fmt == "standard":
+        what = ("This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads "
+                "it without moekit")
+    else:
+        return ("Layers differ in a way a standard transformers config cannot express (different numbers of "
+                "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
+                "config.json's `moekit_*` keys). This folder is in moekit's own format (`moekit.json`, "
+                "`moekit-model.safetensors`, no `model.safetensors`, so `from_pretrained` fails rather than load it "
+                "wrong): load it with `moekit.load(folder)`.")
+    if plain == "ignores_routing_policy":
+        return (what + ", but transformers ignores the routing policy (config.json's `moekit_routing_policy`): it "
+                "routes every token to all top-k experts, as the model before the policy did, so its results differ "
+                "from this model's. `moekit.load(folder)` applies the policy (and `moekit eval` counts the experts "
+                "it computes).")
+    return what + " and computes what `moekit.load(folder)` computes."
+
+
 def model_card(report: dict) -> str:
     """A README.md for the output folder: what was done and what it cost."""
     before, after = report["before"], report["after"]
@@ -374,7 +439,9 @@ def model_card(report: dict) -> str:
         "| | before | after |",
         "|---|---|---|",
         f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
-        f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
+        f"| active parameters per token | {before['active_params']:,} | {active_after(after)} |",
+        f"| experts per token (mean over MoE layers) | {before['experts_per_token']:g} | "
+        f"{experts_per_token_after(after)} |",
         f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
         f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
         f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
@@ -386,22 +453,23 @@ def model_card(report: dict) -> str:
             f"{after['eval']['perplexity']:.3f} |",
             f"| next-token accuracy | {before['eval']['accuracy']:.2%} | {after['eval']['accuracy']:.2%} |",
         ]
-    lines += ["", "Experts kept in each layer (original ids) are listed in `report.json`.", ""]
-    if report["format"] == "standard":
-        lines += ["This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` "
-                  "loads it without moekit."]
-    elif report["format"] == "compressed-tensors":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
-                  "in config.json): `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit "
-                  "when the `compressed-tensors` package is installed, and vLLM and SGLang serve this format."]
-    elif report["format"] == "compressed-tensors-mixed":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                  "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
-                  "load this folder correctly: load it with `moekit.load(folder)`."]
-    else:
-        lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
-                  "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
-                  "config.json's `moekit_*` keys). This "
-                  "folder is in moekit's own format (`moekit.json`, `moekit-model.safetensors`): load it with "
-                  "`moekit.load(folder)`."]
+    lines += ["", "Experts kept in each layer (original ids) are listed in `report.json`.", "", who_loads(report)]
     return "\n".join(lines) + "\n"
+
+
+def active_after(after: dict) -> str:
+    """The "after" active parameters per token: with a routing policy, at the full top-k and
+    at the mean the policy kept on the calibration tokens."""
+    if "routing_policy" not in after:
+        return f"{after['active_params']:,}"
+    mean = after.get("active_params_with_policy")
+    return f"{after['active_params']:,} at the full top-k; " + (
+        f"{mean:,} on average with the routing policy" if mean is not None else "fewer with the routing policy")
+
+
+def experts_per_token_after(after: dict) -> str:
+    if "routing_policy" not in after:
+        return f"{after['experts_per_token']:g}"
+    if after["experts_per_token"] is None:
+        return "decided per token by the routing policy (its parameter was given: not measured)"
+    return f"{after['experts_per_token']:g} (routing policy; mean on the calibration tokens)"

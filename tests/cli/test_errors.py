@@ -248,3 +248,16 @@ def test_a_quantized_input_is_counted_as_stored_and_dequantize_says_so(moekit, q
     assert planned["before"]["bytes"] == Checkpoint(quantized).stored_bytes  # packed, not the floats read
     assert any("quantized checkpoint (compressed-tensors, 4-bit weights), read dequantized (--dequantize)" in note
                for note in planned["notes"])
+
+
+def test_compress_says_who_loads_its_output_and_the_experts_per_token(moekit, quantized, tmp_path):
+    """Not an error, but the CLI's account of a routing policy (tests/test_who_loads.py checks
+    each claim in plain transformers): the weights load anywhere, the policy only in moekit."""
+    root = quantized.parent
+    code, out, err = moekit("compress", root / "qwen3_moe", "--recipe", "skip-50", "-o", tmp_path / "out",
+                            "--data", root / "data", "--samples", "2", "--seq-len", "16")
+    assert code == 0, err
+    words = " ".join(out.split())
+    assert "experts / token │ 2 │ 1 (routing policy; mean on the" in words  # the table wraps the cell
+    assert "but transformers ignores the routing policy (config.json's `moekit_routing_policy`)" in words
+    assert "so its results differ from this model's. `moekit.load(folder)` applies the policy" in words

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from moekit.cli import app
@@ -111,19 +112,10 @@ def compress_command(
                 console.print(f"topk: top-k per MoE layer {step['top_k']}", highlight=False)
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        if report["format"] == "moekit-nonuniform":
-            console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
-                          "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
-                          "moekit.load(folder), not plain transformers.[/]")
-        elif report["format"] == "moekit-factored":
-            console.print("[yellow]experts are stored as low-rank factors in moekit's format: load it with "
-                          "moekit.load(folder); --materialize writes a standard checkpoint instead.[/]")
-        elif report["format"] == "compressed-tensors-mixed":
-            console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
-                          "scheme, so load it with moekit.load(folder).[/]")
-        elif report["format"] == "compressed-tensors":
-            console.print("[dim]compressed-tensors checkpoint: transformers (with compressed-tensors), vLLM and "
-                          "SGLang load it.[/]")
+        from moekit.compression import who_loads
+
+        style = "dim" if report["plain_transformers"] == "same" else "yellow"
+        console.print(f"[{style}]{escape(who_loads(report))}[/]", highlight=False)
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
 
 
@@ -140,7 +132,10 @@ def _size_table(title: str, report: dict) -> Table:
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
-    table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
+    from moekit.compression import active_after, experts_per_token_after
+
+    table.add_row("active / token", f"{before['active_params']:,}", active_after(after))
+    table.add_row("experts / token", f"{before['experts_per_token']:g}", experts_per_token_after(after))
     table.add_row(f"bytes (after: {report['dtype']})", f"{before['bytes']:,}", f"{after['bytes']:,}")
     return table
 
