@@ -409,7 +409,9 @@ def who_loads(report: dict) -> str:
                 "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
                 "config.json's `moekit_*` keys). This folder is in moekit's own format (`moekit.json`, "
                 "`moekit-model.safetensors`, no `model.safetensors`, so `from_pretrained` fails rather than load it "
-                "wrong): load it with `moekit.load(folder)`.")
+                "wrong): load it with `moekit.load(folder)`."
+                + (" `moekit compress --materialize` writes a standard checkpoint instead." if fmt == "moekit-factored"
+                   else ""))
     if plain == "ignores_routing_policy":
         return (what + ", but transformers ignores the routing policy (config.json's `moekit_routing_policy`): it "
                 "routes every token to all top-k experts, as the model before the policy did, so its results differ "
