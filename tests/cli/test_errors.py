@@ -261,3 +261,27 @@ def test_compress_says_who_loads_its_output_and_the_experts_per_token(moekit, qu
     assert "experts / token │ 2 │ 1 (routing policy; mean on the" in words  # the table wraps the cell
     assert "but transformers ignores the routing policy (config.json's `moekit_routing_policy`)" in words
     assert "so its results differ from this model's. `moekit.load(folder)` applies the policy" in words
+
+
+def test_run_refuses_statistics_of_another_model_with_as_many_experts(moekit, quantized, tmp_path):
+    """The prior's statistics are checked by the fingerprint calibrate wrote (config and
+    routers), as compress --stats checks them: one changed router is another model."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.data.tokenizer import load_tokenizer, save_tokenizer
+
+    root = quantized.parent
+    other = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe")
+    other.model.layers[0].mlp.gate.weight.data[0] += 1.0
+    other.save_pretrained(tmp_path / "other")
+    save_tokenizer(load_tokenizer(root / "qwen3_moe"), tmp_path / "other")
+    code, _, err = moekit("calibrate", root / "qwen3_moe", "-o", tmp_path / "stats", "--data", root / "data",
+                          "--samples", "2", "--seq-len", "16", "--stats", "frequency")
+    assert code == 0, err
+    run = ["--prompt", "def", "--max-new-tokens", "2", "--expert-memory", "100%", "--stats", tmp_path / "stats"]
+    message = _refused(moekit("run", tmp_path / "other", "--policy", "prior", *run), tmp_path / "stats",
+                       "were computed on another model")
+    assert "moekit calibrate MODEL -o FOLDER" in message
+    _refused(moekit("run", root / "qwen3_moe", *run), "--stats is read only by --policy prior (not lru)")
+    code, _, err = moekit("run", root / "qwen3_moe", "--policy", "prior", *run)
+    assert code == 0, err
