@@ -286,8 +286,8 @@ def test_moekit_eval_reads_a_quantized_checkpoint_as_moekit_load_does(sources, t
     (streamed,) = json.loads(result.stdout)["models"].values()
     from moekit.data.tokens import evaluation_stream, tokenizer_for
 
-    ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids[:300]
-    whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, progress=False)
+    ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids
+    whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, max_tokens=300, progress=False)
     assert streamed["perplexity"] == pytest.approx(whole.perplexity, rel=1e-5)
 
 
