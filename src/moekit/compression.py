@@ -284,6 +284,10 @@ def compress(
     report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
                         **step.report(result.per_layer.get(position, {}))}
                        for position, step in enumerate(recipe.steps)]
+    report["notes"] += [f"quantize: the bit allocation is not proven optimal (the solver stopped at its "
+                        f"{s['allocation']['time_limit_s']:g} s limit): its total error is at most "
+                        f"{s['allocation']['mip_gap']:.2%} above the optimum's."
+                        for s in report["steps"] if "allocation" in s and not s["allocation"]["proven_optimal"]]
     report["after"] = with_routing_policy(summary(lent.model, stored), lent.model, report["steps"])
     from moekit.arch.factored import FACTORED_KEY
 
@@ -400,7 +404,8 @@ def who_loads(report: dict) -> str:
     elif fmt == "compressed-tensors-mixed":
         return ("Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
                 "different bit widths. transformers decompresses every fused expert with one scheme, so "
-                "`from_pretrained` fails on this folder: load it with `moekit.load(folder)`.")
+                "`from_pretrained` cannot load this folder (it fails rather than load it wrong): load it with "
+                "`moekit.load(folder)`.")
     elif fmt == "standard":
         what = ("This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads "
                 "it without moekit")

@@ -228,6 +228,10 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     quantize = Quantize.model_validate(step)
     costs = quantize.expert_costs(_skeleton(load_config(str(sources / "qwen3_moe"))))
     assert sum(costs[key][b] for key, b in bits.items()) <= budget_for_average_bits(costs, 3.0)
+    allocation = report["allocation"]  # what the solver proved, carried into the step's report
+    assert allocation["proven_optimal"] and allocation["mip_gap"] <= allocation["within"] == 1e-4
+    assert allocation["total_bytes"] == sum(costs[key][b] for key, b in bits.items())
+    assert allocation["budget_bytes"] == budget_for_average_bits(costs, 3.0)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]
     card = (tmp_path / "out" / "README.md").read_text()

@@ -110,6 +110,9 @@ def compress_command(
                 console.print(f"{step['type']}: dropped layers {step['dropped']}", highlight=False)
             elif step["type"] == "topk":
                 console.print(f"topk: top-k per MoE layer {step['top_k']}", highlight=False)
+            elif "allocation" in step and step["allocation"]["proven_optimal"]:  # unproven: a note below
+                console.print(f"quantize: experts' bits proven within {step['allocation']['within']:.2%} of the "
+                              f"least total error ({step['allocation']['solve_seconds']:.1f} s)", highlight=False)
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
         from moekit.compression import who_loads
