@@ -1,6 +1,6 @@
 """The model card written with a compressed model states what the report holds."""
 
-from moekit.compression import model_card
+from moekit.io.card import model_card
 
 
 def _sizes(counts):

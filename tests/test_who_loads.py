@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import moekit
-from moekit.compression import who_loads
+from moekit.io.card import who_loads
 from tests.checkpoints import write_checkpoints
 
 POLICY = {"type": "routing_policy", "policy": "threshold", "target_fraction": 0.5}

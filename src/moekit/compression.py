@@ -34,6 +34,7 @@ from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
+from moekit.io.card import model_card, plain_transformers
 from moekit.recipe.passes import RecipePass, check_given, needs_native_format, phases_of, plan_passes
 
 
@@ -379,104 +380,3 @@ def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard:
     result = evaluate(model, rows, batch_size=batch_size, progress=progress, routing=False,
                       context_length=length, stride=max(length - 1, 1), shard=shard)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
-
-
-# What plain transformers (`AutoModelForCausalLM.from_pretrained`, no moekit imported) makes of
-# each output, tested on every format in a process that never imports moekit
-# (tests/test_who_loads.py): "same" — it loads it and computes what `moekit.load` computes;
-# "ignores_routing_policy" — it loads the weights but routes every token to all top-k
-# experts, so its results differ; "fails" — it raises (moekit's own formats are written
-# without model.safetensors; mixed-width experts fail transformers' weight conversion).
-def plain_transformers(format: str, *, routing_policy: bool) -> str:
-    if format in ("moekit-nonuniform", "moekit-factored", "compressed-tensors-mixed"):
-        return "fails"
-    return "ignores_routing_policy" if routing_policy else "same"
-
-
-def who_loads(report: dict) -> str:
-    """Who can load the output and with what result: the card's and the CLI's sentence."""
-    fmt, plain = report["format"], report.get("plain_transformers", "same")
-    if fmt == "compressed-tensors":
-        what = ("Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
-                "in config.json), the format vLLM and SGLang serve (not tested with moekit's output). "
-                "`transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit when the "
-                "`compressed-tensors` package is installed")
-    elif fmt == "compressed-tensors-mixed":
-        return ("Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                "different bit widths. transformers decompresses every fused expert with one scheme, so "
-                "`from_pretrained` cannot load this folder (it fails rather than load it wrong): load it with "
-                "`moekit.load(folder)`.")
-    elif fmt == "standard":
-        what = ("This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads "
-                "it without moekit")
-    else:
-        return ("Layers differ in a way a standard transformers config cannot express (different numbers of "
-                "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
-                "config.json's `moekit_*` keys). This folder is in moekit's own format (`moekit.json`, "
-                "`moekit-model.safetensors`, no `model.safetensors`, so `from_pretrained` fails rather than load it "
-                "wrong): load it with `moekit.load(folder)`."
-                + (" `moekit compress --materialize` writes a standard checkpoint instead." if fmt == "moekit-factored"
-                   else ""))
-    if plain == "ignores_routing_policy":
-        return (what + ", but transformers ignores the routing policy (config.json's `moekit_routing_policy`): it "
-                "routes every token to all top-k experts, as the model before the policy did, so its results differ "
-                "from this model's. `moekit.load(folder)` applies the policy (and `moekit eval` counts the experts "
-                "it computes).")
-    return what + " and computes what `moekit.load(folder)` computes."
-
-
-def model_card(report: dict) -> str:
-    """A README.md for the output folder: what was done and what it cost."""
-    before, after = report["before"], report["after"]
-    # one count per layer: a global budget keeps a different number in each
-    layers = sorted(before["experts_per_layer"].keys() | after["experts_per_layer"].keys(), key=int)
-    lines = [
-        f"# {Path(report['model']).name} compressed by moekit",
-        "",
-        f"Source model: `{report['model']}`. Recipe (also in `recipe.yaml`):",
-        "",
-        "```yaml",
-        Recipe.from_dict(report["recipe"]).to_yaml().rstrip(),
-        "```",
-        "",
-        f"Calibration: {report['data_shape'][0]} sequences of {report['data_shape'][1]} tokens from "
-        f"`{report['data_source']}` (fingerprint `{report['data_fingerprint']}`).",
-        *(f"Note: {note}" for note in report.get("notes", [])),
-        "",
-        "| | before | after |",
-        "|---|---|---|",
-        f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
-        f"| active parameters per token | {before['active_params']:,} | {active_after(after)} |",
-        f"| experts per token (mean over MoE layers) | {before['experts_per_token']:g} | "
-        f"{experts_per_token_after(after)} |",
-        f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
-        f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
-        f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
-        f"{', '.join(str(after['experts_per_layer'].get(i, '-')) for i in layers)} |",
-    ]
-    if "eval" in before:
-        lines += [
-            f"| perplexity ({before['eval']['tokens']} tokens) | {before['eval']['perplexity']:.3f} | "
-            f"{after['eval']['perplexity']:.3f} |",
-            f"| next-token accuracy | {before['eval']['accuracy']:.2%} | {after['eval']['accuracy']:.2%} |",
-        ]
-    lines += ["", "Experts kept in each layer (original ids) are listed in `report.json`.", "", who_loads(report)]
-    return "\n".join(lines) + "\n"
-
-
-def active_after(after: dict) -> str:
-    """The "after" active parameters per token: with a routing policy, at the full top-k and
-    at the mean the policy kept on the calibration tokens."""
-    if "routing_policy" not in after:
-        return f"{after['active_params']:,}"
-    mean = after.get("active_params_with_policy")
-    return f"{after['active_params']:,} at the full top-k; " + (
-        f"{mean:,} on average with the routing policy" if mean is not None else "fewer with the routing policy")
-
-
-def experts_per_token_after(after: dict) -> str:
-    if "routing_policy" not in after:
-        return f"{after['experts_per_token']:g}"
-    if after["experts_per_token"] is None:
-        return "decided per token by the routing policy (its parameter was given: not measured)"
-    return f"{after['experts_per_token']:g} (routing policy; mean on the calibration tokens)"

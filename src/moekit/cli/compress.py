@@ -115,7 +115,7 @@ def compress_command(
                               f"least total error ({step['allocation']['solve_seconds']:.1f} s)", highlight=False)
         for note in report["notes"]:
             console.print(f"[yellow]note:[/] {note}", highlight=False)
-        from moekit.compression import who_loads
+        from moekit.io.card import who_loads
 
         style = "dim" if report["plain_transformers"] == "same" else "yellow"
         console.print(f"[{style}]{escape(who_loads(report))}[/]", highlight=False)
@@ -135,7 +135,7 @@ def _size_table(title: str, report: dict) -> Table:
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
-    from moekit.compression import active_after, experts_per_token_after
+    from moekit.io.card import active_after, experts_per_token_after
 
     table.add_row("active / token", f"{before['active_params']:,}", active_after(after))
     table.add_row("experts / token", f"{before['experts_per_token']:g}", experts_per_token_after(after))
