@@ -1,6 +1,6 @@
 """The model card and the CLI say what the output stores and what an evaluation scored."""
 
-from moekit.compression import eval_tokens, model_card, stored_as
+from moekit.io.card import eval_tokens, model_card, stored_as
 
 W4A16 = {"steps": [{"type": "quantize", "bits": 4, "expert_bits": None, "average_bits": None,
                     "targets": ["linear", "experts"]}]}

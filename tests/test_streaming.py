@@ -193,6 +193,8 @@ def test_compress_with_saved_statistics_equals_calibrating(checkpoints, tmp_path
     assert _tensors(tmp_path / "reused").keys() == _tensors(tmp_path / "fresh").keys()
     assert all(torch.equal(a, b) for a, b in zip(_tensors(tmp_path / "reused").values(),
                                                  _tensors(tmp_path / "fresh").values()))
+    for name in ("model.safetensors", "config.json"):  # the checkpoint byte for byte (README says so)
+        assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
     assert reused["calibration"][0]["read_from"] == str((tmp_path / "stats").resolve())
     with pytest.raises(MoekitError, match="other calibration data"):
         moekit.compress(model, "prune-50", out_dir=tmp_path / "a", stats=tmp_path / "stats", **{**kw, "seq_len": 16})

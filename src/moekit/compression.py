@@ -33,6 +33,7 @@ from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
+from moekit.io.card import model_card, plain_transformers
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 from moekit.recipe.passes import RecipePass, check_given, needs_native_format, phases_of, plan_passes
 
@@ -75,12 +76,59 @@ def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tupl
     return recipe, config
 
 
-def summary(model: nn.Module, stored: torch.dtype) -> dict:
+def summary(model: nn.Module, stored: torch.dtype, checkpoint=None) -> dict:
     """Sizes for reports: parameters (total, active per token, routed), bytes as stored in
-    ``stored``, experts per MoE layer."""
+    ``stored`` (or, given the `Checkpoint` the model was read from, as that checkpoint
+    stores them: a quantized input's packed bytes, not its dequantized floats), experts
+    per MoE layer."""
     s = summarize(model, stored_dtype=stored)
+    moe = [l for l in s.layers if l.kind == "moe"]
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
-            "bytes": s.total_bytes, "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
+            "bytes": checkpoint.stored_bytes if checkpoint is not None else s.total_bytes,
+            "experts_per_layer": {str(l.index): l.num_experts for l in moe},
+            "experts_per_token": sum(l.top_k for l in moe) / len(moe) if moe else 0.0}  # mean top-k over MoE layers
+
+
+def with_routing_policy(sizes: dict, model: nn.Module, steps: list[dict]) -> dict:
+    """``sizes`` (`summary`) of a model whose last ``routing_policy`` step (its report in
+    ``steps``) computes fewer experts per token than top-k: ``experts_per_token`` becomes the
+    mean the policy kept on the calibration tokens, ``active_params_with_policy`` the mean
+    parameters per token that follow (``active_params`` stays at the full top-k), both None
+    when the policy's parameter was given rather than calibrated (nothing was measured)."""
+    policy = getattr(model.config, "moekit_routing_policy", None)
+    step = next((s for s in reversed(steps) if s["type"] == "routing_policy"), None)
+    if step is None or not policy:
+        return sizes
+    measured = {int(i): v for i, v in (step.get("experts_per_token") or {}).items()}
+    sizes = {**sizes, "routing_policy": policy["kind"], "experts_per_token": None, "active_params_with_policy": None}
+    layers = [l for l in summarize(model).layers if l.kind == "moe"]
+    if measured and all(l.index in measured for l in layers):
+        sizes["experts_per_token"] = round(sum(measured[l.index] for l in layers) / len(layers), 4)
+        saved = sum(l.routed_params * (l.top_k - measured[l.index]) / l.num_experts for l in layers)
+        sizes["active_params_with_policy"] = round(sizes["active_params"] - saved)
+    return sizes
+
+
+def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
+    """A quantized (compressed-tensors) input is refused before any work unless
+    ``dequantize``: it is read dequantized, so the output would silently store floats.
+    With ``dequantize``, the note that the CLI, ``report.json`` and the card carry."""
+    from moekit.io.compressed import quantized_input, refuse_quantized
+    from moekit.io.load import resolve_folder
+
+    folder = resolve_folder(name)
+    if not dequantize:
+        refuse_quantized(name, folder, doing="compressing it",
+                         fix="Compress the unquantized model it was made from with a recipe that ends in quantize "
+                             "(e.g. --recipe prune-50-w4), or pass --dequantize (Python: dequantize=True) to write "
+                             "dequantized weights on purpose.")
+        return []
+    described = quantized_input(folder)
+    if described is None:
+        return []
+    return [f"the input is a quantized checkpoint ({described}), read dequantized (--dequantize): the output "
+            f"stores {str(stored).removeprefix('torch.')} weights, not the input's quantized ones, unless the "
+            "recipe quantizes them again; \"before\" counts the input's bytes as stored."]
 
 
 def compress(
@@ -105,6 +153,7 @@ def compress(
     resume: bool = False,
     stats: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
+    dequantize: bool = False,
     progress: bool = True,
     on_start=None,
     on_event=None,
@@ -135,6 +184,9 @@ def compress(
             made for another model or data or lacks a statistic the recipe needs.
         max_shard_size: an output up to this size is one ``model.safetensors``; a bigger
             one is written as one shard per decoder layer with an index.
+        dequantize: accept a quantized (compressed-tensors) input, read dequantized: the
+            output stores floats (unless the recipe quantizes again), and the report says
+            so. Without it such an input is refused before any work.
         on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
         on_event: called with ("layer", index) when a decoder layer is finished and kept
             in the work folder, and ("saved", n) when the n-th output file is in place.
@@ -165,12 +217,13 @@ def compress(
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
+    dequantized = quantized_source(name, dequantize, stored)
     where = resolve_device(device)
     compute = resolve_compute_dtype(compute_dtype, where)
     budget_bytes = parse_bytes(activation_budget)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
-    notes = _sample_shortfall(recipe, n_samples, seq_len)
+    notes = dequantized + _sample_shortfall(recipe, n_samples, seq_len)
     eval_rows = None
     if evaluate:
         eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids, eval_max_tokens,
@@ -201,7 +254,7 @@ def compress(
             on_start(work)
         budget = ActivationBudget(budget_bytes, work.path / "activations")
         report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                                  "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
+                                  "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source, lent.checkpoint),
                                   "notes": notes, "device": str(where),
                                   "compute_dtype": str(compute).removeprefix("torch.")}
         if eval_rows is not None:
@@ -248,12 +301,18 @@ def compress(
         report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
                             **step.report(result.per_layer.get(position, {}))}
                            for position, step in enumerate(recipe.steps)]
-        report["after"] = summary(lent.model, stored)
+        report["notes"] += [f"quantize: the bit allocation is not proven optimal (the solver stopped at its "
+                            f"{s['allocation']['time_limit_s']:g} s limit): its total error is at most "
+                            f"{s['allocation']['mip_gap']:.2%} above the optimum's."
+                            for s in report["steps"] if "allocation" in s and not s["allocation"]["proven_optimal"]]
+        report["after"] = with_routing_policy(summary(lent.model, stored), lent.model, report["steps"])
         from moekit.arch.factored import FACTORED_KEY
 
         factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
         report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
                             else _quantized_format(recipe) or "standard")
+        report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
+            getattr(lent.model.config, "moekit_routing_policy", None)))
         report["activations"] = budget.report()
         budget.close()
 
@@ -339,82 +398,3 @@ def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard:
                       context_length=length, stride=max(length - 1, 1), shard=shard)
     return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
             "rows": rows.shape[0], "row_length": length}
-
-
-def eval_tokens(scores: dict) -> str:
-    """What an evaluation scored, in words: each row's first token has nothing before it to
-    be predicted from, so 128 rows of 256 tokens score 32,640 predictions."""
-    if "rows" not in scores:  # a report.json written before rows were recorded
-        return f"{scores['tokens']:,} tokens predicted"
-    return f"{scores['tokens']:,} tokens predicted: {scores['rows']} rows of {scores['row_length']}"
-
-
-def stored_as(report: dict) -> str:
-    """What the output's weights are stored as, in words: its dtype, or for a quantized output
-    the packed bit widths first (``4-bit Linear and expert weights, the rest bfloat16``)."""
-    quantize = [step for step in report["recipe"]["steps"] if step["type"] == "quantize"]
-    if not quantize:
-        return report["dtype"]
-    step = quantize[-1]
-    bits = {"linear": f"{step['bits']}-bit", "experts": f"{step['expert_bits'] or step['bits']}-bit"}
-    if step.get("average_bits") is not None:
-        bits["experts"] = f"{step['average_bits']:g}-bit on average"
-    parts = [f"{bits[t]} {'Linear' if t == 'linear' else 'expert'} weights" for t in step["targets"]]
-    if len(parts) == 2 and bits["linear"] == bits["experts"]:
-        parts = [f"{bits['linear']} Linear and expert weights"]
-    return f"{' and '.join(parts)}, the rest {report['dtype']}"
-
-
-def model_card(report: dict) -> str:
-    """A README.md for the output folder: what was done and what it cost."""
-    before, after = report["before"], report["after"]
-    # one count per layer: a global budget keeps a different number in each
-    layers = sorted(before["experts_per_layer"].keys() | after["experts_per_layer"].keys(), key=int)
-    lines = [
-        f"# {Path(report['model']).name} compressed by moekit",
-        "",
-        f"Source model: `{report['model']}`. Recipe (also in `recipe.yaml`):",
-        "",
-        "```yaml",
-        Recipe.from_dict(report["recipe"]).to_yaml().rstrip(),
-        "```",
-        "",
-        f"Calibration: {report['data_shape'][0]} sequences of {report['data_shape'][1]} tokens from "
-        f"`{report['data_source']}` (fingerprint `{report['data_fingerprint']}`).",
-        *(f"Note: {note}" for note in report.get("notes", [])),
-        "",
-        "| | before | after |",
-        "|---|---|---|",
-        f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
-        f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
-        f"| bytes as stored (output: {stored_as(report)}) | {before['bytes']:,} | {after['bytes']:,} |",
-        f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
-        f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
-        f"{', '.join(str(after['experts_per_layer'].get(i, '-')) for i in layers)} |",
-    ]
-    if "eval" in before:
-        lines += [
-            f"| perplexity ({eval_tokens(before['eval'])}) | {before['eval']['perplexity']:.3f} | "
-            f"{after['eval']['perplexity']:.3f} |",
-            f"| next-token accuracy | {before['eval']['accuracy']:.2%} | {after['eval']['accuracy']:.2%} |",
-        ]
-    removed = before["experts_per_layer"] != after["experts_per_layer"]
-    lines += ["", *(["Experts kept in each layer (original ids) are listed in `report.json`.", ""] if removed else [])]
-    if report["format"] == "standard":
-        lines += ["This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` "
-                  "loads it without moekit."]
-    elif report["format"] == "compressed-tensors":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
-                  "in config.json): `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit "
-                  "when the `compressed-tensors` package is installed, and vLLM and SGLang serve this format."]
-    elif report["format"] == "compressed-tensors-mixed":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                  "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
-                  "load this folder correctly: load it with `moekit.load(folder)`."]
-    else:
-        lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
-                  "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
-                  "config.json's `moekit_*` keys). This "
-                  "folder is in moekit's own format (`moekit.json`, `moekit-model.safetensors`): load it with "
-                  "`moekit.load(folder)`."]
-    return "\n".join(lines) + "\n"

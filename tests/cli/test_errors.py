@@ -232,3 +232,83 @@ def test_a_jsonl_field_that_is_missing_points_at_a_flag_the_command_has(moekit, 
         _refused(moekit(command, *model, "--data", tmp_path / "rows.jsonl", *writes), "--text-field")
         code, help_text, _ = moekit(command, "--help")
         assert code == 0 and "--text-field" in help_text, command
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    """A real 4-bit compressed-tensors checkpoint, as `compress --recipe w4a16` writes one."""
+    import moekit
+    from tests.checkpoints import write_checkpoints
+
+    root = write_checkpoints(tmp_path_factory.mktemp("quantized"), ["qwen3_moe"], documents=2)
+    moekit.compress(str(root / "qwen3_moe"), {"steps": [{"type": "quantize", "method": "rtn", "bits": 4,
+                                                         "group_size": 8}]},
+                    out_dir=root / "w4", data=str(root / "data"), n_samples=2, seq_len=16, dtype="bfloat16",
+                    progress=False)
+    return root / "w4"
+
+
+@pytest.mark.parametrize("command, fix", [
+    ("compress", "--dequantize"), ("compress --plan", "--dequantize"), ("train --init", "moekit compress RUN/model"),
+    ("upcycle", "moekit compress OUT"), ("split", "moekit compress OUT"), ("combine", "moekit compress OUT")])
+def test_a_quantized_input_is_refused_by_every_command_that_writes_weights(moekit, quantized, tmp_path, command,
+                                                                            fix):
+    """Read dequantized, its weights would be written as floats: the output would silently
+    lose the quantization and grow several times (a 4-bit model compressed to 2x its bytes)."""
+    message = _refused(moekit(*_args(command, quantized, tmp_path / "out")), quantized,
+                       "quantized checkpoint (compressed-tensors, 4-bit weights)", fix)
+    if command.startswith("compress"):
+        assert "recipe that ends in quantize" in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_quantized_input_is_counted_as_stored_and_dequantize_says_so(moekit, quantized, tmp_path):
+    from moekit.io.checkpoint import Checkpoint
+
+    code, out, err = moekit("inspect", quantized, "--json")
+    assert code == 0, err
+    assert json.loads(out)["total_bytes"] == Checkpoint(quantized).stored_bytes  # not its dequantized floats
+    assert set(json.loads(out)["bytes_by_dtype"]) == {"bfloat16", "int32", "int64"}  # scales, packed, shapes
+    code, out, err = moekit("compress", quantized, "--plan", "--dequantize", "--recipe", "reap-25", "--json")
+    assert code == 0, err
+    planned = json.loads(out)
+    assert planned["before"]["bytes"] == Checkpoint(quantized).stored_bytes  # packed, not the floats read
+    assert any("quantized checkpoint (compressed-tensors, 4-bit weights), read dequantized (--dequantize)" in note
+               for note in planned["notes"])
+
+
+def test_compress_says_who_loads_its_output_and_the_experts_per_token(moekit, quantized, tmp_path):
+    """Not an error, but the CLI's account of a routing policy (tests/test_who_loads.py checks
+    each claim in plain transformers): the weights load anywhere, the policy only in moekit."""
+    root = quantized.parent
+    code, out, err = moekit("compress", root / "qwen3_moe", "--recipe", "skip-50", "-o", tmp_path / "out",
+                            "--data", root / "data", "--samples", "2", "--seq-len", "16")
+    assert code == 0, err
+    words = " ".join(out.split())
+    assert "experts / token │ 2 │ 1 (routing policy; mean on the" in words  # the table wraps the cell
+    assert "but transformers ignores the routing policy (config.json's `moekit_routing_policy`)" in words
+    assert "so its results differ from this model's. `moekit.load(folder)` applies the policy" in words
+
+
+def test_run_refuses_statistics_of_another_model_with_as_many_experts(moekit, quantized, tmp_path):
+    """The prior's statistics are checked by the fingerprint calibrate wrote (config and
+    routers), as compress --stats checks them: one changed router is another model."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.data.tokenizer import load_tokenizer, save_tokenizer
+
+    root = quantized.parent
+    other = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe")
+    other.model.layers[0].mlp.gate.weight.data[0] += 1.0
+    other.save_pretrained(tmp_path / "other")
+    save_tokenizer(load_tokenizer(root / "qwen3_moe"), tmp_path / "other")
+    code, _, err = moekit("calibrate", root / "qwen3_moe", "-o", tmp_path / "stats", "--data", root / "data",
+                          "--samples", "2", "--seq-len", "16", "--stats", "frequency")
+    assert code == 0, err
+    run = ["--prompt", "def", "--max-new-tokens", "2", "--expert-memory", "100%", "--stats", tmp_path / "stats"]
+    message = _refused(moekit("run", tmp_path / "other", "--policy", "prior", *run), tmp_path / "stats",
+                       "were computed on another model")
+    assert "moekit calibrate MODEL -o FOLDER" in message
+    _refused(moekit("run", root / "qwen3_moe", *run), "--stats is read only by --policy prior (not lru)")
+    code, _, err = moekit("run", root / "qwen3_moe", "--policy", "prior", *run)
+    assert code == 0, err

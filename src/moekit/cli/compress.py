@@ -43,6 +43,9 @@ def compress_command(
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
                                               "a standard checkpoint (original size) that loads anywhere.")] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Accept a quantized (compressed-tensors) MODEL, "
+                                             "read dequantized: the output stores floats unless the recipe quantizes "
+                                             "again (refused without this flag).")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -63,7 +66,7 @@ def compress_command(
         check_model(model)
         name, recipe = recipe, _materialized(recipe) if materialize else recipe
         if plan_only:
-            report = plan(model, recipe, dtype=dtype)
+            report = plan(model, recipe, dtype=dtype, dequantize=dequantize)
             if json_out:
                 print_json(report)
                 return
@@ -86,14 +89,14 @@ def compress_command(
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,
                           activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
-                          max_shard_size=max_shard_size,
+                          max_shard_size=max_shard_size, dequantize=dequantize,
                           on_start=None if json_out else _announce)
         if report.get("rank"):  # under torchrun, another rank than 0: rank 0 reports
             return
         if json_out:
             print_json(report)
             return
-        from moekit.compression import eval_tokens
+        from moekit.io.card import eval_tokens
 
         before, after = report["before"], report["after"]
         table = _size_table(f"{report['model']} → {report['out']}", report)
@@ -111,21 +114,14 @@ def compress_command(
                 say(f"{step['type']}: dropped layers {step['dropped']}")
             elif step["type"] == "topk":
                 say(f"topk: top-k per MoE layer {step['top_k']}")
+            elif "allocation" in step and step["allocation"]["proven_optimal"]:  # unproven: a note below
+                say(f"quantize: experts' bits proven within {step['allocation']['within']:.2%} of the least total "
+                    f"error ({step['allocation']['solve_seconds']:.1f} s)")
         for line in report["notes"]:
             note(line)
-        if report["format"] == "moekit-nonuniform":
-            console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
-                          "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
-                          "moekit.load(folder), not plain transformers.[/]")
-        elif report["format"] == "moekit-factored":
-            console.print("[yellow]experts are stored as low-rank factors in moekit's format: load it with "
-                          "moekit.load(folder); --materialize writes a standard checkpoint instead.[/]")
-        elif report["format"] == "compressed-tensors-mixed":
-            console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
-                          "scheme, so load it with moekit.load(folder).[/]")
-        elif report["format"] == "compressed-tensors":
-            console.print("[dim]compressed-tensors checkpoint: transformers (with compressed-tensors), vLLM and "
-                          "SGLang load it.[/]")
+        from moekit.io.card import who_loads
+
+        say(who_loads(report), style="dim" if report["plain_transformers"] == "same" else "yellow")
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
 
 
@@ -137,13 +133,16 @@ def _announce(work) -> None:
 
 def _size_table(title: str, report: dict) -> Table:
     """Parameters, active parameters per token and bytes, before and after."""
-    from moekit.compression import stored_as
+    from moekit.io.card import stored_as
     before, after = report["before"], report["after"]
     table = Table(title=Text(title), title_justify="left")  # model names and paths are not markup
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
-    table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
+    from moekit.io.card import active_after, experts_per_token_after
+
+    table.add_row("active / token", f"{before['active_params']:,}", active_after(after))
+    table.add_row("experts / token", f"{before['experts_per_token']:g}", experts_per_token_after(after))
     table.add_row(f"bytes stored (after: {stored_as(report)})", f"{before['bytes']:,}", f"{after['bytes']:,}")
     return table
 

@@ -77,11 +77,15 @@ def inspect_command(
     """Show a model's structure: which layers are routed, experts, top-k, sizes (a dense
     model too: its layers and parameters)."""
     from moekit.arch.summary import summarize
-    from moekit.io.load import default_model, load, stored_dtype
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.io.load import default_model, load, resolve_folder, stored_dtype
 
     with user_errors():
         name = model or default_model()
         summary = summarize(load(name, trust_remote_code=trust_remote_code), stored_dtype=stored_dtype(name))
+        folder = resolve_folder(name)
+        if folder is not None:  # as the files store them: a quantized checkpoint's packed bytes, not its floats
+            summary.bytes_by_dtype = Checkpoint(folder).stored_bytes_by_dtype
         if json_out:
             print_json({"model": name, **summary.to_dict()})
         else:

@@ -127,6 +127,9 @@ def run_command(
         if policy == "prior" and stats is None:
             raise MoekitError("--policy prior pins the experts calibration selected most; pass --stats FOLDER "
                               "(written by `moekit calibrate MODEL -o FOLDER`).")
+        if stats is not None and policy != "prior":
+            raise MoekitError(f"--stats is read only by --policy prior (not {policy}); add --policy prior or drop "
+                              "--stats.")
         prior = _statistics(stats) if stats else None
         started = time.perf_counter()
         offloaded = offload(name, expert_memory=expert_memory, device=where, policy=policy, prefetch=prefetch,

@@ -400,7 +400,8 @@ def plan_passes(work, fresh, input_ids, phases, *, batch_size, seed, budget, sta
     work folder so a resumed run takes the same ones."""
     saved = work.plans()
     if saved is not None:
-        return {int(pos): {int(i): n for i, n in plan.items()} for pos, plan in saved.items()}
+        return {int(pos): {int(i) if i.isdigit() else i: n for i, n in plan.items()}  # layers, and named facts
+                for pos, plan in saved.items()}
     plans: dict[int, Any] = {}
     for p, phase in enumerate(phases):
         planners = [(pos, step) for pos, step in phase.steps if step.plan_needs()]

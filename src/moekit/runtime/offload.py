@@ -60,8 +60,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         device: where non-expert weights, the cache and the compute are.
         policy: ``lru``, ``lfu`` or ``prior`` (needs ``stats``).
         prefetch: guess layer l+1's experts from layer l's input and load them early.
-        stats: the prior's scores: a `CalibrationStats` (its ``frequency``) or
-            ``{layer: [E] scores}``.
+        stats: the prior's scores: a `CalibrationStats` (its ``frequency``; refused when its
+            model fingerprint is another model's) or ``{layer: [E] scores}``.
         dtype: compute dtype (of the non-expert weights and of every expert call).
         cache_dtype: dtype of the cached experts: ``"auto"`` (each parameter as stored, when
             ``dtype`` holds it exactly: bf16 checkpoints take half the memory of fp32 copies,
@@ -108,6 +108,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     model, sources = slow_tier_module.open_experts(model, device=device, dtype=dtype)
     layers = moe_layers(model)
     _check_family(layers)
+    if hasattr(stats, "check_model"):  # a calibration's: of this very model
+        stats.check_model(model)
     if mode == "auto" and any(_weighted_input(L) for L in layers):
         raise MoekitError(f"{setting('compute_misses', 'auto')} times transformers' grouped_mm experts path, which "
                           "Llama-4's experts do not take; choose 'always' or 'never'.")

@@ -28,6 +28,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
     from moekit.data.tokens import own_tokenizer_folder, tokenizer_path
+    from moekit.io.compressed import refuse_quantized
     from moekit.io.load import check_model, stored_dtype
     from moekit.io.outputs import check_output, missing_folders, writing
     from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, write_checkpoint
@@ -42,6 +43,9 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     made = [*missing_folders(out), out] if not out.exists() else []
     # --init is a folder or any name moekit.load takes; None: a built-in tiny model (no files)
     folder = check_model(str(init)) if init is not None else None
+    refuse_quantized(f"--init {init}", folder, doing="training it",
+                     fix="Train the unquantized model, then quantize the result with "
+                         "`moekit compress RUN/model --recipe w4a16`.")
     stored = output_dtype(dtype, stored_dtype(str(init)) if init is not None else torch.float32)
     config, model = _model_config(arch, init, folder)
     if settings.get("lr") is None:
