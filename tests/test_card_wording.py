@@ -7,7 +7,7 @@ W4A16 = {"steps": [{"type": "quantize", "bits": 4, "expert_bits": None, "average
 
 
 def _report(recipe, after_experts):
-    sizes = {"total_params": 1000, "active_params": 500, "bytes": 4000}
+    sizes = {"total_params": 1000, "active_params": 500, "bytes": 4000, "experts_per_token": 2}
     return {"model": "some/model", "recipe": recipe, "data_shape": [8, 64], "data_source": "stdlib:calib",
             "data_fingerprint": "abc", "dtype": "bfloat16", "format": "compressed-tensors",
             "before": {**sizes, "experts_per_layer": {"0": 8}}, "after": {**sizes, "experts_per_layer": after_experts}}
