@@ -171,7 +171,9 @@ def test_eval_before_and_after(workspace, tmp_path):
                        eval_data=str(workspace / "data"), eval_max_tokens=600)
     length = min(256, tiny_config("mixtral").max_position_embeddings)  # 256: two rows fit in 600 tokens
     assert report["before"]["eval"]["tokens"] == report["after"]["eval"]["tokens"] == (600 // length) * (length - 1)
-    assert "perplexity" in (tmp_path / "out" / "README.md").read_text()
+    assert (report["before"]["eval"]["rows"], report["before"]["eval"]["row_length"]) == (600 // length, length)
+    assert f"| perplexity ({(600 // length) * (length - 1):,} tokens predicted: {600 // length} rows of {length}) |" \
+        in (tmp_path / "out" / "README.md").read_text()
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])

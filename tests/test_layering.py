@@ -10,7 +10,6 @@ on the way are not edges: a package's ``__init__`` gathering its own modules is 
 from __future__ import annotations
 
 import ast
-from collections import defaultdict
 from pathlib import Path
 
 import moekit

@@ -1,10 +1,11 @@
 """The model card written with a compressed model states what the report holds."""
 
-from moekit.compression import model_card
+from moekit.io.card import model_card
 
 
 def _sizes(counts):
-    return {"total_params": 1000, "active_params": 500, "bytes": 4000, "experts_per_layer": counts}
+    return {"total_params": 1000, "active_params": 500, "bytes": 4000, "experts_per_layer": counts,
+            "experts_per_token": 2.0}
 
 
 def test_the_card_lists_the_experts_of_every_layer():

@@ -56,8 +56,8 @@ def test_a_bad_recipe_or_dtype_is_refused_as_compress_refuses_it():
 
 def test_each_step_is_checked_against_what_the_steps_before_it_leave(tmp_path):
     recipe = {"steps": [{"type": "prune", "keep": 16}, {"type": "merge", "keep": 24}]}
-    with pytest.raises(MoekitError, match="merge: keep=24 but the model has only 16 experts per layer"):
+    with pytest.raises(MoekitError, match=r"recipe: step 2 \(merge\): keep=24 but the model has only 16 experts"):
         moekit.plan("moekit/ref-fine", recipe)
-    with pytest.raises(MoekitError, match="merge: keep=24 but the model has only 16"):  # compress refuses it alike
+    with pytest.raises(MoekitError, match=r"step 2 \(merge\): keep=24 but the model has only 16"):  # as compress does
         moekit.compress("moekit/ref-fine", recipe, out_dir=tmp_path / "out")
     assert list(tmp_path.iterdir()) == []

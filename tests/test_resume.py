@@ -86,9 +86,14 @@ def test_a_work_folder_is_refused_without_resume_or_from_another_run(source, tmp
     with pytest.raises(MoekitError, match="--resume"):
         moekit.compress(str(source / "model"), "prune-50", out_dir=out, data=str(source / "data"), n_samples=6,
                         seq_len=32, progress=False)
-    with pytest.raises(MoekitError, match="another model, recipe, data"):
+    # the refusal names what differs, old → new where that is short
+    with pytest.raises(MoekitError, match=r"moekit-work was made by a run with another recipe; it cannot be resumed"):
         moekit.compress(str(source / "model"), "prune-25", out_dir=out, data=str(source / "data"), n_samples=6,
                         seq_len=32, progress=False, resume=True)
+    with pytest.raises(MoekitError, match=r"made by a run with calibration data \w{16} → \w{16}, seed 0 → 1, "
+                                          r"dtype float32 → bfloat16; it cannot"):
+        moekit.compress(str(source / "model"), "prune-50", out_dir=out, data=str(source / "data"), n_samples=6,
+                        seq_len=32, progress=False, resume=True, seed=1, dtype="bfloat16")
     assert not out.exists()
 
 

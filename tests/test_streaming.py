@@ -183,7 +183,7 @@ def test_compress_with_saved_statistics_equals_calibrating(checkpoints, tmp_path
     data, model = str(checkpoints / "data"), str(checkpoints / "qwen3_moe")
     common = ["--data", data, "--samples", "6", "--seq-len", "32"]
     cli = CliRunner()
-    made = cli.invoke(app, ["calibrate", model, "-o", str(tmp_path / "stats"), "--stats", "frequency,reap",
+    made = cli.invoke(app, ["calibrate", model, "-o", str(tmp_path / "stats"), "--statistics", "frequency,reap",
                             "--hidden-sample", "8192", *common, "--json"])
     assert made.exit_code == 0, made.output
     kw = dict(data=data, n_samples=6, seq_len=32, progress=False)
@@ -193,13 +193,15 @@ def test_compress_with_saved_statistics_equals_calibrating(checkpoints, tmp_path
     assert _tensors(tmp_path / "reused").keys() == _tensors(tmp_path / "fresh").keys()
     assert all(torch.equal(a, b) for a, b in zip(_tensors(tmp_path / "reused").values(),
                                                  _tensors(tmp_path / "fresh").values()))
+    for name in ("model.safetensors", "config.json"):  # the checkpoint byte for byte (README says so)
+        assert (tmp_path / "reused" / name).read_bytes() == (tmp_path / "fresh" / name).read_bytes(), name
     assert reused["calibration"][0]["read_from"] == str((tmp_path / "stats").resolve())
     with pytest.raises(MoekitError, match="other calibration data"):
         moekit.compress(model, "prune-50", out_dir=tmp_path / "a", stats=tmp_path / "stats", **{**kw, "seq_len": 16})
     with pytest.raises(MoekitError, match="another model"):
         moekit.compress(str(checkpoints / "mixtral"), "prune-50", out_dir=tmp_path / "b", stats=tmp_path / "stats",
                         **kw)
-    with pytest.raises(MoekitError, match=r"needs the statistics \['mean_output'\].*moekit calibrate MODEL --stats"):
+    with pytest.raises(MoekitError, match=r"needs the statistics \['mean_output'\].*moekit calibrate MODEL --statis"):
         moekit.compress(model, "merge-50", out_dir=tmp_path / "c", stats=tmp_path / "stats", **kw)
     other = _copy(checkpoints / "qwen3_moe", tmp_path / "other")  # same config, other router weights
     shard = json.loads((other / "model.safetensors.index.json").read_text())["weight_map"]["model.layers.0.mlp.gate.weight"]

@@ -12,10 +12,7 @@ Names resolve lazily, so that ``import moekit`` (and ``moekit --help``) does not
 importing torch and transformers until they are used.
 """
 
-from __future__ import annotations
-
-import importlib
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 _API = {
     "MoELayer": "moekit.arch.layer",
@@ -54,19 +51,23 @@ def _installed_version() -> str:
         return "0+unknown"
 
 
-def __getattr__(name: str) -> Any:
+def __getattr__(name: str) -> object:
     if name == "__version__":
         globals()[name] = value = _installed_version()
         return value
     if name in _API:
-        value = getattr(importlib.import_module(_API[name]), name)
+        from importlib import import_module
+
+        value = getattr(import_module(_API[name]), name)
         globals()[name] = value
         return value
     raise AttributeError(f"module 'moekit' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_API, "__version__"})
+    """The public API alone: not this module's helpers, nor the subpackages Python adds as
+    attributes once they are imported."""
+    return sorted([*__all__, "__version__"])
 
 
 if TYPE_CHECKING:
@@ -85,3 +86,5 @@ if TYPE_CHECKING:
     from moekit.recipe.recipe import Recipe
     from moekit.io.load import load
     from moekit.io.save import save
+
+del TYPE_CHECKING  # the namespace holds the public API (and private helpers), nothing else

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from moekit.arch.adapters import FAMILIES, not_an_moe
+from moekit.arch.layout import POLICY_KEY
 from moekit.arch.summary import summarize
 from moekit.distributed import current
 from moekit.distributed.runs import agree_compress, agree_progress, pass_done, rank_work_path, remove_rank_folders
@@ -33,6 +34,7 @@ from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
 from moekit.progress import progress_bar
+from moekit.io.card import model_card, plain_transformers
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 from moekit.recipe.decisions import check_given, needs_native_format, plan_passes
 from moekit.recipe.passes import RecipePass
@@ -54,31 +56,82 @@ def model_info(config: Any) -> ModelInfo:
 def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
     """The recipe, checked step by step against ``name``'s config (no weights read), each
     step against the expert count the steps before it leave; returns it with that config."""
-    from moekit.arch.layout import FACTORED_KEY
     from moekit.io.load import load_config
+
+    from moekit.arch.layout import FACTORED_KEY
 
     recipe = load_recipe(recipe)
     config = load_config(name)
     info = model_info(config)
     factored = bool(getattr(config, FACTORED_KEY, None))  # experts held as factors edit no further
-    for step in recipe.steps:
-        if factored and step.type in ("prune", "merge", "quantize", "decompose"):
-            raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. Put "
-                              f"{step.type} before decompose, or give decompose materialize: true.")
+    for position, step in enumerate(recipe.steps):
+        try:
+            if factored and step.type in ("prune", "merge", "quantize", "decompose"):
+                raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. "
+                                  f"Put {step.type} before decompose, or give decompose materialize: true.")
+            step.check(info)
+        except MoekitError as exc:  # named as the recipe's own validation names a step (each check says its type)
+            raise MoekitError(f"{recipe.where(position)}: {str(exc).removeprefix(f'{step.type}: ')}") from None
         factored = factored or (step.type == "decompose" and not step.materialize)
-        step.check(info)
         top_k = step.top_k_after(info.top_k)
         info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts),  # what the next sees
                                    top_k=top_k, routing=dataclasses.replace(info.routing, top_k=top_k))
     return recipe, config
 
 
-def summary(model: nn.Module, stored: torch.dtype) -> dict:
+def summary(model: nn.Module, stored: torch.dtype, checkpoint=None) -> dict:
     """Sizes for reports: parameters (total, active per token, routed), bytes as stored in
-    ``stored``, experts per MoE layer."""
+    ``stored`` (or, given the `Checkpoint` the model was read from, as that checkpoint
+    stores them: a quantized input's packed bytes, not its dequantized floats), experts
+    per MoE layer."""
     s = summarize(model, stored_dtype=stored)
+    moe = [l for l in s.layers if l.kind == "moe"]
     return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
-            "bytes": s.total_bytes, "experts_per_layer": {str(l.index): l.num_experts for l in s.layers if l.kind == "moe"}}
+            "bytes": checkpoint.stored_bytes if checkpoint is not None else s.total_bytes,
+            "experts_per_layer": {str(l.index): l.num_experts for l in moe},
+            "experts_per_token": sum(l.top_k for l in moe) / len(moe) if moe else 0.0}  # mean top-k over MoE layers
+
+
+def with_routing_policy(sizes: dict, model: nn.Module, steps: list[dict]) -> dict:
+    """``sizes`` (`summary`) of a model whose last ``routing_policy`` step (its report in
+    ``steps``) computes fewer experts per token than top-k: ``experts_per_token`` becomes the
+    mean the policy kept on the calibration tokens, ``active_params_with_policy`` the mean
+    parameters per token that follow (``active_params`` stays at the full top-k), both None
+    when the policy's parameter was given rather than calibrated (nothing was measured)."""
+    policy = getattr(model.config, POLICY_KEY, None)
+    step = next((s for s in reversed(steps) if s["type"] == "routing_policy"), None)
+    if step is None or not policy:
+        return sizes
+    measured = {int(i): v for i, v in (step.get("experts_per_token") or {}).items()}
+    sizes = {**sizes, "routing_policy": policy["kind"], "experts_per_token": None, "active_params_with_policy": None}
+    layers = [l for l in summarize(model).layers if l.kind == "moe"]
+    if measured and all(l.index in measured for l in layers):
+        sizes["experts_per_token"] = round(sum(measured[l.index] for l in layers) / len(layers), 4)
+        saved = sum(l.routed_params * (l.top_k - measured[l.index]) / l.num_experts for l in layers)
+        sizes["active_params_with_policy"] = round(sizes["active_params"] - saved)
+    return sizes
+
+
+def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
+    """A quantized (compressed-tensors) input is refused before any work unless
+    ``dequantize``: it is read dequantized, so the output would silently store floats.
+    With ``dequantize``, the note that the CLI, ``report.json`` and the card carry."""
+    from moekit.io.compressed import quantized_input, refuse_quantized
+    from moekit.io.load import resolve_folder
+
+    folder = resolve_folder(name)
+    if not dequantize:
+        refuse_quantized(name, folder, doing="compressing it",
+                         fix="Compress the unquantized model it was made from with a recipe that ends in quantize "
+                             "(e.g. --recipe prune-50-w4), or pass --dequantize (Python: dequantize=True) to write "
+                             "dequantized weights on purpose.")
+        return []
+    described = quantized_input(folder)
+    if described is None:
+        return []
+    return [f"the input is a quantized checkpoint ({described}), read dequantized (--dequantize): the output "
+            f"stores {str(stored).removeprefix('torch.')} weights, not the input's quantized ones, unless the "
+            "recipe quantizes them again; \"before\" counts the input's bytes as stored."]
 
 
 def compress(
@@ -103,6 +156,7 @@ def compress(
     resume: bool = False,
     stats: str | os.PathLike | None = None,
     max_shard_size: int | str = "5GB",
+    dequantize: bool = False,
     progress: bool = True,
     on_start=None,
     on_event=None,
@@ -133,6 +187,9 @@ def compress(
             made for another model or data or lacks a statistic the recipe needs.
         max_shard_size: an output up to this size is one ``model.safetensors``; a bigger
             one is written as one shard per decoder layer with an index.
+        dequantize: accept a quantized (compressed-tensors) input, read dequantized: the
+            output stores floats (unless the recipe quantizes again), and the report says
+            so. Without it such an input is refused before any work.
         on_start: called with the `WorkFolder` once it exists (the CLI prints its path).
         on_event: called with ("layer", index) when a decoder layer is finished and kept
             in the work folder, and ("saved", n) when the n-th output file is in place.
@@ -142,31 +199,34 @@ def compress(
 
     Raises:
         MoekitError: before any weights load, for an invalid recipe, an unsupported
-            model, an existing ``out_dir``, a work folder of another run; before
-            calibration, for unusable data.
+            model, an ``out_dir`` that exists or cannot be created, a work folder of
+            another run; before calibration, for unusable data.
+        WriteFailed: a write failed while the work ran (a full disk): the finished layers
+            stay in the work folder for ``resume`` (the message says where), the rest is
+            removed.
     """
     from moekit.calib.activations import ActivationBudget
     from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
     from moekit.devices import parse_bytes, resolve_compute_dtype, resolve_device
     from moekit.io.layered import open_model
     from moekit.io.load import default_model, stored_dtype
+    from moekit.io.outputs import check_output, missing_folders, remove_empty, writing
     from moekit.io.save import atomic_dir, output_dtype
     from moekit.io.workdir import WorkFolder, work_folder_for
 
     start = time.perf_counter()
     name = str(model) if model is not None else default_model()
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists():
-        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+    out = check_output(out_dir)  # before anything is read
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
+    dequantized = quantized_source(name, dequantize, stored)
     where = resolve_device(device)
     compute = resolve_compute_dtype(compute_dtype, where)
     budget_bytes = parse_bytes(activation_budget)
     tok = tokenizer_for(name, tokenizer)
     calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
-    notes = _sample_shortfall(recipe, n_samples, seq_len)
+    notes = dequantized + _sample_shortfall(recipe, n_samples, seq_len)
     eval_rows = None
     if evaluate:
         eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids, eval_max_tokens,
@@ -179,87 +239,104 @@ def compress(
     phases = phases_of(recipe)
     world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes
     given = check_given(stats, lent, calib.input_ids, phases[0]) if stats is not None else None
-    facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, stored=stored, compute=compute,
-                       device=where, stats=given and given.meta["model_fingerprint"],
+    facts = _run_facts(name, lent, recipe, calib, seed=seed, batch_size=batch_size, dtype=stored,
+                       compute_dtype=compute, device=where, stats=given and given.meta["model_fingerprint"],
                        **({"ranks": world.size} if world is not None else {}))  # a rank's work holds its share of rows
     agree_compress({**facts, "evaluate": eval_rows is not None}, lent, world)
-    work = WorkFolder(rank_work_path(work_folder_for(out), world), facts, resume=resume)
-    agree_progress(work, world)
-    if on_start is not None and (world is None or world.main):
-        on_start(work)
-    budget = ActivationBudget(budget_bytes, work.path / "activations")
-    report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
-                              "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source),
-                              "notes": notes, "device": str(where),
-                              "compute_dtype": str(compute).removeprefix("torch.")}
-    if eval_rows is not None:
-        report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
+    work_path, work, made = rank_work_path(work_folder_for(out), world), None, missing_folders(out)
 
-    stats_meta = {"model_name": name, **calib.describe()}
-    plans = plan_passes(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
-                   stats_meta=stats_meta, progress=progress, given=given)
-    lent = fresh()
-    native = needs_native_format(lent.model, recipe, plans)
-    if native and any(step.type == "quantize" for step in recipe.steps):
-        raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k per "
-                          "layer, or MoE sublayers dropped), which cannot also be quantized yet; before quantize, use "
-                          "budget: uniform, one top-k for all layers, and drop_blocks rather than drop_layers.")
-    ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
-    writer = ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main else None
-    runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
-                        budget=budget, stats_meta=stats_meta, given=given)
-    total = len(lent) * len(runner.streamer.batches) * len(phases)
-    with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
-        if work.resumed:
-            advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
-        result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
-                            (lambda i: on_event("layer", i)))
-    pass_done(world)
-    if writer is None:  # another rank: its share is done, rank 0 writes the output
-        budget.close()
-        return {**report, "rank": world.rank, "out": None}
-    writer.write_outer(f"{lent.layers_path}.")
-    dropped = sorted(runner.dropped_blocks())
-    parts = [i for i in range(len(lent)) if i not in dropped]
-    if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
-        from moekit.arch.edit import drop_blocks
+    def kept() -> str:  # a write that failed keeps the finished layers for --resume, or leaves nothing
+        said = work.keep_or_remove() if work is not None else ""
+        remove_empty(made)
+        return said
 
-        drop_blocks(lent.model, dropped)
-    report["calibration"] = [
-        {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
-         "model_fingerprint": result.digests[p].hexdigest(), "data_fingerprint": calib.describe()["data_fingerprint"],
-         **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
-        for p, phase in enumerate(phases)]
-    report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
-                        **step.report(result.per_layer.get(position, {}))}
-                       for position, step in enumerate(recipe.steps)]
-    report["after"] = summary(lent.model, stored)
-    from moekit.arch.layout import FACTORED_KEY
-
-    factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
-    report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
-                        else _quantized_format(recipe) or "standard")
-    report["activations"] = budget.report()
-    budget.close()
-
-    with atomic_dir(out) as tmp:
-        written = writer.finish(tmp, [*parts, OUTER], max_shard_size=parse_bytes(max_shard_size),
-                                on_file=on_event and (lambda n: on_event("saved", n)))
-        if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
-            from moekit.io.checkpoint import Checkpoint
-
-            report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
-        tok.save_pretrained(tmp)
+    with writing(out, partial=[work_path], on_failure=kept):
+        work = WorkFolder(work_path, facts, resume=resume)
+        agree_progress(work, world)
+        if on_start is not None and (world is None or world.main):
+            on_start(work)
+        budget = ActivationBudget(budget_bytes, work.path / "activations")
+        report: dict[str, Any] = {"model": name, "recipe": recipe.to_dict(), **calib.describe(),
+                                  "dtype": str(stored).removeprefix("torch."), "before": summary(lent.model, source, lent.checkpoint),
+                                  "notes": notes, "device": str(where),
+                                  "compute_dtype": str(compute).removeprefix("torch.")}
         if eval_rows is not None:
-            saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
-            report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress, shard=False)  # rank 0 alone
-        report["seconds"] = round(time.perf_counter() - start, 2)
-        report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
-        (tmp / "recipe.yaml").write_text(recipe.to_yaml())
-        (tmp / "report.json").write_text(json.dumps(report, indent=2))
-        (tmp / "README.md").write_text(model_card(report))
-    work.remove()
-    remove_rank_folders(work.path)
+            report["before"]["eval"] = _evaluate(lent, eval_rows, batch_size, progress)
+
+        stats_meta = {"model_name": name, **calib.describe()}
+        plans = plan_passes(work, fresh, calib.input_ids, phases, batch_size=batch_size, seed=seed, budget=budget,
+                       stats_meta=stats_meta, progress=progress, given=given)
+        lent = fresh()
+        native = needs_native_format(lent.model, recipe, plans)
+        if native and any(step.type == "quantize" for step in recipe.steps):
+            raise MoekitError("this recipe's output needs moekit's own format (different expert counts or top-k "
+                              "per layer, or MoE sublayers dropped), which cannot also be quantized yet; before "
+                              "quantize, use budget: uniform, one top-k for all layers, and drop_blocks rather than "
+                              "drop_layers.")
+        ledger(lent.model, scale_dtype=stored)  # scales are rounded to the dtype they are saved in
+        writer = (ShardWriter(work.path, lent.model, dtype=stored, native=native) if world is None or world.main
+                  else None)
+        runner = RecipePass(lent, calib.input_ids, phases, plans=plans, batch_size=batch_size, seed=seed,
+                            budget=budget, stats_meta=stats_meta, given=given)
+        total = len(lent) * len(runner.streamer.batches) * len(phases)
+        with progress_bar("compressing", total=total, unit="batch", enabled=progress) as advance:
+            if work.resumed:
+                advance((work.finished_layers()[-1] + 1) * len(runner.streamer.batches) * len(phases), "resumed")
+            result = runner.run(writer=writer, work=work, advance=advance, on_layer=on_event and
+                                (lambda i: on_event("layer", i)))
+        pass_done(world)
+        if writer is None:  # another rank: its share is done, rank 0 writes the output
+            budget.close()
+            return {**report, "rank": world.rank, "out": None}
+        writer.write_outer(f"{lent.layers_path}.")
+        dropped = sorted(runner.dropped_blocks())
+        parts = [i for i in range(len(lent)) if i not in dropped]
+        if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
+            from moekit.arch.edit import drop_blocks
+
+            drop_blocks(lent.model, dropped)
+        report["calibration"] = [
+            {"statistics": sorted(phase.wanted), "seconds": round(result.seconds[p], 3),
+             "model_fingerprint": result.digests[p].hexdigest(),
+             "data_fingerprint": calib.describe()["data_fingerprint"],
+             **({"read_from": str(Path(stats).resolve())} if p == 0 and given is not None else {})}
+            for p, phase in enumerate(phases)]
+        report["steps"] = [{"type": step.type, **step.report_plan(plans.get(position)),
+                            **step.report(result.per_layer.get(position, {}))}
+                           for position, step in enumerate(recipe.steps)]
+        report["notes"] += [f"quantize: the bit allocation is not proven optimal (the solver stopped at its "
+                            f"{s['allocation']['time_limit_s']:g} s limit): its total error is at most "
+                            f"{s['allocation']['mip_gap']:.2%} above the optimum's."
+                            for s in report["steps"] if "allocation" in s and not s["allocation"]["proven_optimal"]]
+        report["after"] = with_routing_policy(summary(lent.model, stored), lent.model, report["steps"])
+        from moekit.arch.layout import FACTORED_KEY
+
+        factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
+        report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
+                            else _quantized_format(recipe) or "standard")
+        report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
+            getattr(lent.model.config, POLICY_KEY, None)))
+        report["activations"] = budget.report()
+        budget.close()
+
+        with atomic_dir(out) as tmp:
+            written = writer.finish(tmp, [*parts, OUTER], max_shard_size=parse_bytes(max_shard_size),
+                                    on_file=on_event and (lambda n: on_event("saved", n)))
+            if any(step.type == "quantize" for step in recipe.steps):  # the model in memory holds floats
+                from moekit.io.checkpoint import Checkpoint
+
+                report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
+            tok.save_pretrained(tmp)
+            if eval_rows is not None:
+                saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
+                report["after"]["eval"] = _evaluate(saved, eval_rows, batch_size, progress, shard=False)  # rank 0 alone
+            report["seconds"] = round(time.perf_counter() - start, 2)
+            report["peak_memory_mib"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+            (tmp / "recipe.yaml").write_text(recipe.to_yaml())
+            (tmp / "report.json").write_text(json.dumps(report, indent=2))
+            (tmp / "README.md").write_text(model_card(report))
+        work.remove()
+        remove_rank_folders(work.path)
     report["out"] = str(out)
     return report
 
@@ -276,13 +353,14 @@ def _quantized_format(recipe: Recipe) -> str | None:
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
     """Everything a compress's output depends on: a work folder is resumed only when all
-    of it is the same (a checkpoint replaced in place changes its files' sizes and times)."""
+    of it is the same (a checkpoint replaced in place changes its files' sizes and times).
+    Named as a refused resume names what differs (`moekit.io.workdir`)."""
     from moekit import __version__
 
     checkpoint = lent.checkpoint.fingerprint() if lent.checkpoint is not None else name
-    return {"model": name, "checkpoint": checkpoint, "recipe": recipe.to_dict(),
-            "data": calib.describe()["data_fingerprint"], "moekit": __version__, "torch": torch.__version__,
-            **{k: str(v) for k, v in settings.items()}}
+    return {"model": name, "checkpoint files": checkpoint, "recipe": recipe.to_dict(),
+            "calibration data": calib.describe()["data_fingerprint"], "moekit version": __version__,
+            "torch version": torch.__version__, **{k: str(v).removeprefix("torch.") for k, v in settings.items()}}
 
 
 def _sample_shortfall(recipe: Recipe, n_samples: int, seq_len: int) -> list[str]:
@@ -321,58 +399,5 @@ def _evaluate(model, rows: torch.Tensor, batch_size: int, progress: bool, shard:
     length = rows.shape[1]
     result = evaluate(model, rows, batch_size=batch_size, progress=progress, routing=False,
                       context_length=length, stride=max(length - 1, 1), shard=shard)
-    return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens}
-
-
-def model_card(report: dict) -> str:
-    """A README.md for the output folder: what was done and what it cost."""
-    before, after = report["before"], report["after"]
-    # one count per layer: a global budget keeps a different number in each
-    layers = sorted(before["experts_per_layer"].keys() | after["experts_per_layer"].keys(), key=int)
-    lines = [
-        f"# {Path(report['model']).name} compressed by moekit",
-        "",
-        f"Source model: `{report['model']}`. Recipe (also in `recipe.yaml`):",
-        "",
-        "```yaml",
-        Recipe.from_dict(report["recipe"]).to_yaml().rstrip(),
-        "```",
-        "",
-        f"Calibration: {report['data_shape'][0]} sequences of {report['data_shape'][1]} tokens from "
-        f"`{report['data_source']}` (fingerprint `{report['data_fingerprint']}`).",
-        *(f"Note: {note}" for note in report.get("notes", [])),
-        "",
-        "| | before | after |",
-        "|---|---|---|",
-        f"| parameters | {before['total_params']:,} | {after['total_params']:,} |",
-        f"| active parameters per token | {before['active_params']:,} | {after['active_params']:,} |",
-        f"| bytes as stored (output in {report['dtype']}) | {before['bytes']:,} | {after['bytes']:,} |",
-        f"| experts per MoE layer (layers {', '.join(map(str, layers))}) | "
-        f"{', '.join(str(before['experts_per_layer'].get(i, '-')) for i in layers)} | "
-        f"{', '.join(str(after['experts_per_layer'].get(i, '-')) for i in layers)} |",
-    ]
-    if "eval" in before:
-        lines += [
-            f"| perplexity ({before['eval']['tokens']} tokens) | {before['eval']['perplexity']:.3f} | "
-            f"{after['eval']['perplexity']:.3f} |",
-            f"| next-token accuracy | {before['eval']['accuracy']:.2%} | {after['eval']['accuracy']:.2%} |",
-        ]
-    lines += ["", "Experts kept in each layer (original ids) are listed in `report.json`.", ""]
-    if report["format"] == "standard":
-        lines += ["This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` "
-                  "loads it without moekit."]
-    elif report["format"] == "compressed-tensors":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format (see `quantization_config` "
-                  "in config.json): `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads it without moekit "
-                  "when the `compressed-tensors` package is installed, and vLLM and SGLang serve this format."]
-    elif report["format"] == "compressed-tensors-mixed":
-        lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                  "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
-                  "load this folder correctly: load it with `moekit.load(folder)`."]
-    else:
-        lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
-                  "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "
-                  "config.json's `moekit_*` keys). This "
-                  "folder is in moekit's own format (`moekit.json`, `moekit-model.safetensors`): load it with "
-                  "`moekit.load(folder)`."]
-    return "\n".join(lines) + "\n"
+    return {"perplexity": result.perplexity, "accuracy": result.accuracy, "tokens": result.tokens,
+            "rows": rows.shape[0], "row_length": length}

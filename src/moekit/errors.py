@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import json
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -16,12 +19,56 @@ class MoekitError(Exception):
     """A problem with the user's input, reported before any heavy work starts.
 
     The message always says what is wrong and what to do instead; the CLI prints it
-    without a traceback.
+    without a traceback and exits with ``exit_code``.
     """
+
+    exit_code = 2  # bad input: what shells and argument parsers use for a usage error
+
+
+class WriteFailed(MoekitError):
+    """Writing an output failed while the work ran (the disk filled up, a file outgrew the
+    size limit, the file system turned read-only): the input was fine. The message says
+    what failed, what was removed or kept, and the fix (`moekit.io.workdir.writing`)."""
+
+    exit_code = 74  # sysexits' EX_IOERR; 1 is what Python exits with on a bug's traceback
+
+    def __init__(self, problem: str, fix: str) -> None:
+        super().__init__(problem)
+        self.problem, self.fix = problem, fix
+        self.notes: list[str] = []  # what was removed or kept, added as the failure unwinds
+
+    def __str__(self) -> str:
+        return " ".join([self.problem, *self.notes, self.fix])
 
 
 class UnsupportedModelError(MoekitError):
     """The model is not an MoE family moekit knows, or has no routed-expert layers."""
+
+
+# Whether messages are being built for the command line (set by `moekit.cli` while a command
+# runs): one message serves both, naming the setting as its reader wrote it.
+_FOR_COMMAND_LINE = contextvars.ContextVar("moekit_for_command_line", default=False)
+_NO_VALUE = object()
+
+
+def setting(name: str, value: Any = _NO_VALUE, *, flag: str | None = None) -> str:
+    """A setting named the way the user gave it: the Python parameter (``slow_tier`` or
+    ``slow_tier='memory'``) from the API, the flag (``--slow-tier`` or ``--slow-tier memory``;
+    ``flag`` where it is not the parameter's name with dashes) from the command line."""
+    if _FOR_COMMAND_LINE.get():
+        flag = flag or "--" + name.replace("_", "-")
+        return flag if value is _NO_VALUE else f"{flag} {value}"
+    return name if value is _NO_VALUE else f"{name}={value!r}"
+
+
+@contextlib.contextmanager
+def command_line_messages() -> Iterator[None]:
+    """While inside, `setting` names flags: what `moekit.cli` runs every command in."""
+    token = _FOR_COMMAND_LINE.set(True)
+    try:
+        yield
+    finally:
+        _FOR_COMMAND_LINE.reset(token)
 
 
 def validation_problems(exc: ValidationError, *, default_field: str = "") -> str:

@@ -29,6 +29,7 @@ def plan(
     recipe: Recipe | str | os.PathLike | dict,
     *,
     dtype: str = "auto",
+    dequantize: bool = False,
 ) -> dict[str, Any]:
     """Sizes before and after ``recipe``, from ``model``'s config alone.
 
@@ -36,27 +37,31 @@ def plan(
         model: checkpoint folder, hub id or shipped reference (None: the default model).
         recipe: a `Recipe`, a preset name, a YAML path, or a dict.
         dtype: the output dtype, as for `moekit.compress` (``auto``: the checkpoint's).
+        dequantize: as for `moekit.compress`: a quantized input is refused without it.
 
     Returns:
         ``{"model", "recipe", "dtype", "before", "after", "exact_per_layer", "notes"}``;
         ``before`` and ``after`` have the keys of `moekit.compress`'s report.
 
     Raises:
-        MoekitError: an invalid recipe, an unsupported model, a bad dtype.
+        MoekitError: an invalid recipe, an unsupported model, a bad dtype, a quantized
+            input without ``dequantize``.
     """
-    from moekit.compression import checked_recipe, summary
-    from moekit.io.load import default_model, stored_dtype
+    from moekit.compression import checked_recipe, quantized_source, summary
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.io.load import default_model, resolve_folder, stored_dtype
     from moekit.io.save import output_dtype
 
     name = str(model) if model is not None else default_model()
     recipe, config = checked_recipe(name, recipe)
     source = stored_dtype(name)
     stored = output_dtype(dtype, source)
+    notes_extra = quantized_source(name, dequantize, stored)
     skeleton = build_skeleton(config)
-    before = summary(skeleton, source)
+    folder = resolve_folder(name)  # the input's bytes as it stores them (headers only)
+    before = summary(skeleton, source, Checkpoint(folder) if folder is not None else None)
     exact = True
     quantized = []
-    notes_extra: list[str] = []
     for step in recipe.steps:
         keep_experts(skeleton, {layer.index: _spread_ids(layer.num_experts, step.kept_per_layer(layer.num_experts),
                                                          layer.router.spec.n_group)

@@ -36,6 +36,10 @@ SERVER = textwrap.dedent('''
                 os.dup2(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
             sys.stdout, sys.stderr = open(1, "w", closefd=False), open(2, "w", closefd=False)
             sys.argv = ["moekit", *case["args"]]
+            if case.get("fsize"):  # "the disk fills up": a write past this many bytes fails with EFBIG
+                import resource, signal
+                signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # (Python ignores it too) instead of killing
+                resource.setrlimit(resource.RLIMIT_FSIZE, (case["fsize"], resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
             code = 0
             try:
                 moekit.cli.main()
@@ -59,9 +63,11 @@ class Moekit:
         self.server = subprocess.Popen([sys.executable, "-c", SERVER], stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True)
 
-    def __call__(self, *args) -> tuple[int, str, str]:
+    def __call__(self, *args, fsize: int | None = None) -> tuple[int, str, str]:
+        """``fsize``: no file may grow past this many bytes (RLIMIT_FSIZE), as if the disk were full."""
         out, err = self.workdir / "stdout", self.workdir / "stderr"
-        case = {"args": [str(a) for a in args], "cwd": str(self.workdir), "stdout": str(out), "stderr": str(err)}
+        case = {"args": [str(a) for a in args], "cwd": str(self.workdir), "stdout": str(out), "stderr": str(err),
+                "fsize": fsize}
         self.server.stdin.write(json.dumps(case) + "\n")
         self.server.stdin.flush()
         code = int(self.server.stdout.readline())
@@ -145,6 +151,27 @@ def test_a_folder_that_is_no_checkpoint_is_refused_first(moekit, files, tmp_path
     assert not (tmp_path / "out").exists()
 
 
+WRITERS = [command for command, args in COMMANDS.items() if "{out}" in args]
+DENSE = "moekit/ref-dense"  # what upcycle, split and combine build from
+
+
+@pytest.mark.parametrize("command, where, says", [
+    *[(command, "{files}/latin1.txt/out", "{files}/latin1.txt is a file, not a folder")  # NotADirectoryError
+      for command in WRITERS],
+    *[(command, "/proc/moekit-out/out", "/proc takes no new folders") for command in ("compress", "train --init")],
+    *[(command, "{files}/latin1.txt", "{files}/latin1.txt is a file; moekit writes its output as a new folder")
+      for command in ("calibrate", "train --init")],  # train writes into an existing folder, not into a file
+])
+def test_an_output_that_cannot_be_created_is_refused_before_any_work(moekit, files, command, where, says):
+    """Each of these failed with a traceback after the work, before: the check asks the file
+    system itself (root may write wherever the mode bits say no, never under a file or in /proc)."""
+    model = DENSE if command in ("upcycle", "split", "combine") else "moekit/tiny-mixtral"
+    before = sorted(p.name for p in files.iterdir())
+    message = _refused(moekit(*_args(command, model, where.format(files=files))), says.format(files=files))
+    assert message.endswith("with -o.")
+    assert sorted(p.name for p in files.iterdir()) == before  # the check's probe folder is gone too
+
+
 @pytest.mark.parametrize("folder, file", [("truncated-weights", "model.safetensors"), ("bad-config", "config.json")])
 @pytest.mark.parametrize("command", ["inspect", "compress", "train --init"])
 def test_an_unreadable_checkpoint_file_is_named(moekit, files, tmp_path, command, folder, file):
@@ -205,3 +232,83 @@ def test_a_jsonl_field_that_is_missing_points_at_a_flag_the_command_has(moekit, 
         _refused(moekit(command, *model, "--data", tmp_path / "rows.jsonl", *writes), "--text-field")
         code, help_text, _ = moekit(command, "--help")
         assert code == 0 and "--text-field" in help_text, command
+
+
+@pytest.fixture(scope="module")
+def quantized(tmp_path_factory) -> Path:
+    """A real 4-bit compressed-tensors checkpoint, as `compress --recipe w4a16` writes one."""
+    import moekit
+    from tests.checkpoints import write_checkpoints
+
+    root = write_checkpoints(tmp_path_factory.mktemp("quantized"), ["qwen3_moe"], documents=2)
+    moekit.compress(str(root / "qwen3_moe"), {"steps": [{"type": "quantize", "method": "rtn", "bits": 4,
+                                                         "group_size": 8}]},
+                    out_dir=root / "w4", data=str(root / "data"), n_samples=2, seq_len=16, dtype="bfloat16",
+                    progress=False)
+    return root / "w4"
+
+
+@pytest.mark.parametrize("command, fix", [
+    ("compress", "--dequantize"), ("compress --plan", "--dequantize"), ("train --init", "moekit compress RUN/model"),
+    ("upcycle", "moekit compress OUT"), ("split", "moekit compress OUT"), ("combine", "moekit compress OUT")])
+def test_a_quantized_input_is_refused_by_every_command_that_writes_weights(moekit, quantized, tmp_path, command,
+                                                                            fix):
+    """Read dequantized, its weights would be written as floats: the output would silently
+    lose the quantization and grow several times (a 4-bit model compressed to 2x its bytes)."""
+    message = _refused(moekit(*_args(command, quantized, tmp_path / "out")), quantized,
+                       "quantized checkpoint (compressed-tensors, 4-bit weights)", fix)
+    if command.startswith("compress"):
+        assert "recipe that ends in quantize" in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out*"))
+
+
+def test_a_quantized_input_is_counted_as_stored_and_dequantize_says_so(moekit, quantized, tmp_path):
+    from moekit.io.checkpoint import Checkpoint
+
+    code, out, err = moekit("inspect", quantized, "--json")
+    assert code == 0, err
+    assert json.loads(out)["total_bytes"] == Checkpoint(quantized).stored_bytes  # not its dequantized floats
+    assert set(json.loads(out)["bytes_by_dtype"]) == {"bfloat16", "int32", "int64"}  # scales, packed, shapes
+    code, out, err = moekit("compress", quantized, "--plan", "--dequantize", "--recipe", "reap-25", "--json")
+    assert code == 0, err
+    planned = json.loads(out)
+    assert planned["before"]["bytes"] == Checkpoint(quantized).stored_bytes  # packed, not the floats read
+    assert any("quantized checkpoint (compressed-tensors, 4-bit weights), read dequantized (--dequantize)" in note
+               for note in planned["notes"])
+
+
+def test_compress_says_who_loads_its_output_and_the_experts_per_token(moekit, quantized, tmp_path):
+    """Not an error, but the CLI's account of a routing policy (tests/test_who_loads.py checks
+    each claim in plain transformers): the weights load anywhere, the policy only in moekit."""
+    root = quantized.parent
+    code, out, err = moekit("compress", root / "qwen3_moe", "--recipe", "skip-50", "-o", tmp_path / "out",
+                            "--data", root / "data", "--samples", "2", "--seq-len", "16")
+    assert code == 0, err
+    words = " ".join(out.split())
+    assert "experts / token │ 2 │ 1 (routing policy; mean on the" in words  # the table wraps the cell
+    assert "but transformers ignores the routing policy (config.json's `moekit_routing_policy`)" in words
+    assert "so its results differ from this model's. `moekit.load(folder)` applies the policy" in words
+
+
+def test_run_refuses_statistics_of_another_model_with_as_many_experts(moekit, quantized, tmp_path):
+    """The prior's statistics are checked by the fingerprint calibrate wrote (config and
+    routers), as compress --stats checks them: one changed router is another model."""
+    from transformers import AutoModelForCausalLM
+
+    from moekit.data.tokenizer import load_tokenizer, save_tokenizer
+
+    root = quantized.parent
+    other = AutoModelForCausalLM.from_pretrained(root / "qwen3_moe")
+    other.model.layers[0].mlp.gate.weight.data[0] += 1.0
+    other.save_pretrained(tmp_path / "other")
+    save_tokenizer(load_tokenizer(root / "qwen3_moe"), tmp_path / "other")
+    code, _, err = moekit("calibrate", root / "qwen3_moe", "-o", tmp_path / "stats", "--data", root / "data",
+                          "--samples", "2", "--seq-len", "16", "--stats", "frequency")
+    assert code == 0, err
+    run = ["--prompt", "def", "--max-new-tokens", "2", "--expert-memory", "100%", "--stats", tmp_path / "stats"]
+    message = _refused(moekit("run", tmp_path / "other", "--policy", "prior", *run), tmp_path / "stats",
+                       "were computed on another model")
+    assert "moekit calibrate MODEL -o FOLDER" in message
+    _refused(moekit("run", root / "qwen3_moe", *run), "--stats is read only by --policy prior (not lru)")
+    code, _, err = moekit("run", root / "qwen3_moe", "--policy", "prior", *run)
+    assert code == 0, err

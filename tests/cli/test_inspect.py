@@ -35,13 +35,20 @@ def test_inspect_bad_path_is_one_clear_line(tmp_path):
     assert "Traceback" not in result.output
 
 
-def test_inspect_dense_model_names_the_class(tmp_path):
+def test_inspect_describes_a_dense_model_and_refuses_a_model_of_another_layout(tmp_path):
+    """A dense decoder is described (tests/cli/test_wording.py: the shipped one); a model
+    whose layers are not transformers' usual ``model.layers`` is still refused, naming its class."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.for_model("llama", vocab_size=64, hidden_size=16, intermediate_size=32,
                                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2)
     AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "dense")
-    result = runner.invoke(app, ["inspect", str(tmp_path / "dense")])
+    result = runner.invoke(app, ["inspect", str(tmp_path / "dense"), "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["family"] == "llama"
+    config = AutoConfig.for_model("gpt2", vocab_size=64, n_embd=16, n_layer=1, n_head=2)
+    AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path / "gpt2")
+    result = runner.invoke(app, ["inspect", str(tmp_path / "gpt2")])
     assert result.exit_code == 2
-    assert "LlamaForCausalLM" in result.output and "Supported families" in result.output
+    assert "GPT2LMHeadModel" in result.output and "Supported families" in result.output
 

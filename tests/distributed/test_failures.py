@@ -4,6 +4,10 @@ every rank finished, to the checkpoint one process writes."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 from safetensors.torch import load_file
 
 from moekit.io.workdir import work_folder_for
@@ -55,3 +59,20 @@ def test_ranks_one_layer_apart_resume_together(tmp_path):
 def test_what_does_not_run_across_ranks_is_refused(root, tmp_path):  # noqa: F811
     for argv in (["inspect", str(root / "model")], ["eval", str(root / "model"), "--speed"]):
         assert [r["result"]["code"] for r in ranks.run_ranks(ranks.command, 2, argv)] == [2, 2], argv
+
+
+def test_a_refusal_under_torchrun_is_printed_once(tmp_path):
+    """The real launcher, two ranks: the refusal every rank reaches is printed once (by the
+    first rank of the node) and each rank exits 2; torchrun's own summary, and its exit
+    code 1, are the launcher's and follow whatever the ranks do (README, "Past one machine").
+    A refusal once the group is joined goes through the same `error` (15 s more to
+    launch: not repeated here)."""
+    argv, refusal = ["inspect", "moekit/tiny-mixtral"], "error: moekit inspect does not share its work across ranks"
+    # torchrun looks at its ranks every 3 s, not 0.1 s: both reach the refusal before it ends the other
+    run = subprocess.run([os.path.join(os.path.dirname(sys.executable), "torchrun"), "--nproc-per-node", "2",
+                          "--monitor-interval", "3", "--master-port", str(ranks.free_port()), "-m", "moekit", *argv],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path, check=False,
+                         env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert run.stderr.count(refusal) == 1, run.stderr
+    assert run.stderr.count("exitcode  : 2 ") == 2 and run.returncode == 1, run.stderr  # both ranks, then torchrun
+    assert run.stdout == "" and list(tmp_path.iterdir()) == []

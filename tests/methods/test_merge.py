@@ -149,3 +149,20 @@ def test_missing_statistics_and_bad_sizes():
         _step(keep=8).check(info)
     with pytest.raises(MoekitError, match="fewer than top-k"):
         _step(keep=1).check(info)
+
+
+def test_hcsmoe_with_tied_distances_still_follows_the_clustering():
+    """Merges at equal distances (here two pairs 1.0 apart) cannot be told apart by a cut
+    at a distance: one cut leaves 3 clusters where 4 were asked. Cutting after exactly
+    E − m merges gives what the hand-run clustering gives (one pair merged, either, by the
+    tie), and never splits the tight cluster of the first four experts."""
+    points = torch.tensor([[0, 0], [0.01, 0], [0.03, 0], [0.06, 0], [10, 0], [11, 0], [0, 10], [0, 11]],
+                          dtype=torch.float64)
+    usage = torch.arange(8, 0, -1).float()
+    groups = {frozenset(g) for g in hierarchical_groups(points, usage, 4, list(range(8)))}
+    hand = _average_linkage_by_hand(points, 4)
+    assert hand == {frozenset({0, 1, 2, 3}), frozenset({4, 5}), frozenset({6}), frozenset({7})}
+    assert groups in (hand, {frozenset({0, 1, 2, 3}), frozenset({6, 7}), frozenset({4}), frozenset({5})})
+    dead = torch.zeros(6, 3, dtype=torch.float64)  # 4 experts no token reached, all at the origin
+    dead[4:] = torch.randn(2, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    assert len(hierarchical_groups(dead, torch.ones(6), 5, list(range(6)))) == 5

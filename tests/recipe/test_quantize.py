@@ -228,6 +228,10 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     quantize = Quantize.model_validate(step)
     costs = quantize.expert_costs(skeleton(load_config(str(sources / "qwen3_moe"))))
     assert sum(costs[key][b] for key, b in bits.items()) <= budget_for_average_bits(costs, 3.0)
+    allocation = report["allocation"]  # what the solver proved, carried into the step's report
+    assert allocation["proven_optimal"] and allocation["mip_gap"] <= allocation["within"] == 1e-4
+    assert allocation["total_bytes"] == sum(costs[key][b] for key, b in bits.items())
+    assert allocation["budget_bytes"] == budget_for_average_bits(costs, 3.0)
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]
     card = (tmp_path / "out" / "README.md").read_text()
@@ -286,8 +290,8 @@ def test_moekit_eval_reads_a_quantized_checkpoint_as_moekit_load_does(sources, t
     (streamed,) = json.loads(result.stdout)["models"].values()
     from moekit.data.tokens import evaluation_stream, tokenizer_for
 
-    ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids[:300]
-    whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, progress=False)
+    ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids
+    whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, max_tokens=300, progress=False)
     assert streamed["perplexity"] == pytest.approx(whole.perplexity, rel=1e-5)
 
 
@@ -299,3 +303,24 @@ def test_merge_then_quantize_composes_into_a_checkpoint_plain_transformers_loads
     assert set(report["after"]["experts_per_layer"].values()) == {6}
     (theirs,) = _plain_logits(tmp_path, [out], ids)
     torch.testing.assert_close(_logits(moekit.load(out), ids), theirs, rtol=0, atol=1e-5)
+
+
+def test_a_quantized_input_is_compressed_only_on_purpose_and_the_report_says_so(sources, tmp_path):
+    """A pack-quantized checkpoint is read dequantized: compressing it is refused unless
+    asked for (``dequantize``); then the report, its notes and the card say the output
+    stores floats, and "before" counts the input's packed bytes, not its floats."""
+    from moekit.io.checkpoint import Checkpoint
+
+    w4 = tmp_path / "w4"
+    _compress(sources, "qwen3_moe", w4, W4, dtype="bfloat16")
+    prune = {"type": "prune", "method": "reap", "remove": 0.25}
+    with pytest.raises(MoekitError, match=r"is a quantized checkpoint \(compressed-tensors, 4-bit weights\).*"
+                                          r"recipe that ends in quantize.*--dequantize"):
+        moekit.compress(str(w4), {"steps": [prune]}, out_dir=tmp_path / "refused", progress=False)
+    assert not (tmp_path / "refused").exists()
+    report = moekit.compress(str(w4), {"steps": [prune]}, out_dir=tmp_path / "out", data=str(sources / "data"),
+                             n_samples=4, seq_len=32, progress=False, dequantize=True)
+    assert report["before"]["bytes"] == Checkpoint(w4).stored_bytes < report["after"]["bytes"]
+    (note,) = [n for n in report["notes"] if "read dequantized" in n]
+    assert "stores bfloat16 weights" in note and note in (tmp_path / "out" / "README.md").read_text()
+    assert "quantization_config" not in json.loads((tmp_path / "out" / "config.json").read_text())

@@ -145,14 +145,17 @@ def test_the_skip_presets_are_the_best_policy_measured(tmp_path):
 
 
 def test_compress_with_skip_50_writes_a_model_moekit_load_routes_with_half_the_experts(tmp_path):
-    moekit.compress("moekit/ref-coarse", "skip-50", out_dir=tmp_path / "out", n_samples=4, seq_len=64,
-                    progress=False)
+    report = moekit.compress("moekit/ref-coarse", "skip-50", out_dir=tmp_path / "out", n_samples=4, seq_len=64,
+                             progress=False)
     model = moekit.load(str(tmp_path / "out"))
     assert routing_policy(model).kind == "threshold"
     rows = calibration_tokens("stdlib:calib", tokenizer_for("moekit/ref-coarse"), n_samples=4, seq_len=64).input_ids
     with counting_expert_calls(model) as calls, torch.no_grad():
         model(rows)
     assert calls.overall() == pytest.approx(1.0, abs=0.02)
+    # the report's experts per token are those the restored model computes on the same tokens
+    assert (report["before"]["experts_per_token"], report["after"]["routing_policy"]) == (2, "threshold")
+    assert report["after"]["experts_per_token"] == pytest.approx(calls.overall(), abs=1e-3)
 
 
 def test_the_plan_says_what_a_policy_changes():

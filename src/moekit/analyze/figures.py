@@ -187,7 +187,7 @@ def tokens(layers: list[dict], title: str) -> bytes:
     frequent = layers[0]["tokens"]["frequent"]
     grid = torch.tensor([[t["concentration"] for t in layer["tokens"]["frequent"]] for layer in layers]).T
     image = b.imshow(grid, aspect="auto", cmap="viridis", vmin=0, vmax=1, interpolation="nearest")
-    b.set_yticks(range(len(frequent)), [_label(t) for t in frequent], fontsize=7)
+    b.set_yticks(range(len(frequent)), [_label(t) for t in frequent], fontsize=7, parse_math=False)  # '$' is text
     step = max(1, math.ceil(len(layers) / 16))
     b.set_xticks(range(0, len(layers), step), [layers[i]["layer"] for i in range(0, len(layers), step)])
     b.set_xlabel("layer")
@@ -197,11 +197,16 @@ def tokens(layers: list[dict], title: str) -> bytes:
     return _png(fig)
 
 
+_VISIBLE = {" ": "␣", "\n": "↵", "\t": "→"}  # whitespace tokens are common in code; DejaVu Sans draws these
+
+
 def _label(token: dict) -> str:
+    """A token's text on one line with its whitespace visible (``'↵␣␣␣␣'``, not a blank
+    label or one broken over two lines); other unprintable characters as escapes."""
     text = token.get("text")
     if text is None:
         return f"{token['id']}"
-    shown = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)  # newlines as \n, on one line
+    shown = "".join(_VISIBLE.get(c) or (c if c.isprintable() else repr(c)[1:-1]) for c in text)
     return f"'{shown[:12]}'"
 
 

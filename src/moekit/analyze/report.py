@@ -170,12 +170,10 @@ def render(analyses: list[dict], pngs: list[dict[str, bytes]], comparison: dict 
 
 def write(out_dir: str | os.PathLike, analyses: list[Analysis], comparison: dict | None = None) -> dict:
     """Write the folder (atomically; never into an existing one). Returns {"out", "figures"}."""
-    from moekit.errors import MoekitError
+    from moekit.io.outputs import check_output
     from moekit.io.save import atomic_dir
 
-    if Path(out_dir).expanduser().exists():  # before drawing anything
-        raise MoekitError(f"{Path(out_dir).expanduser().resolve()} already exists; moekit never writes into an "
-                          "existing folder. Choose a new one.")
+    check_output(out_dir)  # before drawing anything
     dicts = [a.to_dict() for a in analyses]
     pngs = [figures.all_figures(d) for d in dicts]
     comparison_png = figures.comparison(dicts[0], dicts[1], f"{dicts[0]['model']} vs {dicts[1]['model']}") \

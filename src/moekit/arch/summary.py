@@ -8,9 +8,10 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from moekit.arch.discover import decoder_layers, family_of
+from moekit.arch.discover import DecoderLayerInfo, decoder_layers, family_of
 from moekit.arch.layout import dropped_mlp_layers
 from moekit.arch.storage import saved_tensors, storage_dtypes
+from moekit.errors import UnsupportedModelError
 
 
 @dataclass
@@ -56,13 +57,25 @@ class ModelSummary:
 
 
 def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> ModelSummary:
-    """Structure and size of an MoE model; see `ModelSummary`.
+    """Structure and size of an MoE model, or of a dense decoder (every layer dense, its
+    family its model_type: what `moekit upcycle` and `moekit split` start from); see
+    `ModelSummary`.
 
     Bytes are those of everything a checkpoint holds (parameters and persistent buffers);
     ``stored_dtype``: count them at the size a checkpoint of this dtype stores them in
     (`storage_dtypes`) rather than at the dtype they are computed in.
+
+    Raises:
+        UnsupportedModelError: neither a supported MoE nor a dense decoder (an MoE of a
+            family moekit does not know is not counted as dense).
     """
-    family = family_of(model)
+    try:
+        family, views = family_of(model).name, decoder_layers(model)
+    except UnsupportedModelError:
+        dense = _dense_decoder_layers(model)
+        if dense is None:
+            raise
+        family, views = model.config.model_type, [DecoderLayerInfo(index=i, moe=None) for i in range(len(dense))]
     params = list(model.parameters())  # unique tensors: tied weights count once
     total = sum(p.numel() for p in params)
     plan = storage_dtypes(model, stored_dtype) if stored_dtype is not None else {}
@@ -72,7 +85,7 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
         bytes_by_dtype[str(dtype).removeprefix("torch.")] += t.numel() * dtype.itemsize
 
     layers, routed, active_routed = [], 0, 0.0
-    for info in decoder_layers(model):
+    for info in views:
         moe = info.moe
         if moe is None:  # a dense MLP, or none at all (`moekit.arch.edit.drop_mlp`)
             dropped = info.index in dropped_mlp_layers(model.config)
@@ -97,13 +110,24 @@ def summarize(model: nn.Module, *, stored_dtype: torch.dtype | None = None) -> M
         )
     return ModelSummary(
         model_class=type(model).__name__,
-        family=family.name,
+        family=family,
         layers=layers,
         total_params=total,
         routed_params=routed,
         active_params=total - routed + round(active_routed),
         bytes_by_dtype=dict(bytes_by_dtype),
     )
+
+
+def _dense_decoder_layers(model: nn.Module) -> nn.ModuleList | None:
+    """The decoder layers of a dense causal LM in transformers' usual layout (``model.layers``,
+    each with an ``mlp``), or None: another layout, or experts of a family moekit does not view."""
+    stack = getattr(getattr(model, "model", None), "layers", None)
+    if not isinstance(stack, nn.ModuleList) or not all(hasattr(layer, "mlp") for layer in stack):
+        return None
+    if any("expert" in name for name, _ in model.named_modules()):
+        return None
+    return stack
 
 
 def _factored(module: nn.Module) -> dict | None:

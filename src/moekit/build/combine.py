@@ -74,7 +74,7 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
     from transformers import AutoConfig
 
     from moekit.build.upcycle import TARGETS, moe_config
-    from moekit.build.writer import DenseSource, MlpInputs, dense_mlp, write_moe
+    from moekit.build.writer import DenseSource, MlpInputs, dense_mlp, refuse_built_from_quantized, write_moe
     from moekit.data.tokens import calibration_tokens, tokenizer_for
     from moekit.io.checkpoint import Checkpoint
     from moekit.io.load import check_model
@@ -83,6 +83,8 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
     folders = [source.folder] + [check_model(str(d)) for d in denses[1:]]
     if any(f is None for f in folders):
         raise MoekitError("combine reads dense checkpoint folders; give each model's folder.")
+    for dense, folder in zip(denses[1:], folders[1:]):
+        refuse_built_from_quantized(str(dense), folder)
     configs = [AutoConfig.from_pretrained(f) for f in folders]
     check_combinable(configs, folders, [str(d) for d in denses])
     if source.config.model_type not in TARGETS:

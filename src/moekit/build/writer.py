@@ -39,15 +39,25 @@ class DenseSource:
         from transformers import AutoConfig
 
         from moekit.io.load import check_model
+        from moekit.io.outputs import check_output
 
-        out = Path(out_dir).expanduser().resolve()
-        if out.exists():
-            raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
+        out = check_output(out_dir)  # before any weight is read
         folder = check_model(str(dense))
         if folder is None:
             raise MoekitError(f"{dense} is not a checkpoint folder; moekit builds MoEs from a dense model's "
                               "safetensors.")
+        refuse_built_from_quantized(str(dense), folder)
         return cls(folder, out, AutoConfig.from_pretrained(folder))
+
+
+def refuse_built_from_quantized(name: str, folder: Path | None) -> None:
+    """upcycle, split and combine read a dense checkpoint's weights as floats: a quantized
+    one is refused before any work (`moekit.io.compressed.refuse_quantized`)."""
+    from moekit.io.compressed import refuse_quantized
+
+    refuse_quantized(name, folder, doing="building an MoE from it",
+                     fix="Build from the unquantized model, then quantize the MoE with "
+                         "`moekit compress OUT --recipe w4a16`.")
 
 
 def write_moe(source: DenseSource, config, experts_of: ExpertsOf, *, report: dict, name: str,

@@ -13,7 +13,7 @@ from moekit.arch.layer import MoELayer
 from moekit.calib.observers import STATISTICS, BatchContext, LayerAccumulator, known_statistic
 from moekit.calib.stats import CalibrationStats, ModelDigest, agree_streamed
 from moekit.data.tokens import data_fingerprint
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.io.layered import LayeredModel
 from moekit.progress import progress_bar
 
@@ -41,7 +41,8 @@ def check_statistics(statistics: Iterable[str], hidden_sample: int) -> frozenset
     if unknown:
         raise MoekitError(f"unknown statistics {unknown}; choose from {sorted(STATISTICS)}.")
     if "hidden_sample" in wanted and hidden_sample <= 0:
-        raise MoekitError("the hidden_sample statistic needs hidden_sample=<number of states to keep> > 0.")
+        raise MoekitError(f"the hidden_sample statistic needs {setting('hidden_sample')} set to the number of states "
+                          "to keep (above 0).")
     return wanted
 
 

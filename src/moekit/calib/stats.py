@@ -74,6 +74,17 @@ class CalibrationStats:
     layers: dict[int, dict[str, torch.Tensor]]
     tokens: dict[int, int]
     meta: dict[str, Any] = field(default_factory=dict)
+    source: Path | None = field(default=None, compare=False)  # the folder `load` read them from
+
+    def check_model(self, model: nn.Module) -> None:
+        """Refuse statistics computed on another model: the one check, by the fingerprint
+        of config and routers calibration records (another model with as many experts
+        would otherwise pass silently)."""
+        if self.meta.get("model_fingerprint") != model_fingerprint(model):
+            where = f" in {self.source}" if self.source is not None else ""
+            raise MoekitError(f"the statistics{where} were computed on another model "
+                              f"({self.meta.get('model_name', 'unknown')}); calibrate this model (moekit calibrate "
+                              "MODEL -o FOLDER) and pass that folder instead.")
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return self.layers[index]
@@ -131,11 +142,8 @@ class CalibrationStats:
         meta = read_json(folder / "stats.json", fix="calibrate again to rewrite the folder.")
         if not isinstance(meta, dict):
             raise MoekitError(f"{folder / 'stats.json'} is not a moekit statistics record; calibrate again.")
-        if model is not None and meta.get("model_fingerprint") != model_fingerprint(model):
-            raise MoekitError(
-                f"the statistics in {folder} were computed on another model "
-                f"({meta.get('model_name', 'unknown')}); calibrate this model instead."
-            )
+        if model is not None:
+            cls(layers={}, tokens={}, meta=meta, source=folder).check_model(model)
         if input_ids is not None and meta.get("data_fingerprint") != data_fingerprint(input_ids):
             raise MoekitError(f"the statistics in {folder} were computed on other calibration data "
                               f"({meta.get('data_source', 'unknown')}, {meta.get('n_samples')} sequences of "
@@ -151,7 +159,7 @@ class CalibrationStats:
             _, index, name = key.split(".", 2)
             layers.setdefault(int(index), {})[name] = tensor
         tokens = {int(i): n for i, n in meta.pop("tokens", {}).items()}
-        return cls(layers=dict(sorted(layers.items())), tokens=tokens, meta=meta)
+        return cls(layers=dict(sorted(layers.items())), tokens=tokens, meta=meta, source=folder)
 
 
 def agree_streamed(lent, tokens: torch.Tensor, settings: dict[str, Any], world, what: str) -> None:

@@ -10,21 +10,58 @@ from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, WriteFailed
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)  # keep paths in messages whole
 
 
+def say(text: str, *, label: str = "", style: str = "", to: Console | None = None) -> None:
+    """Print ``text`` exactly as it is. Rich would read any ``[word]`` in it as markup and
+    drop it (the extra of ``pip install 'moekit[lmeval]'``, a shape ``[n, H]``, a folder
+    ``run[2]``), so nothing moekit prints from its messages, paths or names goes through
+    markup: only ``label`` does (moekit's own, e.g. ``"[bold red]error:[/]"``), then a space."""
+    line = Text.from_markup(f"{label} ") if label else Text()
+    line.append(text, style=style)
+    (to or console).print(line, highlight=False)
+
+
+def error(message: str, *, every_rank: bool = False) -> None:
+    """The one line a user error prints: ``error: MESSAGE`` on stderr. Under torchrun every
+    rank reaches the same refusal from the same command line and files, so the first rank of
+    each node alone prints it: once on one machine, and a problem of one node (a file
+    missing there) still reaches the user from that node. ``every_rank``: the message is
+    about this rank (joining the group, a write that failed on its disk)."""
+    from moekit.torchrun import local_rank
+
+    if every_rank or local_rank() == 0:
+        say(message, label="[bold red]error:[/]", to=err_console)
+
+
+def note(message: str, *, to: Console | None = None) -> None:
+    say(message, label="[yellow]note:[/]", to=to)
+
+
 @contextlib.contextmanager
 def user_errors() -> Iterator[None]:
-    """A MoekitError is the user's problem, not a bug: one red line and exit code 2."""
+    """A MoekitError is the user's problem, not a bug: one red line and exit code 2. A write
+    that failed (`moekit.errors.WriteFailed`, or a full disk under a temporary file): one
+    line and exit code 74."""
     try:
         yield
     except MoekitError as exc:
-        err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
-        raise typer.Exit(code=2) from None
+        error(str(exc), every_rank=isinstance(exc, WriteFailed))  # a rank's own disk, its own folders
+        raise typer.Exit(code=exc.exit_code) from None
+    except Exception as exc:
+        from moekit.io.outputs import failed_write
+
+        line = failed_write(exc)
+        if line is None:
+            raise
+        error(line, every_rank=True)
+        raise typer.Exit(code=WriteFailed.exit_code) from None
 
 
 def print_json(payload: Any) -> None:

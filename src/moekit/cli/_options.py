@@ -31,13 +31,11 @@ def _one_line() -> Iterator[None]:
     except _USAGE_ERROR as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             raise  # `moekit` alone: its "error" is the help, which must stay whole
-        from rich.markup import escape
-
-        from moekit.cli._common import err_console
+        from moekit.cli._common import error
 
         ctx = getattr(exc, "ctx", None)
         hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
-        err_console.print(f"[bold red]error:[/] {escape(exc.format_message())}{hint}", highlight=False)
+        error(f"{exc.format_message()}{hint}")
         raise typer.Exit(code=2) from None
 
 
@@ -50,7 +48,9 @@ class OneLineUsage(TyperGroup):
             return super().make_context(*args, **kwargs)
 
     def invoke(self, ctx: Any) -> Any:
-        with _one_line():
+        from moekit.errors import command_line_messages  # errors name flags, not parameters
+
+        with _one_line(), command_line_messages():
             return super().invoke(ctx)
 
 

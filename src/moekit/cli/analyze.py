@@ -8,16 +8,16 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.cli.app import app
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, print_json, say, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import ActivationBudget, ComputeDtype, Device, budget, open_streamed
 
 
 @app.command("analyze")
 def analyze_command(
+    out: Annotated[str, typer.Option("--out", "-o", help="New folder for the report.")],
     models: Annotated[Optional[list[str]], typer.Argument(
         help="One model, or two to compare on the same tokens (default: the reference).")] = None,
-    out: Annotated[str, typer.Option("--out", "-o", help="New folder for the report.")] = "routing-report",
     data: Annotated[str, typer.Option(help="Comma-separated corpora (stdlib:eval, files, folders, globs); several "
                                            "give domain statistics.")] = "stdlib:eval",
     focus: Annotated[Optional[str], typer.Option(help="A corpus (one of --data, or added to them) to attribute: loss "
@@ -41,8 +41,6 @@ def analyze_command(
     domain specialisation, expert attribution; with two models, side by side.
 
     The model streams from its checkpoint one decoder layer at a time."""
-    from pathlib import Path
-
     from moekit.analyze import analyze
     from moekit.analyze.compare import check_same_tokenizer, compare
     from moekit.analyze.report import write
@@ -50,6 +48,7 @@ def analyze_command(
     from moekit.data.tokens import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model
+    from moekit.io.outputs import check_output
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))
@@ -58,9 +57,7 @@ def analyze_command(
         for name in names:
             check_model(name)
             within_positions(name, "--seq-len", seq_len)
-        if Path(out).expanduser().exists():
-            raise MoekitError(f"{Path(out).expanduser().resolve()} already exists; moekit never writes into an "
-                              "existing folder. Choose a new one with -o.")
+        check_output(out)  # before any data is read or weight loaded
         specs = [s.strip() for s in data.split(",") if s.strip()]
         if focus is not None and focus not in specs:
             specs.append(focus)
@@ -94,11 +91,10 @@ def analyze_command(
             return
         for r in results:
             s = r.summary
-            console.print(
-                f"[bold]{r.model}[/]: {s['moe_layers']} MoE layers, {r.meta['tokens']} tokens, "
+            say(
+                f"{r.model}: {s['moe_layers']} MoE layers, {r.meta['tokens']} tokens, "
                 f"{r.meta['seconds']:.1f}s — entropy/log E {s['entropy_normalized']:.3f}, load max/mean "
                 f"{s['imbalance']:.2f}, token-id lookup {s['token_lookup_agreement']:.1%} (baseline "
                 f"{s['token_static_agreement']:.1%}), next-layer recall@k "
-                + ("–" if s["prefetch_recall"] is None else f"{s['prefetch_recall']:.1%}"), highlight=False)
-        console.print(f"wrote {len(written['figures'])} figures, report.html and analysis.json to "
-                      f"[bold]{written['out']}[/]")
+                + ("–" if s["prefetch_recall"] is None else f"{s['prefetch_recall']:.1%}"))
+        say(f"wrote {len(written['figures'])} figures, report.html and analysis.json to {written['out']}")

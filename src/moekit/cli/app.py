@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import typer
 
-from moekit.cli._options import OneLineUsage
+from moekit.cli._help import MoekitGroup
 
 app = typer.Typer(
     name="moekit",
-    cls=OneLineUsage,  # a flag out of range or unknown: one line, exit 2
+    cls=MoekitGroup,  # a flag out of range or unknown: one line, exit 2; help without type names
     help="Make Mixture-of-Experts models smaller and faster; build new ones.",
     no_args_is_help=True,
     add_completion=False,

@@ -8,7 +8,7 @@ import typer
 
 from moekit.cli.app import app
 from moekit.cli._build import JsonOut, Out, Seed, TopK
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, print_json, say, user_errors
 
 
 @app.command("combine")
@@ -41,5 +41,5 @@ def combine_command(
     if json_out:
         print_json(report)
         return
-    console.print(f"{', '.join(report['models'])} → {report['out']}: {report['family']}, {report['experts']} experts, "
-                  f"top-{top_k}, shared weights {shared}, router {router}", highlight=False)
+    say(f"{', '.join(report['models'])} → {report['out']}: {report['family']}, {report['experts']} experts, "
+        f"top-{top_k}, shared weights {shared}, router {router}")

@@ -6,9 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moekit.cli.app import app
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, console, note, print_json, say, user_errors
 from moekit.cli._options import SEED_MAX, within_positions
 from moekit.cli._streaming import DEFAULT_ACTIVATION_BUDGET, ActivationBudget, ComputeDtype, Device, size_option
 
@@ -35,12 +36,16 @@ def compress_command(
     activation_budget: ActivationBudget = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue the run an interruption left in the hidden work "
                                                           "folder next to --out (starts afresh if there is none).")] = False,
-    stats: Annotated[Optional[str], typer.Option("--stats", help="Statistics folder `moekit calibrate` wrote for this "
-                                                                 "model and data: used instead of calibrating.")] = None,
+    stats: Annotated[Optional[str], typer.Option(
+        "--stats", metavar="FOLDER", help="Statistics folder `moekit calibrate` wrote for this model and data: used "
+                                          "instead of calibrating.")] = None,
     max_shard_size: Annotated[str, typer.Option(parser=size_option, metavar="SIZE", help="An output up to this size is one "
                                                 "model.safetensors; a bigger one, one shard per decoder layer.")] = "5GB",
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
                                               "a standard checkpoint (original size) that loads anywhere.")] = False,
+    dequantize: Annotated[bool, typer.Option("--dequantize", help="Accept a quantized (compressed-tensors) MODEL, "
+                                             "read dequantized: the output stores floats unless the recipe quantizes "
+                                             "again (refused without this flag).")] = False,
     threads: Threads = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
@@ -50,7 +55,7 @@ def compress_command(
     if list_presets:
         for name, path in presets().items():
             first = path.read_text().splitlines()[0].lstrip("# ")
-            console.print(f"[bold]{name}[/]: {first}", highlight=False)
+            say(first, label=f"[bold]{name}[/]:")
         return
     from moekit.compression import compress
     from moekit.errors import MoekitError
@@ -61,7 +66,7 @@ def compress_command(
         check_model(model)
         name, recipe = recipe, _materialized(recipe) if materialize else recipe
         if plan_only:
-            report = plan(model, recipe, dtype=dtype)
+            report = plan(model, recipe, dtype=dtype, dequantize=dequantize)
             if json_out:
                 print_json(report)
                 return
@@ -74,8 +79,8 @@ def compress_command(
                               + (f" (experts {q['expert_bits']})" if q["expert_bits"] != q["bits"] else "")
                               + f", {group}, {q['average_bits']:.2f} bits/weight with scales")
             console.print(table)
-            for note in report["notes"]:
-                console.print(f"[yellow]note:[/] {note}", highlight=False)
+            for line in report["notes"]:
+                note(line)
             return
         if out is None:
             raise MoekitError("give an output folder with -o/--out (a new folder), or --plan to see sizes only.")
@@ -84,61 +89,61 @@ def compress_command(
                           tokenizer=tokenizer, text_field=text_field, evaluate=eval_, dtype=dtype, progress=not json_out,
                           device=device, compute_dtype=compute_dtype,
                           activation_budget=activation_budget or DEFAULT_ACTIVATION_BUDGET, resume=resume, stats=stats,
-                          max_shard_size=max_shard_size,
+                          max_shard_size=max_shard_size, dequantize=dequantize,
                           on_start=None if json_out else _announce)
         if report.get("rank"):  # under torchrun, another rank than 0: rank 0 reports
             return
         if json_out:
             print_json(report)
             return
+        from moekit.io.card import eval_tokens
+
         before, after = report["before"], report["after"]
         table = _size_table(f"{report['model']} → {report['out']}", report)
         if "eval" in before:
-            table.add_row("perplexity", f"{before['eval']['perplexity']:.3f}", f"{after['eval']['perplexity']:.3f}")
+            table.add_row(f"perplexity ({eval_tokens(before['eval'])})", f"{before['eval']['perplexity']:.3f}",
+                          f"{after['eval']['perplexity']:.3f}")
             table.add_row("accuracy", f"{before['eval']['accuracy']:.2%}", f"{after['eval']['accuracy']:.2%}")
         console.print(table)
         for step in report["steps"]:  # what the fewer-calls steps chose, and why
             if "scores" in step:
                 scores = ", ".join(f"{i}: {v:.4g}" for i, v in step["scores"].items())
-                console.print(f"{step['type']}: dropped layers {step['dropped']} (lowest {step['criterion']} "
-                              f"score; per layer {scores})", highlight=False)
+                say(f"{step['type']}: dropped layers {step['dropped']} (lowest {step['criterion']} score; per layer "
+                    f"{scores})")
             elif step["type"] in ("drop_blocks", "drop_layers"):
-                console.print(f"{step['type']}: dropped layers {step['dropped']}", highlight=False)
+                say(f"{step['type']}: dropped layers {step['dropped']}")
             elif step["type"] == "topk":
-                console.print(f"topk: top-k per MoE layer {step['top_k']}", highlight=False)
-        for note in report["notes"]:
-            console.print(f"[yellow]note:[/] {note}", highlight=False)
-        if report["format"] == "moekit-nonuniform":
-            console.print("[yellow]layers differ in what a transformers config cannot say (expert counts or top-k "
-                          "per layer, MoE sublayers dropped): saved in moekit's format; load it with "
-                          "moekit.load(folder), not plain transformers.[/]")
-        elif report["format"] == "moekit-factored":
-            console.print("[yellow]experts are stored as low-rank factors in moekit's format: load it with "
-                          "moekit.load(folder); --materialize writes a standard checkpoint instead.[/]")
-        elif report["format"] == "compressed-tensors-mixed":
-            console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
-                          "scheme, so load it with moekit.load(folder).[/]")
-        elif report["format"] == "compressed-tensors":
-            console.print("[dim]compressed-tensors checkpoint: transformers (with compressed-tensors), vLLM and "
-                          "SGLang load it.[/]")
+                say(f"topk: top-k per MoE layer {step['top_k']}")
+            elif "allocation" in step and step["allocation"]["proven_optimal"]:  # unproven: a note below
+                say(f"quantize: experts' bits proven within {step['allocation']['within']:.2%} of the least total "
+                    f"error ({step['allocation']['solve_seconds']:.1f} s)")
+        for line in report["notes"]:
+            note(line)
+        from moekit.io.card import who_loads
+
+        say(who_loads(report), style="dim" if report["plain_transformers"] == "same" else "yellow")
         console.print(f"done in {report['seconds']:.1f}s, peak memory {report['peak_memory_mib']:.0f} MiB")
 
 
 def _announce(work) -> None:
     """The first lines of a long run say where its resumable state is."""
     verb = "resuming from" if work.resumed else "work folder (finished layers; rerun with --resume after an interruption):"
-    console.print(f"[dim]{verb} {work.path}[/]", highlight=False)
+    say(f"{verb} {work.path}", style="dim")
 
 
 def _size_table(title: str, report: dict) -> Table:
     """Parameters, active parameters per token and bytes, before and after."""
+    from moekit.io.card import stored_as
     before, after = report["before"], report["after"]
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")  # model names and paths are not markup
     for column in ("", "before", "after"):
         table.add_column(column, justify="right" if column else "left")
     table.add_row("parameters", f"{before['total_params']:,}", f"{after['total_params']:,}")
-    table.add_row("active / token", f"{before['active_params']:,}", f"{after['active_params']:,}")
-    table.add_row(f"bytes (after: {report['dtype']})", f"{before['bytes']:,}", f"{after['bytes']:,}")
+    from moekit.io.card import active_after, experts_per_token_after
+
+    table.add_row("active / token", f"{before['active_params']:,}", active_after(after))
+    table.add_row("experts / token", f"{before['experts_per_token']:g}", experts_per_token_after(after))
+    table.add_row(f"bytes stored (after: {stored_as(report)})", f"{before['bytes']:,}", f"{after['bytes']:,}")
     return table
 
 

@@ -7,6 +7,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moekit.cli.app import app
 from moekit.cli._common import Threads, console, print_json, user_errors
@@ -20,7 +21,9 @@ def eval_command(
     data: Annotated[str, typer.Option(help="Corpus: stdlib:eval, files, a folder, a glob, hf:NAME.")] = "stdlib:eval",
     context_length: Annotated[int, typer.Option(min=2, help="Tokens per window.")] = 256,
     stride: Annotated[int, typer.Option(min=1, help="New tokens scored per window (< context length).")] = 128,
-    max_tokens: Annotated[Optional[int], typer.Option(min=2, help="Evaluate only the first N tokens.")] = None,
+    max_tokens: Annotated[Optional[int], typer.Option(min=2, help="Score at most N tokens (at least one window), in "
+                                                      "windows spread evenly over the whole data: a quicker "
+                                                      "estimate of the whole.")] = None,
     batch_size: Annotated[int, typer.Option(min=1, help="Windows per forward.")] = 8,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: each model's).")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
@@ -76,8 +79,6 @@ def eval_command(
         # Every model is scored on the first model's tokenization, so the numbers compare.
         first_tokenizer = tokenizer_for(names[0], tokenizer)
         stream = evaluation_stream(data, first_tokenizer, text_field=text_field).input_ids
-        if max_tokens is not None:
-            stream = stream[:max_tokens]
         _check_all_before_scoring(names, stream, first_tokenizer, forced_tokenizer=tokenizer is not None,
                                   context_length=context_length, stride=stride)
         results, task_results, speeds = {}, {}, {}
@@ -85,7 +86,7 @@ def eval_command(
             spill = budget(activation_budget)
             results[name] = evaluate(open_streamed(name, device, compute_dtype), stream,
                                      context_length=context_length, stride=stride, batch_size=batch_size,
-                                     progress=not json_out, activations=spill)
+                                     max_tokens=max_tokens, progress=not json_out, activations=spill)
             spill.close()
             if harness is not None:  # lm-eval runs the whole model's forward: it needs the model in memory
                 model = load(name)
@@ -106,10 +107,12 @@ def eval_command(
                 payload["tasks"] = {"names": harness.names, "limit": limit, "samples": first.samples}
             print_json(payload)
             return
-        table = Table(title=f"evaluation on {data} ({next(iter(results.values())).tokens} tokens)", title_justify="left")
+        # corpus and model names as given, not read as markup
+        table = Table(title=Text(f"evaluation on {data} ({next(iter(results.values())).tokens} tokens)"),
+                      title_justify="left")
         table.add_column("metric")
         for name in names:
-            table.add_column(name, justify="right")
+            table.add_column(Text(name), justify="right")
         table.add_row("perplexity", *[f"{r.perplexity:.3f}" for r in results.values()])
         table.add_row("next-token accuracy", *[f"{r.accuracy:.2%}" for r in results.values()])
         if any(r.experts_per_token is not None for r in results.values()):

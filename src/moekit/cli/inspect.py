@@ -6,9 +6,10 @@ from typing import TYPE_CHECKING, Annotated, Optional
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from moekit.cli.app import app
-from moekit.cli._common import console, print_json, user_errors
+from moekit.cli._common import console, print_json, say, user_errors
 
 if TYPE_CHECKING:
     from moekit.arch.summary import ModelSummary
@@ -22,7 +23,10 @@ def _fmt(n: float) -> str:
 
 
 def render(summary: "ModelSummary", name: str) -> None:
-    table = Table(title=f"{name} — {summary.model_class} ({summary.family})", title_justify="left")
+    if not any(layer.kind == "moe" for layer in summary.layers):
+        _render_dense(summary, name)
+        return
+    table = Table(title=Text(f"{name} — {summary.model_class} ({summary.family})"), title_justify="left")
     for column in ("layer", "kind", "experts", "top-k", "expert I", "shared I", "scoring", "routed params"):
         table.add_column(column, justify="right" if column not in ("kind", "scoring") else "left")
     for layer in summary.layers:
@@ -45,6 +49,21 @@ def render(summary: "ModelSummary", name: str) -> None:
         f"parameters: [bold]{_fmt(summary.total_params)}[/] total, [bold]{_fmt(summary.active_params)}[/] "
         f"active per token; routed experts are [bold]{summary.routed_share:.1%}[/] of the model"
     )
+    _render_bytes(summary)
+
+
+def _render_dense(summary: "ModelSummary", name: str) -> None:
+    """A model with no routed experts: what it is, and which commands make an MoE of it."""
+    from moekit.build.upcycle import TARGETS
+
+    say(f"{name} — {summary.model_class} ({summary.family}): {len(summary.layers)} decoder layers, every one dense")
+    console.print(f"parameters: [bold]{_fmt(summary.total_params)}[/], all of them active per token")
+    _render_bytes(summary)
+    say("no routed experts: a dense model"
+        + ("; `moekit upcycle` or `moekit split` builds an MoE from it." if summary.family in TARGETS else "."))
+
+
+def _render_bytes(summary: "ModelSummary") -> None:
     by_dtype = ", ".join(f"{dtype} {_fmt(n)}B" for dtype, n in summary.bytes_by_dtype.items())
     console.print(f"bytes stored: {_fmt(summary.total_bytes)}B ({by_dtype})")
 
@@ -55,13 +74,18 @@ def inspect_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
     trust_remote_code: Annotated[bool, typer.Option(help="Run the checkpoint's own code.")] = False,
 ) -> None:
-    """Show an MoE model's structure: which layers are routed, experts, top-k, sizes."""
+    """Show a model's structure: which layers are routed, experts, top-k, sizes (a dense
+    model too: its layers and parameters)."""
     from moekit.arch.summary import summarize
-    from moekit.io.load import default_model, load, stored_dtype
+    from moekit.io.checkpoint import Checkpoint
+    from moekit.io.load import default_model, load, resolve_folder, stored_dtype
 
     with user_errors():
         name = model or default_model()
         summary = summarize(load(name, trust_remote_code=trust_remote_code), stored_dtype=stored_dtype(name))
+        folder = resolve_folder(name)
+        if folder is not None:  # as the files store them: a quantized checkpoint's packed bytes, not its floats
+            summary.bytes_by_dtype = Checkpoint(folder).stored_bytes_by_dtype
         if json_out:
             print_json({"model": name, **summary.to_dict()})
         else:

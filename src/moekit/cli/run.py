@@ -15,15 +15,25 @@ from typing import Annotated, Optional
 import typer
 
 from moekit.cli.app import app
-from moekit.cli._common import Threads, console, err_console, print_json, user_errors
+from moekit.cli._common import Threads, console, err_console, print_json, say, user_errors
 from moekit.cli._streaming import ComputeDtype, Device, size_option
 
 POLICY_HELP = "Cache policy: lru, lfu, or prior (pins the experts calibration selected most; needs --stats)."
 
 
 def _memory_option(value: str | None) -> str | None:
-    """A size, or a share of the routed experts (``25%``), checked when parsed."""
-    return value if value is None or value.strip().endswith("%") else size_option(value)
+    """A size, or a share of the routed experts (``25%``), checked when parsed (like every
+    numeric flag: a bad one is refused before the model is read)."""
+    if value is None or not value.strip().endswith("%"):
+        return size_option(value)
+    from moekit.errors import MoekitError
+    from moekit.runtime.offload_budget import budget_bytes
+
+    try:
+        budget_bytes(value, 0)  # the one place a share is read
+    except MoekitError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return value
 
 
 def peak_rss_bytes() -> int | None:
@@ -117,6 +127,9 @@ def run_command(
         if policy == "prior" and stats is None:
             raise MoekitError("--policy prior pins the experts calibration selected most; pass --stats FOLDER "
                               "(written by `moekit calibrate MODEL -o FOLDER`).")
+        if stats is not None and policy != "prior":
+            raise MoekitError(f"--stats is read only by --policy prior (not {policy}); add --policy prior or drop "
+                              "--stats.")
         prior = _statistics(stats) if stats else None
         started = time.perf_counter()
         offloaded = offload(name, expert_memory=expert_memory, device=where, policy=policy, prefetch=prefetch,
@@ -129,10 +142,9 @@ def run_command(
             raise MoekitError("--prompt is empty after tokenizing; give some text.")
         streamer = _streamer(tokenizer, show=not json_out)
         if not json_out:
-            err_console.print(f"[dim]{name}: {budget:,} bytes of experts resident "
-                              f"({sum(offloaded.moekit_capacity.values())} slots of {offloaded.moekit_cache_dtype} over "
-                              f"{len(offloaded.moekit_capacity)} layers), policy {policy}"
-                              f"{', prefetch' if prefetch else ''}, on {where}[/]", highlight=False)
+            say(f"{name}: {budget:,} bytes of experts resident ({sum(offloaded.moekit_capacity.values())} slots of "
+                f"{offloaded.moekit_cache_dtype} over {len(offloaded.moekit_capacity)} layers), policy {policy}"
+                f"{', prefetch' if prefetch else ''}, on {where}", style="dim", to=err_console)
             console.print(prompt, end="", markup=False, highlight=False)
         started = time.perf_counter()
         with torch.no_grad():

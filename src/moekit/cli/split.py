@@ -8,7 +8,7 @@ import typer
 
 from moekit.cli.app import app
 from moekit.cli._build import Dense, JsonOut, Out, Seed, TopK
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, console, print_json, say, user_errors
 
 
 @app.command("split")
@@ -41,8 +41,8 @@ def split_command(
     if json_out:
         print_json(report)
         return
-    console.print(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
-                  f"{report['expert_width']}, top-{top_k}, split by {by}", highlight=False)
+    say(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
+        f"{report['expert_width']}, top-{top_k}, split by {by}")
     for layer, shares in report["layers"].items():
         console.print(f"layer {layer}: top-{top_k} reproduce {shares['reproduced_share']:.1%} of the MLP's output on "
                       f"held-out tokens (an oracle choice: {shares['oracle_share']:.1%})", highlight=False)

@@ -9,7 +9,7 @@ import typer
 
 from moekit.cli.app import app
 from moekit.errors import INTERRUPTED
-from moekit.cli._common import Threads, console, err_console, print_json, user_errors
+from moekit.cli._common import Threads, err_console, print_json, say, user_errors
 from moekit.cli._options import SEED_MAX, real
 
 
@@ -27,7 +27,7 @@ def train(
     vocab_size: int = typer.Option(8192, min=259, help="Vocabulary of a newly trained tokenizer (a byte-level BPE: "
                                    "at least 259)."),
     seq_len: int = typer.Option(256, min=2, help="Tokens per training sequence."),
-    out: Path = typer.Option(Path("runs/train"), "--out", "-o", help="Run folder (rerun to resume)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Run folder (rerun to resume)."),
     steps: int = typer.Option(200, min=1, help="Optimizer steps."),
     batch_size: int = typer.Option(8, min=1, help="Sequences per micro-batch."),
     grad_accum: int = typer.Option(1, min=1, help="Micro-batches per optimizer step."),
@@ -64,15 +64,15 @@ def train(
     if as_json:
         print_json(result)
     elif result["interrupted"]:
-        console.print(f"[yellow]interrupted[/] at step {result['steps']}; checkpoint saved in {out}. "
-                      "Rerun the same command to resume.")
+        say(f"at step {result['steps']}; checkpoint saved in {out}. Rerun the same command to resume.",
+            label="[yellow]interrupted[/]")
     elif result["already_finished"]:  # no step ran: this session measured nothing
-        console.print(f"already finished at step {result['steps']}; model in {result['model_dir']} "
-                      "(raise --steps to train further).")
+        say(f"already finished at step {result['steps']}; model in {result['model_dir']} (raise --steps to train "
+            "further).")
     else:
-        console.print(f"[bold green]done[/] model in {result['model_dir']}: train loss {result['train_loss']:.4f}"
-                      + (f", eval ppl {result['eval_perplexity']:.2f}" if result.get("eval_perplexity") else "")
-                      + f", {result['tokens_per_s']:.0f} tok/s")
+        say(f"model in {result['model_dir']}: train loss {result['train_loss']:.4f}"
+            + (f", eval ppl {result['eval_perplexity']:.2f}" if result.get("eval_perplexity") else "")
+            + f", {result['tokens_per_s']:.0f} tok/s", label="[bold green]done[/]")
     if result["interrupted"]:  # checkpointed, but not done: scripts must not read it as success
         raise typer.Exit(INTERRUPTED)
 

@@ -8,7 +8,7 @@ import typer
 
 from moekit.cli.app import app
 from moekit.cli._build import Dense, JsonOut, Out, Seed, TopK
-from moekit.cli._common import Threads, console, print_json, user_errors
+from moekit.cli._common import Threads, console, print_json, say, user_errors
 
 
 @app.command("upcycle")
@@ -44,10 +44,9 @@ def upcycle_command(
     if json_out:
         print_json(report)
         return
-    console.print(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
-                  f"{report['expert_width']}, top-{top_k}, {method}"
-                  + (f", a shared expert of width {report['shared_expert_width']}" if "shared_fraction" in report
-                     else ""), highlight=False)
+    say(f"{report['dense']} → {report['out']}: {report['family']}, {experts} experts of width "
+        f"{report['expert_width']}, top-{top_k}, {method}"
+        + (f", a shared expert of width {report['shared_expert_width']}" if "shared_fraction" in report else ""))
     if "max_abs_logit_difference" in report:
         console.print(f"step 0 against the dense model: max |Δ logit| {report['max_abs_logit_difference']:.2e} "
                       "on random tokens", highlight=False)

@@ -29,7 +29,7 @@ def agree_compress(facts: dict[str, Any], lent, world: World | None) -> None:
     tensors and file sizes (each node may hold its own copy, at its own path)."""
     if world is None:
         return
-    shared = {k: v for k, v in facts.items() if k not in ("model", "checkpoint")}
+    shared = {k: v for k, v in facts.items() if k not in ("model", "checkpoint files")}
     agree_inputs({**shared, "weights": weights_index(lent)}, world, "compress")
 
 

@@ -30,7 +30,7 @@ from moekit.errors import MoekitError
 from moekit.eval.harness_env import offline, quiet_logging, quiet_progress
 from moekit.eval.tasks import shipped_task_names, stage_shipped_tasks
 
-INSTALL_HINT = "pip install 'moekit[lmeval]'"
+INSTALL_HINT = "pip install 'moekit[lmeval]' (in a source checkout: pip install -e '.[lmeval]')"
 
 
 def _lm_eval():

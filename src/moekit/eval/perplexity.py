@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.progress import progress_bar
 
 
@@ -163,12 +163,12 @@ def check_scoring(config, tokens: torch.Tensor, *, context_length: int | None = 
     context_length = context_length or min(512, max_positions)
     stride = stride or max(context_length // 2, 1)
     if context_length > max_positions:
-        raise MoekitError(f"context_length {context_length} is beyond the model's {max_positions} positions; "
-                          f"lower --context-length to at most {max_positions}.")
+        raise MoekitError(f"{setting('context_length', context_length)} is beyond the model's {max_positions} "
+                          f"positions; use at most {max_positions}.")
     if not 0 < stride < context_length:
         raise MoekitError(
-            f"stride must be in 1..{context_length - 1} (below context_length, so that each window "
-            f"keeps left context); got {stride}."
+            f"{setting('stride', stride)} must be in 1..{context_length - 1} (below {setting('context_length')}, so "
+            "that each window keeps left context)."
         )
     if tokens.numel() < 2 or tokens.shape[-1] < 2:
         raise MoekitError("evaluation needs at least 2 tokens per sequence; the data is too short.")
@@ -179,11 +179,37 @@ def check_scoring(config, tokens: torch.Tensor, *, context_length: int | None = 
     return context_length, stride
 
 
-def _window_batches(tokens: torch.Tensor, context_length: int, stride: int, batch_size: int):
+def spread(jobs: list, max_tokens: int) -> list:
+    """At most ``max_tokens`` scored tokens' worth of ``jobs`` ((stream, window) pairs in
+    stream order), spread evenly over all of them: a bounded evaluation that estimates the
+    whole one (the first tokens of a corpus are often one unrepresentative file — the
+    stdlib split opens with codec tables). Each chosen window scores exactly the tokens it
+    scores in the whole evaluation, and they are the windows that score ``stride`` tokens
+    with the full left context (not a stream's first window, which scores its short-context
+    opening, nor a short last one), unless there are none. All of them when they fit."""
+    def scored(job) -> int:
+        _, (_, end, first) = job
+        return end - first
+
+    if sum(scored(job) for job in jobs) <= max_tokens:
+        return jobs
+    later = [job for job in jobs if job[1][2] != 1]
+    width = max((scored(job) for job in later), default=0)
+    full = [job for job in later if scored(job) == width] or jobs
+    width = max(scored(job) for job in full)
+    count = max(1, min(len(full), max_tokens // width))
+    return [full[i] for i in torch.linspace(0, len(full) - 1, count).round().long().tolist()]
+
+
+def _window_batches(tokens: torch.Tensor, context_length: int, stride: int, batch_size: int,
+                    max_tokens: int | None = None):
     """Batches of windows: ids, the positions fed to the model, the positions whose next
-    token is scored (each [B, width], width = the batch's longest window)."""
+    token is scored (each [B, width], width = the batch's longest window); with
+    ``max_tokens``, only the windows `spread` chooses."""
     streams = [tokens] if tokens.ndim == 1 else list(tokens)
     jobs = [(s, w) for s in streams for w in windows(len(s), context_length, stride)]
+    if max_tokens is not None:
+        jobs = spread(jobs, max_tokens)
     ids_list, masks, scored_list = [], [], []
     for start in range(0, len(jobs), batch_size):
         batch = jobs[start : start + batch_size]
@@ -209,6 +235,7 @@ def evaluate(
     context_length: int | None = None,
     stride: int | None = None,
     batch_size: int = 8,
+    max_tokens: int | None = None,
     routing: bool = True,
     progress: bool = True,
     device: torch.device | str | None = None,
@@ -229,6 +256,9 @@ def evaluate(
         tokens: [L] one token stream, or [N, S] independent sequences (each its own stream).
         context_length: tokens per window (default: min(512, the model's positions)).
         stride: new tokens scored per window, < context_length (default: context_length // 2).
+        max_tokens: score at most this many tokens, in windows spread evenly over the whole
+            stream (`spread`), each scored as in the whole evaluation: an estimate of it
+            (None: every token).
         routing: also measure router entropy and load imbalance per MoE layer.
         device: where a model in memory computes (a `LayeredModel` has its own).
         activations: an `ActivationBudget` (default: hidden states in memory).
@@ -242,14 +272,14 @@ def evaluate(
 
     lent = model if isinstance(model, LayeredModel) else LayeredModel.in_memory(model, device=device)
     context_length, stride = check_scoring(lent.model.config, tokens, context_length=context_length, stride=stride)
-    ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size)
+    ids, masks, scored = _window_batches(tokens, context_length, stride, batch_size, max_tokens)
     streamer = LayerStreamer(lent, ids, attention_mask=masks, budget=activations, shard=shard)
     ids, scored = ids[streamer.mine.start: streamer.mine.stop], scored[streamer.mine.start: streamer.mine.stop]
     if streamer.world is not None:  # ranks given other inputs would add up unrelated losses
         from moekit.calib.stats import agree_streamed
 
-        agree_streamed(lent, tokens, {"settings": [context_length, stride, batch_size, routing]}, streamer.world,
-                       "evaluation")
+        agree_streamed(lent, tokens, {"settings": [context_length, stride, batch_size, routing, max_tokens]},
+                       streamer.world, "evaluation")
     recorder = _RoutingRecorder(scored) if routing and lent.family is not None else None  # dense: no routing
     if recorder is not None:
         from moekit.methods.dynamic.install import routing_policy

@@ -181,8 +181,17 @@ class Checkpoint:
     @property
     def stored_bytes(self) -> int:
         """Bytes of the tensors as stored (packed weights packed)."""
-        dense = sum(e.nbytes for name, e in self.tensors.items() if name not in self.packed)
-        return dense + sum(e.nbytes for e in self._parts.values())
+        return sum(self.stored_bytes_by_dtype.values())
+
+    @property
+    def stored_bytes_by_dtype(self) -> dict[str, int]:
+        """`stored_bytes` by torch dtype name (``bfloat16``, ``int32``, ...)."""
+        out: dict[str, int] = {}
+        entries = [e for name, e in self.tensors.items() if name not in self.packed] + list(self._parts.values())
+        for e in entries:
+            dtype = str(_DTYPES[e.dtype]).removeprefix("torch.") if e.dtype in _DTYPES else e.dtype
+            out[dtype] = out.get(dtype, 0) + e.nbytes
+        return out
 
     def fingerprint(self) -> str:
         """A digest of names, dtypes, shapes, file sizes and modification times: it changes

@@ -278,6 +278,31 @@ def is_packed(folder: Path) -> bool:
     return _compressed_tensors_config(folder) is not None
 
 
+def quantized_input(folder: Path | None) -> str | None:
+    """What a compressed-tensors checkpoint in ``folder`` holds, for messages
+    (``compressed-tensors, 4-bit weights``); None for any other checkpoint (or no folder)."""
+    config = _compressed_tensors_config(folder) if folder is not None else None
+    if config is None:
+        return None
+    bits = sorted({(group.get("weights") or {}).get("num_bits") for group in
+                   (config.get("config_groups") or {}).values()} - {None})
+    return f"compressed-tensors, {'/'.join(map(str, bits)) or '?'}-bit weights"
+
+
+def refuse_quantized(name: str, folder: Path | None, *, doing: str, fix: str) -> None:
+    """The one rule for commands that write weights read from a checkpoint (compress,
+    upcycle, split, combine, train --init): a quantized input is refused before any work,
+    because its weights are read dequantized and would be written as floats — the output
+    silently loses the quantization and grows several times. ``doing`` says what the
+    command would do ("compressing it"), ``fix`` what to do instead."""
+    described = quantized_input(folder)
+    if described is not None:
+        from moekit.errors import MoekitError
+
+        raise MoekitError(f"{name} is a quantized checkpoint ({described}): {doing} would write its weights "
+                          f"dequantized, as floats several times larger, without the quantization. {fix}")
+
+
 def load_packed(folder: Path, *, dtype: torch.dtype, device) -> nn.Module:
     """A compressed-tensors checkpoint as a dense model in ``dtype``, each Linear
     decompressed by its own config group's scheme (transformers applies one scheme to all

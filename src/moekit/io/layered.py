@@ -75,26 +75,13 @@ class LayeredModel:
         skeleton's shapes first, so a checkpoint that disagrees with its config fails here,
         naming the file and the tensor, before any work. ``from_config`` goes to
         transformers' ``from_config`` (e.g. ``experts_implementation``)."""
-        from transformers import AutoConfig
+        from moekit.io.skeleton import skeleton
 
-        from moekit.arch.edit import skeleton
-        from moekit.arch.layout import PER_LAYER_KEY, nonstandard_keys
-        from moekit.io.checkpoint import Checkpoint
-
-        folder = Path(folder)
         _allocate_big_blocks_by_mmap()
-        config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
-        checkpoint = Checkpoint(folder)
-        if checkpoint.packed:  # read decompressed (`Checkpoint`): the skeleton is the dense model
-            config.quantization_config = None
-            del config.quantization_config
-        # moekit's format: each layer's expert count, top-k, dropped sublayer, factors
-        model = skeleton(config, dtype=dtype, trust_remote_code=trust_remote_code, **from_config)
-        model.tie_weights()  # before the checks: a tied head is not stored under its own name
-        per_layer = getattr(config, PER_LAYER_KEY, None) or {}
+        model, _, checkpoint, native = skeleton(Path(folder), dtype=dtype, trust_remote_code=trust_remote_code,
+                                                **from_config)
         lent = cls(model.eval(), device=torch.device(device), checkpoint=checkpoint, dtype=dtype)
-        lent._native = per_layer != {} or bool(nonstandard_keys(config)) or (folder / "moekit.json").is_file()
-        lent._check_shapes()
+        lent._native = native
         lent._read(lent._keys.get(None, []), what="the embeddings, final norm and head")
         model.tie_weights()
         from moekit.methods.dynamic.install import reinstall_saved_policy
@@ -141,8 +128,10 @@ class LayeredModel:
         load_dtype = self.checkpoint.floating_dtype() or self.dtype
         self._load_in_stored_dtypes(modules, load_dtype)
         if self._native:
+            from moekit.io.skeleton import tied_groups
+
             state = self.checkpoint.read(names)
-            for group in _tied_groups(self.model):  # safetensors' save_model keeps one name of each
+            for group in tied_groups(self.model):  # safetensors' save_model keeps one name of each
                 present = [name for name in group if name in state]
                 if present:
                     state.update({name: state[present[0]] for name in group})
@@ -191,30 +180,6 @@ class LayeredModel:
                         store[name] = (nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad)
                                        if isinstance(tensor, nn.Parameter) else tensor.to(dtype))
 
-    def _check_shapes(self) -> None:
-        """Every checkpoint tensor against the skeleton, before anything is read.
-
-        Only possible without conversions (a fused tensor is built from many checkpoint
-        tensors); with them the per-expert shapes are checked against the fused ones."""
-        expected = {n: tuple(t.shape) for n, t in self.model.state_dict().items()}
-        for name, entry in self.checkpoint.tensors.items():
-            shape = expected.get(name)
-            if shape is not None and shape != entry.shape:
-                raise MoekitError(f"{entry.file}: tensor {name!r} has shape {entry.shape} but the config says "
-                                  f"{shape}; the config.json does not describe these weights.")
-            if shape is None and not self._native:
-                fused = _fused_shape(name, expected)
-                if fused is not None and fused != entry.shape:
-                    raise MoekitError(f"{entry.file}: tensor {name!r} has shape {entry.shape} but the config says "
-                                      f"{fused}; the config.json does not describe these weights.")
-        if self._native:
-            stored = set(self.checkpoint.tensors)
-            tied = {name for group in _tied_groups(self.model) if stored & set(group) for name in group}
-            missing = sorted(set(expected) - stored - tied)
-            if missing:
-                raise MoekitError(f"{self.checkpoint.folder} has no tensor {missing[0]!r}"
-                                  f"{f' (nor {len(missing) - 1} others)' if len(missing) > 1 else ''}; "
-                                  "the checkpoint is incomplete.")
 
 
 def _glibc():
@@ -275,31 +240,6 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype
             owner._parameters[attr] = nn.Parameter(value, requires_grad=old is None or old.requires_grad)
         else:
             owner._buffers[attr] = value
-
-
-def _tied_groups(model: nn.Module) -> list[list[str]]:
-    """Names that share one tensor (a head tied to the embeddings), each group in order."""
-    groups: dict[int, list[str]] = {}
-    for name, tensor in model.state_dict(keep_vars=True).items():
-        groups.setdefault(id(tensor), []).append(name)
-    return [names for names in groups.values() if len(names) > 1]
-
-
-_PER_EXPERT = re.compile(r"^(?P<prefix>.*\.experts)\.(\d+)\.(?P<proj>gate_proj|up_proj|down_proj|w1|w2|w3)\.weight$")
-
-
-def _fused_shape(name: str, expected: dict[str, tuple[int, ...]]) -> tuple[int, ...] | None:
-    """The shape one per-expert checkpoint tensor must have, from the fused parameter it
-    becomes part of (None when ``name`` is not a per-expert tensor this knows)."""
-    match = _PER_EXPERT.match(name)
-    if match is None:
-        return None
-    prefix, proj = match.group("prefix"), match.group("proj")
-    if proj in ("down_proj", "w2"):
-        fused = expected.get(f"{prefix}.down_proj")
-        return None if fused is None else tuple(fused[1:])
-    fused = expected.get(f"{prefix}.gate_up_proj")
-    return None if fused is None else (fused[1] // 2, fused[2])
 
 
 def open_model(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",

@@ -191,6 +191,7 @@ def _check_checkpoint_dir(path: Path) -> None:
     if weights:
         for file in weights:
             _check_safetensors_header(file)
+        _check_weights_fit_config(path, weights)
         return
     pickles = [f for f in files if f.endswith(_PICKLE_SUFFIXES)]
     if pickles:
@@ -202,6 +203,24 @@ def _check_checkpoint_dir(path: Path) -> None:
     raise MoekitError(f"{path} has config.json but no *.safetensors weights.")
 
 
+def _check_weights_fit_config(path: Path, weights: list[Path]) -> None:
+    """Every tensor's shape is the one config.json gives it (`moekit.io.skeleton`), checked
+    before any command computes: transformers would fail with a traceback after a report of
+    every mismatch, or build a model the file does not describe. The config and the files'
+    sizes and times name the answer: a command checks its model several times."""
+    files = [path / "config.json", *weights]
+    _weights_fit_config(str(path), tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files))
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_fit_config(path: str, stats: tuple) -> None:
+    if "auto_map" in read_json(Path(path) / "config.json", fix=""):
+        return  # the checkpoint's own code builds it, which `load` runs only when asked to
+    from moekit.io.skeleton import skeleton
+
+    skeleton(Path(path))
+
+
 def _check_config_file(file: Path) -> None:
     """config.json is a JSON object naming a model type transformers knows (or code of
     its own, which `load` refuses to run unless asked)."""
@@ -211,13 +230,29 @@ def _check_config_file(file: Path) -> None:
     if not isinstance(config, dict):
         raise MoekitError(f"{file} does not hold a JSON object of config fields; restore the file save_pretrained wrote.")
     model_type = config.get("model_type")
-    if "auto_map" in config or model_type in CONFIG_MAPPING_NAMES:
+    if "auto_map" in config:
+        return
+    if model_type in CONFIG_MAPPING_NAMES:
+        _check_aliases(file, config, model_type)
         return
     raise MoekitError(
         f"{file} has no model_type; restore the file save_pretrained wrote." if model_type is None else
         f"{file} has model_type {model_type!r}, which this transformers does not know; upgrade transformers "
         f"or fix the file."
     )
+
+
+def _check_aliases(file: Path, config: dict, model_type: str) -> None:
+    """Two names of one setting (``num_experts`` and ``num_local_experts`` in qwen3_moe: the
+    config class's attribute_map) given different values: transformers keeps one and ignores
+    the other without a word, so the model built is not the one the file seems to describe."""
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    for alias, name in getattr(CONFIG_MAPPING[model_type], "attribute_map", {}).items():
+        if alias in config and name in config and config[alias] != config[name]:
+            raise MoekitError(f"{file} gives {alias} {config[alias]} and {name} {config[name]}, two names of one "
+                              f"{model_type} setting: transformers would use one and ignore the other. Make them "
+                              f"agree with the weights, or drop {alias}.")
 
 
 def _check_safetensors_header(file: Path) -> None:

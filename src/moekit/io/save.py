@@ -20,6 +20,7 @@ from torch import nn
 from moekit.arch.layout import PER_LAYER_KEY, nonstandard_keys
 from moekit.arch.storage import saved_tensors, storage_dtypes
 from moekit.errors import MoekitError
+from moekit.io.outputs import check_output, missing_folders, remove_empty, writing
 from moekit.progress import silence_transformers_bars
 
 OUTPUT_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -45,25 +46,33 @@ def atomic_dir(out_dir: str | os.PathLike, *, replace: bool = False) -> Iterator
 
     ``replace=True`` is for folders moekit itself owns (a training run's ``model/``): an
     existing ``out_dir`` is swapped for the new one only once the new one is complete.
+    A write that fails in the block (a full disk) removes the temporary folder and the
+    folders made for it, and raises `WriteFailed` (`moekit.io.outputs.writing`).
 
     Raises:
-        MoekitError: ``out_dir`` already exists and ``replace`` is False (moekit never
-            writes into a user's folder).
+        MoekitError: ``out_dir`` cannot be created (`moekit.io.outputs.check_output`), or
+            already exists and ``replace`` is False (moekit never writes into a user's folder).
     """
-    out = Path(out_dir).expanduser().resolve()
-    if out.exists() and not replace:
-        raise MoekitError(f"{out} already exists; moekit never writes into an existing folder. Choose a new one.")
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(out_dir).expanduser().resolve() if replace else check_output(out_dir)
+    made = missing_folders(out)
     tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
     old = out.parent / f".{out.name}.old-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+
+    def removed() -> str:
+        shutil.rmtree(tmp, ignore_errors=True)
+        remove_empty(made)
+        return "The partial output was removed."
+
     try:
-        yield tmp
-        _usual_permissions(tmp)
-        if out.exists():
-            os.replace(out, old)
-        os.replace(tmp, out)
+        with writing(out, partial=[tmp], on_failure=removed):
+            out.parent.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            yield tmp
+            _usual_permissions(tmp)
+            if out.exists():
+                os.replace(out, old)
+            os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(old, ignore_errors=True)

@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from moekit.errors import MoekitError
+from moekit.io.outputs import folder_size, remove_partial, size_text
 
 SUFFIX = ".moekit-work"
 
@@ -59,17 +60,21 @@ class WorkFolder:
                     f"Add --resume to continue it, or delete that folder to start over."
                 )
             try:
-                earlier = json.loads(record.read_text())["fingerprint"]
-            except (OSError, json.JSONDecodeError, KeyError):
-                earlier = None
-            if earlier != self.fingerprint:
+                earlier = json.loads(record.read_text())
+            except (OSError, json.JSONDecodeError):
+                earlier = {}
+            if not isinstance(earlier, dict) or earlier.get("fingerprint") != self.fingerprint:
                 raise MoekitError(
-                    f"{path} was made by a run with another model, recipe, data, settings or moekit version; "
-                    f"it cannot be resumed with these. Delete it to start over, or rerun the original command."
+                    f"{path} was made by a run with {_differences(earlier, facts)}; it cannot be resumed with "
+                    f"these. Delete it to start over, or rerun the original command."
                 )
         else:
-            (path / "done").mkdir(parents=True)
-            _write_json(record, {"fingerprint": self.fingerprint, "facts": facts})
+            try:
+                (path / "done").mkdir(parents=True)
+                _write_json(record, {"fingerprint": self.fingerprint, "facts": facts})
+            except BaseException:  # a folder without run.json would be refused as another run's
+                self.remove()
+                raise
         self.resumed = resume and self.finished_layers() != []
 
     def _progress(self) -> str:
@@ -117,6 +122,46 @@ class WorkFolder:
 
     def remove(self) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+    def keep_or_remove(self) -> str:
+        """After a failed write (a full disk): keep what ``--resume`` continues from, delete
+        the rest (half-written files, hidden states spilled for this session only), or the
+        whole folder when no layer was finished. Says which, in a sentence."""
+        shutil.rmtree(self.path / "activations", ignore_errors=True)  # rewritten by every session
+        remove_partial(self.path)
+        done = self.finished_layers()
+        for hidden in self.path.glob("hidden-*"):  # written, but its layer not committed: redone on resume
+            if not done or int(hidden.name.removeprefix("hidden-")) > done[-1]:
+                shutil.rmtree(hidden, ignore_errors=True)
+        if not done and not self.plans():  # nothing a resumed run would skip
+            self.remove()
+            return f"No layer was finished, so the work folder {self.path} was removed."
+        finished = f"layers 0..{done[-1]}" if done else "the plan of the first pass"
+        return (f"The work folder {self.path} keeps {finished} ({size_text(folder_size(self.path))}): rerun the same "
+                "command with --resume to continue from there, or delete that folder.")
+
+
+def _differences(earlier: Any, facts: dict[str, Any]) -> str:
+    """What differs between the run that made a work folder and this one, each fact named,
+    old → new where both are short (a recipe, a fingerprint of many files, is only named)."""
+    before = earlier.get("facts") if isinstance(earlier, dict) else None
+    if not isinstance(before, dict):  # unreadable, or written before run.json kept the facts
+        return "another model, recipe, data, settings or moekit version (its run.json does not say which)"
+    now = json.loads(json.dumps(facts, default=str))  # as run.json holds them
+
+    def shown(value: Any) -> str:
+        return value if isinstance(value, str) else json.dumps(value)
+
+    changes = []
+    for key in sorted(before.keys() | now.keys(), key=lambda k: (list(now).index(k) if k in now else len(now), k)):
+        old, new = before.get(key), now.get(key)
+        if old == new:
+            continue
+        if old is not None and new is not None and max(len(shown(old)), len(shown(new))) <= 40:
+            changes.append(f"{key} {shown(old)} → {shown(new)}")
+        else:
+            changes.append(f"another {key}")
+    return ", ".join(changes) or "other settings"
 
 
 def _write_json(path: Path, data: Any) -> None:

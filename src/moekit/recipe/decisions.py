@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from moekit.calib.stats import CalibrationStats, ModelDigest
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.progress import progress_bar
 from moekit.recipe.passes import Collect, RecipePass
 from moekit.recipe.phases import Phase
@@ -24,7 +24,8 @@ def check_given(folder, lent, input_ids: torch.Tensor, first: Phase):
     given = CalibrationStats.load(folder, input_ids=input_ids)
     if given.meta.get("config_fingerprint") != ModelDigest(lent.model.config).config_fingerprint():
         raise MoekitError(f"the statistics in {folder} were computed on another model "
-                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop --stats.")
+                          f"({given.meta.get('model_name', 'unknown')}); calibrate this model, or drop "
+                          f"{setting('stats')}.")
     missing = sorted(first.wanted - set(given.statistics))
     short = "hidden_sample" in first.wanted and given.meta.get("hidden_sample", 0) < first.hidden_sample
     if missing or short:
@@ -33,7 +34,8 @@ def check_given(folder, lent, input_ids: torch.Tensor, first: Phase):
         what = f"the statistics {missing}" if missing else \
             f"a hidden sample of {first.hidden_sample} (it has {given.meta.get('hidden_sample', 0)})"
         raise MoekitError(f"the recipe needs {what}, which {folder} does not hold; make them with "
-                          f"moekit calibrate MODEL --stats {wanted}{sample} (same data options), or drop --stats.")
+                          f"moekit calibrate MODEL --statistics {wanted}{sample} (same data options), or drop "
+                          f"{setting('stats')}.")
     return given
 
 
@@ -44,7 +46,8 @@ def plan_passes(work, fresh, input_ids, phases, *, batch_size, seed, budget, sta
     work folder so a resumed run takes the same ones."""
     saved = work.plans()
     if saved is not None:
-        return {int(pos): {int(i): n for i, n in plan.items()} for pos, plan in saved.items()}
+        return {int(pos): {int(i) if i.isdigit() else i: n for i, n in plan.items()}  # layers, and named facts
+                for pos, plan in saved.items()}
     plans: dict[int, Any] = {}
     for p, phase in enumerate(phases):
         planners = [(pos, step) for pos, step in phase.steps if step.plan_needs()]

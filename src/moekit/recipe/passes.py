@@ -31,7 +31,7 @@ from moekit.calib.calibrate import new_accumulator, observing
 from moekit.calib.stats import CalibrationStats, ModelDigest
 from moekit.distributed import agree_layer
 from moekit.distributed.runs import layer_done
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.recipe.phases import Phase
@@ -310,8 +310,8 @@ class RecipePass:
 
     def _check_router(self, index: int, digest: str) -> None:
         if self.given.meta.get("routers", {}).get(str(index)) != digest:
-            raise MoekitError(f"the statistics given with --stats were computed on another model: layer {index}'s "
-                              "router differs from theirs. Calibrate this model, or drop --stats.")
+            raise MoekitError(f"the statistics given with {setting('stats')} were computed on another model: layer "
+                              f"{index}'s router differs from theirs. Calibrate this model, or drop {setting('stats')}.")
 
     def _streams(self, count: int, work, first: int) -> tuple[list[HiddenStates], dict[int, HiddenStates]]:
         """The phases' streams, and a reference stream for each phase that reads one."""

@@ -13,10 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from moekit.errors import MoekitError, read_yaml, yaml_problem
-from moekit.recipe.step import Step, step_from_dict
+from moekit.recipe.step import Step, step_from_dict, step_label
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -24,6 +24,17 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 class Recipe(BaseModel):
     model_config = ConfigDict(frozen=True)
     steps: list[Step]
+    _source: str = PrivateAttr(default="recipe")  # the file or preset it came from: errors name it
+
+    def __eq__(self, other: object) -> bool:  # a recipe is its steps, wherever it was read from
+        return isinstance(other, Recipe) and self.steps == other.steps
+
+    __hash__ = None  # its steps are a list
+
+    def where(self, position: int) -> str:
+        """How errors name step ``position`` (from 0): ``FILE: step N (TYPE)``, as they name
+        a step the recipe's own validation refuses."""
+        return f"{self._source}: {step_label(self.steps[position], position)}"
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "recipe") -> Recipe:
@@ -35,9 +46,11 @@ class Recipe(BaseModel):
         if extra:
             raise MoekitError(f"{source}: unknown top-level keys {extra}; a recipe has only 'steps'.")
         try:
-            return cls(steps=[step_from_dict(item, i) for i, item in enumerate(data["steps"])])
+            recipe = cls(steps=[step_from_dict(item, i) for i, item in enumerate(data["steps"])])
         except MoekitError as exc:
             raise MoekitError(f"{source}: {exc}") from None
+        recipe._source = source
+        return recipe
 
     @classmethod
     def from_yaml(cls, text: str, *, source: str = "recipe") -> Recipe:

@@ -160,11 +160,17 @@ def register_step(cls: type[Step]) -> type[Step]:
     return cls
 
 
+def step_label(step: Step | str | None, position: int) -> str:
+    """``step N (TYPE)``: how a recipe's errors name its step at ``position`` (from 0)."""
+    kind = step if isinstance(step, str) or step is None else step.type
+    return f"step {position + 1}" + (f" ({kind})" if kind else "")
+
+
 def step_from_dict(item: Any, position: int) -> Step:
     """Build a step from its YAML mapping, with a message naming the step and field."""
     from pydantic import ValidationError
 
-    where = f"step {position + 1}"
+    where = step_label(None, position)
     if not isinstance(item, dict) or "type" not in item:
         raise MoekitError(f"{where}: each step is a mapping with a 'type' (one of {sorted(STEPS)}).")
     kind = item["type"]
@@ -173,4 +179,4 @@ def step_from_dict(item: Any, position: int) -> Step:
     try:
         return STEPS[kind].model_validate(item)
     except ValidationError as exc:
-        raise MoekitError(f"{where} ({kind}): {validation_problems(exc, default_field=kind)}") from None
+        raise MoekitError(f"{step_label(kind, position)}: {validation_problems(exc, default_field=kind)}") from None

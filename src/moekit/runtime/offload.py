@@ -37,7 +37,7 @@ import os
 import torch
 from torch import nn
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 from moekit.runtime import slow_tier as slow_tier_module
 from moekit.runtime.expert_cache import POLICIES, LayerCache
 from moekit.runtime.miss_compute import attach as attach_miss_compute
@@ -60,8 +60,8 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
         device: where non-expert weights, the cache and the compute are.
         policy: ``lru``, ``lfu`` or ``prior`` (needs ``stats``).
         prefetch: guess layer l+1's experts from layer l's input and load them early.
-        stats: the prior's scores: a `CalibrationStats` (its ``frequency``) or
-            ``{layer: [E] scores}``.
+        stats: the prior's scores: a `CalibrationStats` (its ``frequency``; refused when its
+            model fingerprint is another model's) or ``{layer: [E] scores}``.
         dtype: compute dtype (of the non-expert weights and of every expert call).
         cache_dtype: dtype of the cached experts: ``"auto"`` (each parameter as stored, when
             ``dtype`` holds it exactly: bf16 checkpoints take half the memory of fp32 copies,
@@ -94,10 +94,10 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     from moekit.runtime.offloaded_experts import IMPLEMENTATION, SCRATCH_EXPERTS, OffloadedExperts, Scratch, register
 
     if policy not in POLICIES:
-        raise MoekitError(f"policy {policy!r} is not one of {', '.join(POLICIES)}.")
+        raise MoekitError(f"{setting('policy', policy)} is not one of {', '.join(POLICIES)}.")
     if policy == "prior" and stats is None:
         raise MoekitError("the prior policy pins the experts calibration saw most; pass stats= (moekit.calibrate's "
-                          "result, or {layer: scores}).")
+                          "result, or {layer: scores}).")  # `moekit run` asks for --stats before it gets here
     requested = parse_cache_dtype(cache_dtype)
     budget_bytes(expert_memory, 0)  # a malformed size is refused before the model is read
     _refuse_factored(model)
@@ -108,9 +108,11 @@ def offload(model: str | os.PathLike | nn.Module, *, expert_memory: int | str, d
     model, sources = slow_tier_module.open_experts(model, device=device, dtype=dtype)
     layers = moe_layers(model)
     _check_family(layers)
+    if hasattr(stats, "check_model"):  # a calibration's: of this very model
+        stats.check_model(model)
     if mode == "auto" and any(_weighted_input(L) for L in layers):
-        raise MoekitError("compute_misses='auto' times transformers' grouped_mm experts path, which Llama-4's "
-                          "experts do not take; choose 'always' or 'never'.")
+        raise MoekitError(f"{setting('compute_misses', 'auto')} times transformers' grouped_mm experts path, which "
+                          "Llama-4's experts do not take; choose 'always' or 'never'.")
     if tier == "memory":
         sources = {i: slow_tier_module.in_memory(source, pin=device.type == "cuda") for i, source in sources.items()}
     cached = {L.index: {name: cache_dtype_for(stored, dtype, requested)

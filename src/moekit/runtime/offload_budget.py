@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import torch
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 
 
 def cache_dtype_for(stored: torch.dtype, compute: torch.dtype, requested: torch.dtype | str = "auto") -> torch.dtype:
@@ -42,8 +42,8 @@ def parse_cache_dtype(value: torch.dtype | str | None) -> torch.dtype | str:
         return "auto"
     dtype = value if isinstance(value, torch.dtype) else getattr(torch, str(value), None)
     if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise MoekitError(f"cache_dtype {value!r} is not a floating-point dtype; use auto, bfloat16, float16 "
-                          "or float32.")
+        raise MoekitError(f"{setting('cache_dtype', value)} is not a floating-point dtype; use auto, bfloat16, "
+                          "float16 or float32.")
     return dtype
 
 
@@ -58,8 +58,8 @@ def budget_bytes(expert_memory: int | str, total: int, scratch: int = 0) -> int:
             share = float(expert_memory.strip()[:-1]) / 100
         except ValueError:
             share = -1.0
-        if not 0 < share <= 1:
-            raise MoekitError(f"expert_memory {expert_memory!r}: a share of the routed experts must be in (0%, 100%].")
+        if not 0 < share <= 1:  # the message names no setting: the CLI checks it while parsing --expert-memory
+            raise MoekitError(f"{expert_memory!r} is not a share of the routed experts in (0%, 100%]; write e.g. 25%.")
         return int(total * share) + scratch
     return parse_bytes(expert_memory)
 
@@ -80,9 +80,9 @@ def allocate(budget: int, num_experts: dict[int, int], top_k: dict[int, int], si
     minimum = sum(capacity[i] * sizes[i] for i in capacity) + scratch
     if budget < minimum:
         extra = f", plus {_human(scratch)} to compute from" if scratch else ""
-        raise MoekitError(f"expert_memory {budget:,} bytes is less than every MoE layer's top-k experts need at once: "
-                          f"the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts of each of "
-                          f"{len(capacity)} layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}"
+        raise MoekitError(f"{setting('expert_memory')} ({budget:,} bytes) is less than every MoE layer's top-k "
+                          f"experts need at once: the minimum is {minimum:,} bytes ({_human(minimum)}: the top-k experts "
+                          f"of each of {len(capacity)} layers, {sum(capacity.values())} experts of {_human(max(sizes.values()))}"
                           f"{detail}{extra}).")
     left = budget - minimum
     if prior is not None:  # each layer's scores as shares of its mass, best first

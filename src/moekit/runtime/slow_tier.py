@@ -21,7 +21,7 @@ import os
 import torch
 from torch import nn
 
-from moekit.errors import MoekitError
+from moekit.errors import MoekitError, setting
 
 
 def choose(model, device: torch.device, slow_tier: str | None, compute_misses: str | None) -> tuple[str, str]:
@@ -30,9 +30,9 @@ def choose(model, device: torch.device, slow_tier: str | None, compute_misses: s
     from moekit.runtime.miss_compute import MODES
 
     if slow_tier not in (None, "disk", "memory"):
-        raise MoekitError(f"slow_tier {slow_tier!r} is not 'disk' or 'memory'.")
+        raise MoekitError(f"{setting('slow_tier', slow_tier)} is not one of disk, memory.")
     if compute_misses not in (None, *MODES):
-        raise MoekitError(f"compute_misses {compute_misses!r} is not one of {', '.join(MODES)}.")
+        raise MoekitError(f"{setting('compute_misses', compute_misses)} is not one of {', '.join(MODES)}.")
     given_in_memory = isinstance(model, nn.Module) or str(model).startswith(TINY_PREFIX)
     if given_in_memory and slow_tier == "disk":
         raise MoekitError("a model given in memory has no files to read experts from; offload its folder for a "
@@ -40,9 +40,9 @@ def choose(model, device: torch.device, slow_tier: str | None, compute_misses: s
     tier = "memory" if given_in_memory else slow_tier or ("disk" if device.type == "cpu" else "memory")
     mode = compute_misses or ("auto" if tier == "memory" and device.type != "cpu" else "never")
     if mode != "never" and tier == "disk":
-        raise MoekitError(f"compute_misses={mode!r} computes missed experts from their copy in CPU memory, and "
-                          "this model's experts are read from disk; add slow_tier='memory' (--slow-tier memory: RAM "
-                          "for every routed expert) or leave compute_misses at 'never'.")
+        raise MoekitError(f"{setting('compute_misses', mode)} computes missed experts from their copy in CPU memory, "
+                          f"and this model's experts are read from disk; add {setting('slow_tier', 'memory')} (RAM for "
+                          f"every routed expert) or use {setting('compute_misses', 'never')}.")
     return tier, mode
 
 

@@ -69,7 +69,8 @@ def prepare_data(
         from rich.console import Console
 
         console = console or Console(stderr=True)
-        console.print(f"preparing the data of {out_dir}: reading {data!r}", highlight=False)
+        # paths as typed: not read as rich markup
+        console.print(f"preparing the data of {out_dir}: reading {data!r}", markup=False, highlight=False)
     train_corpus = load_corpus(data, text_field=text_field)
     eval_corpus = _eval_corpus(data, eval_data, text_field, train_corpus)
     if eval_data is None and eval_corpus is not None and data not in ("stdlib", "stdlib:train"):

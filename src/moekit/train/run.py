@@ -28,7 +28,9 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
     from moekit.data.tokens import own_tokenizer_folder, tokenizer_path
+    from moekit.io.compressed import refuse_quantized
     from moekit.io.load import check_model, stored_dtype
+    from moekit.io.outputs import check_output, missing_folders, writing
     from moekit.io.save import atomic_dir, cast_for_storage, output_dtype, write_checkpoint
     from moekit.train import TrainConfig, build_model, prepare_data
     from moekit.train import train as train_loop
@@ -37,8 +39,13 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     from moekit.train.presets import preset
     from moekit.train.trainer import check_resumable, first_steps
 
+    out = check_output(out, run_folder=True)  # before anything is read: a rerun resumes in it
+    made = [*missing_folders(out), out] if not out.exists() else []
     # --init is a folder or any name moekit.load takes; None: a built-in tiny model (no files)
     folder = check_model(str(init)) if init is not None else None
+    refuse_quantized(f"--init {init}", folder, doing="training it",
+                     fix="Train the unquantized model, then quantize the result with "
+                         "`moekit compress RUN/model --recipe w4a16`.")
     stored = output_dtype(dtype, stored_dtype(str(init)) if init is not None else torch.float32)
     config, model = _model_config(arch, init, folder)
     if settings.get("lr") is None:
@@ -56,26 +63,27 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
         tokenizer = tokenizer_path(tokenizer)
     elif init is not None:
         tokenizer = own_tokenizer_folder(str(init))
-    run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,
-                       vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field,
-                       progress=show_progress, console=console)
-    if model is None:
-        config.vocab_size = len(run.tokenizer)  # from scratch: the model fits the tokenizer exactly
-        model = build_model(config, seed=tc.seed)
-    elif len(run.tokenizer) > config.vocab_size:
-        raise MoekitError(f"the tokenizer has {len(run.tokenizer)} tokens but the model only {config.vocab_size}; "
-                          "use the model's own tokenizer (--tokenizer).")
-    meta = {"arch": arch if preset(arch) else str(arch), "init": str(init) if init else None,
-            "data": run.info | {"train": None, "eval": None}, "threads": torch.get_num_threads(),
-            "params": sum(p.numel() for p in model.parameters())}
-    t0 = time.time()
-    log = train_loop(model, train_rows=run.train_rows, eval_rows=run.eval_rows, config=tc, out_dir=out,
-                     console=console, show_progress=show_progress, meta=meta)
-    model_dir = out / "model"
-    with atomic_dir(model_dir, replace=True) as tmp:  # a rerun of a finished run writes it again
-        # a pruned model with per-layer expert counts stays non-uniform
-        write_checkpoint(cast_for_storage(model, stored), tmp)
-        run.tokenizer.save_pretrained(tmp)
+    with writing(out, on_failure=lambda: kept_run(out, made)):
+        run = prepare_data(data=data, eval_data=eval_data, tokenizer=str(tokenizer) if tokenizer else None,
+                           vocab_size=vocab_size, seq_len=seq_len, out_dir=out, text_field=text_field,
+                           progress=show_progress, console=console)
+        if model is None:
+            config.vocab_size = len(run.tokenizer)  # from scratch: the model fits the tokenizer exactly
+            model = build_model(config, seed=tc.seed)
+        elif len(run.tokenizer) > config.vocab_size:
+            raise MoekitError(f"the tokenizer has {len(run.tokenizer)} tokens but the model only {config.vocab_size}; "
+                              "use the model's own tokenizer (--tokenizer).")
+        meta = {"arch": arch if preset(arch) else str(arch), "init": str(init) if init else None,
+                "data": run.info | {"train": None, "eval": None}, "threads": torch.get_num_threads(),
+                "params": sum(p.numel() for p in model.parameters())}
+        t0 = time.time()
+        log = train_loop(model, train_rows=run.train_rows, eval_rows=run.eval_rows, config=tc, out_dir=out,
+                         console=console, show_progress=show_progress, meta=meta)
+        model_dir = out / "model"
+        with atomic_dir(model_dir, replace=True) as tmp:  # a rerun of a finished run writes it again
+            # a pruned model with per-layer expert counts stays non-uniform
+            write_checkpoint(cast_for_storage(model, stored), tmp)
+            run.tokenizer.save_pretrained(tmp)
     history, evals = log["history"], log["evals"]
     return {
         "model_dir": str(model_dir), "steps": len(history), "interrupted": log["interrupted"],
@@ -129,3 +137,34 @@ def _arch_file(arch: str) -> Path:
     return path
 
 
+def kept_run(out: Path, made: list[Path]) -> str:
+    """After a failed write: delete what is half-written, keep what a rerun resumes from (the
+    prepared data, complete checkpoints) and say so; a run folder this run created that
+    holds nothing to resume from is removed (``made``: it and the folders made above it)."""
+    import shutil
+
+    from moekit.io.outputs import folder_size, remove_empty, remove_partial, size_text
+    from moekit.train.checkpoint import list_checkpoints
+
+    if not out.is_dir():
+        return ""
+    remove_partial(out)
+    for tmp in out.glob("checkpoints/.tmp-step-*"):
+        shutil.rmtree(tmp, ignore_errors=True)
+    for tmp in out.glob(".model.partial-*"):  # `atomic_dir`'s, when its own clean-up was cut short
+        shutil.rmtree(tmp, ignore_errors=True)
+    prepared = (out / "data" / "manifest.json").is_file()
+    if not prepared:  # written before the manifest: prepared again by a rerun
+        for name in ("data", "tokenizer"):
+            shutil.rmtree(out / name, ignore_errors=True)
+    checkpoints = list_checkpoints(out / "checkpoints")
+    if not checkpoints and not prepared and made:
+        shutil.rmtree(out, ignore_errors=True)
+        remove_empty(made[:-1])
+        return f"Nothing could be resumed, so the run folder {out} was removed."
+    if not checkpoints and not prepared:
+        return f"Nothing could be resumed from {out}."
+    kept = f"its checkpoint at step {int(checkpoints[-1].name.removeprefix('step-'))}" if checkpoints \
+        else "its prepared data"
+    return (f"The run folder {out} keeps {kept} ({size_text(folder_size(out))}): rerun the same command to continue "
+            f"from there, or delete that folder.")

@@ -25,7 +25,7 @@ from rich.console import Console
 from torch import nn
 
 from moekit.train.config import routed_layers
-from moekit.errors import MoekitError, validation_problems
+from moekit.errors import MoekitError, setting, validation_problems
 from moekit.io.save import write_json_atomically
 from moekit.train.capture import RouterCapture
 from moekit.train.checkpoint import list_checkpoints, load_checkpoint, save_checkpoint
@@ -173,7 +173,7 @@ def freeze_all_but_routers(model: nn.Module, layers: list) -> None:
     `moekit combine` or an upcycle, where the experts already know their work and only the
     assignment of tokens to them is new (BTX's router-only phase)."""
     if not layers:
-        raise MoekitError("train_only=routers needs an MoE model; this one has no router to train.")
+        raise MoekitError(f"{setting('train_only', 'routers')} needs an MoE model; this one has no router to train.")
     for param in model.parameters():
         param.requires_grad_(False)
     for layer in layers:
@@ -192,7 +192,7 @@ def freeze_all_but_mlps(model: nn.Module) -> None:
     mlps = [getattr(layer, "mlp", None) or getattr(layer, "block_sparse_moe", None)
             for layer in model.get_submodule(layers_path)]
     if any(mlp is None for mlp in mlps):
-        raise MoekitError("train_only=mlp: a decoder layer of this model has no MLP sublayer (mlp or "
+        raise MoekitError(f"{setting('train_only', 'mlp')}: a decoder layer of this model has no MLP sublayer (mlp or "
                           "block_sparse_moe).")
     for param in model.parameters():
         param.requires_grad_(False)

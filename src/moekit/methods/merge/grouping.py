@@ -8,9 +8,8 @@ number of merged experts in each, so the result routes like the original.
 
 from __future__ import annotations
 
-import numpy as np
 import torch
-from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.cluster.hierarchy import cut_tree, linkage
 
 Grouping = list[list[int]]
 
@@ -38,30 +37,24 @@ def dominant_groups(usage: torch.Tensor, similarity: torch.Tensor, m: int, exper
 def hierarchical_groups(mean_output: torch.Tensor, usage: torch.Tensor, m: int, experts: list[int]) -> Grouping:
     """HC-SMoE (arXiv 2410.08589): average-linkage hierarchical clustering of the
     experts' mean outputs (Euclidean) into ``m`` clusters; each cluster's most used
-    expert is its centre."""
+    expert is its centre.
+
+    The dendrogram is cut after exactly E − m merges, in the order the clustering made
+    them: a cut by distance (``fcluster``'s ``maxclust``) cannot separate merges at equal
+    distances — experts no calibration token reached all have a zero mean output — and
+    would leave fewer than m clusters."""
     if m == len(experts):
         return [[e] for e in experts]
     points = mean_output[experts].double().numpy()
-    labels = fcluster(linkage(points, method="average", metric="euclidean"), t=m, criterion="maxclust")
+    labels = cut_tree(linkage(points, method="average", metric="euclidean"), n_clusters=m).ravel()
     clusters: dict[int, list[int]] = {}
     for e, label in zip(experts, labels):
         clusters.setdefault(int(label), []).append(e)
-    if len(clusters) != m:  # ties in the dendrogram can merge below m; split the largest
-        clusters = _force_count(clusters, m, np.asarray(points), experts)
     groups = []
     for members in clusters.values():
         members = sorted(members, key=lambda e: (-usage[e].item(), e))
         groups.append(members)
     return sorted(groups, key=lambda g: g[0])
-
-
-def _force_count(clusters: dict[int, list[int]], m: int, points: np.ndarray, experts: list[int]) -> dict:
-    groups = list(clusters.values())
-    while len(groups) < m:
-        groups.sort(key=len, reverse=True)
-        biggest = groups.pop(0)
-        groups += [biggest[:1], biggest[1:]]
-    return dict(enumerate(groups))
 
 
 def per_routing_group(grouper, n_group: int, num_experts: int, m: int) -> Grouping:

@@ -263,5 +263,7 @@ def materialized(recipe):
     """
     if not any(step.type == "decompose" for step in recipe.steps):
         raise MoekitError("--materialize applies to decompose steps, and this recipe has none; drop --materialize.")
-    return type(recipe)(steps=[step.model_copy(update={"materialize": True}) if step.type == "decompose" else step
-                               for step in recipe.steps])
+    changed = type(recipe)(steps=[step.model_copy(update={"materialize": True}) if step.type == "decompose" else step
+                                  for step in recipe.steps])
+    changed._source = recipe._source  # errors still name the file
+    return changed

@@ -109,8 +109,8 @@ class RoutingPolicyStep(Step):
                 f"{self.target_fraction:.0%} of each layer's top-k experts per token" if self.target_fraction
                 is not None else f"{free} = {getattr(self, free):g}")
         return (f"routing_policy: every expert is kept and the sizes do not change; the {self.policy} policy "
-                f"({goal}) decides per token at run time, so active parameters per token are shown at the full "
-                "top-k.")
+                f"({goal}) decides per token at run time, so active parameters and experts per token are shown at "
+                "the full top-k (compress reports the mean the policy keeps on the calibration tokens).")
 
     def check(self, info: ModelInfo) -> None:
         from moekit.methods.dynamic.calibrate import check_target

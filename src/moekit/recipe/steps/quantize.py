@@ -103,11 +103,13 @@ class Quantize(Step):
                                          for b in self.bit_options}
         return costs
 
-    def plan(self, model: nn.Module, stats) -> dict[int, list[int]]:
+    def plan(self, model: nn.Module, stats) -> dict:
         """{layer: bits of each expert}: the allocation of least total squared error added to
         the MoE blocks' outputs on the calibration tokens (absolute: a perturbation weighs
         what it adds to the residual stream, whichever layer it is in), within the byte
-        budget of every expert at ``average_bits`` (`allocate_bits`: a MILP, proven within 0.01% of the optimum)."""
+        budget of every expert at ``average_bits`` (`allocate_bits`: a MILP solved until
+        proven within 0.01% of the optimum, or for at most 60 s); under ``"allocation"``,
+        what the solver proved (`report_plan` puts it in the report)."""
         from moekit.calib.observers import QUANT_BITS, quant_error_name
         from moekit.methods.quantize.allocate import allocate_bits, budget_for_average_bits
 
@@ -117,7 +119,17 @@ class Quantize(Step):
                   for i, j in costs}
         allocation = allocate_bits(errors, costs, budget_for_average_bits(costs, self.average_bits))
         layers = sorted({i for i, _ in costs})
-        return {i: [allocation.bits[i, j] for j in range(sum(1 for k, _ in costs if k == i))] for i in layers}
+        return {**{i: [allocation.bits[i, j] for j in range(sum(1 for k, _ in costs if k == i))] for i in layers},
+                "allocation": {"proven_optimal": allocation.proven_optimal, "mip_gap": allocation.mip_gap,
+                               "within": 1e-4, "time_limit_s": 60.0,
+                               "solve_seconds": round(allocation.solve_seconds, 3),
+                               "total_bytes": allocation.total_bytes, "budget_bytes": allocation.budget_bytes}}
+
+    def report_plan(self, plan) -> dict:
+        """The bit allocation's proof, per run: ``proven_optimal`` (within ``within`` of the
+        optimum) or not (the time limit stopped the solver), and ``mip_gap``, how far above
+        the optimum its total error can at most be."""
+        return {"allocation": plan["allocation"]} if plan and "allocation" in plan else {}
 
     def planned(self, skeleton: nn.Module, stored: torch.dtype) -> dict:
         """What this step makes of ``skeleton`` (shapes only), exactly as saved: the Linears
