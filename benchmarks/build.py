@@ -58,7 +58,8 @@ def build(kind: str, dense: Path, out: Path, options: dict) -> dict:
 
 def evaluate(folder: Path, corpus: str = "stdlib:eval") -> dict:
     """Perplexity of ``folder`` on ``EVAL_TOKENS`` tokens spread over ``corpus``, streamed."""
-    from moekit.compression import _evaluate, spread_rows
+    from moekit.eval.rows import evaluate_rows as _evaluate
+    from moekit.eval.rows import spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.io.layered import LayeredModel
 

@@ -73,7 +73,7 @@ def build(model: str, recipe, out: Path) -> Path:
 
 def quality(folder: Path) -> dict:
     import moekit
-    from moekit.compression import spread_rows
+    from moekit.eval.rows import spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.io.layered import LayeredModel
 

@@ -69,7 +69,8 @@ def run(work: Path, bits: int) -> None:
 
 
 def evaluate(work: Path, results: Path) -> None:
-    from moekit.compression import _evaluate, spread_rows
+    from moekit.eval.rows import evaluate_rows as _evaluate
+    from moekit.eval.rows import spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.io.layered import LayeredModel
 

@@ -53,7 +53,7 @@ def configs() -> list[tuple[str, dict | str]]:
 
 def measure(model: str, label: str, recipe, rows, work: Path) -> dict:
     import moekit
-    from moekit.compression import _evaluate
+    from moekit.eval.rows import evaluate_rows as _evaluate
     from moekit.io.layered import LayeredModel
 
     out = work / label.replace(" ", "_").replace(",", "").replace("(", "").replace(")", "").replace("+", "")
@@ -85,7 +85,8 @@ def main() -> None:
 
     import torch
 
-    from moekit.compression import _evaluate, spread_rows
+    from moekit.eval.rows import evaluate_rows as _evaluate
+    from moekit.eval.rows import spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
     from moekit.io.layered import open_model
     from moekit.io.load import check_model

@@ -17,7 +17,6 @@ from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
 import moekit
-import moekit.compression
 import moekit.data
 from moekit.cli import app
 from moekit.errors import MoekitError
@@ -121,7 +120,7 @@ def test_too_few_calibration_tokens_for_the_recipe_is_noted_with_the_fix(workspa
 
 
 def test_evaluation_rows_are_spread_over_the_whole_corpus():
-    from moekit.compression import spread_rows
+    from moekit.eval.rows import spread_rows
 
     stream = torch.arange(10 * 256 + 17)
     rows = spread_rows(stream, 3 * 256, 256)
@@ -178,7 +177,8 @@ def test_eval_before_and_after(workspace, tmp_path):
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
 def test_a_bf16_model_is_saved_in_bf16_and_evaluated_as_saved(workspace, tmp_path, family):
-    from moekit.compression import _evaluate, spread_rows
+    from moekit.eval.rows import evaluate_rows as _evaluate
+    from moekit.eval.rows import spread_rows
     from moekit.data.tokens import evaluation_stream, tokenizer_for
 
     source, out = workspace / f"{family}-bf16", tmp_path / "out"

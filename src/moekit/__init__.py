@@ -40,20 +40,11 @@ _API = {
 __all__ = sorted(_API)
 
 
-def _installed_version() -> str:
-    """pyproject.toml's version, as installed: one source of truth. Read on first use, as
-    importlib.metadata is a noticeable part of the CLI's start-up."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("moekit")
-    except PackageNotFoundError:  # run from a source tree that was never installed
-        return "0+unknown"
-
-
 def __getattr__(name: str) -> object:
     if name == "__version__":
-        globals()[name] = value = _installed_version()
+        from moekit.version import installed_version
+
+        globals()[name] = value = installed_version()
         return value
     if name in _API:
         from importlib import import_module

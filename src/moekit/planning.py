@@ -47,7 +47,9 @@ def plan(
         MoekitError: an invalid recipe, an unsupported model, a bad dtype, a quantized
             input without ``dequantize``.
     """
-    from moekit.compression import checked_recipe, quantized_source, summary
+    from moekit.arch.summary import summary
+    from moekit.io.compressed import quantized_source
+    from moekit.recipe.recipe import checked_recipe
     from moekit.io.checkpoint import Checkpoint
     from moekit.io.load import default_model, resolve_folder, stored_dtype
     from moekit.io.save import output_dtype

@@ -139,7 +139,7 @@ def test_missing_statistics_and_bad_sizes():
     stats = calibrate(model, IDS, statistics=["frequency"], progress=False)
     with pytest.raises(MoekitError, match="mean_output"):
         step.apply(model, stats)
-    from moekit.compression import model_info
+    from moekit.recipe.recipe import model_info
     from moekit.zoo.tiny import tiny_config
 
     info = model_info(tiny_config("mixtral"))

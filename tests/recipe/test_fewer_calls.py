@@ -15,7 +15,7 @@ from torch import nn
 import moekit
 from moekit.arch.edit import drop_blocks, drop_mlp, set_top_k
 from moekit.arch.renumber import moe_layer_indices
-from moekit.compression import checked_recipe
+from moekit.recipe.recipe import checked_recipe
 from moekit.data.tokens import tokenizer_for
 from moekit.errors import MoekitError
 from moekit.zoo.tiny import tiny_config, tiny_model

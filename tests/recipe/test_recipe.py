@@ -8,7 +8,7 @@ import pytest
 
 import moekit
 from tests.conftest import removed_share
-from moekit.compression import model_info
+from moekit.recipe.recipe import model_info
 from moekit.errors import MoekitError
 from moekit.recipe import Recipe, load_recipe, presets
 from moekit.zoo.tiny import tiny_config

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from moekit.arch.discover import DecoderLayerInfo, decoder_layers, family_of
-from moekit.arch.layout import dropped_mlp_layers
+from moekit.arch.layout import POLICY_KEY, dropped_mlp_layers
 from moekit.arch.storage import saved_tensors, storage_dtypes
 from moekit.errors import UnsupportedModelError
 
@@ -136,3 +136,37 @@ def _factored(module: nn.Module) -> dict | None:
         return None
     return {"mean_rank_gate_up": round(sum(ranks["gate_up"]) / len(ranks["gate_up"]), 2),
             "mean_rank_down": round(sum(ranks["down"]) / len(ranks["down"]), 2), "shared_base": ranks["base"]}
+
+
+# -- sizes as reports give them (compress, plan) ------------------------------------------
+def summary(model: nn.Module, stored: torch.dtype, checkpoint=None) -> dict:
+    """Sizes for reports: parameters (total, active per token, routed), bytes as stored in
+    ``stored`` (or, given the `Checkpoint` the model was read from, as that checkpoint
+    stores them: a quantized input's packed bytes, not its dequantized floats), experts
+    per MoE layer."""
+    s = summarize(model, stored_dtype=stored)
+    moe = [l for l in s.layers if l.kind == "moe"]
+    return {"total_params": s.total_params, "active_params": s.active_params, "routed_params": s.routed_params,
+            "bytes": checkpoint.stored_bytes if checkpoint is not None else s.total_bytes,
+            "experts_per_layer": {str(l.index): l.num_experts for l in moe},
+            "experts_per_token": sum(l.top_k for l in moe) / len(moe) if moe else 0.0}  # mean top-k over MoE layers
+
+
+def with_routing_policy(sizes: dict, model: nn.Module, steps: list[dict]) -> dict:
+    """``sizes`` (`summary`) of a model whose last ``routing_policy`` step (its report in
+    ``steps``) computes fewer experts per token than top-k: ``experts_per_token`` becomes the
+    mean the policy kept on the calibration tokens, ``active_params_with_policy`` the mean
+    parameters per token that follow (``active_params`` stays at the full top-k), both None
+    when the policy's parameter was given rather than calibrated (nothing was measured)."""
+    policy = getattr(model.config, POLICY_KEY, None)
+    step = next((s for s in reversed(steps) if s["type"] == "routing_policy"), None)
+    if step is None or not policy:
+        return sizes
+    measured = {int(i): v for i, v in (step.get("experts_per_token") or {}).items()}
+    sizes = {**sizes, "routing_policy": policy["kind"], "experts_per_token": None, "active_params_with_policy": None}
+    layers = [l for l in summarize(model).layers if l.kind == "moe"]
+    if measured and all(l.index in measured for l in layers):
+        sizes["experts_per_token"] = round(sum(measured[l.index] for l in layers) / len(layers), 4)
+        saved = sum(l.routed_params * (l.top_k - measured[l.index]) / l.num_experts for l in layers)
+        sizes["active_params_with_policy"] = round(sizes["active_params"] - saved)
+    return sizes

@@ -22,9 +22,9 @@ def _print_version(value: bool) -> None:
             version,  # the installed versions, without importing torch (seconds)
         )
 
-        from moekit import __version__
+        from moekit.version import installed_version
 
-        typer.echo(f"moekit {__version__} (transformers {version('transformers')}, torch {version('torch')})")
+        typer.echo(f"moekit {installed_version()} (transformers {version('transformers')}, torch {version('torch')})")
         raise typer.Exit()
 
 

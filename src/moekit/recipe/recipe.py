@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Any
@@ -16,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, PrivateAttr
 
 from moekit.errors import MoekitError, read_yaml, yaml_problem
-from moekit.recipe.step import Step, step_from_dict, step_label
+from moekit.recipe.step import ModelInfo, Step, step_from_dict, step_label
 
 PRESETS_DIR = Path(__file__).parent / "presets"
 
@@ -87,3 +88,43 @@ def load_recipe(recipe: Recipe | str | os.PathLike | dict) -> Recipe:
     if path.is_file():
         return Recipe.from_dict(read_yaml(path, fix="fix the recipe."), source=str(path))
     raise MoekitError(f"no recipe {name!r}: not a preset ({', '.join(presets())}) and not a file.")
+
+
+# -- a recipe against a model, from its config alone -------------------------------------
+def model_info(config: Any) -> ModelInfo:
+    """Experts, top-k and groups from a config alone (recipes are checked before loading)."""
+    from moekit.arch.adapters import FAMILIES, not_an_moe
+
+    model_type = getattr(config, "model_type", None)
+    family = next((f for f in FAMILIES.values() if model_type in f.model_types), None)
+    if family is None:
+        raise MoekitError(not_an_moe(model_type, f"model_type {model_type!r}"))
+    top_k = int(getattr(config, family.top_k_key))
+    spec = family.routing.resolve(config, top_k)
+    return ModelInfo(family=family.name, num_experts=int(getattr(config, family.num_experts_key)),
+                     top_k=top_k, routing=spec, config=config)
+
+
+def checked_recipe(name: str, recipe: Recipe | str | os.PathLike | dict) -> tuple[Recipe, Any]:
+    """The recipe, checked step by step against ``name``'s config (no weights read), each
+    step against the expert count the steps before it leave; returns it with that config."""
+    from moekit.arch.layout import FACTORED_KEY
+    from moekit.io.load import load_config
+
+    recipe = load_recipe(recipe)
+    config = load_config(name)
+    info = model_info(config)
+    factored = bool(getattr(config, FACTORED_KEY, None))  # experts held as factors edit no further
+    for position, step in enumerate(recipe.steps):
+        try:
+            if factored and step.type in ("prune", "merge", "quantize", "decompose"):
+                raise MoekitError(f"{step.type} cannot follow decompose: factored experts are not edited further. "
+                                  f"Put {step.type} before decompose, or give decompose materialize: true.")
+            step.check(info)
+        except MoekitError as exc:  # named as the recipe's own validation names a step (each check says its type)
+            raise MoekitError(f"{recipe.where(position)}: {str(exc).removeprefix(f'{step.type}: ')}") from None
+        factored = factored or (step.type == "decompose" and not step.materialize)
+        top_k = step.top_k_after(info.top_k)
+        info = dataclasses.replace(info, num_experts=step.kept_per_layer(info.num_experts),  # what the next sees
+                                   top_k=top_k, routing=dataclasses.replace(info.routing, top_k=top_k))
+    return recipe, config
