@@ -60,7 +60,8 @@ def evaluate(folder: Path, corpus: str = "stdlib:eval") -> dict:
     """Perplexity of ``folder`` on ``EVAL_TOKENS`` tokens spread over ``corpus``, streamed."""
     from moekit.eval.rows import evaluate_rows as _evaluate
     from moekit.eval.rows import spread_rows
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.layered import LayeredModel
 
     rows = spread_rows(evaluation_stream(corpus, tokenizer_for(str(folder))).input_ids, EVAL_TOKENS, 256)

@@ -69,7 +69,8 @@ CALIB = dict(n_samples=64, seq_len=256, seed=0)
 def calibrate_once(model_name: str, folder: Path) -> dict:
     from moekit.calib.calibrate import calibrate
     from moekit.calib.observers import STATISTICS
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import load
 
     tokens = calibration_tokens("stdlib:calib", tokenizer_for(model_name), **CALIB)
@@ -83,7 +84,7 @@ def calibrate_once(model_name: str, folder: Path) -> dict:
 def eval_rows(model_name: str, every: int):
     """Every ``every``-th row of 256 tokens of the whole stdlib:eval split."""
     from moekit.data import load_corpus, pack, tokenize_corpus
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
 
     return pack(tokenize_corpus(load_corpus("stdlib:eval"), tokenizer_for(model_name)), 256)[::every]
 

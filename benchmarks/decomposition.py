@@ -63,7 +63,8 @@ def configs(keep: float) -> dict[str, dict]:
 
 def calibrate(model_name: str, folder: Path) -> dict:
     from moekit.calib.calibrate import calibrate as run
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import load
 
     tokens = calibration_tokens("stdlib:calib", tokenizer_for(model_name), **base.CALIB)

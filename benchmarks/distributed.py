@@ -43,9 +43,10 @@ def child(args) -> None:
     torch.set_num_threads(1)
     import moekit.distributed as distributed
     from moekit.calib.calibrate import calibrate
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.distributed.collectives import gather_objects
-    from moekit.io.layered import open_model
+    from moekit.io.load import open_model
 
     world = distributed.init()
     tokens = calibration_tokens("stdlib:calib", tokenizer_for(args.model), n_samples=args.samples,

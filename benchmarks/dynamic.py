@@ -74,7 +74,8 @@ def build(model: str, recipe, out: Path) -> Path:
 def quality(folder: Path) -> dict:
     import moekit
     from moekit.eval.rows import spread_rows
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.layered import LayeredModel
 
     rows = spread_rows(evaluation_stream("stdlib:eval", tokenizer_for(str(folder))).input_ids, EVAL_TOKENS, 256)
@@ -91,7 +92,8 @@ def speeds(models: dict[str, Callable[[], torch.nn.Module]], runs: int, decode: 
     round, so that drifting machine load touches all alike."""
     import statistics
 
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.eval.speed import measure_speed
 
     # real text: a policy's work depends on how confidently the router routes it

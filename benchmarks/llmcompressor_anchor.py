@@ -28,7 +28,8 @@ ROWS, LENGTH = 32, 256  # what benchmarks/quantization.py calibrates on
 def prepare(work: Path, model: str) -> None:
     from safetensors.torch import save_file
 
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import check_model
 
     tokens = calibration_tokens("stdlib:calib", tokenizer_for(model), n_samples=ROWS, seq_len=LENGTH, seed=0)
@@ -71,7 +72,8 @@ def run(work: Path, bits: int) -> None:
 def evaluate(work: Path, results: Path) -> None:
     from moekit.eval.rows import evaluate_rows as _evaluate
     from moekit.eval.rows import spread_rows
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.layered import LayeredModel
 
     rows = spread_rows(evaluation_stream("stdlib:eval", tokenizer_for(MODEL)).input_ids, 32768, 256)

@@ -91,7 +91,8 @@ def one_model(name: str, rows: int, seq_len: int, calib_samples: int) -> dict:
     import torch
 
     import moekit
-    from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
+    from moekit.data.tokens import calibration_tokens, evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.runtime.expert_cache import simulate
     from moekit.runtime.offload_budget import allocate
 

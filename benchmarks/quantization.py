@@ -87,8 +87,9 @@ def main() -> None:
 
     from moekit.eval.rows import evaluate_rows as _evaluate
     from moekit.eval.rows import spread_rows
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
-    from moekit.io.layered import open_model
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
+    from moekit.io.load import open_model
     from moekit.io.load import check_model
 
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()

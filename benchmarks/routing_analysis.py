@@ -52,8 +52,8 @@ def one(model: str, out: Path, samples: int, seq_len: int, candidates: int) -> d
     from moekit.analyze import analyze
     from moekit.analyze.report import write
     from moekit.analyze.run import corpus_rows
-    from moekit.data.tokens import tokenizer_for
-    from moekit.io.layered import open_model
+    from moekit.io.tokenizer import tokenizer_for
+    from moekit.io.load import open_model
 
     torch.set_num_threads(1)
     start = time.perf_counter()

@@ -179,7 +179,8 @@ def test_eval_before_and_after(workspace, tmp_path):
 def test_a_bf16_model_is_saved_in_bf16_and_evaluated_as_saved(workspace, tmp_path, family):
     from moekit.eval.rows import evaluate_rows as _evaluate
     from moekit.eval.rows import spread_rows
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
 
     source, out = workspace / f"{family}-bf16", tmp_path / "out"
     report = _compress(workspace, f"{family}-bf16", "prune-50", out, evaluate=True,

@@ -31,7 +31,8 @@ def checkpoints(tmp_path_factory):
 
 
 def _ids(root):
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
 
     return calibration_tokens(str(root / "data"), tokenizer_for(str(root / "mixtral")), n_samples=6, seq_len=32,
                               seed=0).input_ids

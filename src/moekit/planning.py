@@ -48,10 +48,9 @@ def plan(
             input without ``dequantize``.
     """
     from moekit.arch.summary import summary
-    from moekit.io.compressed import quantized_source
     from moekit.recipe.recipe import checked_recipe
     from moekit.io.checkpoint import Checkpoint
-    from moekit.io.load import default_model, resolve_folder, stored_dtype
+    from moekit.io.load import default_model, quantized_source, resolve_folder, stored_dtype
     from moekit.io.save import output_dtype
 
     name = str(model) if model is not None else default_model()

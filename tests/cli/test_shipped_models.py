@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli import app
-from moekit.data.tokens import tokenizer_for
+from moekit.io.tokenizer import tokenizer_for
 from moekit.build.upcycle import TARGETS
 from moekit.io.load import load_config, reference_names
 from moekit.train import FAMILIES as TRAINABLE

@@ -56,7 +56,7 @@ def test_a_corrupt_tokenizer_file_is_named(tmp_path):
 
 
 def test_a_tokenizer_is_named_by_folder_or_by_model():
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import ZOO_DIR
 
     fine = tokenizer_for("moekit/tiny-mixtral", "moekit/ref-fine")  # the name, not a folder of that name

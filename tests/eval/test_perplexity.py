@@ -131,7 +131,7 @@ def test_max_tokens_estimates_the_whole_where_the_first_tokens_do_not():
     Here a table of that kind opens three files of the split: the first 1,024 tokens are the
     table alone, far from the whole; 1,024 tokens spread over the stream are close to it."""
     from moekit.data import load_corpus
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
 
     docs = load_corpus("stdlib:eval").documents
     table = "".join(f"    '\\x{i:02x}'     #  0x{i:02X} -> LATIN CHARACTER {i}\n" for i in range(128))

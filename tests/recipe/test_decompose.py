@@ -173,12 +173,12 @@ def test_it_follows_pruning_and_materialized_it_can_be_quantized(sources, tmp_pa
      "prune cannot follow decompose.*materialize: true"),
 ])
 def test_bad_input_is_refused_before_any_weight_is_read(model, steps, message, tmp_path, monkeypatch):
-    import moekit.io.layered
+    import moekit.io.load
 
     def never(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(moekit.io.layered, "open_model", never)
+    monkeypatch.setattr(moekit.io.load, "open_model", never)
     with pytest.raises(MoekitError, match=message):
         moekit.compress(model, {"steps": steps}, out_dir=tmp_path / "out", progress=False)
     assert not (tmp_path / "out").exists()

@@ -16,7 +16,7 @@ import moekit
 from moekit.arch.edit import drop_blocks, drop_mlp, set_top_k
 from moekit.arch.renumber import moe_layer_indices
 from moekit.recipe.recipe import checked_recipe
-from moekit.data.tokens import tokenizer_for
+from moekit.io.tokenizer import tokenizer_for
 from moekit.errors import MoekitError
 from moekit.zoo.tiny import tiny_config, tiny_model
 from tests.conftest import FAMILIES

@@ -91,7 +91,8 @@ def test_more_bits_and_gptq_are_closer_to_the_original(sources, tmp_path):
     """On the calibration text, GPTQ's output error is below round to nearest's at 3 bits,
     and 8 bits is closer than 3."""
     family = "qwen3_moe"
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
 
     ids = calibration_tokens(str(sources / "data"), tokenizer_for(str(sources / family), None), n_samples=4,
                              seq_len=32, seed=0).input_ids
@@ -137,7 +138,7 @@ def test_an_expert_that_receives_no_token_gets_finite_scales(sources, tmp_path):
     token chooses it: with min_tokens 0 its Hessian is zero (GPTQ rounds to nearest, and
     says so); by default it falls back to the all-token Hessian. Either way every saved
     scale is finite and positive."""
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
 
     family = "deepseek_v3"
     source = tmp_path / "source"
@@ -288,7 +289,8 @@ def test_moekit_eval_reads_a_quantized_checkpoint_as_moekit_load_does(sources, t
                                       "--stride", "16", "--max-tokens", "300", "--json"])
     assert result.exit_code == 0, result.output
     (streamed,) = json.loads(result.stdout)["models"].values()
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
 
     ids = evaluation_stream(str(sources / "data"), tokenizer_for(str(out), None)).input_ids
     whole = moekit.evaluate(moekit.load(out), ids, context_length=32, stride=16, max_tokens=300, progress=False)

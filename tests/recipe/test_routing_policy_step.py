@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import moekit
-from moekit.data.tokens import calibration_tokens, tokenizer_for
+from moekit.data.tokens import calibration_tokens
+from moekit.io.tokenizer import tokenizer_for
 from moekit.errors import MoekitError
 from moekit.methods.dynamic.policy import SkipPolicy
 from moekit.methods.dynamic.install import counting_expert_calls, routing_policy

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 import moekit
 from moekit.cli import app
-from moekit.data.tokens import tokenizer_for
+from moekit.io.tokenizer import tokenizer_for
 
 runner = CliRunner()
 TINY = "moekit/tiny-qwen3_moe"

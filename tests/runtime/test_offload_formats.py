@@ -78,7 +78,7 @@ def test_a_routing_policy_composes_skipped_experts_are_never_loaded(family, inpu
 def test_a_factored_output_is_refused_with_the_fix_before_any_weight_is_read(tmp_path, input_ids, monkeypatch):
     """A decompose output's experts are low-rank factors, which the expert cache does not
     hold: the refusal names --materialize, from the config alone."""
-    import moekit.io.layered
+    import moekit.io.load
     from moekit.calib.calibrate import calibrate
     from moekit.errors import MoekitError
     from moekit.recipe.steps.decompose import Decompose
@@ -92,7 +92,7 @@ def test_a_factored_output_is_refused_with_the_fix_before_any_weight_is_read(tmp
     def never(*args, **kwargs):
         raise AssertionError("weights were read")
 
-    monkeypatch.setattr(moekit.io.layered, "open_model", never)
+    monkeypatch.setattr(moekit.io.load, "open_model", never)
     for source in (tmp_path, model):
         with pytest.raises(MoekitError, match="experts are factored .* moekit compress --materialize"):
             offload(source, expert_memory="1MB")

@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 import moekit
 from moekit.data import load_corpus, pack, tokenize_corpus
-from moekit.data.tokens import tokenizer_for
+from moekit.io.tokenizer import tokenizer_for
 from moekit.eval.perplexity import evaluate
 from moekit.io.load import ZOO_DIR
 

@@ -75,7 +75,8 @@ def combine(denses: list[str | os.PathLike], *, out_dir: str | os.PathLike, top_
 
     from moekit.build.upcycle import TARGETS, moe_config
     from moekit.build.writer import DenseSource, MlpInputs, dense_mlp, refuse_built_from_quantized, write_moe
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.checkpoint import Checkpoint
     from moekit.io.load import check_model
 

@@ -120,7 +120,8 @@ def split(dense: str | os.PathLike, *, out_dir: str | os.PathLike, experts: int,
     """
     from moekit.build.upcycle import TARGETS, moe_config
     from moekit.build.writer import DenseSource, MlpInputs, write_moe
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
 
     source = DenseSource.open(dense, out_dir)
     if source.config.model_type not in TARGETS:

@@ -35,7 +35,7 @@ DEFAULT_ACTIVATION_BUDGET = "2GiB"
 def open_streamed(name: str, device: str, compute_dtype: str):
     """The model ``name`` lent one decoder layer at a time on ``device``."""
     from moekit.devices import resolve_compute_dtype, resolve_device
-    from moekit.io.layered import open_model
+    from moekit.io.load import open_model
 
     where = resolve_device(device)
     return open_model(name, dtype=resolve_compute_dtype(compute_dtype, where), device=where)

@@ -45,7 +45,7 @@ def analyze_command(
     from moekit.analyze.compare import check_same_tokenizer, compare
     from moekit.analyze.report import write
     from moekit.analyze.run import corpus_rows
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model
     from moekit.io.outputs import check_output

@@ -52,7 +52,8 @@ def calibrate_command(
 
     The model streams from its checkpoint one decoder layer at a time."""
     from moekit.calib.calibrate import calibrate, check_statistics
-    from moekit.data.tokens import calibration_tokens, tokenizer_for
+    from moekit.data.tokens import calibration_tokens
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import check_model, default_model
     from moekit.io.outputs import check_output
 

@@ -46,7 +46,8 @@ def eval_command(
     json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
 ) -> None:
     """Evaluate one or more models on the same tokens."""
-    from moekit.data.tokens import evaluation_stream, tokenizer_for
+    from moekit.data.tokens import evaluation_stream
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import evaluate
     from moekit.io.load import check_model, default_model, load
@@ -150,7 +151,7 @@ def _check_all_before_scoring(names: list[str], stream, first_tokenizer, *, forc
     """Refuse, before the first model is scored, any model that could not be scored on
     ``stream`` or whose own tokenizer differs from the first model's (its perplexity on
     another tokenization would not compare)."""
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import check_scoring
     from moekit.io.load import load_config

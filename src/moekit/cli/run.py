@@ -110,7 +110,7 @@ def run_command(
     """Generate text with the routed experts offloaded: only --expert-memory of them resident."""
     import torch
 
-    from moekit.data.tokens import tokenizer_for
+    from moekit.io.tokenizer import tokenizer_for
     from moekit.devices import resolve_compute_dtype, resolve_device
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model

@@ -84,12 +84,11 @@ class Job:
         against the config, the input's dtype and quantization, devices, the data, every
         shard and tensor shape (the skeleton is opened: non-layer weights only), the
         statistics given, and that all ranks run the same job."""
-        from moekit.data.tokens import calibration_tokens, evaluation_stream, tokenizer_for
+        from moekit.data.tokens import calibration_tokens, evaluation_stream
+        from moekit.io.tokenizer import tokenizer_for
         from moekit.devices import parse_bytes, resolve_compute_dtype, resolve_device
         from moekit.eval.rows import spread_rows
-        from moekit.io.compressed import quantized_source
-        from moekit.io.layered import open_model
-        from moekit.io.load import default_model, stored_dtype
+        from moekit.io.load import default_model, open_model, quantized_source, stored_dtype
         from moekit.io.outputs import check_output
         from moekit.io.save import output_dtype
 
@@ -124,7 +123,7 @@ class Job:
 
     def fresh(self) -> LayeredModel:
         """The model as the checkpoint holds it (each pass edits its own skeleton)."""
-        from moekit.io.layered import open_model
+        from moekit.io.load import open_model
 
         return open_model(self.name, dtype=self.compute, device=self.where)
 

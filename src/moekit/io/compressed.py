@@ -301,36 +301,3 @@ def refuse_quantized(name: str, folder: Path | None, *, doing: str, fix: str) ->
 
         raise MoekitError(f"{name} is a quantized checkpoint ({described}): {doing} would write its weights "
                           f"dequantized, as floats several times larger, without the quantization. {fix}")
-
-
-def load_packed(folder: Path, *, dtype: torch.dtype, device) -> nn.Module:
-    """A compressed-tensors checkpoint as a dense model in ``dtype``, each Linear
-    decompressed by its own config group's scheme (transformers applies one scheme to all
-    fused experts, so a mixed-precision checkpoint loads correctly only this way)."""
-    from moekit.io.layered import LayeredModel
-
-    lent = LayeredModel.from_checkpoint(folder, dtype=dtype, device=device)
-    for index in range(len(lent)):
-        lent.layer(index)
-    return lent.model.eval()
-
-
-def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
-    """A quantized (compressed-tensors) input is refused before any work unless
-    ``dequantize``: it is read dequantized, so the output would silently store floats.
-    With ``dequantize``, the note that the CLI, ``report.json`` and the card carry."""
-    from moekit.io.load import resolve_folder
-
-    folder = resolve_folder(name)
-    if not dequantize:
-        refuse_quantized(name, folder, doing="compressing it",
-                         fix="Compress the unquantized model it was made from with a recipe that ends in quantize "
-                             "(e.g. --recipe prune-50-w4), or pass --dequantize (Python: dequantize=True) to write "
-                             "dequantized weights on purpose.")
-        return []
-    described = quantized_input(folder)
-    if described is None:
-        return []
-    return [f"the input is a quantized checkpoint ({described}), read dequantized (--dequantize): the output "
-            f"stores {str(stored).removeprefix('torch.')} weights, not the input's quantized ones, unless the "
-            "recipe quantizes them again; \"before\" counts the input's bytes as stored."]

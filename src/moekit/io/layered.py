@@ -242,15 +242,14 @@ def _assign(model: nn.Module, state: dict[str, torch.Tensor], dtype: torch.dtype
             owner._buffers[attr] = value
 
 
-def open_model(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
-               trust_remote_code: bool = False) -> LayeredModel:
-    """A `LayeredModel` for what `moekit.load(name)` names: a checkpoint folder streamed
-    from disk, or (for the built-in tiny models, which have no files) the model in memory.
-    Each call builds a fresh one: a pass that edits a model changes its skeleton."""
-    from moekit.io.load import TINY_PREFIX, _check_checkpoint_dir, load, resolve_folder
-
-    if name.startswith(TINY_PREFIX):
-        return LayeredModel.in_memory(load(name, dtype=dtype, device=device))
-    folder = resolve_folder(name)
-    _check_checkpoint_dir(folder)
-    return LayeredModel.from_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+def read_whole(folder: str | os.PathLike, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               **from_config) -> nn.Module:
+    """A checkpoint the layer-streamed reader understands, read whole: moekit's non-uniform
+    format (experts cut per layer, factored experts), or a compressed-tensors checkpoint
+    with each Linear decompressed by its own config group's scheme (transformers applies
+    one scheme to all fused experts, so a mixed-precision checkpoint loads correctly only
+    this way). ``from_config`` goes to transformers' ``from_config``."""
+    lent = LayeredModel.from_checkpoint(folder, dtype=dtype, device=device, **from_config)
+    for index in range(len(lent)):
+        lent.layer(index)
+    return lent.model.eval()

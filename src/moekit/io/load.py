@@ -11,12 +11,16 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from transformers import AutoModelForCausalLM, PreTrainedModel
 
 from moekit.errors import MoekitError, read_json
 from moekit.progress import silence_transformers_bars
+
+if TYPE_CHECKING:
+    from moekit.io.layered import LayeredModel
 
 REFERENCE_PREFIX = "moekit/"
 ZOO_DIR = Path(__file__).resolve().parent.parent / "zoo"
@@ -64,14 +68,15 @@ def load(
     path = check_model(name)
     if path is None:
         return _tiny(name).to(device=device, dtype=dtype)
-    from moekit.io.compressed import is_packed, load_packed
-    from moekit.io.nonuniform import is_nonuniform, load_nonuniform
+    from moekit.io.compressed import is_packed
+    from moekit.io.layered import read_whole
+    from moekit.io.nonuniform import is_nonuniform
     from moekit.methods.dynamic.install import reinstall_saved_policy
 
     if is_nonuniform(path):
-        model = load_nonuniform(path, dtype=dtype).to(device)
+        model = read_whole(path, dtype=dtype).to(device)
     elif is_packed(path):
-        model = load_packed(path, dtype=dtype, device=device)
+        model = read_whole(path, dtype=dtype, device=device)
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(
@@ -303,3 +308,38 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def open_model(name: str, *, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu",
+               trust_remote_code: bool = False) -> LayeredModel:
+    """A `LayeredModel` for what `moekit.load(name)` names: a checkpoint folder streamed
+    from disk, or (for the built-in tiny models, which have no files) the model in memory.
+    Each call builds a fresh one: a pass that edits a model changes its skeleton."""
+    from moekit.io.layered import LayeredModel
+
+    if name.startswith(TINY_PREFIX):
+        return LayeredModel.in_memory(load(name, dtype=dtype, device=device))
+    folder = resolve_folder(name)
+    _check_checkpoint_dir(folder)
+    return LayeredModel.from_checkpoint(folder, dtype=dtype, device=device, trust_remote_code=trust_remote_code)
+
+
+def quantized_source(name: str, dequantize: bool, stored: torch.dtype) -> list[str]:
+    """A quantized (compressed-tensors) input is refused before any work unless
+    ``dequantize``: it is read dequantized, so the output would silently store floats.
+    With ``dequantize``, the note that the CLI, ``report.json`` and the card carry."""
+    from moekit.io.compressed import quantized_input, refuse_quantized
+
+    folder = resolve_folder(name)
+    if not dequantize:
+        refuse_quantized(name, folder, doing="compressing it",
+                         fix="Compress the unquantized model it was made from with a recipe that ends in quantize "
+                             "(e.g. --recipe prune-50-w4), or pass --dequantize (Python: dequantize=True) to write "
+                             "dequantized weights on purpose.")
+        return []
+    described = quantized_input(folder)
+    if described is None:
+        return []
+    return [f"the input is a quantized checkpoint ({described}), read dequantized (--dequantize): the output "
+            f"stores {str(stored).removeprefix('torch.')} weights, not the input's quantized ones, unless the "
+            "recipe quantizes them again; \"before\" counts the input's bytes as stored."]

@@ -28,7 +28,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import torch
 from safetensors.torch import save_model
 from torch import nn
 
@@ -46,15 +45,3 @@ def write_nonuniform(model: nn.Module, folder: Path) -> None:
 
 def is_nonuniform(folder: Path) -> bool:
     return (folder / MARKER).is_file()
-
-
-def load_nonuniform(folder: Path, *, dtype: torch.dtype = torch.float32, **from_config) -> nn.Module:
-    """Build, cut and load a non-uniform model (one ``moekit-model.safetensors`` or the
-    shards and index a streamed compress writes), every layer read and kept;
-    ``from_config`` goes to transformers' ``from_config`` (e.g. ``experts_implementation``)."""
-    from moekit.io.layered import LayeredModel
-
-    lent = LayeredModel.from_checkpoint(folder, dtype=dtype, **from_config)
-    for index in range(len(lent)):
-        lent.layer(index)
-    return lent.model.eval()

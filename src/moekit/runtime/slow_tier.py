@@ -100,7 +100,8 @@ def _to_device_except_experts(model: nn.Module, skip: set[int], device, dtype) -
 
 def _open_folder(name: str, *, device: torch.device, dtype: torch.dtype):
     from moekit.arch.discover import moe_layers
-    from moekit.io.layered import _LAYER_KEY, open_model
+    from moekit.io.layered import _LAYER_KEY
+    from moekit.io.load import open_model
     from moekit.runtime.expert_store import DiskExperts
 
     lent = open_model(name, dtype=dtype, device=device)

@@ -27,7 +27,7 @@ def run_training(*, arch: str, init: Path | None, data: str, eval_data: str | No
     ``dtype`` is what ``out/model`` stores: ``auto`` keeps the ``init`` checkpoint's dtype
     (fp32 from scratch), so healing a bf16 model gives a bf16 model; training is fp32.
     """
-    from moekit.data.tokens import own_tokenizer_folder, tokenizer_path
+    from moekit.io.tokenizer import own_tokenizer_folder, tokenizer_path
     from moekit.io.compressed import refuse_quantized
     from moekit.io.load import check_model, stored_dtype
     from moekit.io.outputs import check_output, missing_folders, writing
@@ -101,7 +101,8 @@ def _model_config(arch: str, init: Path | None, folder: Path | None):
     from transformers import AutoModelForCausalLM
 
     from moekit.io.load import load, load_config
-    from moekit.io.nonuniform import is_nonuniform, load_nonuniform
+    from moekit.io.layered import read_whole
+    from moekit.io.nonuniform import is_nonuniform
     from moekit.train import FAMILIES, check_config, load_model_config
     from moekit.train.config import DENSE_FAMILIES
     from moekit.train.presets import preset
@@ -115,7 +116,7 @@ def _model_config(arch: str, init: Path | None, folder: Path | None):
             model = load(str(init))
             return check_config(model.config), model
         if is_nonuniform(folder):  # e.g. healing a model pruned with a global budget
-            model = load_nonuniform(folder, experts_implementation="grouped_mm")
+            model = read_whole(folder, experts_implementation="grouped_mm")
             return check_config(model.config), model
         config = load_model_config(json.loads((folder / "config.json").read_text()))
         experts = {} if model_type in DENSE_FAMILIES else {"experts_implementation": "grouped_mm"}
