@@ -75,10 +75,11 @@ RUNTIME_BYTES = 0.5 * GB  # Python, torch and transformers themselves (measured:
 
 
 def estimated_peak(row: dict, *, rows: int = 64, seq_len: int = 256) -> dict:
-    """README's memory formula for a streamed compress with the default calibration
-    (``rows`` x ``seq_len`` tokens, one phase): on the CPU in fp32, the embeddings and head,
-    the largest layer twice (the layer, and its copy while it is read and written), the
-    rows' hidden states and the runtime; on a GPU in bf16, the layer twice and one batch."""
+    """The memory formula of docs/bigger-than-memory.md for a streamed compress with the
+    default calibration (``rows`` x ``seq_len`` tokens, one phase): on the CPU in fp32, the
+    embeddings and head, the largest layer twice (the layer, and its copy while it is read
+    and written), the rows' hidden states and the runtime; on a GPU in bf16, the layer
+    twice and one batch."""
     hidden = rows * seq_len * row["hidden_bytes_per_token"]
     cpu = row["embed_head_fp32_bytes"] + 2 * row["largest_layer_fp32_bytes"] + hidden + RUNTIME_BYTES
     gpu = row["embed_head_bf16_bytes"] + 2 * row["largest_layer_bf16_bytes"]

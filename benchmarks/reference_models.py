@@ -1,8 +1,9 @@
-"""`moekit eval` on the shipped reference models, side by side: the numbers in the README.
+"""`moekit eval` on the shipped reference models, side by side: the numbers in
+docs/reference-models.md.
 
 Runs the CLI itself (``moekit eval moekit/ref-fine moekit/ref-coarse --tasks
 moekit_stdlib_nexttoken --json``) on the whole shipped ``stdlib:eval`` split with its
-defaults (windows of 256 tokens, stride 128), so the README shows what a user's command
+defaults (windows of 256 tokens, stride 128), so the page shows what a user's command
 prints.
 
     python benchmarks/reference_models.py

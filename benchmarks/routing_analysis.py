@@ -8,7 +8,7 @@ splits). Each model is analysed in a fresh process (`--one`), so its time and pe
 memory (VmHWM from /proc/self/status, the process's own high-water mark) are its own;
 attribution is measured on the stdlib split. Then the two analyses are compared on the
 same tokens (the models share a tokenizer). Writes benchmarks/results/routing_analysis.json,
-one figure for the README (benchmarks/results/routing_analysis_tokens.png), the reports
+one figure for docs/analysis.md (benchmarks/results/routing_analysis_tokens.png), the reports
 under /tmp/moekit-routing-analysis/, and prints a Markdown summary of the findings.
 """
 

@@ -21,6 +21,7 @@ from moekit.train import FAMILIES as TRAINABLE
 runner = CliRunner()
 NAMES = reference_names()
 README = Path(__file__).resolve().parents[2] / "README.md"
+DOCS = [README, *sorted((README.parent / "docs").glob("*.md"))]  # the README and its guides
 EVALUATED = {"moekit/tiny-deepseek_v3", "moekit/tiny-gpt_oss"}
 
 
@@ -48,11 +49,12 @@ def test_every_name_is_listed_and_loads_with_its_own_tokenizer():
         assert config.max_position_embeddings >= 256, name  # the commands' default sequence length
 
 
-def test_every_moekit_name_in_the_readme_loads():
-    named = set(re.findall(r"(?<![\w/.])moekit/[\w.<>-]*[\w>]", README.read_text()))  # not src/moekit/eval
-    assert "moekit/tiny-deepseek_v3" in named
-    for name in named - {"moekit/tiny-<family>"}:
-        assert name in NAMES, f"README names {name}, which does not load"
+def test_every_moekit_name_in_the_readme_and_docs_loads():
+    for page in DOCS:
+        named = set(re.findall(r"(?<![\w/.])moekit/[\w.<>-]*[\w>]", page.read_text()))  # not src/moekit/eval
+        assert page != README or "moekit/tiny-deepseek_v3" in named
+        for name in named - {"moekit/tiny-<family>"}:
+            assert name in NAMES, f"{page.name} names {name}, which does not load"
     assert all(f"`{name}`" in README.read_text() for name in NAMES if name.startswith("moekit/tiny-"))
 
 

@@ -22,6 +22,7 @@ from tests.cli.test_errors import _args, _refused, moekit as moekit  # noqa: F40
 
 TINY = "moekit/tiny-qwen3_moe"
 README = Path(__file__).resolve().parents[2] / "README.md"
+REFERENCE_MODELS = README.parent / "docs" / "reference-models.md"
 
 
 @pytest.fixture(scope="module")
@@ -67,10 +68,14 @@ def test_the_missing_lm_eval_hint_names_the_extra(monkeypatch):
                                        "pip install -e '.[lmeval]')")
 
 
-def test_the_readme_says_to_install_lm_eval_before_its_task_comparison():
-    text = README.read_text()
+def test_the_docs_say_to_install_lm_eval_before_their_task_commands():
+    """The reference models' comparison (docs/reference-models.md) says it in the paragraph
+    before the command; the README's table row, in the row itself."""
+    text = REFERENCE_MODELS.read_text()
     command = text.index("moekit eval moekit/ref-fine moekit/ref-coarse --tasks")
     assert 'pip install -e ".[lmeval]"' in text[text.rindex("\n\n", 0, command - 10):command]
+    row = next(line for line in README.read_text().splitlines() if "--tasks moekit_stdlib_nexttoken" in line)
+    assert row.index('pip install -e ".[lmeval]"') < row.index("moekit eval --tasks")
     assert 'lmeval = [' in (README.parent / "pyproject.toml").read_text()
 
 

@@ -64,7 +64,7 @@ def test_what_does_not_run_across_ranks_is_refused(root, tmp_path):  # noqa: F81
 def test_a_refusal_under_torchrun_is_printed_once(tmp_path):
     """The real launcher, two ranks: the refusal every rank reaches is printed once (by the
     first rank of the node) and each rank exits 2; torchrun's own summary, and its exit
-    code 1, are the launcher's and follow whatever the ranks do (README, "Past one machine").
+    code 1, are the launcher's and follow whatever the ranks do (docs/distributed.md).
     A refusal once the group is joined goes through the same `error` (15 s more to
     launch: not repeated here)."""
     argv, refusal = ["inspect", "moekit/tiny-mixtral"], "error: moekit inspect does not share its work across ranks"

@@ -50,7 +50,7 @@ def compress(
     """Compress ``model`` with ``recipe`` into the new folder ``out_dir``, one decoder layer
     at a time: each layer is read from the checkpoint, calibrated, edited by the recipe's
     steps, written to the output as its own shard and released, so the memory needed is
-    set by one layer (see README, "Memory"), not by the model.
+    set by one layer (see docs/bigger-than-memory.md, "What a run needs"), not by the model.
 
     Args:
         model: checkpoint folder, hub id or shipped reference (None: the default model).
