@@ -236,8 +236,7 @@ def compress(
     from moekit.arch.factored import FACTORED_KEY
 
     factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
-    report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
-                        else _quantized_format(recipe) or "standard")
+    report["format"] = "moekit-factored" if factored else "moekit-nonuniform" if native else "standard"
     report["activations"] = budget.report()
     budget.close()
 
@@ -248,6 +247,9 @@ def compress(
             from moekit.io.checkpoint import Checkpoint
 
             report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
+            if not native:  # the writer names the weights moekit's when transformers would read them wrongly
+                mixed = any(p.name.startswith("moekit-model") for p in written)
+                report["format"] = "compressed-tensors-mixed" if mixed else "compressed-tensors"
         tok.save_pretrained(tmp)
         if eval_rows is not None:
             saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
@@ -261,16 +263,6 @@ def compress(
     remove_rank_folders(work.path)
     report["out"] = str(out)
     return report
-
-
-def _quantized_format(recipe: Recipe) -> str | None:
-    """The output's format when the recipe quantizes: ``compressed-tensors``, or
-    ``compressed-tensors-mixed`` when routed experts get different widths (only
-    `moekit.load` decompresses those correctly)."""
-    steps = [step for step in recipe.steps if step.type == "quantize"]
-    if not steps:
-        return None
-    return "compressed-tensors-mixed" if any(step.average_bits is not None for step in steps) else "compressed-tensors"
 
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
@@ -366,8 +358,9 @@ def model_card(report: dict) -> str:
                   "when the `compressed-tensors` package is installed, and vLLM and SGLang serve this format."]
     elif report["format"] == "compressed-tensors-mixed":
         lines += ["Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                  "different bit widths. transformers decompresses every fused expert with one scheme, so it cannot "
-                  "load this folder correctly: load it with `moekit.load(folder)`."]
+                  "different bit widths. transformers and vLLM decompress all routed experts with one scheme, so they "
+                  "cannot load this folder correctly; its weights are named `moekit-model.safetensors` so that "
+                  "`from_pretrained` refuses it rather than load it wrong. Load it with `moekit.load(folder)`."]
     else:
         lines += ["Layers differ in a way a standard transformers config cannot express (different numbers of "
                   "experts or top-k per layer, MoE sublayers removed, or experts stored as low-rank factors; see "

@@ -116,8 +116,9 @@ def compress_command(
             console.print("[yellow]experts are stored as low-rank factors in moekit's format: load it with "
                           "moekit.load(folder); --materialize writes a standard checkpoint instead.[/]")
         elif report["format"] == "compressed-tensors-mixed":
-            console.print("[yellow]experts have different bit widths: transformers decompresses them all with one "
-                          "scheme, so load it with moekit.load(folder).[/]")
+            console.print("[yellow]experts have different bit widths, which transformers and vLLM decompress with one "
+                          "scheme: saved as moekit-model.safetensors, which they refuse; load it with "
+                          "moekit.load(folder).[/]")
         elif report["format"] == "compressed-tensors":
             console.print("[dim]compressed-tensors checkpoint: transformers (with compressed-tensors), vLLM and "
                           "SGLang load it.[/]")
