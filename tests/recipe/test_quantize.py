@@ -218,7 +218,8 @@ def test_the_plan_gives_the_bytes_the_checkpoint_has(sources, tmp_path, preset):
 def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(sources, tmp_path):
     """average_bits 3: the experts' bits (chosen across all layers by the MILP) fit the bytes
     of every expert at 3 bits; each expert is packed at its own width and `moekit.load`
-    decompresses it with its own scheme (at most 2**bits values per scale group)."""
+    decompresses it with its own scheme (at most 2**bits values per scale group); plain
+    transformers, which would decompress them all with one scheme, refuses the folder."""
     from moekit.io.load import load_config
     from moekit.methods.quantize.allocate import budget_for_average_bits
     from moekit.planning import _skeleton
@@ -234,9 +235,14 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "load it with `moekit.load(folder)`" in card
+    assert "Load it with `moekit.load(folder)`" in card
+    # transformers would decompress every expert with the first group's 4 bits: it must refuse
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     model = moekit.load(tmp_path / "out")
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "out" / "moekit-model.safetensors"), framework="pt") as f:
         for (i, j), b in bits.items():
             packed = f.get_slice(f"model.layers.{i}.mlp.experts.{j}.down_proj.weight_packed").get_shape()
             assert packed[1] == math.ceil(16 * b / 32)  # down: 16 inputs per row
