@@ -16,6 +16,11 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.utils import logging as hf_logging
 
+try:  # before any sink is added: some versions reset loguru's handlers when imported
+    import compressed_tensors  # noqa: F401
+except ImportError:
+    pass
+
 # Warnings that say nothing about the checkpoint, each with why it is harmless. Empty
 # today: add (substring, reason) only for a warning that cannot be avoided.
 ALLOWED: list[tuple[str, str]] = []
