@@ -310,7 +310,7 @@ def compress(
 
         factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
         report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if native
-                            else _quantized_format(recipe) or "standard")
+                            else "standard")  # a quantized output's format is known once written (below)
         report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
             getattr(lent.model.config, "moekit_routing_policy", None)))
         report["activations"] = budget.report()
@@ -323,6 +323,11 @@ def compress(
                 from moekit.io.checkpoint import Checkpoint
 
                 report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
+                if not native:  # the writer names the weights moekit's when transformers would read them wrongly
+                    mixed = any(p.name.startswith("moekit-model") for p in written)
+                    report["format"] = "compressed-tensors-mixed" if mixed else "compressed-tensors"
+                    report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
+                        getattr(lent.model.config, "moekit_routing_policy", None)))
             tok.save_pretrained(tmp)
             if eval_rows is not None:
                 saved = LayeredModel.from_checkpoint(tmp, dtype=compute, device=where)
@@ -336,16 +341,6 @@ def compress(
         remove_rank_folders(work.path)
     report["out"] = str(out)
     return report
-
-
-def _quantized_format(recipe: Recipe) -> str | None:
-    """The output's format when the recipe quantizes: ``compressed-tensors``, or
-    ``compressed-tensors-mixed`` when routed experts get different widths (only
-    `moekit.load` decompresses those correctly)."""
-    steps = [step for step in recipe.steps if step.type == "quantize"]
-    if not steps:
-        return None
-    return "compressed-tensors-mixed" if any(step.average_bits is not None for step in steps) else "compressed-tensors"
 
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:
