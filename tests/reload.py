@@ -33,15 +33,20 @@ def edit_save_reload(
     return in_memory, dict(zip(FAMILIES, reloaded, strict=True))
 
 
-def plain_logits(root: Path, folders: list[Path], ids: torch.Tensor) -> list[torch.Tensor]:
-    """Logits for ``ids`` of each folder loaded by plain transformers, in one process that
-    never imports moekit (`plain_reload.py`); ``root`` holds the exchanged files."""
+def plain_logits(root: Path, folders: list[Path], ids: torch.Tensor, *, dtype: str = "float32") -> list[torch.Tensor]:
+    """Logits for ``ids`` of each folder loaded by plain transformers (``dtype``: float32,
+    bfloat16, or auto: the checkpoint's), in one process that never imports moekit
+    (`plain_reload.py`); ``root`` holds the exchanged files. Fails when the process fails,
+    or when loading or running a folder gives any warning (transformers' or another
+    library's logging, Python warnings), naming the folder and the warning."""
     save_file({"input_ids": ids}, root / "ids.safetensors")
-    subprocess.run(
-        [sys.executable, str(Path(__file__).parent / "plain_reload.py"), str(root / "ids.safetensors"),
+    done = subprocess.run(
+        [sys.executable, str(Path(__file__).parent / "plain_reload.py"), "--dtype", dtype, str(root / "ids.safetensors"),
          str(root / "logits.safetensors"), *map(str, folders)],
-        check=True, capture_output=True, text=True,
+        capture_output=True, text=True,
         env={**os.environ, "OMP_NUM_THREADS": str(torch.get_num_threads())},  # same numerics as here
     )
+    said = "\n".join(line for line in done.stderr.splitlines() if line.strip())
+    assert done.returncode == 0, f"plain transformers (exit {done.returncode}):\n{said[-4000:]}"
     reloaded = load_file(root / "logits.safetensors")
     return [reloaded[str(i)] for i in range(len(folders))]

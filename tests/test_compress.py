@@ -3,16 +3,10 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from typer.testing import CliRunner
 
@@ -20,10 +14,12 @@ import moekit
 import moekit.data
 from moekit.cli import app
 from moekit.errors import MoekitError
+from moekit.io.load import stored_dtype
 from moekit.recipe import presets
 from moekit.zoo.tiny import tiny_config
 from tests.checkpoints import write_checkpoints
 from tests.conftest import FAMILIES, removed_share
+from tests.reload import plain_logits
 
 runner = CliRunner()
 
@@ -60,12 +56,12 @@ def test_compress_writes_a_standard_checkpoint(workspace, tmp_path, family, meth
     assert report["calibration"][0]["statistics"] == sorted(
         {"frequency"} | ({"reap"} if method == "reap" else set())
         | ({"reap", "hidden_sample"} if method == "reconstruction" else set()))
-    # plain transformers in a fresh process that never imports moekit
-    code = ("import sys, torch; from transformers import AutoModelForCausalLM; "
-            f"m = AutoModelForCausalLM.from_pretrained({str(out)!r}); "
-            "assert not any(n.startswith('moekit') for n in sys.modules); print(m.config.to_json_string())")
-    subprocess.run([sys.executable, "-c", code], check=True, capture_output=True,
-                   env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # plain transformers in a fresh process that never imports moekit, without a warning
+    ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(0))
+    (theirs,) = plain_logits(tmp_path, [out], ids, dtype="auto")
+    with torch.no_grad():
+        ours = moekit.load(out, dtype=stored_dtype(out))(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -75,14 +71,10 @@ def recommended_on_every_family(workspace, tmp_path_factory):
     root = tmp_path_factory.mktemp("presets")
     reports = {family: _compress(workspace, family, "prune-50", root / family) for family in FAMILIES}
     ids = torch.randint(3, 300, (1, 10), generator=torch.Generator().manual_seed(0))
-    save_file({"input_ids": ids}, root / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parent / "plain_reload.py"), str(root / "ids.safetensors"),
-                    str(root / "logits.safetensors"), *[str(root / f) for f in FAMILIES]],
-                   check=True, capture_output=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    plain = load_file(root / "logits.safetensors")
+    plain = plain_logits(root, [root / f for f in FAMILIES], ids)
     with torch.no_grad():
         ours = {family: moekit.load(root / family)(ids).logits for family in FAMILIES}
-    return reports, ours, {family: plain[str(i)] for i, family in enumerate(FAMILIES)}
+    return reports, ours, dict(zip(FAMILIES, plain, strict=True))
 
 
 def test_recommended_preset_on_every_family(family, recommended_on_every_family):

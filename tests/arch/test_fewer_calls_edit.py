@@ -8,6 +8,7 @@ import torch
 import moekit
 from moekit.arch.edit import drop_blocks, drop_mlp, set_top_k
 from moekit.errors import MoekitError
+from moekit.eval.speed import decode_step, returned_cache
 from moekit.zoo.tiny import tiny_model
 from tests.skipped_layer import SkippedLayer
 
@@ -61,7 +62,7 @@ def test_drop_blocks_renumbers_the_cache_and_the_config():
     with torch.no_grad():  # generation with a cache uses the renumbered cache slots
         full = model(IDS).logits[:, -1]
         out = model(IDS[:, :-1], use_cache=True)
-        step = model(IDS[:, -1:], cache=out["cache"], use_cache=True).logits[:, -1]
+        step = decode_step(model, IDS[:, -1:], returned_cache(out))[0].logits[:, -1]
     torch.testing.assert_close(step, full, rtol=0, atol=1e-5)
 
 

@@ -7,14 +7,10 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 import moekit
 from moekit.arch.discover import family_of, view_layer
@@ -22,6 +18,7 @@ from moekit.errors import MoekitError
 from moekit.methods.quantize.sequential import stages, target_linears
 from tests.checkpoints import write_checkpoints
 from tests.conftest import FAMILIES
+from tests.reload import plain_logits
 
 # experts stored as one 3-D tensor in their checkpoints: no per-Linear format for them
 FUSED_ON_DISK = {"gpt_oss", "granitemoe", "granitemoeshared", "llama4"}
@@ -37,15 +34,6 @@ def sources(tmp_path_factory):
 def _compress(sources, family, out, step, **options):
     return moekit.compress(str(sources / family), {"steps": [step]}, out_dir=out, data=str(sources / "data"),
                            n_samples=4, seq_len=32, progress=False, **options)
-
-
-def _plain_logits(tmp_path, folders, ids):
-    """Logits of each folder loaded by plain transformers in a process without moekit."""
-    save_file({"input_ids": ids}, tmp_path / "ids.safetensors")
-    subprocess.run([sys.executable, str(Path(__file__).parents[1] / "plain_reload.py"), str(tmp_path / "ids.safetensors"),
-                    str(tmp_path / "plain.safetensors"), *map(str, folders)], check=True, capture_output=True)
-    got = load_file(tmp_path / "plain.safetensors")
-    return [got[str(i)] for i in range(len(folders))]
 
 
 def _logits(model, ids):
@@ -66,7 +54,7 @@ def test_every_family_saves_a_checkpoint_plain_transformers_loads_as_moekit_does
             step = {**W4, "bits": bits, "group_size": 128, "fit_group_size": True}
             report = _compress(sources, family, outs[family, bits], step)
             assert report["steps"][0]["experts"], family
-    plain = _plain_logits(tmp_path, list(outs.values()), ids)
+    plain = plain_logits(tmp_path, list(outs.values()), ids)
     errors = {}
     for ((family, bits), out), theirs in zip(outs.items(), plain, strict=True):
         config = json.loads((out / "config.json").read_text())["quantization_config"]
@@ -85,6 +73,21 @@ def test_every_family_saves_a_checkpoint_plain_transformers_loads_as_moekit_does
     # a bound on the error would test the model's chaos, not the quantizer. Bits must help.
     for family in QUANTIZABLE:
         assert errors[family, 8] < errors[family, 4], (family, errors[family, 8], errors[family, 4])
+
+
+def test_a_bf16_output_loads_in_plain_transformers_as_moekit_loads_it(sources, tmp_path):
+    """Every family quantized from bf16: plain transformers at the checkpoint's dtype (its
+    default) and `moekit.load(dtype=bf16)` give the same logits, bit for bit, without a
+    loader warning (a bf16 `moekit.load` once rounded the rotary frequencies to bf16,
+    where transformers keeps them in float32)."""
+    ids = torch.randint(3, 290, (2, 16), generator=torch.Generator().manual_seed(2))
+    outs = [tmp_path / family for family in QUANTIZABLE]
+    for family, out in zip(QUANTIZABLE, outs):
+        _compress(sources, family, out, W4, dtype="bfloat16")
+    for family, out, theirs in zip(QUANTIZABLE, outs, plain_logits(tmp_path, outs, ids, dtype="auto"), strict=True):
+        assert theirs.dtype == torch.bfloat16, family
+        torch.testing.assert_close(_logits(moekit.load(out, dtype=torch.bfloat16), ids), theirs, rtol=0, atol=0,
+                                   msg=family)
 
 
 def test_more_bits_and_gptq_are_closer_to_the_original(sources, tmp_path):
@@ -216,7 +219,8 @@ def test_the_plan_gives_the_bytes_the_checkpoint_has(sources, tmp_path, preset):
 def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(sources, tmp_path):
     """average_bits 3: the experts' bits (chosen across all layers by the MILP) fit the bytes
     of every expert at 3 bits; each expert is packed at its own width and `moekit.load`
-    decompresses it with its own scheme (at most 2**bits values per scale group)."""
+    decompresses it with its own scheme (at most 2**bits values per scale group); plain
+    transformers, which would decompress them all with one scheme, refuses the folder."""
     from moekit.arch.edit import skeleton
     from moekit.io.load import load_config
     from moekit.methods.quantize.allocate import budget_for_average_bits
@@ -236,9 +240,14 @@ def test_mixed_precision_meets_the_byte_budget_and_each_expert_keeps_its_bits(so
     config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
     assert "moekit.load" in config["moekit_note"]
     card = (tmp_path / "out" / "README.md").read_text()
-    assert "load it with `moekit.load(folder)`" in card
+    assert "Load it with `moekit.load(folder)`" in card
+    # transformers would decompress every expert with the first group's 4 bits: it must refuse
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(OSError, match="no file named model.safetensors"):
+        AutoModelForCausalLM.from_pretrained(tmp_path / "out")
     model = moekit.load(tmp_path / "out")
-    with safe_open(str(tmp_path / "out" / "model.safetensors"), framework="pt") as f:
+    with safe_open(str(tmp_path / "out" / "moekit-model.safetensors"), framework="pt") as f:
         for (i, j), b in bits.items():
             packed = f.get_slice(f"model.layers.{i}.mlp.experts.{j}.down_proj.weight_packed").get_shape()
             assert packed[1] == math.ceil(16 * b / 32)  # down: 16 inputs per row
@@ -303,7 +312,7 @@ def test_merge_then_quantize_composes_into_a_checkpoint_plain_transformers_loads
     report = moekit.compress(str(sources / "qwen3_moe"), {"steps": [{"type": "merge", "keep": 6}, W4]}, out_dir=out,
                              data=str(sources / "data"), n_samples=4, seq_len=32, progress=False)
     assert set(report["after"]["experts_per_layer"].values()) == {6}
-    (theirs,) = _plain_logits(tmp_path, [out], ids)
+    (theirs,) = plain_logits(tmp_path, [out], ids)
     torch.testing.assert_close(_logits(moekit.load(out), ids), theirs, rtol=0, atol=1e-5)
 
 

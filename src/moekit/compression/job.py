@@ -224,9 +224,8 @@ class Job:
         report["after"] = with_routing_policy(summary(lent.model, self.stored), lent.model, report["steps"])
         factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
         report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if run.native
-                            else _quantized_format(self.recipe) or "standard")
-        report["plain_transformers"] = plain_transformers(report["format"], routing_policy=bool(
-            getattr(lent.model.config, POLICY_KEY, None)))
+                            else "standard")  # a quantized output's format is known once written (`save`)
+        report["plain_transformers"] = plain_transformers(report["format"], routing_policy=self._policy(lent))
         report["activations"] = run.budget.report()
         run.budget.close()
 
@@ -243,6 +242,11 @@ class Job:
                 from moekit.io.checkpoint import Checkpoint
 
                 report["after"]["bytes"] = Checkpoint(tmp, files=[p.name for p in written]).stored_bytes
+                if not run.native:  # the writer names the weights moekit's when transformers would read them wrongly
+                    mixed = any(p.name.startswith("moekit-model") for p in written)
+                    report["format"] = "compressed-tensors-mixed" if mixed else "compressed-tensors"
+                    report["plain_transformers"] = plain_transformers(report["format"],
+                                                                      routing_policy=self._policy(run.lent))
             self.tokenizer.save_pretrained(tmp)
             if self.eval_rows is not None:
                 saved = LayeredModel.from_checkpoint(tmp, dtype=self.compute, device=self.where)
@@ -255,20 +259,14 @@ class Job:
         run.work.remove()
         remove_rank_folders(run.work.path)
 
+    @staticmethod
+    def _policy(lent: LayeredModel) -> bool:
+        return bool(getattr(lent.model.config, POLICY_KEY, None))
+
     def _evaluate(self, model, shard: bool = True) -> dict:
         from moekit.eval.rows import evaluate_rows
 
         return evaluate_rows(model, self.eval_rows, self.settings["batch_size"], self.settings["progress"], shard=shard)
-
-
-def _quantized_format(recipe: Recipe) -> str | None:
-    """The output's format when the recipe quantizes: ``compressed-tensors``, or
-    ``compressed-tensors-mixed`` when routed experts get different widths (only
-    `moekit.load` decompresses those correctly)."""
-    steps = [step for step in recipe.steps if step.type == "quantize"]
-    if not steps:
-        return None
-    return "compressed-tensors-mixed" if any(step.average_bits is not None for step in steps) else "compressed-tensors"
 
 
 def _run_facts(name: str, lent, recipe: Recipe, calib, **settings) -> dict:

@@ -13,6 +13,7 @@ is what gets timed, which makes it the one harness for static and dynamic method
 
 from __future__ import annotations
 
+import inspect
 import os
 import platform
 import statistics
@@ -68,9 +69,27 @@ def _synchronize(device: torch.device) -> None:
         torch.mps.synchronize()
 
 
-def _cache_of(out):
-    """The cache a forward returned (``cache`` since transformers 5.2x, ``past_key_values`` before)."""
+def cache_keyword(model: nn.Module) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` in late transformers
+    5.x, ``past_key_values`` before. Asked by the wrong name, a forward swallows it in
+    ``**kwargs`` and decodes without the cache, silently."""
+    parameters = inspect.signature(model.forward).parameters  # through decorators' __wrapped__
+    for name in ("cache", "past_key_values"):
+        if name in parameters:
+            return name
+    raise MoekitError(f"{type(model).__name__}.forward takes no KV cache (neither cache= nor past_key_values=); "
+                      "this transformers version is not one moekit supports (see pyproject.toml).")
+
+
+def returned_cache(out):
+    """The cache a forward returned (``cache`` in late transformers 5.x, ``past_key_values`` before)."""
     return out["cache"] if "cache" in out else out.past_key_values
+
+
+def decode_step(model: nn.Module, ids: torch.Tensor, cache):
+    """One forward of ``ids`` [B, 1] after the tokens ``cache`` holds: (output, its cache)."""
+    out = model(input_ids=ids, use_cache=True, **{cache_keyword(model): cache})
+    return out, returned_cache(out)
 
 
 @torch.no_grad()
@@ -82,10 +101,9 @@ def _generate_once(model: nn.Module, ids: torch.Tensor, decode: int, device: tor
     next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     _synchronize(device)
     middle = time.perf_counter()
-    cache = _cache_of(out)
+    cache = returned_cache(out)
     for _ in range(decode):
-        out = model(input_ids=next_ids, cache=cache, use_cache=True)
-        cache = _cache_of(out)
+        out, cache = decode_step(model, next_ids, cache)
         next_ids = out.logits[:, -1].argmax(-1, keepdim=True)
     _synchronize(device)
     return middle - start, time.perf_counter() - middle

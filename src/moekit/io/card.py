@@ -31,9 +31,9 @@ def who_loads(report: dict) -> str:
                 "`compressed-tensors` package is installed")
     elif fmt == "compressed-tensors-mixed":
         return ("Weights are quantized in the compressed-tensors `pack-quantized` format, with routed experts of "
-                "different bit widths. transformers decompresses every fused expert with one scheme, so "
-                "`from_pretrained` cannot load this folder (it fails rather than load it wrong): load it with "
-                "`moekit.load(folder)`.")
+                "different bit widths. transformers and vLLM decompress all routed experts with one scheme, so they "
+                "cannot load this folder correctly; its weights are named `moekit-model.safetensors` so that "
+                "`from_pretrained` fails rather than load it wrong. Load it with `moekit.load(folder)`.")
     elif fmt == "standard":
         what = ("This is a standard checkpoint: `transformers.AutoModelForCausalLM.from_pretrained(folder)` loads "
                 "it without moekit")

@@ -14,14 +14,30 @@ While a layer is being compressed, a quantize step records the integers and scal
 what it quantized in the model's `Ledger`, keyed by parameter name in the model's own
 (fused) layout; `ShardWriter` packs them when it writes the layer, passing integers,
 scales and bit widths through the same reverse conversion as the weights, so moekit
-never spells a family's checkpoint names. Which scheme each written module got is kept
-beside the layer's shard (``layer-NNNNN.quant.json``), so a resumed run builds the same
-config.
+never spells a family's checkpoint names. Which scheme each written module got, and which
+fused module of the model (``model.layers.0.mlp.experts``) each per-expert module came
+from, is kept beside the layer's shard (``layer-NNNNN.quant.json``), so a resumed run
+builds the same config.
 
-Only one thing here is moekit's own: transformers 5 decompresses fused experts with
-*one* scheme for all of them (``get_experts_scheme``), so a checkpoint whose experts have
-different bit widths (mixed precision) loads correctly only through `moekit.load`; the
-config says so in ``moekit_note``.
+What transformers 5.25 loads (measured on every family the quantize step supports):
+
+- **At the checkpoint's dtype** (``from_pretrained``'s default, ``dtype="auto"``), the
+  logits of `moekit.load(folder, dtype=that dtype)`, exactly: both decompress a Linear's
+  integers times its scales in that dtype, and fused experts in their scales' dtype,
+  which is the checkpoint's.
+- **At another dtype**, not: transformers decompresses Linears in the dtype it is asked
+  for, but keeps fused experts in their scales' dtype, whatever ``dtype=`` says (a
+  float32 load of a bf16 checkpoint computes with bf16 experts). Storing scales in
+  float32 would only move the mismatch: a bf16 load would then hold the experts in
+  float32 (twice their memory).
+- **Without a warning**: a routed experts' target names the fused module too,
+  ``re:^(?:model\.layers\.\d+\.mlp\.experts|model\.layers\.\d+\.mlp\.experts\.\d+\.gate_proj|...)$``.
+  Checkpoints, vLLM and compressed-tensors see one Linear per expert and projection;
+  transformers 5 holds a layer's experts as one module of fused tensors, and
+  compressed-tensors warns (``Could not match ...``) about every target that names no
+  module. transformers finds the experts' scheme by a ``re:`` target that mentions
+  ``experts`` (``get_experts_scheme``) and decompresses them while loading; matching the
+  fused module, which is not a Linear, changes nothing else.
 """
 
 from __future__ import annotations
@@ -100,18 +116,21 @@ def single(weight) -> QuantizedParam:
 
 
 def pack_state(model: nn.Module, state: dict[str, torch.Tensor], names: list[str],
-               scale_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+               scale_dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, str], dict[str, list[str]]]:
     """Replace, in ``state`` (checkpoint names, after the reverse conversion), every weight
     that came from one of the ledger's parameters ``names`` by its packed tensors. Returns
-    the new state and {module name: scheme key} (see `scheme_key`)."""
+    the new state, {module name: scheme key} (see `scheme_key`) and {fused module of the
+    model: the checkpoint modules it was written as} (routed experts)."""
     from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
     from transformers.core_model_loading import revert_weight_conversion
 
     book = ledger(model)
     out = dict(state)
     schemes: dict[str, str] = {}
+    fused: dict[str, list[str]] = {}
     for name in names:
         entry = book.params.pop(name)
+        owner = name.rsplit(".", 1)[0]
 
         def reverted(value: torch.Tensor | None, name: str = name) -> dict[str, torch.Tensor]:
             return {} if value is None else revert_weight_conversion(model, {name: value})
@@ -129,7 +148,9 @@ def pack_state(model: nn.Module, state: dict[str, torch.Tensor], names: list[str
             if not entry.symmetric:
                 out[f"{module}.weight_zero_point"] = pack_to_int32(zeros[key].contiguous(), b, packed_dim=0).contiguous()
             schemes[module] = scheme_key(QuantScheme(b, entry.group_size, entry.symmetric))
-    return out, schemes
+            if module != owner:
+                fused.setdefault(owner, []).append(module)
+    return out, schemes, fused
 
 
 def scheme_key(scheme: QuantScheme) -> str:
@@ -145,64 +166,87 @@ def sidecar(shard: Path) -> Path:
     return shard.with_name(shard.name.removesuffix(".safetensors") + ".quant.json")
 
 
-def write_sidecar(shard: Path, schemes: dict[str, str]) -> None:
+def write_sidecar(shard: Path, schemes: dict[str, str], fused: dict[str, list[str]]) -> None:
     path = sidecar(shard)
     if schemes:
-        path.write_text(json.dumps(schemes, indent=1, sort_keys=True))
+        path.write_text(json.dumps({"schemes": schemes, "fused": fused}, indent=1, sort_keys=True))
     elif path.exists():
         path.unlink()
 
 
-def read_schemes(shards: list[Path]) -> dict[str, str]:
-    """{module: scheme key} over the shards' sidecars."""
+def read_schemes(shards: list[Path]) -> tuple[dict[str, str], dict[str, list[str]]]:
+    """({module: scheme key}, {fused module: its checkpoint modules}) over the shards'
+    sidecars."""
     schemes: dict[str, str] = {}
+    fused: dict[str, list[str]] = {}
     for shard in shards:
         if sidecar(shard).exists():
-            schemes.update(json.loads(sidecar(shard).read_text()))
-    return schemes
+            found = json.loads(sidecar(shard).read_text())
+            if "schemes" not in found:  # written before fused modules were recorded
+                found = {"schemes": found, "fused": {}}
+            schemes.update(found["schemes"])
+            fused.update(found["fused"])
+    return schemes, fused
 
 
 _INDEXED = re.compile(r"(layers|experts)\.\d+\.")
 
 
 def _pattern(module: str) -> str:
-    """The module's name with layer and expert numbers generalised, as a target regex."""
+    """The module's name with layer and expert numbers generalised, as a regex body."""
     out, start = "", 0
     for match in _INDEXED.finditer(module):
         out += re.escape(module[start:match.start()]) + match.group(1) + r"\.\d+\."
         start = match.end()
-    return "re:^" + out + re.escape(module[start:]) + "$"
+    return out + re.escape(module[start:])
 
 
-def quantization_config(schemes: dict[str, str]) -> dict:
-    """config.json's ``quantization_config`` for {module: scheme key}: one config group
-    per scheme. A group's targets generalise layer and expert numbers when that matches
-    no module of another scheme (so a uniform model needs a handful of regexes); otherwise
-    they list its modules by name."""
+def mixed_experts(schemes: dict[str, str], fused: dict[str, list[str]]) -> bool:
+    """Whether routed experts (modules written from a fused one) have more than one scheme:
+    transformers and vLLM would decompress them all with one (see the module docstring)."""
+    return len({schemes[m] for modules in fused.values() for m in modules}) > 1
+
+
+def quantization_config(schemes: dict[str, str], fused: dict[str, list[str]]) -> dict:
+    """config.json's ``quantization_config`` for {module: scheme key} (``fused``: see
+    `pack_state`): one config group per scheme. A group's targets generalise layer and
+    expert numbers when that matches no module of another scheme (so a uniform model needs
+    a handful of regexes); otherwise they list its modules by name. Uniform routed experts
+    get one target per fused module that names it and its per-expert modules."""
     from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme
 
     patterns: dict[str, set[str]] = {}
     for module, key in schemes.items():
         patterns.setdefault(_pattern(module), set()).add(key)
+    mixed = mixed_experts(schemes, fused)
+    owner_of = {} if mixed else {m: owner for owner, modules in fused.items() for m in modules}
     by_scheme: dict[str, list[str]] = {}
+    experts: dict[str, dict[str, set[str]]] = {}  # scheme → fused module pattern → per-expert patterns
     for module, key in sorted(schemes.items()):
         pattern = _pattern(module)
-        target = pattern if len(patterns[pattern]) == 1 else module
+        if module in owner_of:
+            experts.setdefault(key, {}).setdefault(_pattern(owner_of[module]), set()).add(pattern)
+            continue
+        target = f"re:^{pattern}$" if len(patterns[pattern]) == 1 else module
         if target not in by_scheme.setdefault(key, []):
             by_scheme[key].append(target)
+    for key, owners in experts.items():
+        by_scheme.setdefault(key, []).extend(f"re:^(?:{'|'.join([owner, *sorted(parts)])})$"
+                                             for owner, parts in sorted(owners.items()))
     # transformers decompresses all fused experts with the first group whose regex targets
-    # mention experts: put the most common expert scheme first
-    order = sorted(by_scheme, key=lambda k: -sum(1 for m, s in schemes.items() if s == k and ".experts." in m))
+    # mention experts: put the experts' scheme (the most common one when mixed) first
+    routed = [m for modules in fused.values() for m in modules]
+    order = sorted(by_scheme, key=lambda k: -sum(1 for m in routed if schemes[m] == k))
     groups = {f"group_{n}": QuantizationScheme(targets=by_scheme[key], weights=scheme_of(key).args(),
                                                format="pack-quantized")
               for n, key in enumerate(order)}
     config = QuantizationConfig(config_groups=groups, format="pack-quantized", quantization_status="compressed",
                                 ignore=["lm_head"])
     out = {"quant_method": "compressed-tensors", **config.model_dump(exclude_none=True)}
-    expert_schemes = {s for m, s in schemes.items() if ".experts." in m}
-    if len(expert_schemes) > 1:
-        out["moekit_note"] = ("routed experts have different bit widths: load with moekit.load (transformers "
-                              "decompresses every fused expert with one scheme)")
+    if mixed:
+        out["moekit_note"] = ("routed experts have different bit widths, which transformers and vLLM decompress with "
+                              "one scheme (wrongly): the weights are moekit-model.safetensors so that they refuse "
+                              "the folder; load it with moekit.load")
     return out
 
 

@@ -136,7 +136,7 @@ class LayeredModel:
                 if present:
                     state.update({name: state[present[0]] for name in group})
             _assign(self.model, state, self.dtype, self.device)
-            modules.to(self.dtype)
+            self._to_compute_dtype(modules)
             return
         from transformers.conversion_mapping import get_model_conversion_mapping
         from transformers.core_model_loading import convert_and_load_state_dict_in_model
@@ -158,7 +158,30 @@ class LayeredModel:
                               f"({', '.join(sorted(info.unexpected_keys)[:3])}); the config.json does not describe "
                               "these weights.")
         self.model._weight_conversions = None  # save with the family's standard names (see io.shards)
-        modules.to(self.dtype)
+        self._to_compute_dtype(modules)
+
+    def _to_compute_dtype(self, modules: nn.Module) -> None:
+        """Cast ``modules`` to the compute dtype as ``from_pretrained(dtype=...)`` loads a
+        model: stored tensors to `storage_dtypes` (float32 where the class keeps it, e.g.
+        DeepSeek-V3's correction bias), computed buffers (rotary tables, which transformers
+        builds in float32 at any dtype) as they were built: ``modules.to(bf16)`` would round the
+        rotary frequencies, and a bf16 `moekit.load` would compute other logits than
+        transformers'."""
+        from moekit.arch.storage import storage_dtypes
+
+        plan = storage_dtypes(self.model, self.dtype)
+        prefix = {id(m): name for name, m in self.model.named_modules()}
+        for module in modules.modules():
+            owner = prefix.get(id(module), "")
+            for store in (module._parameters, module._buffers):
+                for name, tensor in list(store.items()):
+                    if tensor is None or not tensor.is_floating_point() or (
+                            store is module._buffers and name in module._non_persistent_buffers_set):
+                        continue
+                    dtype = plan.get(f"{owner}.{name}" if owner else name, self.dtype)
+                    if tensor.dtype != dtype:
+                        store[name] = (nn.Parameter(tensor.to(dtype), requires_grad=tensor.requires_grad)
+                                       if isinstance(tensor, nn.Parameter) else tensor.to(dtype))
 
     def _load_in_stored_dtypes(self, modules: nn.Module, default: torch.dtype) -> None:
         """Give the (meta) parameters of ``modules`` the dtype their checkpoint tensor has

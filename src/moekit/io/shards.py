@@ -81,13 +81,14 @@ class ShardWriter:
             state = revert_weight_conversion(self.model, state)
         book = compressed.ledger(self.model)
         quantized = [name for name in book.params if wanted(name)]
-        schemes = {}
+        schemes, fused = {}, {}
         if quantized:
-            state, schemes = compressed.pack_state(self.model, state, quantized, book.scale_dtype)
+            state, schemes, fused = compressed.pack_state(self.model, state, quantized, book.scale_dtype)
         if rename is not None:
             state = {rename(name): tensor for name, tensor in state.items()}
             schemes = {rename(name): scheme for name, scheme in schemes.items()}
-        compressed.write_sidecar(path, schemes)
+            fused = {rename(name): [rename(m) for m in modules] for name, modules in fused.items()}
+        compressed.write_sidecar(path, schemes, fused)
         write_safetensors(path, state)
         return path
 
@@ -102,13 +103,18 @@ class ShardWriter:
         keeps one shard per decoder layer (plus one for the rest), hard-linked from the work
         folder: nothing is copied, and the work folder stays whole until the output is
         complete (a crash in between can resume)."""
+        from moekit.io.compressed import mixed_experts, read_schemes
+
         paths = [self.path(part) for part in parts]
-        self._write_config(out, paths)
+        schemes, fused = read_schemes(paths)
+        self._write_config(out, schemes, fused)
         total_size = sum(path.stat().st_size for path in paths)
         # A small model becomes one file, as save_pretrained writes it; a big one keeps a shard
         # per layer, linked, so its bytes are neither read back nor written twice.
         groups = [paths] if total_size <= max_shard_size else [[path] for path in paths]
-        stem, index_name = ("moekit-model", "moekit-model.safetensors.index.json") if self.native else \
+        # moekit's names where transformers would load wrongly: from_pretrained finds no weights
+        moekit_only = self.native or mixed_experts(schemes, fused)
+        stem, index_name = ("moekit-model", "moekit-model.safetensors.index.json") if moekit_only else \
             ("model", "model.safetensors.index.json")
         weight_map, total, written = {}, 0, []
         for n, group in enumerate(groups, start=1):
@@ -129,17 +135,16 @@ class ShardWriter:
             (out / index_name).write_text(json.dumps(index, indent=2) + "\n")
         return written
 
-    def _write_config(self, out: Path, paths: list[Path]) -> None:
-        from moekit.io.compressed import quantization_config, read_schemes
+    def _write_config(self, out: Path, schemes: dict[str, str], fused: dict[str, list[str]]) -> None:
+        from moekit.io.compressed import quantization_config
 
         model = self.model
         model.config.dtype = str(self.dtype).removeprefix("torch.")
         model.config.architectures = [type(model).__name__]
         model.config.save_pretrained(out)
-        schemes = read_schemes(paths)
         if schemes:  # config.json gains the compressed-tensors description of what is packed
             config = json.loads((out / "config.json").read_text())
-            config["quantization_config"] = quantization_config(schemes)
+            config["quantization_config"] = quantization_config(schemes, fused)
             (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         if model.can_generate() and getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(out)

@@ -9,6 +9,7 @@ from torch import nn
 
 from moekit.arch.adapters.base import Cfg, Family, Routing, Shared
 from moekit.errors import UnsupportedModelError
+from moekit.versions import check_transformers
 
 _MODULES = (
     "mixtral",
@@ -35,7 +36,10 @@ FAMILIES: dict[str, Family] = {
 
 def find_family(model: nn.Module) -> Family:
     """The family that can view ``model``, or an error naming its class, why each
-    candidate refused, and the supported families."""
+    candidate refused, and the supported families. Every command passes here before it
+    touches a model's MoE layout, which is transformers-version specific: a transformers
+    outside moekit's range is refused here (`moekit.versions`)."""
+    check_transformers()
     reasons = []
     for family in FAMILIES.values():
         ok, why = family.supports(model, explain=True)
