@@ -9,7 +9,7 @@ from torch import nn
 
 from moekit.arch.adapters.base import Cfg, Family, Routing, Shared
 from moekit.errors import UnsupportedModelError
-from moekit.versions import check_transformers
+from moekit.arch.versions import check_transformers
 
 _MODULES = (
     "mixtral",
@@ -38,7 +38,7 @@ def find_family(model: nn.Module) -> Family:
     """The family that can view ``model``, or an error naming its class, why each
     candidate refused, and the supported families. Every command passes here before it
     touches a model's MoE layout, which is transformers-version specific: a transformers
-    outside moekit's range is refused here (`moekit.versions`)."""
+    outside moekit's range is refused here (`moekit.arch.versions`)."""
     check_transformers()
     reasons = []
     for family in FAMILIES.values():

@@ -5,9 +5,9 @@ import re
 from importlib.metadata import version
 from pathlib import Path
 
-from moekit.versions import ANY_VERSION, refusal
+from moekit.arch.versions import ANY_VERSION, refusal
 
-PYPROJECT = Path(__file__).resolve().parents[1] / "pyproject.toml"
+PYPROJECT = Path(__file__).resolve().parents[2] / "pyproject.toml"
 
 
 def _stated() -> str:
