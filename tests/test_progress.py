@@ -68,9 +68,10 @@ def test_a_command_with_stderr_in_a_file_writes_plain_lines(tmp_path):
         )
     text = log.read_text()
     assert done.returncode == 0, text
-    # 3 windows (batches of 1) through 4 streamed layers and the head: 15 units of work
-    counts = [int(n) for n in re.findall(r"^evaluating (\d+)/15\b", text, flags=re.M)]
-    assert counts == sorted(set(counts)) and counts[-1] == 15 and len(counts) >= 5, text
+    # 512 // stride 128 = 4 windows spread over the split (batches of 1) through 4 streamed
+    # layers and the head: 20 units of work
+    counts = [int(n) for n in re.findall(r"^evaluating (\d+)/20\b", text, flags=re.M)]
+    assert counts == sorted(set(counts)) and counts[-1] == 20 and len(counts) >= 5, text
     assert not REDRAWN.search(text), text
 
 

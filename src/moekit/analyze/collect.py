@@ -108,7 +108,7 @@ class LayerCounts:
     @contextlib.contextmanager
     def watching(self) -> Iterator[None]:
         """While open, each call of the layer's MoE block adds its batch (in batch order)."""
-        from moekit.calib.runner import watching
+        from moekit.arch.layer import watching
 
         self._batch = 0
         with watching(self.view.block, self._see):

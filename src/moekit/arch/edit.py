@@ -348,6 +348,7 @@ def skeleton(config, **build) -> nn.Module:
     from moekit.arch.skeleton import model_from_config
 
     model = model_from_config(config, **build)
+    model.tie_weights()  # a head tied to the embeddings is one tensor, as in the loaded model
     restore_moekit_layout(model)
     return model
 
