@@ -28,29 +28,56 @@ def user_errors() -> Iterator[None]:
 
 
 def print_json(payload: Any) -> None:
-    """Machine-readable output on stdout, and nothing else there."""
+    """Machine-readable output on stdout, and nothing else there; with the threads the
+    command chose (`_start_work`), which a terminal user reads on its first line instead."""
+    if isinstance(payload, dict) and _chosen:
+        payload = {**payload, "threads": _chosen[-1].to_dict()}
     sys.stdout.write(json.dumps(payload, indent=2, default=str) + "\n")
 
 
-def _use_threads(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
-    """Set torch's CPU threads while the command runs, and put them back after it (tests
-    call commands in-process, where a setting that outlived the command would leak)."""
-    if value is None or ctx.resilient_parsing:
+_chosen: list = []  # the `_threads.Choice` of the command running (in-process callers run several)
+
+
+def _start_work(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
+    """Where every computing command starts its work, as its options are parsed: choose
+    torch's CPU threads (`moekit.cli._threads`) and say so in the first line of output;
+    from then on, a log file hears from the command at least every few seconds
+    (`moekit.progress.heartbeat`: imports, preparation); set the threads while the
+    command runs and put them back after it (tests call commands in-process, where a
+    setting that outlived the command would leak)."""
+    if ctx.resilient_parsing or any(ctx.params.get(flag) for flag in _NO_WORK):
         return value
     with user_errors():
-        if value < 1:
+        if value is not None and value < 1:
             raise MoekitError(f"--threads must be at least 1 (got {value}).")
+    from moekit.cli._threads import choose
+    from moekit.progress import heartbeat
+
+    choice = choose(value)
+    _chosen.append(choice)
+    ctx.call_on_close(lambda: _chosen.remove(choice))
+    # Options given on the command line are parsed before those left to their defaults:
+    # a --json that was given is known here; one that was not is False.
+    json_flag = next((p.name for p in ctx.command.params if "--json" in getattr(p, "opts", ())), None)
+    if not ctx.params.get(json_flag):
+        err_console.print(f"[dim]{choice.line()}[/]", highlight=False)
+        ctx.with_resource(heartbeat(ctx.command_path, console=err_console))
     import torch  # only a command that computes gets here, and it needs torch anyway
 
     before = torch.get_num_threads()
-    torch.set_num_threads(value)
+    torch.set_num_threads(choice.count)
     ctx.call_on_close(lambda: torch.set_num_threads(before))
     return value
 
 
+# Flags with which a computing command only lists or plans and exits: no threads to choose
+# or report. Given on the command line, they are parsed before --threads's default is.
+_NO_WORK = ("list_presets", "plan_only", "list_stats")
+
 # Every command that computes declares ``threads: Threads = None``; the callback applies it
 # while the arguments are parsed, so no command body has to remember to.
 Threads = Annotated[Optional[int], typer.Option(
-    "--threads", metavar="N", callback=_use_threads,
-    help="CPU threads for torch (default: torch's, one per core). Fewer lets several jobs share a machine.",
+    "--threads", metavar="N", callback=_start_work,
+    help="CPU threads for torch (default: the cores that other jobs leave idle, at least 1; "
+         "the first line of output says how many).",
 )]

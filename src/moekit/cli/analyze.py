@@ -50,6 +50,7 @@ def analyze_command(
     from moekit.data.tokens import tokenizer_for
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model
+    from moekit.progress import phase
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))
@@ -74,8 +75,9 @@ def analyze_command(
             if model.family is None:
                 raise MoekitError(f"{name} is not a Mixture-of-Experts model of a supported family: it has no "
                                   "router to analyze.")
-        rows = {spec: corpus_rows(spec, tokenizers[0], samples=samples, seq_len=seq_len, seed=seed,
-                                  text_field=text_field) for spec in specs}
+        with phase(f"tokenizing {', '.join(specs)}", enabled=not json_out):
+            rows = {spec: corpus_rows(spec, tokenizers[0], samples=samples, seq_len=seq_len, seed=seed,
+                                      text_field=text_field) for spec in specs}
         decode = lambda i: tokenizers[0].decode([i])  # noqa: E731
         results = []
         for name, model in zip(names, lent):
@@ -86,7 +88,8 @@ def analyze_command(
                                    activations=spill))
             spill.close()
         comparison = compare(results[0], results[1]) if len(results) == 2 else None
-        written = write(out, results, comparison)
+        with phase(f"writing {out}: figures, report.html, analysis.json", enabled=not json_out):
+            written = write(out, results, comparison)
         if json_out:
             print_json({**written, "models": [{"model": r.model, "summary": r.summary, "attribution": r.attribution,
                                                "seconds": r.meta["seconds"]} for r in results],
