@@ -1,18 +1,19 @@
 """How long the README's first command takes, `moekit compress --recipe prune-50 -o OUT
---eval`, under each choice of CPU threads and OpenMP wait policy, with the machine as it is
-("idle") and with one more job spinning on one core (``python -c 'while 1: pass'``, the
-other job of the README's claim): "busy" starts it in this session, as ``&`` in the same
-shell does; "apart" in a session of its own, as a job started from another terminal does
-(Linux's autogroups then share the CPU between the two sessions, not between threads).
-Each configuration runs in a fresh process in a fresh folder; configurations are
-interleaved, so a busy stretch of a shared machine hits all of them alike. The load
-average is recorded before each run and sampled during it (every 2 s), as other users of
-the machine change it.
+--eval` (or another: ``--command``), under each choice of CPU threads and OpenMP wait
+policy, with the machine as it is ("idle") and with one more job spinning on one core
+(``python -c 'while 1: pass'``, the other job of the README's claim): "busy" starts it in
+this session, as ``&`` in the same shell does; "apart" in a session of its own, as a job
+started from another terminal does (Linux's autogroups then share the CPU between the two
+sessions, not between threads). Each configuration runs in a fresh process in a fresh
+folder; configurations are interleaved, so a busy stretch of a shared machine hits all of
+them alike. The load average is recorded before each run and sampled during it (every
+2 s), as other users of the machine change it.
 
-    python benchmarks/threads.py --configs default,t1,t2,t2-active --repeats 2 > benchmarks/results/threads.json
+    python benchmarks/threads.py --configs default,t1,t2-spin,t2-passive --repeats 2 > threads.json
+    python benchmarks/threads.py --command "calibrate -o stats" --conditions idle > calibrate.json
 
 A configuration is ``NAME`` from CONFIGS: extra arguments and environment for the command.
-The `threads:` line moekit prints first is recorded as the command printed it.
+The first line of stderr is recorded where it is moekit's `threads:` line.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import statistics
 import subprocess
 import sys
@@ -52,7 +54,7 @@ def load_sampler(samples: list[float], stop: threading.Event) -> None:
         samples.append(os.getloadavg()[0])
 
 
-def one_run(name: str, condition: str, timeout: float) -> dict:
+def one_run(command: list[str], name: str, condition: str, timeout: float) -> dict:
     args, extra = CONFIGS[name]
     env = {k: v for k, v in os.environ.items() if k not in SCRUB}
     env.update({k: v for k, v in extra.items() if v is not None})
@@ -67,7 +69,7 @@ def one_run(name: str, condition: str, timeout: float) -> dict:
             sampler.start()
             start = time.perf_counter()
             try:
-                done = subprocess.run([*moekit_command(), *README_FIRST, *args], cwd=folder, env=env, check=False,
+                done = subprocess.run([*moekit_command(), *command, *args], cwd=folder, env=env, check=False,
                                       capture_output=True, text=True, timeout=timeout)
             except subprocess.TimeoutExpired:  # the pathological cases take many minutes: enough to know
                 done = None
@@ -88,6 +90,7 @@ def one_run(name: str, condition: str, timeout: float) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--command", default=" ".join(README_FIRST), help="the moekit command, run in a new folder")
     parser.add_argument("--configs", default="default,t1", help=f"comma-separated, of {', '.join(CONFIGS)}")
     parser.add_argument("--conditions", default="idle,busy,apart", help="comma-separated, of idle, busy, apart")
     parser.add_argument("--repeats", type=int, default=2)
@@ -101,7 +104,7 @@ def main() -> None:
             for name in names:
                 if runs:
                     time.sleep(args.pause)
-                runs.append(one_run(name, condition, timeout=args.timeout))
+                runs.append(one_run(shlex.split(args.command), name, condition, timeout=args.timeout))
                 print(json.dumps(runs[-1]), file=sys.stderr, flush=True)
     summary = {}
     for condition in args.conditions.split(","):
@@ -112,7 +115,7 @@ def main() -> None:
                                                "load_during": [r["load_during"] for r in mine],
                                                "timed_out": sum(r["timed_out"] for r in mine)}
     print(json.dumps({
-        "command": "moekit " + " ".join(README_FIRST),
+        "command": f"moekit {args.command}",
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores "
                    f"({len(os.sched_getaffinity(0))} usable)",
         "date": str(date.today()), "commit": commit(), "summary": summary, "runs": runs,

@@ -34,7 +34,6 @@ _handled_imports = _exit_on_interrupt()
 
 import typer  # noqa: E402
 
-from moekit.cli import _threads  # noqa: E402  (its import starts the CPU-load measurement)
 from moekit.cli._options import OneLineUsage  # noqa: E402
 
 app = typer.Typer(
@@ -86,8 +85,10 @@ if _handled_imports and _previous is not None:  # None: set outside Python, cann
 
 def main() -> None:
     _exit_on_interrupt()  # a command that wants Ctrl-C itself (train's checkpoint) sets its own, then restores this
-    _threads.set_wait_policy()  # before anything imports torch: OpenMP reads it once, when torch loads it
     from moekit.cli._distributed import join_ranks
+    from moekit.cli._threads import set_wait_policy
+
+    set_wait_policy()  # before anything imports torch (join_ranks may): OpenMP reads it once, when torch loads it
 
     join_ranks()  # under torchrun: one of several ranks (moekit.distributed)
     try:

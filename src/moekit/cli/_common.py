@@ -56,8 +56,7 @@ def _start_work(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
     choice = choose(value)
     _chosen.append(choice)
     ctx.call_on_close(lambda: _chosen.remove(choice))
-    # Options given on the command line are parsed before those left to their defaults:
-    # a --json that was given is known here; one that was not is False.
+    # --json is eager (parsed before every other option) in every command, so it is known here.
     json_flag = next((p.name for p in ctx.command.params if "--json" in getattr(p, "opts", ())), None)
     if not ctx.params.get(json_flag):
         err_console.print(f"[dim]{choice.line()}[/]", highlight=False)
@@ -71,13 +70,13 @@ def _start_work(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
 
 
 # Flags with which a computing command only lists or plans and exits: no threads to choose
-# or report. Given on the command line, they are parsed before --threads's default is.
+# or report. They are eager, like --json, so that they are known when --threads is parsed.
 _NO_WORK = ("list_presets", "plan_only", "list_stats")
 
 # Every command that computes declares ``threads: Threads = None``; the callback applies it
 # while the arguments are parsed, so no command body has to remember to.
 Threads = Annotated[Optional[int], typer.Option(
     "--threads", metavar="N", callback=_start_work,
-    help="CPU threads for torch (default: the cores that other jobs leave idle, at least 1; "
-         "the first line of output says how many).",
+    help="CPU threads for torch (default: one per core, waiting ones asleep so that other jobs do not stall "
+         "them; the first line of output says how many).",
 )]

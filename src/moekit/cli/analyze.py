@@ -35,7 +35,7 @@ def analyze_command(
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Routing analysis: load, co-activation, cross-layer predictability, token, position and
     domain specialisation, expert attribution; with two models, side by side.

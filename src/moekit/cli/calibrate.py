@@ -25,12 +25,13 @@ def calibrate_command(
     seed: Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed for choosing sequences and sampling states.")] = 0,
     tokenizer: Annotated[Optional[str], typer.Option(help="Tokenizer folder or model name (default: the model's).")] = None,
     text_field: Annotated[str, typer.Option(help="Text field of .jsonl/.parquet/hub rows.")] = "text",
-    list_stats: Annotated[bool, typer.Option("--list-stats", help="List the statistics and exit.")] = False,
+    list_stats: Annotated[bool, typer.Option("--list-stats", is_eager=True,
+                                             help="List the statistics and exit.")] = False,
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Collect the statistics compression methods read, and save them for reuse.
 

@@ -27,9 +27,10 @@ def compress_command(
     eval_: Annotated[bool, typer.Option("--eval", help="Evaluate before and after.")] = False,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source checkpoint's), bfloat16, float16, "
                                             "float32.")] = "auto",
-    list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
-    plan_only: Annotated[bool, typer.Option("--plan", help="Show the sizes the recipe will give, from the config "
-                                                           "alone (no weights read, nothing written), and exit.")] = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", is_eager=True,
+                                               help="List the preset recipes and exit.")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan", is_eager=True, help="Show the sizes the recipe will give, from the "
+                                            "config alone (no weights read, nothing written), and exit.")] = False,
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
@@ -42,7 +43,7 @@ def compress_command(
     materialize: Annotated[bool, typer.Option("--materialize", help="decompose steps multiply their factors back: "
                                               "a standard checkpoint (original size) that loads anywhere.")] = False,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print the report as JSON.")] = False,
 ) -> None:
     """Compress an MoE with a recipe; the output loads in plain transformers."""
     from moekit.recipe import presets

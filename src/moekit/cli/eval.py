@@ -40,7 +40,7 @@ def eval_command(
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Evaluate one or more models on the same tokens."""
     from moekit.data.tokens import evaluation_stream, tokenizer_for
