@@ -45,6 +45,7 @@ def calibrate_command(
     from moekit.calib.calibrate import calibrate, check_statistics
     from moekit.data.tokens import calibration_tokens, tokenizer_for
     from moekit.io.load import check_model, default_model
+    from moekit.progress import phase
 
     with user_errors():
         name = model or default_model()
@@ -59,8 +60,9 @@ def calibrate_command(
         within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in stats.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         check_statistics(wanted, hidden_sample or 0)
-        tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed,
-                                    text_field=text_field)
+        with phase(f"tokenizing {data}", enabled=not json_out):
+            tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len,
+                                        seed=seed, text_field=text_field)
         spill = budget(activation_budget)
         result = calibrate(
             open_streamed(name, device, compute_dtype), tokens.input_ids, activations=spill, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,
