@@ -66,6 +66,7 @@ def one_run(command: list[str], name: str, condition: str, timeout: float) -> di
     try:
         with tempfile.TemporaryDirectory() as folder:
             load_before = os.getloadavg()[0]
+            started = time.strftime("%H:%M:%S")
             sampler.start()
             start = time.perf_counter()
             try:
@@ -82,7 +83,8 @@ def one_run(command: list[str], name: str, condition: str, timeout: float) -> di
     if done is not None and done.returncode != 0:
         raise SystemExit(f"{name}: exit {done.returncode}\n{done.stderr[-2000:]}")
     first = (done.stderr.splitlines() or [""])[0] if done is not None else ""
-    return {"config": name, "condition": condition, "seconds": round(seconds, 1), "timed_out": done is None,
+    return {"config": name, "condition": condition, "started": started, "seconds": round(seconds, 1),
+            "timed_out": done is None,
             "load_before": round(load_before, 2),
             "load_during": round(statistics.mean(samples), 2) if samples else None,
             "first_line": first if first.startswith("threads:") else None}

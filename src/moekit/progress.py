@@ -49,7 +49,7 @@ def plain_line_due(before: float, done: float, total: float, *, lines: int = 10)
     return done // every > before // every or done >= total
 
 
-def _other_rank() -> bool:
+def other_rank() -> bool:
     """A torch.distributed rank other than 0 (torchrun sets RANK): rank 0 alone shows progress."""
     import os
 
@@ -66,7 +66,7 @@ class _Ticker:
     refit, a report being written: one unit, no count to advance)."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.lock = threading.RLock()  # `quiet` may run in a signal handler, while this thread holds it
         self.last = time.monotonic()
         self.open: list[tuple[Console, Callable[[], str]]] = []
         self.stop = threading.Event()
@@ -87,9 +87,15 @@ class _Ticker:
             yield
         finally:
             with self.lock:
-                self.open.remove(entry)
+                if entry in self.open:  # not after `quiet`
+                    self.open.remove(entry)
                 if not self.open:
                     self.stop.set()  # the thread ends; the next bar starts another
+
+    def quiet(self) -> None:
+        with self.lock:
+            self.open.clear()
+            self.stop.set()
 
     def _run(self, stop: threading.Event) -> None:
         while not stop.wait(0.25):
@@ -100,6 +106,13 @@ class _Ticker:
 
 
 _ticker = _Ticker()
+
+
+def quiet() -> None:
+    """No more repeated lines from what is open now: the command is ending (an error, Ctrl-C),
+    and its last line must stay the last one."""
+    _ticker.quiet()
+
 _drawn: list[str] = []  # the bars being drawn on a terminal now: a phase inside one draws nothing more
 
 
@@ -116,7 +129,7 @@ def progress_bar(
 
     ``advance(0, status)`` reports work inside one unit (a layer's search, its refit): the
     bar's status changes and, where no bar is drawn, the ticker's next line shows it."""
-    if not enabled or _other_rank():
+    if not enabled or other_rank():
         yield lambda n=1, status=None: None
         return
     columns = (
@@ -165,7 +178,7 @@ def phase(title: str, *, enabled: bool = True, console: Console | None = None, s
     run): on a terminal a spinner with the time taken (none with ``spinner=False``: a
     library draws its own bars inside); in a log file a line when it starts, then
     ``title… 12s`` whenever nothing else was printed for `STATUS_EVERY` seconds."""
-    if not enabled or _other_rank():
+    if not enabled or other_rank():
         yield
         return
     console = console or Console(stderr=True)
@@ -193,7 +206,7 @@ def heartbeat(title: str, *, console: Console | None = None) -> Iterator[None]:
     `STATUS_EVERY` seconds while the block runs and no bar or phase inside it is open. The
     command line holds one around each whole command, for what no phase covers (imports)."""
     console = console or Console(stderr=True)
-    if console.is_terminal or _other_rank():
+    if console.is_terminal or other_rank():
         yield
         return
     start = time.monotonic()

@@ -14,6 +14,9 @@ def _interrupted(*_: object) -> None:
     """Ctrl-C, wherever it lands (an import, data preparation, work): one line and exit
     130. SystemExit still unwinds every ``with``/``finally`` (temporary folders are
     removed) but prints no traceback, even when raised while modules are being imported."""
+    progress = sys.modules.get("moekit.progress")
+    if progress is not None:
+        progress.quiet()  # no progress line after this one
     os.write(2, b"interrupted\n")  # unbuffered: the handler may run in the middle of a write to stderr
     raise SystemExit(INTERRUPTED)
 

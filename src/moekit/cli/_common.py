@@ -23,6 +23,9 @@ def user_errors() -> Iterator[None]:
     try:
         yield
     except MoekitError as exc:
+        from moekit.progress import quiet
+
+        quiet()  # the error is the last line
         err_console.print(f"[bold red]error:[/] {exc}", highlight=False)
         raise typer.Exit(code=2) from None
 
@@ -51,14 +54,14 @@ def _start_work(ctx: typer.Context, value: Optional[int]) -> Optional[int]:
         if value is not None and value < 1:
             raise MoekitError(f"--threads must be at least 1 (got {value}).")
     from moekit.cli._threads import choose
-    from moekit.progress import heartbeat
+    from moekit.progress import heartbeat, other_rank
 
     choice = choose(value)
     _chosen.append(choice)
     ctx.call_on_close(lambda: _chosen.remove(choice))
     # --json is eager (parsed before every other option) in every command, so it is known here.
     json_flag = next((p.name for p in ctx.command.params if "--json" in getattr(p, "opts", ())), None)
-    if not ctx.params.get(json_flag):
+    if not ctx.params.get(json_flag) and not other_rank():  # under torchrun, rank 0 speaks for all
         err_console.print(f"[dim]{choice.line()}[/]", highlight=False)
         ctx.with_resource(heartbeat(ctx.command_path, console=err_console))
     import torch  # only a command that computes gets here, and it needs torch anyway
