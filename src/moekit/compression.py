@@ -32,8 +32,8 @@ from moekit.errors import MoekitError
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
-from moekit.progress import progress_bar
 from moekit.io.card import model_card, plain_transformers
+from moekit.progress import phase, progress_bar
 from moekit.recipe import ModelInfo, Recipe, load_recipe
 from moekit.recipe.passes import RecipePass, check_given, needs_native_format, phases_of, plan_passes
 
@@ -222,12 +222,13 @@ def compress(
     compute = resolve_compute_dtype(compute_dtype, where)
     budget_bytes = parse_bytes(activation_budget)
     tok = tokenizer_for(name, tokenizer)
-    calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
+    with phase(f"tokenizing {data}" + (f" and {eval_data}" if evaluate else ""), enabled=progress):
+        calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
+        eval_rows = None
+        if evaluate:
+            eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids,
+                                    eval_max_tokens, min(256, getattr(config, "max_position_embeddings", 256) or 256))
     notes = dequantized + _sample_shortfall(recipe, n_samples, seq_len)
-    eval_rows = None
-    if evaluate:
-        eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids, eval_max_tokens,
-                                  min(256, getattr(config, "max_position_embeddings", 256) or 256))
 
     def fresh():
         return open_model(name, dtype=compute, device=where)
