@@ -5,6 +5,7 @@ import os
 import re
 import subprocess
 import sys
+import textwrap
 
 from rich.console import Console
 
@@ -69,19 +70,15 @@ def test_a_command_with_stderr_in_a_file_writes_plain_lines(tmp_path):
     text = log.read_text()
     assert done.returncode == 0, text
     # 512 // stride 128 = 4 windows spread over the split (batches of 1) through 4 streamed
-    # layers and the head: 20 units of work
-    counts = [int(n) for n in re.findall(r"^evaluating (\d+)/20\b", text, flags=re.M)]
+    # layers and the head: 20 units of work; each count crossed once; lines the ticker repeats
+    # while a unit lasts end in "(12s)"
+    counts = [int(n) for n in re.findall(r"^evaluating (\d+)/20\b(?!.*\(\d.*\)$).*$", text, flags=re.M)]
     assert counts == sorted(set(counts)) and counts[-1] == 20 and len(counts) >= 5, text
     assert not REDRAWN.search(text), text
 
 
-def test_work_inside_one_unit_is_reported_as_a_status(monkeypatch):
-    """A long unit (one layer's search or refit) reports its own counts; in a log file a
-    plain line at most every STATUS_EVERY seconds."""
-    import io
-
-    from rich.console import Console
-
+def test_work_inside_one_unit_is_reported_as_a_status():
+    """A long unit (one layer's search or refit) reports its own counts as the bar's status."""
     import moekit.progress as progress
 
     seen = []
@@ -90,9 +87,38 @@ def test_work_inside_one_unit_is_reported_as_a_status(monkeypatch):
     add(16)
     assert seen == ["layer 3: search: 16/≤100 set", "layer 3: search: 32/≤100 set"]
     assert progress.counting_status(None, "x", "y") is None
-    out = io.StringIO()
-    with progress.progress_bar("compressing", total=4, console=Console(file=out)) as advance:
-        advance(0, "layer 0: refit: 1 expert")  # within STATUS_EVERY of the start: no line
-        monkeypatch.setattr(progress, "STATUS_EVERY", 0.0)
-        advance(0, "layer 0: refit: 2 expert")
-    assert out.getvalue().splitlines() == ["compressing 0/4 layer 0: refit: 2 expert"]
+
+
+# A bar whose one unit takes 1.2 s, then a phase of 1.2 s, then 1.2 s of nothing inside
+# the command's heartbeat; STATUS_EVERY is 0.25 s here, so each should get lines of its own.
+SLOW = textwrap.dedent("""
+    import time
+    import moekit.progress as progress
+    progress.STATUS_EVERY = 0.25
+    with progress.heartbeat("moekit slow"):
+        with progress.progress_bar("refitting", total=1, unit="layer") as advance:
+            advance(0, "layer 0: refit: 3 experts")
+            time.sleep(1.2)
+            advance(1)
+        with progress.phase("writing the report"):
+            time.sleep(1.2)
+        time.sleep(1.2)
+""")
+
+
+def test_a_redirected_run_is_never_silent_for_long(tmp_path):
+    """Where no bar is drawn (stderr a file), a unit, a phase and the time between them
+    each repeat what is being done with the time taken, STATUS_EVERY apart."""
+    log = tmp_path / "stderr.log"
+    with log.open("w") as stderr:
+        done = subprocess.run([sys.executable, "-c", SLOW], stderr=stderr, timeout=60)
+    lines = log.read_text().splitlines()
+    assert done.returncode == 0, lines
+    assert not REDRAWN.search(log.read_text())
+    unit = [line for line in lines if re.fullmatch(r"refitting 0/1 layer 0: refit: 3 experts \(\d+s\)", line)]
+    assert len(unit) >= 2, lines  # 1.2 s at one line per 0.25 s: a busy machine may delay some, not all
+    assert "refitting 1/1" in lines
+    start = lines.index("writing the report…")
+    assert lines.index("refitting 1/1") < start
+    assert any(re.fullmatch(r"writing the report… \d+s", line) for line in lines[start + 1:]), lines
+    assert any(re.fullmatch(r"moekit slow… \d+s", line) for line in lines[start + 1:]), lines

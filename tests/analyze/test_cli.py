@@ -98,3 +98,22 @@ def test_refused_before_any_work(workspace, case, message):
     assert message in " ".join(result.output.split())
     assert not out.exists()
 
+
+
+def test_a_redirected_focus_run_shows_every_step(workspace):
+    """Without a terminal (a log file): after the masked forwards, each loss the attribution
+    scores and the report being written are lines of their own (they were one silent
+    stretch of 16 s on the reference model)."""
+    out = workspace / "focus-report"
+    result = runner.invoke(app, _args(workspace, "moekit/tiny-qwen3_moe", "-o", str(out), "--data",
+                                      str(workspace / "code"), "--focus", str(workspace / "code"),
+                                      "--candidates", "2"))
+    assert result.exit_code == 0, result.output
+    lines = result.stderr.splitlines()
+    assert lines[0] == "threads: 1 (--threads)"
+    steps = [line for line in lines if line.startswith("attribution ") and not line.endswith("s)")]
+    # 3 layers, the unmasked loss, one loss per candidate: 6 steps, each its own line
+    assert [s.split()[1] for s in steps] == [f"{n}/6" for n in range(1, 7)], lines
+    assert "loss scored unmasked" in steps[3]
+    assert all(" loss scored without expert " in s for s in steps[4:]), steps
+    assert f"writing {out}: figures, report.html, analysis.json…" in lines

@@ -167,11 +167,18 @@ def test_parse_task_list():
         parse_task_list(" , ")
 
 
-def test_a_run_outside_a_git_repository_prints_nothing_to_a_redirected_stderr(tiny, tmp_path, monkeypatch, capfd):
+def test_a_run_outside_a_git_repository_prints_plain_progress_to_a_redirected_stderr(tiny, tmp_path, monkeypatch,
+                                                                                    capfd):
     """lm-eval asks git for a commit hash (``fatal: not a git repository`` outside one) and
-    draws tqdm bars into files; a log holds neither."""
+    draws tqdm bars into files; a log holds neither, but moekit's plain lines: that the
+    run started and how far its requests are (it was silent until the results)."""
     model, tokenizer = tiny
     monkeypatch.chdir(tmp_path)
     run_tasks(model, tokenizer, TASK_NAME, limit=4, batch_size=4)
     err = capfd.readouterr().err
     assert "fatal" not in err and "\r" not in err and "%|" not in err, err
+    lines = err.splitlines()
+    assert lines[0] == f"lm-eval {TASK_NAME}…", err
+    assert any(line.startswith("Running loglikelihood requests 16/16 ") for line in lines), err  # 4 items × 4 choices
+    run_tasks(model, tokenizer, TASK_NAME, limit=4, batch_size=4, progress=False)
+    assert capfd.readouterr().err == ""

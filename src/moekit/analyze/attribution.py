@@ -66,7 +66,9 @@ def candidates(layers: list[dict], corpus: int, n: int) -> list[tuple[int, int]]
 def attribute(lent, input_ids: torch.Tensor, chosen: list[tuple[int, int]], *, batch_size: int = 8,
               progress=None) -> dict:
     """The loss of ``input_ids`` [N, S] and, for each (layer, expert) in ``chosen``, the
-    loss with that expert masked (see the module docstring), in one streamed pass."""
+    loss with that expert masked (see the module docstring), in one streamed pass.
+    ``progress(status)`` is called after each decoder layer and after each loss scored
+    (the head over every row: 1 + len(chosen) of them, as long as the layers together)."""
     from moekit.arch.discover import view_layer
     from moekit.calib.runner import LayerStreamer
 
@@ -86,7 +88,7 @@ def attribute(lent, input_ids: torch.Tensor, chosen: list[tuple[int, int]], *, b
                 forks[key] = fork
         streamer.forward(index, layer, hidden)
         if progress is not None:
-            progress(index)
+            progress(f"layer {index + 1}/{len(lent)}")
 
     def loss(states) -> float:
         total, count = 0.0, 0
@@ -99,9 +101,13 @@ def attribute(lent, input_ids: torch.Tensor, chosen: list[tuple[int, int]], *, b
         return total / count
 
     base = loss(hidden)
+    if progress is not None:
+        progress("loss scored unmasked")
     measured = []
     for (index, expert), fork in forks.items():
         masked_loss = loss(fork)
+        if progress is not None:
+            progress(f"loss scored without expert {expert} of layer {index}")
         measured.append({"layer": index, "expert": expert, "loss": masked_loss, "increase": masked_loss - base})
     measured.sort(key=lambda m: -m["increase"])
     return {"loss": base, "tokens": int(input_ids[:, 1:].numel()), "experts": measured}

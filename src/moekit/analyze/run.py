@@ -202,9 +202,9 @@ def analyze(
     attribution = None
     if focus is not None:
         chosen = pick(layers, list(data).index(focus), candidates)
-        with progress_bar("attribution", total=n_layers, unit="layer", enabled=progress) as advance:
+        with progress_bar("attribution", total=n_layers + 1 + len(chosen), unit="step", enabled=progress) as advance:
             attribution = attribute(lent, data[focus], chosen, batch_size=batch_size,
-                                    progress=lambda i: advance(1, f"layer {i + 1}/{n_layers}"))
+                                    progress=lambda status: advance(1, status))
         attribution = {"corpus": focus, **attribution}
     all_ids = torch.cat([ids.reshape(-1) for ids in data.values()])
     return Analysis(

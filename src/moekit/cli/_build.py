@@ -13,4 +13,4 @@ Dense = Annotated[str, typer.Argument(help="A dense checkpoint folder (Qwen3, Ll
 Out = Annotated[Path, typer.Option("--out", "-o", help="New folder for the MoE checkpoint.")]
 TopK = Annotated[int, typer.Option("--top-k", min=1, help="Experts each token is routed to.")]
 Seed = Annotated[int, typer.Option(min=0, max=SEED_MAX, help="Seed of the router and of any random choice.")]
-JsonOut = Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")]
+JsonOut = Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")]

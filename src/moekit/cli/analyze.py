@@ -35,7 +35,7 @@ def analyze_command(
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Routing analysis: load, co-activation, cross-layer predictability, token, position and
     domain specialisation, expert attribution; with two models, side by side.
@@ -49,6 +49,7 @@ def analyze_command(
     from moekit.errors import MoekitError
     from moekit.io.load import check_model, default_model
     from moekit.io.outputs import check_output
+    from moekit.progress import phase
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))
@@ -71,8 +72,9 @@ def analyze_command(
             if model.family is None:
                 raise MoekitError(f"{name} is not a Mixture-of-Experts model of a supported family: it has no "
                                   "router to analyze.")
-        rows = {spec: corpus_rows(spec, tokenizers[0], samples=samples, seq_len=seq_len, seed=seed,
-                                  text_field=text_field) for spec in specs}
+        with phase(f"tokenizing {', '.join(specs)}", enabled=not json_out):
+            rows = {spec: corpus_rows(spec, tokenizers[0], samples=samples, seq_len=seq_len, seed=seed,
+                                      text_field=text_field) for spec in specs}
         decode = lambda i: tokenizers[0].decode([i])  # noqa: E731
         results = []
         for name, model in zip(names, lent):
@@ -83,7 +85,8 @@ def analyze_command(
                                    activations=spill))
             spill.close()
         comparison = compare(results[0], results[1]) if len(results) == 2 else None
-        written = write(out, results, comparison)
+        with phase(f"writing {out}: figures, report.html, analysis.json", enabled=not json_out):
+            written = write(out, results, comparison)
         if json_out:
             print_json({**written, "models": [{"model": r.model, "summary": r.summary, "attribution": r.attribution,
                                                "seconds": r.meta["seconds"]} for r in results],

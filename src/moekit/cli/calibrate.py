@@ -46,7 +46,7 @@ def calibrate_command(
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Collect the statistics compression methods read, and save them for reuse.
 
@@ -56,6 +56,7 @@ def calibrate_command(
     from moekit.io.tokenizer import tokenizer_for
     from moekit.io.load import check_model, default_model
     from moekit.io.outputs import check_output
+    from moekit.progress import phase
 
     if old_statistics is not None:  # still works, for the scripts written before it was renamed
         note("calibrate's --stats is now --statistics (--stats names a statistics folder in compress and run); "
@@ -68,8 +69,9 @@ def calibrate_command(
         within_positions(name, "--seq-len", seq_len)
         wanted = [s.strip() for s in statistics.split(",") if s.strip()] + (["hidden_sample"] if hidden_sample else [])
         check_statistics(wanted, hidden_sample or 0)
-        tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len, seed=seed,
-                                    text_field=text_field)
+        with phase(f"tokenizing {data}", enabled=not json_out):
+            tokens = calibration_tokens(data, tokenizer_for(name, tokenizer), n_samples=samples, seq_len=seq_len,
+                                        seed=seed, text_field=text_field)
         spill = budget(activation_budget)
         result = calibrate(
             open_streamed(name, device, compute_dtype), tokens.input_ids, activations=spill, statistics=wanted, batch_size=batch_size, hidden_sample=hidden_sample,

@@ -28,9 +28,10 @@ def compress_command(
     eval_: Annotated[bool, typer.Option("--eval", help="Evaluate before and after.")] = False,
     dtype: Annotated[str, typer.Option(help="Output dtype: auto (the source checkpoint's), bfloat16, float16, "
                                             "float32.")] = "auto",
-    list_presets: Annotated[bool, typer.Option("--list-presets", help="List the preset recipes and exit.")] = False,
-    plan_only: Annotated[bool, typer.Option("--plan", help="Show the sizes the recipe will give, from the config "
-                                                           "alone (no weights read, nothing written), and exit.")] = False,
+    list_presets: Annotated[bool, typer.Option("--list-presets", is_eager=True,
+                                               help="List the preset recipes and exit.")] = False,
+    plan_only: Annotated[bool, typer.Option("--plan", is_eager=True, help="Show the sizes the recipe will give, from the "
+                                            "config alone (no weights read, nothing written), and exit.")] = False,
     device: Device = "auto",
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
@@ -47,7 +48,7 @@ def compress_command(
                                              "read dequantized: the output stores floats unless the recipe quantizes "
                                              "again (refused without this flag).")] = False,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print the report as JSON.")] = False,
 ) -> None:
     """Compress an MoE with a recipe; the output loads in plain transformers."""
     from moekit.recipe import presets

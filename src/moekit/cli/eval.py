@@ -43,7 +43,7 @@ def eval_command(
     compute_dtype: ComputeDtype = "auto",
     activation_budget: ActivationBudget = None,
     threads: Threads = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts.")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts.")] = False,
 ) -> None:
     """Evaluate one or more models on the same tokens."""
     from moekit.data.tokens import evaluation_stream
@@ -51,6 +51,7 @@ def eval_command(
     from moekit.errors import MoekitError
     from moekit.eval.perplexity import evaluate
     from moekit.io.load import check_model, default_model, load
+    from moekit.progress import phase
 
     with user_errors():
         names = list(dict.fromkeys(models or [default_model()]))  # a model named twice is scored once
@@ -75,11 +76,13 @@ def eval_command(
             from moekit.eval.harness import load_tasks, run_tasks
 
             # Find the tasks and every model's tokenizer before any model is scored.
-            harness = load_tasks(tasks, task_paths=task_path or ())
+            with phase(f"finding lm-eval tasks {tasks}", enabled=not json_out):
+                harness = load_tasks(tasks, task_paths=task_path or ())
             tokenizers = {name: tokenizer_for(name, tokenizer) for name in names}
         # Every model is scored on the first model's tokenization, so the numbers compare.
         first_tokenizer = tokenizer_for(names[0], tokenizer)
-        stream = evaluation_stream(data, first_tokenizer, text_field=text_field).input_ids
+        with phase(f"tokenizing {data}", enabled=not json_out):
+            stream = evaluation_stream(data, first_tokenizer, text_field=text_field).input_ids
         _check_all_before_scoring(names, stream, first_tokenizer, forced_tokenizer=tokenizer is not None,
                                   context_length=context_length, stride=stride)
         results, task_results, speeds = {}, {}, {}
@@ -91,12 +94,16 @@ def eval_command(
             spill.close()
             if harness is not None:  # lm-eval runs the whole model's forward: it needs the model in memory
                 model = load(name)
-                task_results[name] = run_tasks(model, tokenizers[name], harness, limit=limit, batch_size=batch_size)
+                task_results[name] = run_tasks(model, tokenizers[name], harness, limit=limit, batch_size=batch_size,
+                                               progress=not json_out)
                 del model
             if speed:  # generation with a cache runs the whole model: in memory too
                 from moekit.eval.speed import measure_speed
 
-                speeds[name] = measure_speed(load(name), prefill=speed_prefill, decode=speed_decode, runs=speed_runs)
+                with phase(f"timing generation: {speed_runs} runs of {speed_prefill} + {speed_decode} tokens",
+                           enabled=not json_out):
+                    speeds[name] = measure_speed(load(name), prefill=speed_prefill, decode=speed_decode,
+                                                 runs=speed_runs)
         if json_out:
             payload = {"data": data, "models": {n: r.to_dict() for n, r in results.items()}}
             for name, timing in speeds.items():

@@ -104,7 +104,7 @@ def run_command(
     compute_misses: Annotated[Optional[str], typer.Option(
         help="Compute a missed expert on the CPU from its slow-tier copy instead of loading it (Fiddler): never, "
              "always, or auto (a cost model measured at start; default on a GPU with the slow tier in memory).")] = None,
-    json_out: Annotated[bool, typer.Option("--json", help="Print JSON for scripts (no streamed text).")] = False,
+    json_out: Annotated[bool, typer.Option("--json", is_eager=True, help="Print JSON for scripts (no streamed text).")] = False,
     threads: Threads = None,
 ) -> None:
     """Generate text with the routed experts offloaded: only --expert-memory of them resident."""

@@ -48,7 +48,7 @@ def train(
     threads: Threads = None,
     dtype: str = typer.Option("auto", help="What the saved model stores: auto (the --init checkpoint's dtype, "
                               "float32 from scratch), bfloat16, float16, float32. Training is fp32."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    as_json: bool = typer.Option(False, "--json", is_eager=True, help="Print the result as JSON."),
 ) -> None:
     """Train an MoE causal LM on a corpus, with explicit router losses and exact resume."""
     from moekit.train.run import run_training  # torch and transformers: not for --help

@@ -25,7 +25,7 @@ from moekit.io.card import model_card, plain_transformers
 from moekit.io.compressed import ledger
 from moekit.io.layered import LayeredModel
 from moekit.io.shards import OUTER, ShardWriter
-from moekit.progress import progress_bar
+from moekit.progress import phase, progress_bar
 from moekit.recipe import Recipe
 from moekit.recipe.decisions import check_given, needs_native_format, plan_passes
 from moekit.recipe.passes import PassResult, RecipePass
@@ -103,11 +103,13 @@ class Job:
         compute = resolve_compute_dtype(compute_dtype, where)
         budget_bytes = parse_bytes(activation_budget)
         tok = tokenizer_for(name, tokenizer)
-        calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed, text_field=text_field)
-        eval_rows = None
-        if evaluate:
-            eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids,
-                                    eval_max_tokens, min(256, getattr(config, "max_position_embeddings", 256) or 256))
+        with phase(f"tokenizing {data}" + (f" and {eval_data}" if evaluate else ""), enabled=progress):
+            calib = calibration_tokens(data, tok, n_samples=n_samples, seq_len=seq_len, seed=seed,
+                                       text_field=text_field)
+            eval_rows = None
+            if evaluate:
+                eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids,
+                                        eval_max_tokens, min(256, getattr(config, "max_position_embeddings", 256) or 256))
         lent = open_model(name, dtype=compute, device=where)  # checks every shard and tensor shape
         phases = phases_of(recipe)
         world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes

@@ -29,6 +29,7 @@ from transformers import PreTrainedTokenizerBase
 from moekit.errors import MoekitError
 from moekit.eval.harness_env import offline, quiet_logging, quiet_progress
 from moekit.eval.tasks import shipped_task_names, stage_shipped_tasks
+from moekit.progress import phase
 
 INSTALL_HINT = "pip install 'moekit[lmeval]' (in a source checkout: pip install -e '.[lmeval]')"
 
@@ -185,6 +186,7 @@ def run_tasks(
     num_fewshot: int | None = None,
     bootstrap_iters: int = 1000,
     per_item: bool = False,
+    progress: bool = True,
 ) -> HarnessResult:
     """Score ``model`` (a loaded causal LM, left where it is) on lm-eval tasks.
 
@@ -195,6 +197,8 @@ def run_tasks(
         num_fewshot: examples in each prompt (default: each task's own setting).
         bootstrap_iters: resamples for stderrs of metrics with no closed form (0: none).
         per_item: also return each item's scores (`HarnessResult.items`).
+        progress: lm-eval's bars (plain lines in a log file) and, between them, a line at
+            least every few seconds (`moekit.progress.phase`); none with False.
     """
     lm_eval = _lm_eval()
     from lm_eval.models.huggingface import HFLM
@@ -203,7 +207,8 @@ def run_tasks(
         raise MoekitError(f"--limit must be at least 1 (got {limit}).")
     if not isinstance(tasks, HarnessTasks):
         tasks = load_tasks(tasks)
-    with offline(), quiet_logging(), quiet_progress():
+    with offline(), quiet_logging(), quiet_progress(show=progress), \
+            phase(f"lm-eval {', '.join(tasks.names)}", enabled=progress, spinner=False):
         # HFLM warns that a model object makes its loading arguments moot; none are passed.
         with quiet_logging("lm_eval.models.huggingface", logging.ERROR):
             lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)

@@ -67,18 +67,28 @@ def quiet_logging(name: str = "lm_eval", level: int = logging.WARNING) -> Iterat
 
 
 @contextlib.contextmanager
-def quiet_progress() -> Iterator[None]:
+def quiet_progress(show: bool = True) -> Iterator[None]:
     """lm-eval and datasets draw tqdm bars even when stderr is a file, where every redraw
     is a carriage return in the log, and lm-eval runs ``git describe`` for a commit hash
     with git's stderr open (``fatal: not a git repository`` outside a repository). Here
-    datasets' bars are off, lm-eval's are drawn only on a terminal, and git's complaint
-    is kept out of the output; everything is put back after."""
+    datasets' bars are off; lm-eval's are drawn on a terminal and, in a file, become
+    moekit's plain lines (`moekit.progress.PlainLines`, `STATUS_EVERY` seconds apart), or
+    are off with ``show=False``; git's complaint is kept out of the output; everything is
+    put back after."""
     import tqdm
     from datasets.utils import logging as datasets_logging
 
+    from moekit.progress import STATUS_EVERY, PlainLines
+
     def terminal_only(*args: Any, **kwargs: Any) -> Any:
         file = kwargs.get("file") or sys.stderr
-        kwargs["disable"] = kwargs.get("disable") or not (hasattr(file, "isatty") and file.isatty())
+        if not show:
+            kwargs["disable"] = True
+        elif not kwargs.get("disable") and not (hasattr(file, "isatty") and file.isatty()):
+            kwargs.update(file=PlainLines(), mininterval=STATUS_EVERY,
+                          bar_format="{desc} {n_fmt}/{total_fmt} {rate_fmt}")
+            if len(args) < 2 and not kwargs.get("desc"):  # a bar of lm-eval's without a name (building requests)
+                kwargs["desc"] = "lm-eval"
         return tqdm.tqdm(*args, **kwargs)
 
     def commit_hash_quietly() -> str | None:
