@@ -13,6 +13,7 @@ TOP_K_KEY = "moekit_top_k_per_layer"  # {layer: k} (`moekit.arch.edit.set_top_k`
 DROPPED_MLP_KEY = "moekit_dropped_mlp_layers"  # [layer] whose MoE sublayer was removed (`drop_mlp`)
 FACTORED_KEY = "moekit_factored_experts"  # {layer: ranks} (`moekit.arch.factored`)
 POLICY_KEY = "moekit_routing_policy"  # a dynamic routing policy (`moekit.methods.dynamic.install`)
+QUANT_NOTE_KEY = "moekit_note"  # in quantization_config: why a mixed-precision checkpoint is moekit's (`io.compressed`)
 
 # the keys that change the model's structure: a standard checkpoint cannot honour them
 STRUCTURE_KEYS = (PER_LAYER_KEY, TOP_K_KEY, DROPPED_MLP_KEY, FACTORED_KEY)

@@ -51,6 +51,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from moekit.arch.layout import QUANT_NOTE_KEY
 from moekit.methods.quantize.scheme import QuantScheme
 
 
@@ -244,9 +245,9 @@ def quantization_config(schemes: dict[str, str], fused: dict[str, list[str]]) ->
                                 ignore=["lm_head"])
     out = {"quant_method": "compressed-tensors", **config.model_dump(exclude_none=True)}
     if mixed:
-        out["moekit_note"] = ("routed experts have different bit widths, which transformers and vLLM decompress with "
-                              "one scheme (wrongly): the weights are moekit-model.safetensors so that they refuse "
-                              "the folder; load it with moekit.load")
+        out[QUANT_NOTE_KEY] = ("routed experts have different bit widths, which transformers and vLLM decompress with "
+                               "one scheme (wrongly): the weights are moekit-model.safetensors so that they refuse "
+                               "the folder; load it with moekit.load")
     return out
 
 
@@ -274,7 +275,7 @@ def packed_modules(folder: Path, names) -> dict[str, PackedModule]:
 
     from moekit.errors import MoekitError
 
-    parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k != "moekit_note"})
+    parsed = QuantizationConfig.model_validate({k: v for k, v in config.items() if k != QUANT_NOTE_KEY})
     modules: dict[str, PackedModule] = {}
     names = set(names)
     for name in sorted(n for n in names if n.endswith(".weight_packed")):
