@@ -1,6 +1,6 @@
 """`python -m moekit ...` is the `moekit` command."""
 
-from moekit.cli import main
+from moekit.cli import entry
 
 if __name__ == "__main__":
-    main()
+    entry()

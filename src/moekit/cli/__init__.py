@@ -54,7 +54,14 @@ if _handled_imports and _previous is not None:  # None: set outside Python, cann
     signal.signal(signal.SIGINT, _previous)
 
 
-def main() -> None:
+def entry() -> None:
+    """The `moekit` console script and ``python -m moekit``: `main`, then the process ends
+    without the interpreter's teardown (`_exit`). Code that runs the command inside a process
+    of its own (tests, a torch.multiprocessing rank) calls `main`, which raises SystemExit."""
+    main(hard_exit=True)
+
+
+def main(*, hard_exit: bool = False) -> None:
     _exit_on_interrupt()  # a command that wants Ctrl-C itself (train's checkpoint) sets its own, then restores this
     from moekit.cli._distributed import join_ranks
     from moekit.cli._threads import set_wait_policy
@@ -65,7 +72,7 @@ def main() -> None:
     try:
         app()
     except SystemExit as exc:  # how every command ends, typer's standalone mode included
-        if "torch" not in sys.modules:  # --help, --version, a usage error: a quick teardown as usual
+        if not hard_exit or "torch" not in sys.modules:  # --help, --version, a usage error: the usual teardown
             raise
         _exit(exc.code)
 
