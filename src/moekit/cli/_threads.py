@@ -6,13 +6,13 @@ OpenMP threads spin while they wait for the slowest one. Where another job holds
 the thread that lost it is late at every meeting while the others spin on theirs: the
 README's first command took 155–260 s (18 min at load 8) instead of 16–20 s with one
 thread. With waiting threads asleep at once (``OMP_WAIT_POLICY=PASSIVE``) a busy machine
-costs only the CPU that other jobs take, and on this 2-core machine under load two such
-threads were as fast as one or faster (BENCHMARKS.md, "CPU threads"); an idle machine
-keeps every core. So moekit keeps one thread per core this process may use (its CPU
-affinity) and makes waiting threads sleep. Not fewer threads where the load is high: the
-load changes from one second to the next, and a result computed with another number of
-threads is rounded differently (sums are split differently), so the same command would
-give different checkpoints on a busy and on a quiet machine.
+costs only the CPU that other jobs take: on a shared 2-core machine two such threads were
+about as fast as one (BENCHMARKS.md, "CPU threads"), and an idle machine keeps every
+core. So moekit keeps one thread per core this process may use (its CPU affinity) and
+makes waiting threads sleep. Not fewer threads where the load is high: the load changes
+from one second to the next, and a result computed with another number of threads is
+rounded differently (sums are split differently), so the same command would give
+different checkpoints on a busy and on a quiet machine.
 
 GNU OpenMP reads the wait policy once, when torch loads it: `set_wait_policy` runs before
 anything imports torch, and leaves a policy the user set (or ``GOMP_SPINCOUNT``,
