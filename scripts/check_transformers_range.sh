@@ -17,7 +17,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 TESTS=(
-  tests/arch tests/io tests/runtime tests/test_versions.py tests/eval/test_speed.py
+  tests/arch tests/io tests/runtime tests/test_versions.py tests/test_plain_reload.py tests/eval/test_speed.py
   tests/recipe/test_quantize.py tests/recipe/test_decompose.py tests/recipe/test_fewer_calls.py
   "tests/test_compress.py::test_compress_writes_a_standard_checkpoint"
   "tests/test_compress.py::test_recommended_preset_on_every_family"

@@ -13,7 +13,6 @@ from tests.reload import plain_logits
 def test_a_loader_warning_fails_the_reload(tmp_path):
     folder = moekit.save(tiny_model("qwen3_moe"), tmp_path / "model")
     ids = torch.randint(3, 300, (1, 6), generator=torch.Generator().manual_seed(0))
-    plain_logits(tmp_path, [folder], ids)  # as saved: no warning
     weights = load_file(folder / "model.safetensors")
     del weights["model.norm.weight"]
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
