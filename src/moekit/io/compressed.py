@@ -19,25 +19,27 @@ fused module of the model (``model.layers.0.mlp.experts``) each per-expert modul
 from, is kept beside the layer's shard (``layer-NNNNN.quant.json``), so a resumed run
 builds the same config.
 
-What transformers 5.25 loads (measured on every family the quantize step supports):
+What plain transformers loads (tested on every family the quantize step supports, 5.23 to 5.25):
 
 - **At the checkpoint's dtype** (``from_pretrained``'s default, ``dtype="auto"``), the
   logits of `moekit.load(folder, dtype=that dtype)`, exactly: both decompress a Linear's
   integers times its scales in that dtype, and fused experts in their scales' dtype,
   which is the checkpoint's.
-- **At another dtype**, not: transformers decompresses Linears in the dtype it is asked
+- **At another dtype**, not (5.25): transformers decompresses Linears in the dtype it is asked
   for, but keeps fused experts in their scales' dtype, whatever ``dtype=`` says (a
   float32 load of a bf16 checkpoint computes with bf16 experts). Storing scales in
   float32 would only move the mismatch: a bf16 load would then hold the experts in
   float32 (twice their memory).
-- **Without a warning**: a routed experts' target names the fused module too,
-  ``re:^(?:model\.layers\.\d+\.mlp\.experts|model\.layers\.\d+\.mlp\.experts\.\d+\.gate_proj|...)$``.
+- **Without a warning**: a layer's routed experts have one ``re:`` target that alternates
+  the fused module's name and the per-expert names (``model.layers.N.mlp.experts`` or
+  ``model.layers.N.mlp.experts.M.gate_proj`` ...).
   Checkpoints, vLLM and compressed-tensors see one Linear per expert and projection;
   transformers 5 holds a layer's experts as one module of fused tensors, and
   compressed-tensors warns (``Could not match ...``) about every target that names no
   module. transformers finds the experts' scheme by a ``re:`` target that mentions
   ``experts`` (``get_experts_scheme``) and decompresses them while loading; matching the
-  fused module, which is not a Linear, changes nothing else.
+  fused module, which is not a Linear, changes nothing else (compressed-tensors 0.18 on
+  skips it; 0.16 and 0.17 refuse to load: hence moekit's ``compressed-tensors>=0.18``).
 """
 
 from __future__ import annotations
