@@ -108,8 +108,9 @@ class Job:
                                        text_field=text_field)
             eval_rows = None
             if evaluate:
+                row_length = min(256, getattr(config, "max_position_embeddings", 256) or 256)
                 eval_rows = spread_rows(evaluation_stream(eval_data, tok, text_field=text_field).input_ids,
-                                        eval_max_tokens, min(256, getattr(config, "max_position_embeddings", 256) or 256))
+                                        eval_max_tokens, row_length)
         lent = open_model(name, dtype=compute, device=where)  # checks every shard and tensor shape
         phases = phases_of(recipe)
         world = current()  # under torchrun: this rank pushes its share of the rows, rank 0 writes
@@ -203,7 +204,8 @@ class Job:
 
     def report_after(self, report: dict[str, Any], run: Run) -> None:
         """The output's structure (fewer blocks when some were dropped), each phase's
-        calibration, each step's report, sizes after, and the format with who loads it."""
+        calibration, each step's report, sizes after, and the format (a quantized output's, and
+        who loads it, once `save` has written it)."""
         lent, result, plans = run.lent, run.result, run.plans
         dropped = sorted(run.runner.dropped_blocks())
         if dropped:  # the skeleton (and the config written) as the output holds it: fewer layers
@@ -227,7 +229,6 @@ class Job:
         factored = getattr(lent.model.config, FACTORED_KEY, None)  # the config the output is written with
         report["format"] = ("moekit-factored" if factored else "moekit-nonuniform" if run.native
                             else "standard")  # a quantized output's format is known once written (`save`)
-        report["plain_transformers"] = plain_transformers(report["format"], routing_policy=self._policy(lent))
         report["activations"] = run.budget.report()
         run.budget.close()
 
@@ -247,8 +248,8 @@ class Job:
                 if not run.native:  # the writer names the weights moekit's when transformers would read them wrongly
                     mixed = any(p.name.startswith("moekit-model") for p in written)
                     report["format"] = "compressed-tensors-mixed" if mixed else "compressed-tensors"
-                    report["plain_transformers"] = plain_transformers(report["format"],
-                                                                      routing_policy=self._policy(run.lent))
+            routing_policy = bool(getattr(run.lent.model.config, POLICY_KEY, None))
+            report["plain_transformers"] = plain_transformers(report["format"], routing_policy=routing_policy)
             self.tokenizer.save_pretrained(tmp)
             if self.eval_rows is not None:
                 saved = LayeredModel.from_checkpoint(tmp, dtype=self.compute, device=self.where)
@@ -260,10 +261,6 @@ class Job:
             (tmp / "README.md").write_text(model_card(report))
         run.work.remove()
         remove_rank_folders(run.work.path)
-
-    @staticmethod
-    def _policy(lent: LayeredModel) -> bool:
-        return bool(getattr(lent.model.config, POLICY_KEY, None))
 
     def _evaluate(self, model, shard: bool = True) -> dict:
         from moekit.eval.rows import evaluate_rows

@@ -75,11 +75,11 @@ class LayeredModel:
         skeleton's shapes first, so a checkpoint that disagrees with its config fails here,
         naming the file and the tensor, before any work. ``from_config`` goes to
         transformers' ``from_config`` (e.g. ``experts_implementation``)."""
-        from moekit.io.skeleton import skeleton
+        from moekit.io.skeleton import checked_skeleton
 
         _allocate_big_blocks_by_mmap()
-        model, _, checkpoint, native = skeleton(Path(folder), dtype=dtype, trust_remote_code=trust_remote_code,
-                                                **from_config)
+        model, checkpoint, native = checked_skeleton(Path(folder), dtype=dtype,
+                                                     trust_remote_code=trust_remote_code, **from_config)
         lent = cls(model.eval(), device=torch.device(device), checkpoint=checkpoint, dtype=dtype)
         lent._native = native
         lent._read(lent._keys.get(None, []), what="the embeddings, final norm and head")

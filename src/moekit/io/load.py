@@ -221,9 +221,9 @@ def _check_weights_fit_config(path: Path, weights: list[Path]) -> None:
 def _weights_fit_config(path: str, stats: tuple) -> None:
     if "auto_map" in read_json(Path(path) / "config.json", fix=""):
         return  # the checkpoint's own code builds it, which `load` runs only when asked to
-    from moekit.io.skeleton import skeleton
+    from moekit.io.skeleton import checked_skeleton
 
-    skeleton(Path(path))
+    checked_skeleton(Path(path))
 
 
 def _check_config_file(file: Path) -> None:

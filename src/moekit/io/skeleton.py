@@ -18,8 +18,9 @@ from torch import nn
 from moekit.errors import MoekitError
 
 
-def skeleton(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False, **from_config):
-    """(model on ``meta``, its config, the `Checkpoint`, whether moekit's own layout) for
+def checked_skeleton(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote_code: bool = False,
+                     **from_config):
+    """(model on ``meta``, the `Checkpoint`, whether moekit's own layout) for
     ``folder``: the model as its config.json describes it, cut to moekit's per-layer expert
     counts and layout where the config records them. Every tensor is checked against it
     (`check_shapes`): a mismatch is refused naming the file and the tensor."""
@@ -40,7 +41,7 @@ def skeleton(folder: Path, *, dtype: torch.dtype = torch.float32, trust_remote_c
     native = (bool(getattr(config, PER_LAYER_KEY, None)) or bool(nonstandard_keys(config))
               or (Path(folder) / "moekit.json").is_file())
     check_shapes(model, checkpoint, native=native)
-    return model, config, checkpoint, native
+    return model, checkpoint, native
 
 
 def check_shapes(model: nn.Module, checkpoint, *, native: bool) -> None:
